@@ -1,0 +1,68 @@
+"""Calling the microservice. The consumer talks to a one-method `Transport`, so lanes, retries and
+batching are unit-tested without sockets; `HttpTransport` is the real one (one ClientSession per
+process, explicit timeout and connection limit)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal, Protocol
+
+import aiohttp
+from yarl import URL
+
+from shared.envelope import HttpRequest, HttpResponse, end_to_end
+
+FailureKind = Literal["connect", "timeout"]
+# aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+class CallFailed(Exception):
+    """No HTTP answer at all: the connection failed or the call ran out of time."""
+
+    def __init__(self, kind: FailureKind, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+class Transport(Protocol):
+    async def send(self, request: HttpRequest, timeout: float) -> HttpResponse: ...
+
+
+class HttpTransport:
+    def __init__(self, target: str, connections: int) -> None:
+        self.target = target.rstrip("/")
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
+        url = URL(
+            self.target + request.path + (f"?{request.query}" if request.query else ""),
+            encoded=True,
+        )
+        try:
+            async with self.session.request(
+                request.method,
+                url,
+                headers=list(request.headers),
+                data=request.body or None,
+                allow_redirects=False,
+                skip_auto_headers=_SKIP_AUTO,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                body = await response.read()
+                headers = end_to_end(response.headers.items())
+                return HttpResponse(response.status, headers, body)
+        except TimeoutError as exc:
+            raise CallFailed("timeout", f"no answer within {timeout:.1f} s") from exc
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            if isinstance(exc, aiohttp.ServerTimeoutError):
+                raise CallFailed("timeout", str(exc)) from exc
+            raise CallFailed("connect", str(exc) or type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        await self.session.close()
+        await asyncio.sleep(0)

@@ -1,0 +1,65 @@
+"""Per-key order with parallelism across keys.
+
+Each lane is a FIFO of jobs that share a key and run one after another; different lanes run at
+once, up to `concurrency` jobs in all. The three `--ordering` modes are the same mechanism with a
+different lane key: the partition key, the partition, or the request itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+
+log = logging.getLogger(__name__)
+Job = Callable[[], Awaitable[None]]
+
+
+class Lanes:
+    def __init__(self, concurrency: int) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lanes: dict[Hashable, deque[Job]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, key: Hashable, job: Job) -> None:
+        """Jobs of one key start in submission order, each after the previous one finished."""
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append(job)
+            return
+        self._lanes[key] = deque([job])
+        task = asyncio.create_task(self._run(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: Hashable) -> None:
+        lane = self._lanes[key]
+        try:
+            while lane:
+                job = lane[0]
+                async with self._slots:
+                    try:
+                        await job()
+                    except Exception:
+                        log.exception("a job of lane %r failed", key)
+                lane.popleft()
+        finally:
+            del self._lanes[key]
+
+    @property
+    def busy(self) -> int:
+        """Jobs submitted and not finished, running or queued behind their key."""
+        return sum(len(lane) for lane in self._lanes.values())
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every submitted job has finished; False when time ran out first."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not pending
+
+    async def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

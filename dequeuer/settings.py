@@ -1,0 +1,98 @@
+"""The dequeuer's configuration; field descriptions are its `--help`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from shared.settings import DEFAULT_AMQP_URL, CommaList, CommandSettings
+from shared.topology import check_service_name
+
+
+class DequeuerSettings(CommandSettings):
+    """Sidecar next to a microservice: consumes the service's partition queues, calls the
+    microservice over HTTP and publishes its replies."""
+
+    prog = "proxymq-dequeuer"
+
+    amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
+    amqp_ca_file: str | None = Field(None, description="CA bundle to verify an amqps:// broker")
+    amqp_cert_file: str | None = Field(None, description="client certificate for amqps://")
+    amqp_key_file: str | None = Field(None, description="client certificate's private key")
+    service: str = Field(description="the service this dequeuer serves (its exchange and queues)")
+    target: str = Field("http://127.0.0.1:8000", description="base URL of the microservice")
+    admin_port: int = Field(9081, ge=0, le=65535, description="port of /healthz, /readyz, /metrics")
+    admin_host: str = Field("0.0.0.0", description="address of the admin port")
+    partitions: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="partition queues of the service; all "
+        "dequeuers and the existing layout must agree",
+    )
+    ordering: Literal["key", "partition", "none"] = Field(
+        "key",
+        description="key: one request at a time per partition key, different keys in "
+        "parallel; partition: one at a time per partition; none: no order at all",
+    )
+    concurrency: int = Field(64, ge=1, le=10_000, description="calls to the microservice at once")
+    batch_size: int = Field(
+        1, ge=1, le=1000, description="requests per call to --batch-path (1: no batching)"
+    )
+    batch_wait_ms: int = Field(20, ge=0, description="longest wait to fill a batch")
+    batch_path: str = Field("/batch", description="the microservice's batch endpoint")
+    instance_id: str | None = Field(
+        None,
+        description="name of this dequeuer in the broker's "
+        "connection list; default: host name and a random suffix",
+    )
+    call_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="longest single call to the microservice, "
+        "in seconds (a request's own deadline may cut it shorter)",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="calls per request before a retryable "
+        "failure is dead-lettered (502 service_failed to the caller)",
+    )
+    retry_backoff_ms: int = Field(
+        200, ge=0, description="first retry delay; doubles per attempt, with jitter, up to 10 s"
+    )
+    retry_on: CommaList = Field(
+        ["connect", "timeout", "502", "503", "504"],
+        description="failures worth a retry: connect, timeout and 5xx statuses (4xx never)",
+    )
+    delivery_limit: int = Field(
+        20,
+        ge=1,
+        description="quorum queue x-delivery-limit: deliveries "
+        "before the broker dead-letters a message (poison messages)",
+    )
+    max_length: int | None = Field(
+        None,
+        ge=1,
+        description="x-max-length of each partition "
+        "(reject-publish: the enqueuer answers 429 when full)",
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+    json_logs: bool = Field(False, description="one JSON object per log line")
+
+    @field_validator("service")
+    @classmethod
+    def _service_name(cls, value: str) -> str:
+        return check_service_name(value)
+
+    @field_validator("retry_on")
+    @classmethod
+    def _retry_on(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value not in ("connect", "timeout") and not (
+                value.isdigit() and 500 <= int(value) <= 599
+            ):
+                raise ValueError(f"{value!r}: retry on connect, timeout or a 5xx status")
+        return values

@@ -1,0 +1,48 @@
+"""`proxymq-enqueuer`: load settings, serve the API and the admin port until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+
+from enqueuer.app import BROKER, ENQUEUER, create_app
+from enqueuer.settings import EnqueuerSettings
+from shared import logs, partition_key, service
+from shared.admin import admin_app
+from shared.settings import load
+
+log = logging.getLogger("enqueuer")
+
+
+async def serve(settings: EnqueuerSettings) -> int:
+    app = create_app(settings)
+    broker = app[BROKER]
+    api = await service.start_site(app, settings.host, settings.port)
+    metrics = app[ENQUEUER].metrics
+    admin = await service.start_site(
+        admin_app(lambda: {"broker_connected": broker.connected}, metrics.registry),
+        settings.admin_host,
+        settings.admin_port,
+    )
+    log.info(
+        "listening on http://%s:%d (admin :%d)", settings.host, settings.port, settings.admin_port
+    )
+    try:
+        await service.wait_for_stop(broker.task)
+    finally:
+        await api.cleanup()
+        await admin.cleanup()
+    return 0
+
+
+def main() -> None:
+    settings = load(EnqueuerSettings)
+    logs.setup(settings.log_level, settings.json_logs)
+    try:
+        partition_key.parse_sources(settings.partition_key)
+    except ValueError as exc:
+        raise SystemExit(f"{EnqueuerSettings.prog}: invalid configuration: {exc}") from None
+    service.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The enqueuer's aiohttp application: state under typed AppKeys, resources in cleanup contexts,
+errors rendered by one middleware."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from enqueuer.handlers import REQUESTS_PATH, Enqueuer, new_request_id, proxy, request_status
+from enqueuer.publisher import Publisher
+from enqueuer.replies import ReplyWaiter
+from enqueuer.results import ResultStore
+from enqueuer.settings import EnqueuerSettings
+from shared import logs, partition_key
+from shared.broker import Broker, tls_context
+from shared.errors import ERROR_HEADER, ProxyMQError
+from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
+
+log = logging.getLogger(__name__)
+ENQUEUER = web.AppKey("enqueuer", Enqueuer)
+BROKER = web.AppKey("broker", Broker)
+CORRELATION_HEADER = "X-Correlation-ID"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: ProxyMQError) -> web.Response:
+    headers = {ERROR_HEADER: error.code}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return web.Response(
+        status=error.status, body=error.body(), headers=headers, content_type="application/json"
+    )
+
+
+@web.middleware
+async def correlate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every request an id (errors refused before publishing too), render ProxyMQ errors,
+    and count the outcome."""
+    enqueuer = request.app[ENQUEUER]
+    request_id = new_request_id()
+    request["request_id"] = request_id
+    logs.request_context.set({"correlation_id": request_id})
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+        outcome = status_class(response.status)
+    except ProxyMQError as error:
+        response, outcome = error_response(error), error.code
+        log.info(
+            "refused: %s", error.message, extra=logs.fields(status=error.status, code=error.code)
+        )
+    service = request.get("service")
+    label = service if service and outcome != "unknown_service" else UNKNOWN_SERVICE
+    enqueuer.metrics.requests.labels(label, outcome).inc()
+    if request.get("service") and response.status != 202:
+        enqueuer.metrics.duration.labels(label).observe(time.perf_counter() - started)
+    response.headers[CORRELATION_HEADER] = request_id
+    return response
+
+
+def create_app(settings: EnqueuerSettings) -> web.Application:
+    sources = partition_key.parse_sources(settings.partition_key)
+    instance = settings.instance_id or uuid.uuid4().hex[:12]
+    metrics = EnqueuerMetrics()
+    enqueuer = Enqueuer(
+        settings=settings,
+        sources=sources,
+        publisher=Publisher(frozenset(settings.services)),
+        replies=ReplyWaiter(instance, settings.max_in_flight, metrics.late_replies.inc),
+        results=ResultStore(settings.result_ttl, settings.max_results),
+        metrics=metrics,
+    )
+    ssl_context = (
+        tls_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
+        if settings.amqp_url.startswith("amqps://")
+        else None
+    )
+    broker = Broker(settings.amqp_url, f"proxymq-enqueuer {instance}", ssl_context=ssl_context)
+    metrics.connected.set_function(lambda: float(broker.connected))
+
+    app = web.Application(middlewares=[correlate], client_max_size=settings.max_body)
+    app[ENQUEUER] = enqueuer
+    app[BROKER] = broker
+
+    async def handle_proxy(request: web.Request) -> web.StreamResponse:
+        return await proxy(request, enqueuer)
+
+    async def handle_status(request: web.Request) -> web.StreamResponse:
+        return await request_status(request, enqueuer)
+
+    app.router.add_get(REQUESTS_PATH + "{request_id}", handle_status)
+    app.router.add_route("*", "/{tail:.*}", handle_proxy)
+    app.cleanup_ctx.append(_broker_context)
+    return app
+
+
+async def _broker_context(app: web.Application) -> AsyncIterator[None]:
+    broker, enqueuer = app[BROKER], app[ENQUEUER]
+
+    async def on_connect(connection: object) -> None:
+        from aio_pika.abc import AbstractRobustConnection
+
+        assert isinstance(connection, AbstractRobustConnection)
+        await enqueuer.replies.start(connection)
+        await enqueuer.publisher.start(connection)
+        connection.reconnect_callbacks.add(lambda *_: enqueuer.metrics.reconnects.inc())
+
+    broker.on_connect(on_connect)
+    broker.start()
+    yield
+    enqueuer.replies.fail_all(ProxyMQError("the enqueuer is shutting down"))
+    await broker.close()

@@ -1,0 +1,227 @@
+"""The request path: read -> partition key -> envelope -> publish -> await the reply -> answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from enqueuer.publisher import Publisher
+from enqueuer.replies import ReplyWaiter
+from enqueuer.responses import PassThroughResponse
+from enqueuer.results import ResultStore
+from enqueuer.settings import EnqueuerSettings
+from shared import envelope, logs, partition_key
+from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope
+from shared.errors import (
+    BY_CODE,
+    BodyTooLarge,
+    BrokerUnavailable,
+    GatewayTimeout,
+    ProxyMQError,
+    ServiceFailed,
+    UnknownRequest,
+    UnknownService,
+)
+from shared.metrics import EnqueuerMetrics
+
+log = logging.getLogger(__name__)
+REQUESTS_PATH = "/_proxymq/requests/"
+PUBLISH_TIMEOUT = 10.0  # a blocked broker (memory alarm) must not hold a caller forever
+
+
+@dataclass
+class Enqueuer:
+    """What the handlers need, built once per process by the app factory."""
+
+    settings: EnqueuerSettings
+    sources: tuple[partition_key.KeySource, ...]
+    publisher: Publisher
+    replies: ReplyWaiter
+    results: ResultStore
+    metrics: EnqueuerMetrics
+
+
+def split_target(raw_path: str) -> tuple[str, str, str]:
+    """`/svc/a%20b?x=1` -> (`svc`, `/a%20b`, `x=1`): path and query stay exactly as sent."""
+    path, _, query = raw_path.partition("?")
+    service, slash, rest = path.lstrip("/").partition("/")
+    return service, "/" + rest if slash else "/", query
+
+
+def deadline_of(request: web.Request, cap: float | None) -> float | None:
+    """`X-Request-Timeout` capped by `cap`; None when neither applies (async without a timeout)."""
+    asked = request.headers.get("X-Request-Timeout")
+    seconds: float | None = cap
+    if asked is not None:
+        try:
+            value = float(asked)
+        except ValueError:
+            value = float("nan")
+        if value > 0:
+            seconds = value if cap is None else min(value, cap)
+    return None if seconds is None else time.time() + seconds
+
+
+def wants_async(request: web.Request) -> bool:
+    prefer = ",".join(request.headers.getall("Prefer", []))
+    return any(
+        token.strip().lower() == "respond-async"
+        for part in prefer.split(",")
+        for token in part.split(";")[:1]
+    )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(
+            f"the body is {request.content_length} bytes; at most {limit} are allowed"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"the body is larger than {limit} bytes") from None
+
+
+async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
+    service, path, query = split_target(request.raw_path)
+    if not service:
+        raise UnknownService("no service in the path: call /{service}/{path}")
+    request["service"] = service
+    logs.bind(service=service)
+    body = await read_body(request, enqueuer.settings.max_body)
+    key = partition_key.extract(
+        enqueuer.sources,
+        request.headers,
+        query,
+        body,
+        request.headers.get("Content-Type", ""),
+        required=enqueuer.settings.require_partition_key,
+    )
+    asynchronous = wants_async(request)
+    deadline = deadline_of(request, None if asynchronous else enqueuer.settings.timeout)
+    request_id: str = request["request_id"]
+    message = envelope.encode_request(
+        RequestEnvelope(
+            request_id=request_id,
+            service=service,
+            request=HttpRequest(
+                request.method, path, query, envelope.end_to_end(request.headers.items()), body
+            ),
+            partition_key=key,
+            deadline=deadline,
+            reply_to=enqueuer.replies.queue_name,
+        )
+    )
+    future = enqueuer.replies.expect(request_id)
+    try:
+        # No key: a random routing key spreads the request (the hash of "" would pick one queue).
+        async with asyncio.timeout(min(PUBLISH_TIMEOUT, _remaining(deadline, PUBLISH_TIMEOUT))):
+            await enqueuer.publisher.publish(
+                service, key if key is not None else request_id, message
+            )
+    except TimeoutError:
+        future.cancel()
+        raise BrokerUnavailable(
+            "RabbitMQ did not confirm the request in time", retry_after=1
+        ) from None
+    except BaseException:
+        future.cancel()
+        raise
+    enqueuer.metrics.in_flight.inc()
+    future.add_done_callback(lambda _: enqueuer.metrics.in_flight.dec())
+    if asynchronous:
+        return accept(request_id, service, future, deadline, enqueuer)
+    try:
+        async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):
+            reply = await future
+    except TimeoutError:
+        raise GatewayTimeout(
+            f"no reply from service {service!r} within the deadline; the request may still be "
+            "processed, its late reply will be dropped"
+        ) from None
+    return answer(reply)
+
+
+def accept(
+    request_id: str,
+    service: str,
+    future: asyncio.Future[HttpResponse],
+    deadline: float | None,
+    enqueuer: Enqueuer,
+) -> web.Response:
+    """Answer 202 now; the reply lands in the result store whenever it comes."""
+    enqueuer.results.add(request_id)
+    enqueuer.metrics.accepted_async.labels(service).inc()
+
+    def store(done: asyncio.Future[HttpResponse]) -> None:
+        if done.cancelled():
+            enqueuer.results.finish(
+                request_id,
+                None,
+                GatewayTimeout(
+                    f"no reply from service {service!r} within the request's X-Request-Timeout"
+                ),
+            )
+        elif (error := done.exception()) is not None:
+            enqueuer.results.finish(request_id, None, _as_proxymq_error(error))
+        else:
+            enqueuer.results.finish(request_id, done.result(), None)
+
+    future.add_done_callback(store)
+    if deadline is not None:
+        asyncio.get_running_loop().call_at(
+            asyncio.get_running_loop().time() + max(0.0, deadline - time.time()), future.cancel
+        )
+    location = REQUESTS_PATH + request_id
+    return web.json_response(
+        {"id": request_id, "status": "pending", "location": location},
+        status=202,
+        headers={"Location": location, "Retry-After": "1"},
+    )
+
+
+async def request_status(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
+    request_id = request.match_info["request_id"]
+    outcome = enqueuer.results.get(request_id)
+    if outcome is None:
+        raise UnknownRequest(
+            f"no request {request_id!r} here: it is unknown, was sent to another enqueuer, or its "
+            f"result expired ({enqueuer.settings.result_ttl:g} s after it finished)"
+        )
+    if outcome.pending:
+        location = REQUESTS_PATH + request_id
+        return web.json_response(
+            {"id": request_id, "status": "pending", "location": location},
+            status=202,
+            headers={"Location": location, "Retry-After": "1"},
+        )
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.response is not None
+    return answer(outcome.response)
+
+
+def answer(reply: HttpResponse) -> web.StreamResponse:
+    if reply.error is not None:
+        error_class = BY_CODE.get(reply.error, ServiceFailed)
+        raise error_class(reply.error_message or f"the dequeuer answered {reply.error}")
+    return PassThroughResponse(reply)
+
+
+def _remaining(deadline: float | None, default: float) -> float:
+    return default if deadline is None else max(0.0, deadline - time.time())
+
+
+def _as_proxymq_error(error: BaseException) -> ProxyMQError:
+    if isinstance(error, ProxyMQError):
+        return error
+    return ServiceFailed(f"the reply could not be read: {error}")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,25 @@
+"""Turning a reply back into the microservice's exact HTTP answer."""
+
+from __future__ import annotations
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from shared.envelope import HttpResponse
+
+_DEFAULTED = (hdrs.CONTENT_TYPE, hdrs.DATE, hdrs.SERVER)
+
+
+class PassThroughResponse(web.Response):
+    """aiohttp adds Content-Type, Date and Server when a response has none; a pass-through must
+    not, or a reply without Content-Type would come back as application/octet-stream."""
+
+    def __init__(self, reply: HttpResponse) -> None:
+        headers = CIMultiDict(reply.headers)
+        self._absent = [name for name in _DEFAULTED if name not in headers]
+        super().__init__(status=reply.status, headers=headers, body=reply.body)
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        for name in self._absent:
+            self.headers.popall(name, None)

@@ -1,0 +1,60 @@
+"""Results of `Prefer: respond-async` requests, kept for `GET /_proxymq/requests/{id}`.
+
+Memory is bounded twice: pending entries count against the enqueuer's in-flight cap, and finished
+ones expire after a TTL or, beyond `capacity`, oldest first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from shared.envelope import HttpResponse
+from shared.errors import ProxyMQError
+
+
+@dataclass(slots=True)
+class Outcome:
+    response: HttpResponse | None = None
+    error: ProxyMQError | None = None
+    finished_at: float | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.finished_at is None
+
+
+class ResultStore:
+    def __init__(self, ttl: float, capacity: int) -> None:
+        self.ttl = ttl
+        self.capacity = capacity
+        self._pending: dict[str, Outcome] = {}
+        self._finished: OrderedDict[str, Outcome] = OrderedDict()
+
+    def add(self, request_id: str) -> None:
+        self._pending[request_id] = Outcome()
+
+    def finish(
+        self, request_id: str, response: HttpResponse | None, error: ProxyMQError | None
+    ) -> None:
+        outcome = self._pending.pop(request_id, None) or Outcome()
+        outcome.response, outcome.error, outcome.finished_at = response, error, time.monotonic()
+        self._finished[request_id] = outcome
+        self._evict()
+
+    def get(self, request_id: str) -> Outcome | None:
+        self._evict()
+        return self._pending.get(request_id) or self._finished.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._finished)
+
+    def _evict(self) -> None:
+        horizon = time.monotonic() - self.ttl
+        while self._finished:
+            request_id, oldest = next(iter(self._finished.items()))
+            assert oldest.finished_at is not None
+            if oldest.finished_at >= horizon and len(self._finished) <= self.capacity:
+                break
+            del self._finished[request_id]

@@ -1,0 +1,74 @@
+"""The enqueuer's configuration; field descriptions are its `--help`."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import DEFAULT_AMQP_URL, ByteSize, CommaList, CommandSettings
+
+
+class EnqueuerSettings(CommandSettings):
+    """Sidecar next to an API: takes HTTP calls to /{service}/{path}, publishes them to the
+    service's RabbitMQ partitions and answers with the microservice's reply."""
+
+    prog = "proxymq-enqueuer"
+
+    amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
+    amqp_ca_file: str | None = Field(None, description="CA bundle to verify an amqps:// broker")
+    amqp_cert_file: str | None = Field(None, description="client certificate for amqps://")
+    amqp_key_file: str | None = Field(None, description="client certificate's private key")
+    host: str = Field(
+        "127.0.0.1",
+        description="address the API listens on (localhost: only "
+        "the pod's own containers can call it)",
+    )
+    port: int = Field(8080, description="API port", ge=1, le=65535)
+    admin_port: int = Field(
+        9080, description="port of /healthz, /readyz and /metrics", ge=0, le=65535
+    )
+    admin_host: str = Field(
+        "0.0.0.0", description="address of the admin port (probes come from the kubelet)"
+    )
+    partition_key: CommaList = Field(
+        ["header:X-Partition-Key"],
+        description="where the partition key comes from, in order, first match wins: "
+        "header:NAME, json:/json/pointer, query:NAME (repeat the flag or separate by commas)",
+    )
+    require_partition_key: bool = Field(
+        False,
+        description="answer 400 bad_partition_key when no source yields a key (otherwise "
+        "unkeyed requests are spread over the partitions, with no order between them)",
+    )
+    timeout: float = Field(
+        30.0,
+        gt=0,
+        description="longest a caller waits, in seconds; X-Request-Timeout may ask for less",
+    )
+    max_body: ByteSize = Field(
+        1024 * 1024, description="largest request body (e.g. 1MiB); larger gets 413 body_too_large"
+    )
+    services: CommaList = Field(
+        [],
+        description="services callers may reach (comma separated); "
+        "empty allows any service that has a topology",
+    )
+    max_in_flight: int = Field(
+        10_000,
+        gt=0,
+        description="requests waiting for a reply at once, "
+        "asynchronous ones included; more get 429 backpressure",
+    )
+    result_ttl: float = Field(
+        600.0, gt=0, description="seconds an asynchronous result is kept after it is done"
+    )
+    max_results: int = Field(
+        10_000,
+        gt=0,
+        description="asynchronous results kept at most; the oldest finished ones go first",
+    )
+    instance_id: str | None = Field(
+        None,
+        description="name of this enqueuer (reply queue proxymq.replies.ID); default: a random id",
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+    json_logs: bool = Field(False, description="one JSON object per log line")

@@ -1,0 +1,119 @@
+"""The broker connection of a sidecar: connected in the background, so the HTTP side answers
+(503, `/readyz` false) while RabbitMQ is still down, and restored by aio-pika's robust connection
+afterwards. No retry loop of our own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from yarl import URL
+
+from shared.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+OnConnect = Callable[[AbstractRobustConnection], Awaitable[None]]
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class Broker:
+    """Holds the one robust connection; `connection` raises `BrokerUnavailable` until it is up."""
+
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        heartbeat: int = 15,
+        reconnect_interval: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.url = url
+        self.name = name
+        self.heartbeat = heartbeat
+        self.reconnect_interval = reconnect_interval
+        self.ssl_context = ssl_context
+        self._connection: AbstractRobustConnection | None = None
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_connect: list[OnConnect] = []
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        connection = self._connection
+        return (
+            connection is not None
+            and self._ready.is_set()
+            and not connection.is_closed
+            and (connection.connected.is_set())
+        )
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None or not self.connected:
+            raise BrokerUnavailable("RabbitMQ cannot be reached right now", retry_after=1)
+        return self._connection
+
+    def on_connect(self, callback: OnConnect) -> None:
+        """Run once when the first connection is made (declarations, consumers)."""
+        self._on_connect.append(callback)
+
+    async def wait_connected(self, timeout: float | None = None) -> AbstractRobustConnection:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.connection
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._connect(), name=f"connect {self.name}")
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """Fails when the first connection's set-up fails for good (a topology mismatch)."""
+        assert self._task is not None, "start() first"
+        return self._task
+
+    async def _connect(self) -> None:
+        log.info("connecting to %s", redact(self.url))
+        connection = await aio_pika.connect_robust(
+            self.url,
+            client_properties={"connection_name": self.name},
+            ssl_context=self.ssl_context,
+            heartbeat=self.heartbeat,
+            fail_fast=False,
+            reconnect_interval=self.reconnect_interval,
+        )
+        connection.reconnect_callbacks.add(self._reconnected)
+        self._connection = connection
+        for callback in self._on_connect:
+            await callback(connection)
+        self._ready.set()
+        log.info("connected to %s", redact(self.url))
+
+    def _reconnected(self, *_: object) -> None:
+        self.reconnects += 1
+        log.warning("reconnected to %s", redact(self.url))
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._connection is not None:
+            await self._connection.close()

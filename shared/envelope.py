@@ -1,0 +1,232 @@
+"""HTTP request and response <-> AMQP message, as pure functions.
+
+The HTTP body is the message body, bytes unchanged. Everything else travels in AMQP headers named
+`x-proxymq-*` (documented in docs/message-format.md), so any AMQP client can publish a request or
+read a reply. HTTP headers go as one JSON list of `[name, value]` pairs: order and repeated names
+(`Set-Cookie`) survive, which an AMQP table keyed by name would lose.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import HeadersType
+
+VERSION = 1
+H_VERSION = "x-proxymq-version"
+H_SERVICE = "x-proxymq-service"
+H_METHOD = "x-proxymq-method"
+H_PATH = "x-proxymq-path"
+H_QUERY = "x-proxymq-query"
+H_HEADERS = "x-proxymq-headers"
+H_KEY = "x-proxymq-partition-key"
+H_DEADLINE = "x-proxymq-deadline"
+H_SENT_AT = "x-proxymq-sent-at"
+H_STATUS = "x-proxymq-status"
+H_ERROR = "x-proxymq-error"
+H_ERROR_MESSAGE = "x-proxymq-error-message"
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus those the receiving side recomputes (Host, length).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+Headers = tuple[tuple[str, str], ...]
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+
+
+class MalformedMessage(ValueError):
+    """A message that no retry can fix: it is dead-lettered with this reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    path: str
+    query: str
+    headers: Headers
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: Headers
+    body: bytes
+    error: str | None = None  # a ProxyMQ error code when ProxyMQ answered, not the microservice
+    error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEnvelope:
+    request_id: str
+    service: str
+    request: HttpRequest
+    partition_key: str | None
+    deadline: float | None  # seconds since the epoch; None waits as long as it takes
+    reply_to: str | None
+    sent_at: float | None = None
+
+    def remaining(self, now: float | None = None) -> float | None:
+        if self.deadline is None:
+            return None
+        return self.deadline - (time.time() if now is None else now)
+
+
+def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
+    """Drop hop-by-hop headers, including any that `Connection` names."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return tuple((n, v) for n, v in pairs if n.lower() not in HOP_BY_HOP and n.lower() not in named)
+
+
+def encode_request(envelope: RequestEnvelope) -> aio_pika.Message:
+    request = envelope.request
+    headers: HeadersType = {
+        H_VERSION: VERSION,
+        H_SERVICE: envelope.service,
+        H_METHOD: request.method,
+        H_PATH: request.path,
+        H_QUERY: request.query,
+        H_HEADERS: json.dumps(request.headers),
+        H_SENT_AT: int(time.time() * 1000),
+    }
+    if envelope.partition_key is not None:
+        headers[H_KEY] = envelope.partition_key
+    if envelope.deadline is not None:
+        headers[H_DEADLINE] = int(envelope.deadline * 1000)
+    return aio_pika.Message(
+        request.body,
+        headers=headers,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=envelope.request_id,
+        message_id=envelope.request_id,
+        reply_to=envelope.reply_to,
+        app_id="proxymq",
+    )
+
+
+def decode_request(
+    headers: Mapping[str, object], body: bytes, correlation_id: str | None, reply_to: str | None
+) -> RequestEnvelope:
+    """Validate everything a dequeuer relies on; a message from any AMQP client may be wrong."""
+    version = headers.get(H_VERSION, VERSION)
+    if version != VERSION:
+        raise MalformedMessage(
+            f"unsupported {H_VERSION} {version!r} (this dequeuer reads {VERSION})"
+        )
+    if not correlation_id:
+        raise MalformedMessage("message has no correlation_id")
+    method = _text(headers, H_METHOD, "POST")
+    if not method.isalpha() or not method.isupper() or len(method) > 20:
+        raise MalformedMessage(f"{H_METHOD} {method!r} is not an HTTP method")
+    path = _text(headers, H_PATH, "/")
+    if not path.startswith("/"):
+        raise MalformedMessage(f"{H_PATH} {path!r} does not start with '/'")
+    deadline = headers.get(H_DEADLINE)
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int)):
+        raise MalformedMessage(f"{H_DEADLINE} must be milliseconds since the epoch")
+    key = headers.get(H_KEY)
+    sent_at = headers.get(H_SENT_AT)
+    return RequestEnvelope(
+        request_id=correlation_id,
+        service=_text(headers, H_SERVICE, ""),
+        request=HttpRequest(
+            method=method,
+            path=path,
+            query=_text(headers, H_QUERY, ""),
+            headers=_pairs(headers.get(H_HEADERS)),
+            body=body,
+        ),
+        partition_key=key.decode()
+        if isinstance(key, bytes)
+        else key
+        if isinstance(key, str)
+        else None,
+        deadline=None if deadline is None else deadline / 1000,
+        reply_to=reply_to,
+        sent_at=sent_at / 1000 if isinstance(sent_at, int) else None,
+    )
+
+
+def encode_response(response: HttpResponse, correlation_id: str) -> aio_pika.Message:
+    headers: HeadersType = {H_STATUS: response.status, H_HEADERS: json.dumps(response.headers)}
+    if response.error is not None:
+        headers[H_ERROR] = response.error
+        headers[H_ERROR_MESSAGE] = response.error_message or ""
+    return aio_pika.Message(
+        response.body, headers=headers, correlation_id=correlation_id, app_id="proxymq"
+    )
+
+
+def decode_response(headers: Mapping[str, object], body: bytes) -> HttpResponse:
+    status = headers.get(H_STATUS)
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise MalformedMessage(f"reply has no valid {H_STATUS}: {status!r}")
+    error = headers.get(H_ERROR)
+    message = headers.get(H_ERROR_MESSAGE)
+    return HttpResponse(
+        status=status,
+        headers=_pairs(headers.get(H_HEADERS)),
+        body=body,
+        error=_str_or_none(error),
+        error_message=_str_or_none(message),
+    )
+
+
+def _text(headers: Mapping[str, object], name: str, default: str) -> str:
+    value = headers.get(name, default)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{name} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _str_or_none(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _pairs(raw: object) -> Headers:
+    if raw is None:
+        return ()
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        pairs = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        pairs = None
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise MalformedMessage(f"{H_HEADERS} must be a JSON list of [name, value] string pairs")
+    for name, value in pairs:
+        if not _TOKEN.match(name) or _FORBIDDEN_IN_VALUE.search(value):
+            raise MalformedMessage(f"{H_HEADERS} holds an invalid HTTP header {name[:40]!r}")
+    return tuple((name, value) for name, value in pairs)

@@ -1,0 +1,97 @@
+"""ProxyMQ's own errors: one class per code of the contract, each with its HTTP status.
+
+    ProxyMQError
+     +-- BadPartitionKey      400 bad_partition_key
+     +-- UnknownService       404 unknown_service
+     +-- UnknownRequest       404 unknown_request
+     +-- BodyTooLarge         413 body_too_large
+     +-- Backpressure         429 backpressure        (Retry-After)
+     +-- ServiceFailed        502 service_failed
+     +-- BrokerUnavailable    503 broker_unavailable  (Retry-After)
+     +-- GatewayTimeout       504 timeout
+
+They are raised anywhere and rendered in one place (the enqueuer's error middleware), so every
+answer carries the same JSON body and `X-ProxyMQ-Error` header. `TopologyMismatch` is a startup
+error, never an HTTP answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+ERROR_HEADER = "X-ProxyMQ-Error"
+
+
+class ProxyMQError(Exception):
+    """Base of the errors a caller can receive from ProxyMQ itself."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
+
+
+class BadPartitionKey(ProxyMQError):
+    status = 400
+    code = "bad_partition_key"
+
+
+class UnknownService(ProxyMQError):
+    status = 404
+    code = "unknown_service"
+
+
+class UnknownRequest(ProxyMQError):
+    status = 404
+    code = "unknown_request"
+
+
+class BodyTooLarge(ProxyMQError):
+    status = 413
+    code = "body_too_large"
+
+
+class Backpressure(ProxyMQError):
+    status = 429
+    code = "backpressure"
+
+
+class ServiceFailed(ProxyMQError):
+    status = 502
+    code = "service_failed"
+
+
+class BrokerUnavailable(ProxyMQError):
+    status = 503
+    code = "broker_unavailable"
+
+
+class GatewayTimeout(ProxyMQError):
+    status = 504
+    code = "timeout"
+
+
+BY_CODE: dict[str, type[ProxyMQError]] = {
+    cls.code: cls
+    for cls in (
+        BadPartitionKey,
+        UnknownService,
+        UnknownRequest,
+        BodyTooLarge,
+        Backpressure,
+        ServiceFailed,
+        BrokerUnavailable,
+        GatewayTimeout,
+    )
+}
+
+
+class TopologyMismatch(Exception):
+    """The broker already holds another layout for the service; declaring ours would split it."""

@@ -1,0 +1,125 @@
+"""Where a request's partition key comes from: `header:NAME`, `json:/json/pointer` or `query:NAME`.
+
+Sources are tried in order and the first that yields a key wins. No key at all means the request
+has no ordering needs and is spread over the partitions, unless the key is required.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qsl
+
+from shared.errors import BadPartitionKey
+
+MAX_KEY_BYTES = 255  # an AMQP routing key is a short string
+Kind = Literal["header", "json", "query"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    kind: Kind
+    name: str  # header name, query parameter or JSON Pointer
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+def parse_sources(specs: Sequence[str]) -> tuple[KeySource, ...]:
+    """Read `--partition-key` values; a typo is a startup error, not a silently unkeyed service."""
+    sources = []
+    for spec in specs:
+        kind, sep, name = spec.partition(":")
+        if not sep or kind not in ("header", "json", "query") or not name:
+            raise ValueError(
+                f"partition key source {spec!r} is not one of header:NAME, json:/pointer, query:NAME"
+            )
+        if kind == "json" and not name.startswith("/"):
+            raise ValueError(
+                f"JSON Pointer {name!r} must start with '/' (RFC 6901), e.g. json:/user/id"
+            )
+        sources.append(KeySource(kind, name))  # type: ignore[arg-type]
+    return tuple(sources)
+
+
+def resolve_pointer(document: object, pointer: str) -> object:
+    """RFC 6901; a missing member gives None rather than an error."""
+    node = document
+    for raw in pointer.split("/")[1:]:
+        token = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(token)
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return None
+    return node
+
+
+def extract(
+    sources: Sequence[KeySource],
+    headers: Mapping[str, str],
+    query: str,
+    body: bytes,
+    content_type: str,
+    *,
+    required: bool = False,
+) -> str | None:
+    """The partition key of one request, or None to spread it."""
+    document: object = _UNPARSED
+    for source in sources:
+        value: object
+        if source.kind == "header":
+            value = headers.get(source.name)
+        elif source.kind == "query":
+            value = dict(parse_qsl(query, keep_blank_values=True)).get(source.name)
+        else:
+            if document is _UNPARSED:
+                document = _json_body(body, content_type, source, required)
+            value = None if document is _UNPARSED else resolve_pointer(document, source.name)
+        key = _as_key(value, source)
+        if key is not None:
+            return key
+    if required:
+        looked = ", ".join(str(s) for s in sources)
+        raise BadPartitionKey(f"this request has no partition key; looked in {looked}")
+    return None
+
+
+_UNPARSED = object()
+
+
+def _json_body(body: bytes, content_type: str, source: KeySource, required: bool) -> object:
+    if not body or ("json" not in content_type and content_type):
+        return _UNPARSED
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        if required:
+            raise BadPartitionKey(
+                f"the body is not valid JSON ({exc}), so the partition key at {source.name} "
+                "cannot be read"
+            ) from None
+        return _UNPARSED
+
+
+def _as_key(value: object, source: KeySource) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        key = "true" if value else "false"
+    elif isinstance(value, str | int | float):
+        key = str(value)
+    else:
+        raise BadPartitionKey(
+            f"the partition key at {source} is a JSON {type(value).__name__}; it must be a string "
+            "or a number"
+        )
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise BadPartitionKey(
+            f"the partition key from {source} is {len(key.encode())} bytes; at most "
+            f"{MAX_KEY_BYTES} are allowed"
+        )
+    return key

@@ -1,0 +1,57 @@
+"""Process plumbing shared by the sidecars: event loop, listening sites, stopping on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+def run(main: Coroutine[Any, Any, int]) -> None:
+    """Run `main` on uvloop when it is installed and exit with its code."""
+    try:
+        import uvloop
+
+        sys.exit(uvloop.run(main))
+    except ImportError:
+        sys.exit(asyncio.run(main))
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+    return runner
+
+
+async def wait_for_stop(*watched: asyncio.Task[Any]) -> None:
+    """Return on SIGTERM or SIGINT; re-raise if a watched background task fails first, so a fatal
+    startup error (a topology mismatch, say) ends the process instead of leaving it half alive."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        pending = {stopper, *watched}
+        while True:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                log.info("stop signal received")
+                return
+            for task in done:
+                task.result()
+    finally:
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

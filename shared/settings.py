@@ -1,0 +1,154 @@
+"""Settings common to every ProxyMQ command: flags over environment over `*_FILE` over defaults.
+
+Each command declares one `Settings` subclass; its field descriptions become `--help` and the
+configuration reference (`docs/configuration.md`), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+}
+
+
+def parse_size(value: object) -> object:
+    """Accept `1MiB`, `512k`, `1048576` for byte sizes, as people write them."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (examples: 1048576, 512KiB, 1MiB, 2MB)")
+    number, unit = match.groups()
+    unit = (unit or "").lower().rstrip("b")
+    return int(float(number) * _UNITS[unit])
+
+
+def split_commas(value: object) -> object:
+    """Lists come as `a,b` on the command line and in the environment alike."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return [part.strip() for item in value for part in item.split(",") if part.strip()]
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
+
+
+class FileSecretsSource(PydanticBaseSettingsSource):
+    """`PROXYMQ_AMQP_URL_FILE=/run/secrets/amqp` reads the value from a file, so secrets never sit
+    on a command line or in `ps` output."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        prefix = str(self.config.get("env_prefix", ""))
+        path = os.environ.get(f"{prefix}{field_name}_FILE".upper())
+        if not path:
+            return None, field_name, False
+        try:
+            return Path(path).read_text().strip(), field_name, False
+        except OSError as exc:
+            raise ValueError(f"cannot read {field_name} from {path}: {exc.strerror}") from exc
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values
+
+
+class CommandSettings(BaseSettings):
+    """Base of every command's settings; parse with `load()`, never by calling the class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROXYMQ_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        extra="ignore",
+    )
+    prog: ClassVar[str] = "proxymq"
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, FileSecretsSource(settings_cls))
+
+
+SettingsT = TypeVar("SettingsT", bound=CommandSettings)
+
+
+def load(cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
+    """Parse flags (winning over `PROXYMQ_*` variables), or exit 2 with a readable message."""
+    args = sys.argv[1:] if argv is None else argv
+    epilog = (
+        "Every flag is also an environment variable: --amqp-url is PROXYMQ_AMQP_URL, and "
+        "PROXYMQ_AMQP_URL_FILE reads it from a file. Flags win over the environment."
+    )
+    try:
+        return _parse(cls, args, epilog)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+            for err in exc.errors()
+        )
+        print(f"{cls.prog}: invalid configuration: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as exc:
+        print(f"{cls.prog}: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:
+    source: CliSettingsSource[SettingsT] = CliSettingsSource(
+        cls,
+        cli_prog_name=cls.prog,
+        cli_parse_args=args,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_avoid_json=True,
+        cli_hide_none_type=True,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser = source.root_parser
+    assert isinstance(parser, argparse.ArgumentParser)
+    parser.description = cls.summary or cls.__doc__
+    parser.epilog = epilog
+    return cls(_cli_settings_source=source(args=args))

@@ -1,0 +1,221 @@
+"""Names and typed specs of a service's RabbitMQ objects, and their idempotent declaration.
+
+Per service `S`: exchange `S` (x-consistent-hash, the partition key is the routing key), quorum
+queues `S.p0..S.p{N-1}` (single active consumer, delivery limit, dead-letter to `S.dlq`) and the
+quorum queue `S.dlq`. Every name is built here, so that one anchored pattern (`partition_pattern`)
+matches a service's partitions and nothing else: not `S.dlq`, not another service's queues.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+from pamqp.common import FieldTable
+
+from shared.errors import TopologyMismatch
+
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
+
+
+def check_service_name(service: str) -> str:
+    """Dots are refused so that `S.p<N>` can never be another service's name plus a suffix."""
+    if not SERVICE_NAME.match(service):
+        raise ValueError(
+            f"{service!r} is not a service name: use letters, digits, '-' and '_' (at most 100)"
+        )
+    return service
+
+
+def exchange_name(service: str) -> str:
+    return service
+
+
+def partition_queue(service: str, index: int) -> str:
+    return f"{service}.p{index}"
+
+
+def dead_letter_queue(service: str) -> str:
+    return f"{service}.dlq"
+
+
+def partition_pattern(service: str) -> str:
+    """The regex KEDA and `proxymq status` use to find exactly this service's partitions."""
+    return rf"^{re.escape(service)}\.p\d+$"
+
+
+class QuorumQueueArgs(TypedDict, total=False):
+    """The `x-` arguments a partition or dead-letter queue is declared with."""
+
+    x_queue_type: Literal["quorum"]
+    x_single_active_consumer: bool
+    x_delivery_limit: int
+    x_dead_letter_exchange: str
+    x_dead_letter_routing_key: str
+    x_dead_letter_strategy: Literal["at-most-once", "at-least-once"]
+    x_overflow: Literal["drop-head", "reject-publish"]
+    x_max_length: int
+
+
+def _amqp_args(args: QuorumQueueArgs) -> FieldTable:
+    return {key.replace("_", "-"): value for key, value in args.items()}  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One service's layout. `delivery_limit` is generous on purpose: on RabbitMQ 3.10 every
+    channel close over a prefetched message counts as a delivery (see docs/architecture.md)."""
+
+    service: str
+    partitions: int = 8
+    delivery_limit: int = 20
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        check_service_name(self.service)
+        if not 1 <= self.partitions <= 1024:
+            raise ValueError(f"partitions must be between 1 and 1024, not {self.partitions}")
+
+    @property
+    def exchange(self) -> str:
+        return exchange_name(self.service)
+
+    @property
+    def queues(self) -> list[str]:
+        return [partition_queue(self.service, i) for i in range(self.partitions)]
+
+    @property
+    def dead_letters(self) -> str:
+        return dead_letter_queue(self.service)
+
+    def partition_args(self) -> QuorumQueueArgs:
+        args: QuorumQueueArgs = {
+            "x_queue_type": "quorum",
+            "x_single_active_consumer": True,
+            "x_delivery_limit": self.delivery_limit,
+            "x_dead_letter_exchange": "",
+            "x_dead_letter_routing_key": self.dead_letters,
+            "x_dead_letter_strategy": "at-least-once",
+            "x_overflow": "reject-publish",
+        }
+        if self.max_length is not None:
+            args["x_max_length"] = self.max_length
+        return args
+
+    def dead_letter_args(self) -> QuorumQueueArgs:
+        return {"x_queue_type": "quorum"}
+
+
+async def queue_exists(connection: AbstractConnection, name: str) -> bool:
+    """A passive declare; the broker closes the channel when the queue is missing, so it gets
+    a channel of its own."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(name, passive=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
+    channel = await connection.channel()
+    try:
+        await channel.get_exchange(name, ensure=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def check_layout(connection: AbstractConnection, topology: Topology) -> None:
+    """Refuse to add a second layout beside an existing one: consistent hashing over another
+    partition count would send a key's next requests to another queue and break its order."""
+    n = topology.partitions
+    first = await queue_exists(connection, partition_queue(topology.service, 0))
+    last = await queue_exists(connection, partition_queue(topology.service, n - 1))
+    beyond = await queue_exists(connection, partition_queue(topology.service, n))
+    if beyond:
+        raise TopologyMismatch(
+            f"service {topology.service!r} already has more than {n} partitions "
+            f"({partition_queue(topology.service, n)} exists); start with the same --partitions "
+            "or delete the old layout first (proxymq topology delete)"
+        )
+    if first != last:
+        raise TopologyMismatch(
+            f"service {topology.service!r} already has fewer than {n} partitions "
+            f"({partition_queue(topology.service, n - 1)} is missing); start with the same "
+            "--partitions or delete the old layout first (proxymq topology delete)"
+        )
+
+
+async def declare(connection: AbstractConnection, topology: Topology) -> None:
+    """Declare the layout idempotently; any difference from what exists is a `TopologyMismatch`.
+
+    It runs on a channel of its own because a refused declaration closes the channel."""
+    await check_layout(connection, topology)
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(
+            topology.dead_letters, durable=True, arguments=_amqp_args(topology.dead_letter_args())
+        )
+        exchange = await channel.declare_exchange(
+            topology.exchange, aio_pika.ExchangeType.X_CONSISTENT_HASH, durable=True
+        )
+        for name in topology.queues:
+            queue = await declare_partition(channel, topology, name)
+            await queue.bind(exchange, routing_key="1")
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"service {topology.service!r} exists with other settings than ours: {_reason(exc)}; "
+            "start with the settings it was created with or delete it (proxymq topology delete)"
+        ) from exc
+    except aiormq.exceptions.ConnectionCommandInvalid as exc:
+        raise TopologyMismatch(
+            f"the broker refused exchange type x-consistent-hash ({_reason(exc)}): "
+            f"run `{PLUGIN_HINT}`"
+        ) from exc
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def declare_partition(
+    channel: AbstractChannel, topology: Topology, name: str
+) -> AbstractQueue:
+    """Consumers declare their queue again on their own channel, so a robust channel restores it."""
+    return await channel.declare_queue(
+        name, durable=True, arguments=_amqp_args(topology.partition_args())
+    )
+
+
+async def delete(connection: AbstractConnection, topology: Topology) -> None:
+    """Remove every partition found (whatever the count it was made with), the dead letters and
+    the exchange, messages included: for tests and `proxymq topology delete`."""
+    index = 0
+    names = [topology.dead_letters]
+    while await queue_exists(connection, partition_queue(topology.service, index)):
+        names.append(partition_queue(topology.service, index))
+        index += 1
+    channel = await connection.channel()
+    try:
+        for name in names:
+            await channel.queue_delete(name)
+        await channel.exchange_delete(topology.exchange)
+    finally:
+        await channel.close()
+
+
+def _reason(exc: aiormq.exceptions.AMQPError) -> str:
+    frame = exc.args[0] if exc.args else None
+    text = getattr(frame, "reply_text", None)
+    return str(text or exc)

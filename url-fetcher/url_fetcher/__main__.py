@@ -1,0 +1,49 @@
+"""`url-fetcher`: run the fetch service until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from aiohttp import web
+
+from shared.settings import load
+from url_fetcher.app import create_app
+from url_fetcher.settings import UrlFetcherSettings
+
+log = logging.getLogger("url_fetcher")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and environment, then serve; exits 0 on SIGTERM once requests have drained."""
+    settings = load(UrlFetcherSettings, argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            access_log=None,  # one line per fetch is logged by the fetcher instead
+            shutdown_timeout=settings.fetch_timeout + 1,
+            loop=_event_loop(),
+        )
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", settings.host, settings.port, exc)
+        sys.exit(1)
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (faster sockets), else the standard loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The HTTP API: /healthz, /fetch and /fetch/batch, every answer JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractResolver
+
+from url_fetcher.fetch import BAD_REQUEST, Fetcher, FetchError, FetchLimits, create_session
+from url_fetcher.guard import TargetGuard
+from url_fetcher.settings import UrlFetcherSettings
+
+log = logging.getLogger("url_fetcher")
+
+SETTINGS = web.AppKey("settings", UrlFetcherSettings)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+FETCHER = web.AppKey("fetcher", Fetcher)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(
+    settings: UrlFetcherSettings,
+    *,
+    guard: TargetGuard | None = None,
+    resolver: AbstractResolver | None = None,
+) -> web.Application:
+    """Build the application; `guard` and `resolver` are seams for tests (defaults: real ones)."""
+    app = web.Application(middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_client_session(guard, resolver))
+    app.on_startup.append(_announce)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/fetch", fetch_one)
+    app.router.add_post("/fetch/batch", fetch_batch)
+    return app
+
+
+def _client_session(
+    guard: TargetGuard | None, resolver: AbstractResolver | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """One ClientSession per process: connection pooling and DNS cache shared by every fetch."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        limits = FetchLimits(
+            max_bytes=settings.max_bytes,
+            timeout=settings.fetch_timeout,
+            max_redirects=settings.max_redirects,
+        )
+        target_guard = guard or TargetGuard(allow_private=settings.allow_private)
+        async with create_session(target_guard, limits, resolver) as session:
+            app[SESSION] = session
+            app[FETCHER] = Fetcher(session, target_guard, limits)
+            yield
+
+    return context
+
+
+async def _announce(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    log.info(
+        "url-fetcher starting on http://%s:%d (private targets %s)",
+        settings.host,
+        settings.port,
+        "allowed" if settings.allow_private else "refused",
+    )
+
+
+def error_body(code: str, message: str) -> dict[str, object]:
+    """The error object every non-fetch failure is answered with."""
+    return {"error": {"code": code, "message": message}}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer bad input and aiohttp's own errors (404, 405, 413) in JSON, one format for all."""
+    try:
+        return await handler(request)
+    except BadInput as exc:
+        return _bad_request(str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return web.json_response(
+            error_body(code, f"{request.method} {request.path}: {exc.reason}"),
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k == "Allow"},
+        )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers; fetch targets are not probed."""
+    return web.json_response({"status": "ok"})
+
+
+async def fetch_one(request: web.Request) -> web.Response:
+    """POST /fetch {"url": ...}: the fetch result, or an error with a status naming its kind."""
+    body = await _json_body(request)
+    if not isinstance(body, dict) or "url" not in body:
+        raise BadInput('expected a JSON object like {"url": "https://example.com/"}')
+    url = body["url"]
+    try:
+        result = await request.app[FETCHER].fetch(url)
+    except FetchError as exc:
+        return web.json_response(exc.to_json(url), status=exc.http_status)
+    return web.json_response(result.to_json())
+
+
+async def fetch_batch(request: web.Request) -> web.Response:
+    """POST /fetch/batch: fetch many URLs concurrently; one result or error per URL, in order.
+
+    Accepts {"urls": [...]} or a bare list; items are URL strings or {"url": ...} objects. A bad
+    item only fails its own slot, so one typo does not cost the whole batch.
+    """
+    body = await _json_body(request)
+    items = body.get("urls") if isinstance(body, dict) else body
+    if not isinstance(items, list):
+        raise BadInput('expected {"urls": ["https://...", ...]} or a JSON list of URLs')
+    settings = request.app[SETTINGS]
+    if len(items) > settings.max_batch:
+        raise BadInput(
+            f"{len(items)} URLs in one batch; at most {settings.max_batch} are accepted "
+            "(see --max-batch)"
+        )
+    fetcher = request.app[FETCHER]
+    slots = asyncio.Semaphore(settings.batch_concurrency)
+
+    async def one(item: object) -> dict[str, object]:
+        url = item.get("url") if isinstance(item, dict) else item
+        async with slots:
+            try:
+                return (await fetcher.fetch(url)).to_json()
+            except FetchError as exc:
+                return exc.to_json(url)
+
+    results = await asyncio.gather(*(one(item) for item in items))
+    return web.json_response({"results": results})
+
+
+class BadInput(Exception):
+    """The request itself is malformed; answered 400 bad_request by `json_errors`."""
+
+
+async def _json_body(request: web.Request) -> object:
+    """The parsed request body; BadInput if it is not JSON."""
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadInput(f"the request body is not JSON: {exc}") from None
+
+
+def _bad_request(message: str) -> web.Response:
+    return web.json_response(error_body(BAD_REQUEST, message), status=400)

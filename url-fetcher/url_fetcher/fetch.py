@@ -1,0 +1,277 @@
+"""Fetch one URL: guarded redirects, a size cap, a time cap, and a report of what came back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import hdrs
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+from url_fetcher.guard import ALLOWED_SCHEMES, ForbiddenTarget, GuardedResolver, TargetGuard
+from url_fetcher.title import HTML_TYPES, TitleScanner
+
+log = logging.getLogger("url_fetcher")
+
+USER_AGENT = "url-fetcher/0.1 (ProxyMQ example service)"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_URL_CHARS = 8192
+_CHUNK = 64 * 1024
+
+# Error codes, each with the HTTP status /fetch answers it with.
+BAD_REQUEST = "bad_request"
+FORBIDDEN_TARGET = "forbidden_target"
+FETCH_FAILED = "fetch_failed"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+FETCH_TIMEOUT = "fetch_timeout"
+HTTP_STATUS = {
+    BAD_REQUEST: 400,
+    FORBIDDEN_TARGET: 403,
+    FETCH_FAILED: 502,
+    TOO_MANY_REDIRECTS: 502,
+    FETCH_TIMEOUT: 504,
+}
+
+
+class FetchError(Exception):
+    """A fetch that produced no page; `code` is stable for programs, `message` is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        """The status /fetch answers with for this error."""
+        return HTTP_STATUS[self.code]
+
+    def to_json(self, url: object) -> dict[str, object]:
+        """The error object of the API, echoing the URL as the caller gave it."""
+        return {"url": url, "error": {"code": self.code, "message": self.message}}
+
+
+@dataclass(frozen=True, slots=True)
+class FetchLimits:
+    """What one fetch may cost: bytes read, seconds spent, redirects followed."""
+
+    max_bytes: int = 5 * 1024 * 1024
+    timeout: float = 10.0
+    max_redirects: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """What a fetch found; `size` counts body bytes read (after content-encoding is undone)."""
+
+    url: str
+    final_url: str
+    status: int
+    content_type: str | None
+    size: int
+    elapsed_ms: float
+    title: str | None
+    redirects: int
+    truncated: bool
+
+    def to_json(self) -> dict[str, object]:
+        """The result object of the API."""
+        return {
+            "url": self.url,
+            "final_url": self.final_url,
+            "status": self.status,
+            "content_type": self.content_type,
+            "size": self.size,
+            "elapsed_ms": self.elapsed_ms,
+            "title": self.title,
+            "redirects": self.redirects,
+            "truncated": self.truncated,
+        }
+
+
+def parse_target(value: object) -> URL:
+    """The URL to fetch from untrusted input, or a `bad_request` FetchError saying what is wrong."""
+    if not isinstance(value, str):
+        raise FetchError(BAD_REQUEST, f'"url" must be a string, not {_json_type(value)}')
+    if len(value) > MAX_URL_CHARS:
+        raise FetchError(BAD_REQUEST, f"the URL is longer than {MAX_URL_CHARS} characters")
+    try:
+        url = URL(value.strip())
+    except (ValueError, TypeError) as exc:
+        raise FetchError(BAD_REQUEST, f"{value!r} is not a valid URL: {exc}") from None
+    if url.scheme not in ALLOWED_SCHEMES:
+        raise FetchError(BAD_REQUEST, f"{value!r} is not an http:// or https:// URL")
+    if not url.host:
+        raise FetchError(BAD_REQUEST, f"{value!r} has no host")
+    return url.with_fragment(None)
+
+
+def _json_type(value: object) -> str:
+    """Name a JSON value's type the way the caller wrote it."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "an array"}
+    return names.get(type(value), "an object" if isinstance(value, dict) else type(value).__name__)
+
+
+def create_session(
+    guard: TargetGuard, limits: FetchLimits, resolver: AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    """The process's client session, connecting only where `guard` allows.
+
+    Environment proxies are ignored (a proxy would connect on our behalf, past the guard) and
+    cookies are not kept, so one caller's fetch cannot leak into another's.
+    """
+    connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(resolver or DefaultResolver(), guard),
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=limits.timeout),
+        headers={hdrs.USER_AGENT: USER_AGENT},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
+class Fetcher:
+    """Fetches URLs through one shared session, enforcing the guard and the limits."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, guard: TargetGuard, limits: FetchLimits
+    ) -> None:
+        self.session = session
+        self.guard = guard
+        self.limits = limits
+
+    async def fetch(self, raw_url: object) -> FetchResult:
+        """Fetch `raw_url` (as the caller sent it) and log one line about the outcome."""
+        started = time.perf_counter()
+        try:
+            result = await self._fetch(raw_url, started)
+        except FetchError as exc:
+            log.info(
+                "fetch url=%s status=%d error=%s elapsed_ms=%.1f message=%s",
+                raw_url,
+                exc.http_status,
+                exc.code,
+                _elapsed_ms(started),
+                exc.message,
+            )
+            raise
+        log.info(
+            "fetch url=%s status=%d elapsed_ms=%.1f size=%d redirects=%d%s",
+            raw_url,
+            result.status,
+            result.elapsed_ms,
+            result.size,
+            result.redirects,
+            " truncated" if result.truncated else "",
+        )
+        return result
+
+    async def _fetch(self, raw_url: object, started: float) -> FetchResult:
+        current = parse_target(raw_url)
+        raw = str(raw_url)
+        try:
+            # ClientTimeout caps each request; this caps the whole chain of redirects.
+            async with asyncio.timeout(self.limits.timeout):
+                for redirects in range(self.limits.max_redirects + 1):
+                    location = await self._request(raw, current, redirects, started)
+                    if isinstance(location, FetchResult):
+                        return location
+                    current = location
+        except TimeoutError:
+            raise FetchError(
+                FETCH_TIMEOUT,
+                f"fetching {current} took longer than {self.limits.timeout:g} s",
+            ) from None
+        raise FetchError(
+            TOO_MANY_REDIRECTS,
+            f"{raw} redirected more than {self.limits.max_redirects} times "
+            f"(the limit is --max-redirects)",
+        )
+
+    async def _request(
+        self, raw_url: str, url: URL, redirects: int, started: float
+    ) -> FetchResult | URL:
+        """One hop: the result if it is the final answer, else the URL it redirects to."""
+        try:
+            self.guard.check_url(url)
+            async with self.session.get(url, allow_redirects=False) as response:
+                location = response.headers.get(hdrs.LOCATION)
+                if response.status in REDIRECT_STATUSES and location:
+                    return _next_hop(url, location)
+                return await self._read(raw_url, response, redirects, started)
+        except ForbiddenTarget as exc:
+            message = exc.message_for(str(url))
+            if redirects:
+                message += f", reached by redirect from {raw_url}"
+            raise FetchError(FORBIDDEN_TARGET, message) from None
+        except TimeoutError:
+            raise  # aiohttp's timeouts are ClientErrors too; they belong to the caller's 504
+        except aiohttp.ClientError as exc:
+            raise FetchError(FETCH_FAILED, f"fetching {url} failed: {_describe(exc)}") from None
+
+    async def _read(
+        self, raw_url: str, response: aiohttp.ClientResponse, redirects: int, started: float
+    ) -> FetchResult:
+        """Stream the body up to --max-bytes, looking for a title on the way."""
+        content_type = response.headers.get(hdrs.CONTENT_TYPE)
+        scanner = None
+        if content_type and response.content_type in HTML_TYPES:
+            scanner = TitleScanner(response.charset)
+        size = 0
+        truncated = False
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            room = self.limits.max_bytes - size
+            if len(chunk) > room:
+                chunk = chunk[:room]
+                truncated = True
+            size += len(chunk)
+            if scanner is not None and not scanner.done:
+                scanner.feed(chunk)
+            if truncated:
+                response.close()  # the rest stays unread; the connection cannot be reused
+                break
+        return FetchResult(
+            url=raw_url,
+            final_url=str(response.url),
+            status=response.status,
+            content_type=content_type,
+            size=size,
+            elapsed_ms=_elapsed_ms(started),
+            title=scanner.title() if scanner is not None else None,
+            redirects=redirects,
+            truncated=truncated,
+        )
+
+
+def _next_hop(url: URL, location: str) -> URL:
+    """Resolve a Location header against the URL that sent it."""
+    try:
+        return url.join(URL(location)).with_fragment(None)
+    except (ValueError, TypeError) as exc:
+        raise FetchError(
+            FETCH_FAILED, f"{url} redirected to an invalid location {location!r}: {exc}"
+        ) from None
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    """A short reason for a failed request, naming DNS failures as such."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        reason = exc.os_error.strerror or str(exc.os_error) or "no address found"
+        return f"cannot resolve {exc.host}: {reason}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
+    return str(exc) or type(exc).__name__
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

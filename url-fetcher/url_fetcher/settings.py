@@ -1,0 +1,49 @@
+"""Command-line and environment configuration of url-fetcher."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from shared.settings import ByteSize, CommandSettings
+
+
+class UrlFetcherSettings(CommandSettings):
+    """Fetch pages on request, report status, size, time and title; refuse private targets."""
+
+    prog: ClassVar[str] = "url-fetcher"
+    summary: ClassVar[str] = (
+        "Fetch web pages on request and report status, size, timing and title.\n\n"
+        'POST /fetch {"url": ...}, POST /fetch/batch {"urls": [...]}, GET /healthz.\n'
+        "Private, loopback and link-local targets are refused unless --allow-private is given."
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    allow_private: bool = Field(
+        False,
+        description=(
+            "Allow fetching loopback, private, link-local and other non-public addresses "
+            "(off by default to prevent server-side request forgery)."
+        ),
+    )
+    max_bytes: ByteSize = Field(
+        5 * 1024 * 1024,
+        description=(
+            "Stop reading a response body after this many bytes and report it as truncated "
+            "(e.g. 5MiB, 512KiB, 1048576)."
+        ),
+    )
+    fetch_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one fetch may take in total, redirects and body included.",
+    )
+    max_redirects: int = Field(
+        5, ge=0, description="Redirects followed per fetch; each hop is checked again."
+    )
+    batch_concurrency: int = Field(
+        16, ge=1, description="Fetches run at the same time within one /fetch/batch request."
+    )
+    max_batch: int = Field(100, ge=1, description="Most URLs accepted by one /fetch/batch request.")
