@@ -7,6 +7,7 @@ configuration reference (`docs/configuration.md`), so the two cannot drift.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import sys
@@ -137,18 +138,18 @@ def load(cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
 
 
 def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:
+    parser = argparse.ArgumentParser(
+        prog=cls.prog,
+        description=inspect.cleandoc(cls.summary or cls.__doc__ or ""),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source: CliSettingsSource[SettingsT] = CliSettingsSource(
         cls,
-        cli_prog_name=cls.prog,
-        cli_parse_args=args,
+        root_parser=parser,
         cli_kebab_case=True,
         cli_implicit_flags=True,
         cli_avoid_json=True,
         cli_hide_none_type=True,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser = source.root_parser
-    assert isinstance(parser, argparse.ArgumentParser)
-    parser.description = cls.summary or cls.__doc__
-    parser.epilog = epilog
     return cls(_cli_settings_source=source(args=args))

@@ -1,82 +1,17 @@
-"""A local target web server: the only thing these tests may fetch (there is no internet)."""
+"""Fixtures shared by the url-fetcher tests."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp import web
 
-PAGE = (
-    "<!doctype html><html><head><meta charset='utf-8'>"
-    "<title>\n  Caf\u00e9   au lait\n</title></head><body><p>Hello</p></body></html>"
-).encode()
-BIG_SIZE = 200_000
-
-
-async def _page(request: web.Request) -> web.Response:
-    return web.Response(body=PAGE, content_type="text/html", charset="utf-8")
-
-
-async def _latin1(request: web.Request) -> web.Response:
-    body = "<title>Cr\u00e8me br\u00fbl\u00e9e</title>".encode("latin-1")
-    return web.Response(body=body, content_type="text/html", charset="iso-8859-1")
-
-
-async def _big(request: web.Request) -> web.Response:
-    return web.Response(body=b"<title>Big</title>" + b"x" * BIG_SIZE, content_type="text/html")
-
-
-async def _data(request: web.Request) -> web.Response:
-    return web.Response(body=b"<title>not html</title>", content_type="application/octet-stream")
-
-
-async def _missing(request: web.Request) -> web.Response:
-    return web.Response(status=404, text="<title>Not here</title>", content_type="text/html")
-
-
-async def _slow(request: web.Request) -> web.Response:
-    await asyncio.sleep(10)
-    return web.Response(text="too late")
-
-
-async def _redirect_chain(request: web.Request) -> web.Response:
-    """/redirect/3 -> /redirect/2 -> /redirect/1 -> /redirect/0 -> /page."""
-    hops = int(request.match_info["hops"])
-    location = "/page" if hops == 0 else f"/redirect/{hops - 1}"
-    raise web.HTTPFound(location)
-
-
-async def _redirect_to(request: web.Request) -> web.Response:
-    raise web.HTTPFound(request.query["location"])
+from tests.url_fetcher.support import base_url, start_target
 
 
 @pytest.fixture
-async def target() -> AsyncIterator[str]:
-    """Base URL of a web server on 127.0.0.1 serving the routes above."""
-    app = web.Application()
-    app.router.add_get("/page", _page)
-    app.router.add_get("/latin1", _latin1)
-    app.router.add_get("/big", _big)
-    app.router.add_get("/data", _data)
-    app.router.add_get("/missing", _missing)
-    app.router.add_get("/slow", _slow)
-    app.router.add_get("/redirect/{hops:\\d+}", _redirect_chain)
-    app.router.add_get("/redirect-to", _redirect_to)
-    runner = web.AppRunner(app, shutdown_timeout=0.1, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
+async def site() -> AsyncIterator[str]:
+    """Base URL of the local target server (see `support`), stopped after the test."""
+    runner = await start_target()
+    yield base_url(runner)
     await runner.cleanup()
-
-
-def free_port() -> int:
-    """A port nothing listens on (there is a small race before it is used; fine for tests)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

@@ -7,8 +7,6 @@ from ipaddress import IPv4Address, ip_address
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
-from yarl import URL
-
 from url_fetcher.guard import (
     ForbiddenTarget,
     GuardedResolver,
@@ -16,6 +14,7 @@ from url_fetcher.guard import (
     parse_ip_literal,
     refusal_reason,
 )
+from yarl import URL
 
 
 @pytest.mark.parametrize(

@@ -156,16 +156,16 @@ class Fetcher:
             result = await self._fetch(raw_url, started)
         except FetchError as exc:
             log.info(
-                "fetch url=%s status=%d error=%s elapsed_ms=%.1f message=%s",
+                "fetch url=%r status=%d error=%s elapsed_ms=%.1f message=%s",
                 raw_url,
                 exc.http_status,
                 exc.code,
                 _elapsed_ms(started),
-                exc.message,
+                _one_line(exc.message),
             )
             raise
         log.info(
-            "fetch url=%s status=%d elapsed_ms=%.1f size=%d redirects=%d%s",
+            "fetch url=%r status=%d elapsed_ms=%.1f size=%d redirects=%d%s",
             raw_url,
             result.status,
             result.elapsed_ms,
@@ -209,9 +209,7 @@ class Fetcher:
                     return _next_hop(url, location)
                 return await self._read(raw_url, response, redirects, started)
         except ForbiddenTarget as exc:
-            message = exc.message_for(str(url))
-            if redirects:
-                message += f", reached by redirect from {raw_url}"
+            message = exc.message_for(str(url), raw_url if redirects else None)
             raise FetchError(FORBIDDEN_TARGET, message) from None
         except TimeoutError:
             raise  # aiohttp's timeouts are ClientErrors too; they belong to the caller's 504
@@ -271,6 +269,11 @@ def _describe(exc: aiohttp.ClientError) -> str:
         reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
         return f"cannot connect to {exc.host}:{exc.port}: {reason}"
     return str(exc) or type(exc).__name__
+
+
+def _one_line(text: str) -> str:
+    """Caller-supplied text cannot forge extra log lines."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _elapsed_ms(started: float) -> float:

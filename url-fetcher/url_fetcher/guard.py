@@ -39,10 +39,11 @@ class ForbiddenTarget(Exception):
         self.detail = detail
         self.private = private
 
-    def message_for(self, url: str) -> str:
+    def message_for(self, url: str, redirected_from: str | None = None) -> str:
         """The full sentence for the caller, naming the URL and, for addresses, the way out."""
+        via = f" (redirected from {redirected_from})" if redirected_from else ""
         hint = " (start url-fetcher with --allow-private to allow it)" if self.private else ""
-        return f"refusing to fetch {url}: {self.detail}{hint}"
+        return f"refusing to fetch {url}{via}: {self.detail}{hint}"
 
 
 def refusal_reason(ip: IPAddress) -> str | None:

@@ -1,0 +1,25 @@
+"""Options shared by several `proxymq` subcommands, each also read from its PROXYMQ_ variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from shared.settings import DEFAULT_AMQP_URL
+
+
+def env_default(name: str, default: str) -> str:
+    """Flags win over the environment, which wins over the default; `NAME_FILE` reads a file."""
+    path = os.environ.get(f"PROXYMQ_{name}_FILE")
+    if path:
+        with open(path) as file:
+            return file.read().strip()
+    return os.environ.get(f"PROXYMQ_{name}", default)
+
+
+def add_amqp_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--amqp-url",
+        default=env_default("AMQP_URL", DEFAULT_AMQP_URL),
+        help="RabbitMQ URL (env PROXYMQ_AMQP_URL; default %(default)s)",
+    )

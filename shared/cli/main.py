@@ -1,0 +1,35 @@
+"""`proxymq`: the operator's tool. Each subcommand lives in its own module with `add_parser`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from shared.cli import bench, demo, status, topology_cmd
+
+
+def commands() -> list[ModuleType]:
+    return [demo, bench, status, topology_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxymq",
+        description="Operate ProxyMQ: run the demo, measure, look at a service's partitions.",
+        epilog="Every option is also an environment variable: --amqp-url is PROXYMQ_AMQP_URL.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in commands():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Starting ProxyMQ's commands as a user would, for `proxymq demo`, `proxymq bench` and the tests:
+the console script in this environment, a readiness probe, and a stop that waits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def script(name: str) -> str:
+    """The console script beside this interpreter, so a venv's commands run without activation."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed: run `make install`")
+    return found
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= int(response.status) < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class Process:
+    """One running command; `stop()` sends SIGTERM and waits, SIGKILL after `grace`."""
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        ready_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        log: IO[bytes] | int | None = None,
+    ) -> None:
+        self.name = name
+        self.args = [script(name), *args]
+        self.ready_url = ready_url
+        self.env = {**os.environ, **(env or {})}
+        self.log = subprocess.DEVNULL if log is None else log
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        self.popen = subprocess.Popen(
+            self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> Process:
+        if self.ready_url is None:
+            return self
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}")
+            if http_ok(self.ready_url):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} was not ready at {self.ready_url} within {timeout:g} s")
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, "start() first"
+        return self.popen.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def __enter__(self) -> Process:
+        return self.start().wait_ready()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,180 @@
+"""Fixtures for integration tests: the real broker, the sidecars started as console scripts the way
+a user starts them, and an HTTP target of the test's own that records what it saw."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from shared import topology
+from shared.processes import Process, free_port
+from shared.settings import DEFAULT_AMQP_URL
+from tests.target import Target
+
+AMQP_URL = os.environ.get("PROXYMQ_AMQP_URL", DEFAULT_AMQP_URL)
+
+
+def broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    """The broker answers the AMQP protocol header with its own (a connection.start frame)."""
+    try:
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return sock.recv(1) == b"\x01"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    if not broker_answers():
+        pytest.fail("RabbitMQ does not answer on 127.0.0.1:5672: run `make broker` first")
+    return AMQP_URL
+
+
+@pytest.fixture
+async def amqp(
+    amqp_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": f"test {request.node.nodeid}"}
+    )
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def service(amqp: AbstractRobustConnection) -> AsyncIterator[str]:
+    """A service name of this test alone; its topology is deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    yield name
+    await topology.delete(amqp, topology.Topology(name))
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[Target]:
+    server = Target()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@dataclass
+class Stack:
+    """What a test started; stopped in reverse order at teardown."""
+
+    amqp_url: str
+    logs: Path
+    processes: list[Process] = field(default_factory=list)
+
+    async def start(
+        self,
+        name: str,
+        *args: str,
+        ready_path: str | None = "/readyz",
+        admin_port: int | None = None,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Process:
+        port = admin_port or free_port()
+        ready = None if ready_path is None else f"http://127.0.0.1:{port}{ready_path}"
+        log = (self.logs / f"{name}-{len(self.processes)}.log").open("ab")
+        extra = ["--admin-port", str(port)] if name.startswith("proxymq-") else []
+        process = Process(
+            name,
+            [*args, *extra],
+            ready_url=ready,
+            log=log,
+            env={"PROXYMQ_AMQP_URL": self.amqp_url, **(env or {})},
+        )
+        process.admin_port = port  # type: ignore[attr-defined]
+        self.processes.append(process.start())
+        if wait:
+            await asyncio.to_thread(process.wait_ready, 30)
+        return process
+
+    async def dequeuer(self, service: str, target: str, *args: str, **kw: object) -> Process:
+        return await self.start(
+            "proxymq-dequeuer", "--service", service, "--target", target, *args, **kw
+        )  # type: ignore[arg-type]
+
+    async def enqueuer(self, *args: str, **kw: object) -> tuple[Process, str]:
+        port = free_port()
+        process = await self.start("proxymq-enqueuer", "--port", str(port), *args, **kw)  # type: ignore[arg-type]
+        return process, f"http://127.0.0.1:{port}"
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop(grace=15)
+
+
+@pytest.fixture
+def stack(
+    amqp_url: str, service: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """Depends on `service` so that the processes stop before the topology is deleted."""
+    running = Stack(amqp_url, tmp_path)
+    yield running
+    running.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(running.log_text()[-6000:])
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+async def metric(
+    http: aiohttp.ClientSession, admin_port: int, name: str, labels: dict[str, str] | None = None
+) -> float:
+    """The value of one sample of a sidecar's /metrics (0 when absent)."""
+    async with http.get(f"http://127.0.0.1:{admin_port}/metrics") as response:
+        text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        sample_name, _, sample_labels = sample.partition("{")
+        if sample_name != name:
+            continue
+        present = dict(
+            part.split("=", 1) for part in sample_labels.rstrip("}").split(",") if "=" in part
+        )
+        if all(present.get(k) == f'"{v}"' for k, v in (labels or {}).items()):
+            total += float(value)
+    return total
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A port where nothing listens (held bound but not listening, so nobody takes it)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()

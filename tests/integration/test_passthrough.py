@@ -1,0 +1,149 @@
+"""Through the pair, a call looks like a direct call: method, raw path and query, headers, body
+bytes, status, multi-value headers, redirects passed back, hop-by-hop headers dropped."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+
+import aiohttp
+import pytest
+
+from tests.conftest import Stack
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+
+
+@pytest.fixture
+async def pair(stack: Stack, service: str, target: Target) -> str:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    return f"{url}/{service}"
+
+
+async def test_request_arrives_unchanged(
+    pair: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    body = bytes(range(256)) * 4
+    async with http.post(
+        f"{pair}/echo/a%20b/%C3%A9?b=2&a=1&a=%20x&empty=",
+        data=body,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "X-Custom": "yes",
+            "X-Partition-Key": "user-1",
+        },
+    ) as response:
+        assert response.status == 200
+        echoed = await response.json()
+    assert echoed["method"] == "POST"
+    assert echoed["path"] == "/echo/a%20b/%C3%A9"
+    assert echoed["query"] == "b=2&a=1&a=%20x&empty="
+    assert base64.b64decode(echoed["body"]) == body
+    headers = dict(echoed["headers"])
+    assert headers["X-Custom"] == "yes"
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["X-Partition-Key"] == "user-1"
+    assert headers["X-Correlation-ID"] == response.headers["X-Correlation-ID"]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_methods(pair: str, target: Target, http: aiohttp.ClientSession, method: str) -> None:
+    async with http.request(
+        method, f"{pair}/echo/m", data=b"x" if method != "GET" else None
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["method"] == method
+
+
+async def test_head_has_no_body(pair: str, target: Target, http: aiohttp.ClientSession) -> None:
+    async with http.head(f"{pair}/echo/h") as response:
+        assert response.status == 200
+        assert await response.read() == b""
+    assert target.seen[-1].method == "HEAD"
+
+
+async def test_hop_by_hop_headers_are_not_carried(
+    pair: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(
+        f"{pair}/echo/hop",
+        headers={
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "secret",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "X-End": "kept",
+        },
+    ) as response:
+        seen = {name.lower() for name, _ in (await response.json())["headers"]}
+    assert "x-end" in seen
+    assert not seen & {"x-hop", "keep-alive", "te"}
+
+
+@pytest.mark.parametrize("code", [201, 204, 400, 404, 418, 500])
+async def test_status_passes_through(
+    pair: str, target: Target, http: aiohttp.ClientSession, code: int
+) -> None:
+    """Any answer that is not retryable, a 500 included, is the caller's answer as it is."""
+    async with http.get(f"{pair}/status/{code}") as response:
+        assert response.status == code
+        assert "X-ProxyMQ-Error" not in response.headers
+        if code != 204:
+            assert await response.text() == f"status {code}"
+
+
+async def test_a_500_is_not_retried(pair: str, target: Target, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{pair}/status/500") as response:
+        assert response.status == 500
+    assert sum(1 for s in target.seen if s.path == "/status/500") == 1
+
+
+async def test_multi_value_headers_and_cookies(
+    pair: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{pair}/cookies") as response:
+        assert response.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        assert response.headers.getall("X-Multi") == ["one", "two"]
+        assert response.headers["X-Custom"] == "1"
+        assert await response.text() == "cookies"
+
+
+async def test_redirect_is_passed_back_not_followed(
+    pair: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{pair}/redirect", allow_redirects=False) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == "/echo/after-redirect"
+    assert [s.path for s in target.seen] == ["/redirect"]
+
+
+async def test_compressed_body_is_not_decoded(
+    pair: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{pair}/gzip") as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert gzip.decompress(await response.read()) == b"hello " * 100
+
+
+async def test_response_without_content_type_stays_without(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    target.raw_response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Raw: 1\r\n\r\nhello"
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/anything") as response:
+        assert response.status == 200
+        assert await response.read() == b"hello"
+        assert response.headers["X-Raw"] == "1"
+        assert "Content-Type" not in response.headers
+        assert "X-Correlation-ID" in response.headers
+
+
+async def test_correlation_id_on_every_answer(pair: str, http: aiohttp.ClientSession) -> None:
+    ids = set()
+    for path in ("echo/1", "status/404", "status/500"):
+        async with http.get(f"{pair}/{path}") as response:
+            ids.add(response.headers["X-Correlation-ID"])
+    assert len(ids) == 3

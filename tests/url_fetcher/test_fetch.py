@@ -1,0 +1,202 @@
+"""The fetcher in-process: redirect hops re-checked by the guard, limits, reports.
+
+With no public address reachable here, a test guard treats 127.0.0.1 as "public" and everything
+else by the real rules, and a stub resolver stands in for DNS.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address, IPv6Address
+from typing import ClassVar
+
+import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+from url_fetcher.fetch import Fetcher, FetchError, FetchLimits, create_session
+from url_fetcher.guard import TargetGuard
+
+from tests.url_fetcher.support import BIG_SIZE, PAGE, free_port
+
+
+class OnlyLoopbackOneIsPublic(TargetGuard):
+    """The real rules, except 127.0.0.1 counts as a public address, to have something to fetch."""
+
+    def refusal(self, ip: IPv4Address | IPv6Address) -> str | None:
+        if ip == IPv4Address("127.0.0.1"):
+            return None
+        return super().refusal(ip)
+
+
+class StubDNS(AbstractResolver):
+    """Fixed answers instead of DNS: names are how rebinding attacks arrive."""
+
+    TABLE: ClassVar[dict[str, list[str]]] = {
+        "public.test": ["127.0.0.1"],
+        "mixed.test": ["10.0.0.1", "127.0.0.1"],
+        "rebind.test": ["169.254.169.254"],
+    }
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host not in self.TABLE:
+            raise OSError(f"{host}: no such name")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self.TABLE[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def fetcher() -> AsyncIterator[Fetcher]:
+    guard = OnlyLoopbackOneIsPublic()
+    limits = FetchLimits(max_bytes=10_000, timeout=2, max_redirects=3)
+    async with create_session(guard, limits, StubDNS()) as session:
+        yield Fetcher(session, guard, limits)
+
+
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+async def test_page_is_reported(fetcher: Fetcher, site: str) -> None:
+    result = await fetcher.fetch(f"{site}/page")
+    assert result.status == 200
+    assert result.title == "Caf\u00e9 au lait"
+    assert result.size == len(PAGE)
+    assert result.content_type == "text/html; charset=utf-8"
+    assert result.final_url == f"{site}/page"
+    assert (result.redirects, result.truncated) == (0, False)
+
+
+async def test_name_is_resolved_through_the_guard(fetcher: Fetcher, site: str) -> None:
+    result = await fetcher.fetch(f"http://public.test:{_port(site)}/page")
+    assert result.title == "Caf\u00e9 au lait"
+
+
+async def test_refused_addresses_of_a_name_are_skipped(fetcher: Fetcher, site: str) -> None:
+    result = await fetcher.fetch(f"http://mixed.test:{_port(site)}/page")
+    assert result.status == 200
+
+
+async def test_redirects_are_followed_and_counted(fetcher: Fetcher, site: str) -> None:
+    result = await fetcher.fetch(f"{site}/redirect/2")
+    assert (result.status, result.redirects) == (200, 3)
+    assert result.final_url == f"{site}/page"
+
+
+async def test_redirect_to_a_private_literal_is_refused(fetcher: Fetcher, site: str) -> None:
+    hop = f"http://127.0.0.2:{_port(site)}/page"
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(f"{site}/redirect-to?location={hop}")
+    assert caught.value.code == "forbidden_target"
+    assert caught.value.http_status == 403
+    origin = f"{site}/redirect-to?location={hop}"
+    assert caught.value.message == (
+        f"refusing to fetch {hop} (redirected from {origin}): 127.0.0.2 is a loopback address "
+        "(start url-fetcher with --allow-private to allow it)"
+    )
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://localhost:{port}/", "http://0x7f000002:{port}/", "http://[::ffff:10.0.0.1]/"],
+)
+async def test_redirect_to_other_private_spellings_is_refused(
+    fetcher: Fetcher, site: str, location: str
+) -> None:
+    hop = location.format(port=_port(site))
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(f"{site}/redirect-to?location={hop}")
+    assert caught.value.code == "forbidden_target"
+
+
+async def test_redirect_to_a_name_resolving_privately_is_refused(
+    fetcher: Fetcher, site: str
+) -> None:
+    hop = f"http://rebind.test:{_port(site)}/"
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(f"{site}/redirect-to?location={hop}")
+    assert caught.value.code == "forbidden_target"
+    assert "rebind.test resolves only to refused addresses: 169.254.169.254 is a link-local" in (
+        caught.value.message
+    )
+
+
+async def test_redirect_to_another_scheme_is_refused(fetcher: Fetcher, site: str) -> None:
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(f"{site}/redirect-to?location=file:///etc/passwd")
+    assert caught.value.code == "forbidden_target"
+    assert "only http and https" in caught.value.message
+
+
+async def test_too_many_redirects(fetcher: Fetcher, site: str) -> None:
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(f"{site}/redirect/5")
+    assert (caught.value.code, caught.value.http_status) == ("too_many_redirects", 502)
+
+
+async def test_body_is_capped_and_marked_truncated(fetcher: Fetcher, site: str) -> None:
+    result = await fetcher.fetch(f"{site}/big")
+    assert (result.size, result.truncated, result.title) == (10_000, True, "Big")
+    assert BIG_SIZE > 10_000
+
+
+async def test_charset_and_non_html(fetcher: Fetcher, site: str) -> None:
+    latin1 = await fetcher.fetch(f"{site}/latin1")
+    assert latin1.title == "Cr\u00e8me br\u00fbl\u00e9e"
+    data = await fetcher.fetch(f"{site}/data")
+    assert (data.title, data.content_type) == (None, "application/octet-stream")
+
+
+async def test_target_errors_are_reported_not_raised(fetcher: Fetcher, site: str) -> None:
+    result = await fetcher.fetch(f"{site}/missing")
+    assert (result.status, result.title) == (404, "Not here")
+
+
+async def test_connection_refused_and_unknown_names_are_fetch_failed(fetcher: Fetcher) -> None:
+    port = free_port()
+    for url in [f"http://127.0.0.1:{port}/", f"http://nowhere.test:{port}/"]:
+        with pytest.raises(FetchError) as caught:
+            await fetcher.fetch(url)
+        assert (caught.value.code, caught.value.http_status) == ("fetch_failed", 502)
+
+
+async def test_slow_target_times_out(site: str) -> None:
+    guard = OnlyLoopbackOneIsPublic()
+    limits = FetchLimits(timeout=0.3)
+    async with create_session(guard, limits) as session:
+        with pytest.raises(FetchError) as caught:
+            await Fetcher(session, guard, limits).fetch(f"{site}/slow")
+    assert (caught.value.code, caught.value.http_status) == ("fetch_timeout", 504)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (None, '"url" must be a string, not null'),
+        (5, '"url" must be a string, not a number'),
+        (["http://x/"], '"url" must be a string, not an array'),
+        ("example.com", "is not an http:// or https:// URL"),
+        ("ftp://example.com/", "is not an http:// or https:// URL"),
+        ("http://", "has no host"),
+        ("http://[::1/", "is not a valid URL"),
+        ("http://x/" + "a" * 9000, "longer than 8192 characters"),
+    ],
+)
+async def test_malformed_urls_are_bad_requests(fetcher: Fetcher, raw: object, message: str) -> None:
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(raw)
+    assert (caught.value.code, caught.value.http_status) == ("bad_request", 400)
+    assert message in caught.value.message
