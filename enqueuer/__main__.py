@@ -16,7 +16,7 @@ log = logging.getLogger("enqueuer")
 async def serve(settings: EnqueuerSettings) -> int:
     app = create_app(settings)
     broker = app[BROKER]
-    api = await service.start_site(app, settings.host, settings.port)
+    api = await service.start_site(app, settings.host, settings.port, cancel_on_disconnect=True)
     metrics = app[ENQUEUER].metrics
     admin = await service.start_site(
         admin_app(lambda: {"broker_connected": broker.connected}, metrics.registry),

@@ -1,10 +1,300 @@
-"""Placeholder until the subcommand lands."""
+"""`proxymq bench`: ProxyMQ against its two anchors, measured in the same run.
+
+The anchors bound what ProxyMQ can do on this machine: straight HTTP to the echo target (no queue
+at all) and bare aio-pika RPC with the same guarantees (durable quorum queue, persistent,
+confirmed, ack after the confirmed reply). Only ratios taken in one run compare, so rounds
+alternate the modes (http, rpc, proxymq, http, ...) and each figure is the median over rounds.
+Any failed request or process makes the exit code 1; missing a goal does not.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from shared.cli import bench_report, bench_stack
+from shared.cli.bench_load import RequestFailed, Run, Send, drive, measure, summarize
+from shared.cli.bench_rpc import RpcClient
+from shared.cli.common import add_amqp_url
+
+DEFAULT_BODY = b'{"ping":1}'
+EXIT_INTERRUPTED = 130
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = sub.add_parser("bench".replace("_cmd", ""), help="(not yet available)")
-    parser.set_defaults(run=lambda _: 2)
+def concurrency_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("concurrency values must be integers >= 1")
+    return sorted(set(values))
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def body_of(size: int | None) -> bytes:
+    """A JSON body of exactly `size` bytes (a string padded with x), so content stays valid for
+    any service that parses it."""
+    if size is None:
+        return DEFAULT_BODY
+    if size < 8:
+        return b"x" * size
+    return b'{"p":"' + b"x" * (size - 8) + b'"}'
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="measure ProxyMQ against plain HTTP and bare RabbitMQ RPC, in the same run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--requests", type=positive, default=2000, help="requests per mode and round (%(default)s)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=concurrency_list,
+        default=[1, 64],
+        help="requests in flight; a comma list measures each (default 1,64)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive,
+        default=3,
+        help="rounds alternating the modes; figures are medians over rounds (%(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=300,
+        help="unmeasured requests per mode before each concurrency's rounds (%(default)s)",
+    )
+    parser.add_argument(
+        "--body-size",
+        type=int,
+        default=None,
+        help="request body in bytes (a JSON string padded to size; default a 10-byte JSON)",
+    )
+    parser.add_argument(
+        "--partitions", type=positive, default=8, help="partitions of the bench service (8)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="deadline of each request, seconds (30)"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw figures as JSON")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="draw latency and throughput (matplotlib)"
+    )
+    add_amqp_url(parser)
+    parser.set_defaults(run=run)
+
+
+def http_send(session: aiohttp.ClientSession, url: str, body: bytes, timeout: float) -> Send:
+    headers = {"Content-Type": "application/json"}
+    limit = aiohttp.ClientTimeout(total=timeout)
+
+    async def send() -> None:
+        try:
+            async with session.post(url, data=body, headers=headers, timeout=limit) as response:
+                await response.read()
+                if not 200 <= response.status < 300:
+                    code = response.headers.get("X-ProxyMQ-Error")
+                    raise RequestFailed(f"HTTP {response.status}" + (f" {code}" if code else ""))
+        except aiohttp.ClientError as exc:
+            raise RequestFailed(type(exc).__name__) from exc
+
+    return send
+
+
+def rpc_send(client: RpcClient, body: bytes, timeout: float) -> Send:
+    async def send() -> None:
+        try:
+            await client.call(body, timeout)
+        except aio_pika.exceptions.AMQPError as exc:
+            raise RequestFailed(type(exc).__name__) from exc
+
+    return send
+
+
+async def open_modes(
+    stack: AsyncExitStack,
+    connection: aio_pika.abc.AbstractConnection,
+    endpoints: bench_stack.Endpoints,
+    args: argparse.Namespace,
+) -> dict[str, Send]:
+    """One `send` per mode, each over its own client, so no mode shares a pool with another."""
+    body, limit = body_of(args.body_size), max(args.concurrency)
+    sessions = []
+    for _ in range(2):
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
+        sessions.append(await stack.enter_async_context(aiohttp.ClientSession(connector=connector)))
+    client = RpcClient(endpoints.rpc_queue)
+    await client.start(connection)
+    return {
+        "http": http_send(sessions[0], endpoints.echo_url, body, args.timeout),
+        "rpc": rpc_send(client, body, args.timeout),
+        "proxymq": http_send(sessions[1], endpoints.proxy_url, body, args.timeout),
+    }
+
+
+async def measure_all(
+    modes: dict[str, Send], args: argparse.Namespace, progress: Progress, console: Console
+) -> list[Run]:
+    """Per concurrency: a warm-up of every mode, then rounds alternating the modes."""
+    runs: list[Run] = []
+    for concurrency in args.concurrency:
+        tasks = []
+        if args.warmup > 0:
+            total = args.warmup * len(modes)
+            warm = progress.add_task(f"c{concurrency} warm-up", total=total)
+            tasks.append(warm)
+            for send in modes.values():
+                await drive(send, args.warmup, concurrency, tick=advance(progress, warm))
+        for round_ in range(1, args.rounds + 1):
+            for mode, send in modes.items():
+                name = f"c{concurrency} round {round_}/{args.rounds} {bench_report.LABELS[mode]}"
+                task = progress.add_task(name, total=args.requests)
+                tasks.append(task)
+                run = await measure(
+                    send, mode, concurrency, round_, args.requests, advance(progress, task)
+                )
+                progress.update(task, description=f"{name}: {run.rps:,.0f} req/s")
+                runs.append(run)
+        for task in tasks:
+            progress.update(task, visible=False)
+        console.print(bench_report.table(concurrency, summarize(runs), args.requests))
+    return runs
+
+
+def advance(progress: Progress, task: TaskID) -> Callable[[], None]:
+    def tick() -> None:
+        progress.advance(task)
+
+    return tick
+
+
+async def bench(args: argparse.Namespace, console: Console) -> int:
+    async with AsyncExitStack() as stack:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="proxymq-bench-")))
+        connection = await aio_pika.connect(
+            args.amqp_url, client_properties={"connection_name": "proxymq bench"}
+        )
+        stack.push_async_callback(connection.close)
+        with console.status("starting echo target, dequeuer, enqueuer and RPC server"):
+            endpoints = await bench_stack.start_all(
+                stack,
+                connection,
+                amqp_url=args.amqp_url,
+                partitions=args.partitions,
+                prefetch=64,
+                logs=logs,
+            )
+        console.print(f"bench service [bold]{endpoints.service}[/], logs in {logs}")
+        modes = await open_modes(stack, connection, endpoints, args)
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, refresh_per_second=4) as progress:
+            runs = await measure_all(modes, args, progress, console)
+        summaries = summarize(runs)
+        verdict = bench_report.Verdict.of(summaries)
+        console.print(verdict.line())
+        settings = describe(args, connection)
+        if args.json is not None:
+            bench_report.write_json(args.json, settings, runs, summaries, verdict)
+            console.print(f"figures written to {args.json}")
+        if args.plot is not None:
+            title = (
+                f"ProxyMQ bench: {args.requests} requests x {args.rounds} round(s), "
+                f"{len(body_of(args.body_size))}-byte body, {os.cpu_count()} CPUs"
+            )
+            bench_report.plot(args.plot, summaries, title)
+            console.print(f"plot written to {args.plot}")
+        errors = sum(run.error_count for run in runs)
+        if errors:
+            console.print(f"[red]{errors} request(s) failed[/]: the figures are not trustworthy")
+        return 1 if errors else 0
+
+
+def describe(
+    args: argparse.Namespace, connection: aio_pika.abc.AbstractConnection
+) -> dict[str, object]:
+    transport = connection.transport
+    version = transport.connection.server_properties.get("version") if transport else None
+    return {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "body_bytes": len(body_of(args.body_size)),
+        "partitions": args.partitions,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "rabbitmq": version if isinstance(version, str) else None,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+async def guarded(args: argparse.Namespace, console: Console) -> int:
+    """SIGTERM cancels the run like Ctrl-C does, so the cleanup runs in both cases."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await bench(args, console)
+    except bench_stack.StartFailed as exc:
+        console.print(f"[red]a process of the benchmark did not start:[/] {exc}")
+        return 1
+    except asyncio.CancelledError:
+        console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")
+        return EXIT_INTERRUPTED
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The same loop as the sidecars (uvloop when installed): a fair comparison needs it."""
+    console = Console()
+    runner: Callable[[Coroutine[object, object, int]], int] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    try:
+        return runner(guarded(args, console))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED

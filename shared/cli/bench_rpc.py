@@ -96,7 +96,9 @@ class RpcClient:
         replies = await connection.channel()
         await replies.set_qos(prefetch_count=0)
         self._reply_queue = await replies.declare_queue(exclusive=True, auto_delete=True)
-        await self._reply_queue.consume(self._on_reply, no_ack=True)
+        # A plain function, as the enqueuer's reply waiter uses: aio-pika calls it with
+        # call_soon instead of creating a task per reply.
+        await self._reply_queue.consume(self._on_reply, no_ack=True)  # type: ignore[arg-type]
 
     def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._futures.get(message.correlation_id or "")
@@ -104,7 +106,8 @@ class RpcClient:
             future.set_result(message.body)
 
     async def call(self, body: bytes, timeout: float) -> bytes:
-        assert self._channel is not None and self._reply_queue is not None, "start() first"
+        assert self._channel is not None, "start() first"
+        assert self._reply_queue is not None, "start() first"
         request_id = uuid.uuid4().hex
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future

@@ -104,12 +104,13 @@ async def wait_consumer(
 
 
 async def delete_queue(connection: AbstractConnection, name: str) -> None:
-    channel = await connection.channel()
-    try:
-        await channel.queue_delete(name)
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
+        channel = await connection.channel()
+        try:
+            await channel.queue_delete(name)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
 
 async def delete_topology(connection: AbstractConnection, service: str) -> None:

@@ -1,0 +1,385 @@
+"""Make sure a RabbitMQ broker that ProxyMQ can use answers at the AMQP URL (`make broker`).
+
+A fresh development machine has no broker, or a stopped one, or one without the two plugins
+ProxyMQ needs (the consistent-hash exchange for partitioning, the management API for
+`proxymq status`). This fixes what it safely can, on this machine only:
+
+- the broker answers: nothing to start;
+- the URL points at this machine, at RabbitMQ's default port, and `rabbitmq-server` is installed:
+  start it (`rabbitmq-server -detached`) and wait, bounded, until it answers;
+- it is not installed and we are root on a Debian-like system: `apt-get install rabbitmq-server`
+  first;
+- anything else (a remote broker, another port, wrong credentials): say what to run, exit 1.
+
+Then the plugins: checked by using them (cheap, and also right for a remote broker), enabled with
+`rabbitmq-plugins` only when missing and only on a local broker. Quiet when all is well: one line.
+
+The same module gives the other `proxymq` commands their broker connection (`connect`), so every
+command says the same thing when RabbitMQ is down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from base64 import b64encode
+from collections.abc import Sequence
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+from yarl import URL
+
+from shared.settings import DEFAULT_AMQP_URL
+
+PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
+NODE_PORT = 5672  # where `rabbitmq-server -detached` listens unless configured otherwise
+MANAGEMENT_PORT = 15672
+START_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 5.0
+HOW_TO_START = (
+    "to get a broker: `make broker` (starts, or installs, RabbitMQ for a local URL), or\n"
+    "  `apt-get install rabbitmq-server && rabbitmq-server -detached`, or\n"
+    "  `docker compose up -d rabbitmq`, or set PROXYMQ_AMQP_URL to a running broker"
+)
+
+
+class BrokerProblem(Exception):
+    """A state this tool cannot fix by itself; the message says what the person should run.
+
+    `advice` is kept apart so a caller can add what it learned (the host is remote, say) between
+    the diagnosis and the advice."""
+
+    def __init__(self, message: str, advice: str | None = HOW_TO_START) -> None:
+        super().__init__(message)
+        self.message = message
+        self.advice = advice
+
+    def __str__(self) -> str:
+        return self.message if self.advice is None else f"{self.message}\n  {self.advice}"
+
+    def but(self, detail: str) -> BrokerProblem:
+        return BrokerProblem(f"{self.message}\n  {detail}", self.advice)
+
+
+class CredentialsRefused(BrokerProblem):
+    """The broker is up and said no: starting another one would not help."""
+
+
+def redact(url: str) -> str:
+    """The URL without its password: messages end up in terminals and CI logs."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+def quiet_amqp_logs() -> None:
+    """aiormq logs every failed connect attempt with a traceback; our own message says it
+    better, once."""
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def amqp_url_from_env() -> str:
+    """PROXYMQ_AMQP_URL_FILE, then PROXYMQ_AMQP_URL, then the default, like the sidecars."""
+    path = os.environ.get("PROXYMQ_AMQP_URL_FILE")
+    if path:
+        with open(path) as file:
+            return file.read().strip()
+    return os.environ.get("PROXYMQ_AMQP_URL", DEFAULT_AMQP_URL)
+
+
+def management_url(amqp_url: str) -> str:
+    """Default management API base: PROXYMQ_MANAGEMENT_URL, else the broker's host on 15672."""
+    configured = os.environ.get("PROXYMQ_MANAGEMENT_URL")
+    if configured:
+        return configured.rstrip("/")
+    host = URL(amqp_url).host or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{MANAGEMENT_PORT}"
+
+
+def basic_auth(amqp_url: str) -> str:
+    """The management API takes the AMQP user's credentials (guest/guest by default)."""
+    parsed = URL(amqp_url)
+    token = f"{parsed.user or 'guest'}:{parsed.password or 'guest'}".encode()
+    return "Basic " + b64encode(token).decode()
+
+
+def is_local(host: str) -> bool:
+    """True when `host` is this machine: loopback, or an address one of our interfaces has
+    (binding to it succeeds). Only then may we start or install a broker for the URL."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, address in infos:
+        ip = ipaddress.ip_address(address[0])
+        if ip.is_loopback:
+            return True
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((address[0], 0))
+            except OSError:
+                continue
+            return True
+    return False
+
+
+async def connect(
+    url: str, name: str, timeout: float = CONNECT_TIMEOUT
+) -> aio_pika.abc.AbstractConnection:
+    """A plain (not robust) connection for a command that runs once, or `BrokerProblem`
+    saying why the broker did not answer and what to run."""
+    quiet_amqp_logs()
+    try:
+        return await aio_pika.connect(
+            url, timeout=timeout, client_properties={"connection_name": name}
+        )
+    except aiormq.exceptions.ProbableAuthenticationError as exc:
+        raise CredentialsRefused(
+            f"RabbitMQ at {redact(url)} refused the credentials ({_reason(exc)})",
+            "fix the user and password in --amqp-url / PROXYMQ_AMQP_URL",
+        ) from None
+    except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+        raise BrokerProblem(f"RabbitMQ does not answer at {redact(url)} ({_reason(exc)})") from None
+
+
+async def answers(url: str, timeout: float = CONNECT_TIMEOUT) -> BrokerProblem | None:
+    """None when an AMQP session opens at `url`, else why not."""
+    try:
+        connection = await connect(url, "proxymq broker check", timeout)
+    except BrokerProblem as exc:
+        return exc
+    await connection.close()
+    return None
+
+
+def listening(host: str, port: int) -> bool:
+    """Something accepts TCP there: a broker that is up but refuses us (vhost, TLS), or not a
+    broker at all. Either way, starting rabbitmq-server would not help."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+async def has_consistent_hash(url: str) -> bool:
+    """Declare (and drop) a throwaway x-consistent-hash exchange: works on any broker we can
+    reach, where `rabbitmq-plugins` only works on this machine. An unknown exchange type
+    closes the whole connection, so the check has a connection of its own."""
+    connection = await connect(url, "proxymq plugin check")
+    name = f"proxymq.check-{uuid.uuid4().hex[:8]}"
+    try:
+        channel = await connection.channel()
+        await channel.declare_exchange(
+            name, aio_pika.ExchangeType.X_CONSISTENT_HASH, auto_delete=True
+        )
+        await channel.exchange_delete(name)
+        return True
+    except aiormq.exceptions.ConnectionCommandInvalid:
+        return False
+    finally:
+        await _close_quietly(connection)
+
+
+def management_answers(amqp_url: str, timeout: float = 3.0) -> bool:
+    request = urllib.request.Request(
+        management_url(amqp_url) + "/api/overview",
+        headers={"Authorization": basic_auth(amqp_url)},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status) == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class Checker:
+    """One run of the check; `say` reports progress (stderr) so stdout stays one line."""
+
+    def __init__(self, url: str, connect_timeout: float, start_timeout: float) -> None:
+        self.url = url
+        self.parsed = URL(url)
+        self.connect_timeout = connect_timeout
+        self.start_timeout = start_timeout
+
+    def say(self, text: str) -> None:
+        print(f"broker: {text}", file=sys.stderr, flush=True)
+
+    async def ensure(self) -> None:
+        problem = await answers(self.url, self.connect_timeout)
+        if problem is not None:
+            await self.start_local(problem)
+        await self.ensure_plugins()
+
+    async def start_local(self, problem: BrokerProblem) -> None:
+        """Start (or install, then start) a broker, only where that can fix `problem`."""
+        host = self.parsed.host or "127.0.0.1"
+        port = self.parsed.port or NODE_PORT
+        if isinstance(problem, CredentialsRefused) or listening(host, port):
+            raise problem
+        if not is_local(host):
+            raise problem.but(f"{host} is not this machine: nothing was started")
+        if port != NODE_PORT:
+            raise problem.but(
+                f"a broker started here would listen on {NODE_PORT}, not {port}: "
+                "start yours on that port, or fix the URL"
+            )
+        if shutil.which("rabbitmq-server") is None:
+            self.install()
+        self.say("starting rabbitmq-server")
+        # "already running" is fine: the node may be booting; await_startup decides.
+        self.run(["rabbitmq-server", "-detached"], check=False)
+        self.run(
+            ["rabbitmqctl", "await_startup", "--timeout", str(int(self.start_timeout))],
+            check=False,
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while await answers(self.url, self.connect_timeout) is not None:
+            if time.monotonic() > deadline:
+                raise BrokerProblem(
+                    f"rabbitmq-server was started but {redact(self.url)} still does not answer "
+                    f"after {self.start_timeout:g} s",
+                    "see /var/log/rabbitmq/ for why",
+                )
+            await asyncio.sleep(0.5)
+
+    def install(self) -> None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise BrokerProblem("RabbitMQ is not installed, and this is not root on Debian/Ubuntu")
+        self.say("installing rabbitmq-server with apt-get (a minute or two)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        self.run(["apt-get", "update", "-qq"], env=env)
+        self.run(["apt-get", "install", "-y", "-qq", "rabbitmq-server"], env=env)
+
+    async def ensure_plugins(self) -> None:
+        hash_ok = await has_consistent_hash(self.url)
+        management_ok = await asyncio.to_thread(management_answers, self.url)
+        if hash_ok and management_ok:
+            return
+        if (
+            not is_local(self.parsed.host or "127.0.0.1")
+            or shutil.which("rabbitmq-plugins") is None
+        ):
+            if not hash_ok:
+                raise BrokerProblem(
+                    f"the broker at {redact(self.url)} has no x-consistent-hash exchange type",
+                    f"on the broker run `rabbitmq-plugins enable {' '.join(PLUGINS)}`",
+                )
+            self.say(
+                f"the management API does not answer at {management_url(self.url)}; "
+                "`proxymq status` will show AMQP counts only (on the broker: "
+                "`rabbitmq-plugins enable rabbitmq_management`)"
+            )
+            return
+        listed = self.run(["rabbitmq-plugins", "list", "-e", "-m"])
+        enabled = {line.strip() for line in listed.splitlines()}
+        missing = [plugin for plugin in PLUGINS if plugin not in enabled]
+        if missing:
+            self.say(f"enabling {' '.join(missing)}")
+            self.run(["rabbitmq-plugins", "enable", *missing])
+        if not await has_consistent_hash(self.url):
+            raise BrokerProblem(
+                "x-consistent-hash is still unknown to the broker after enabling the plugin",
+                "check `rabbitmq-plugins list` and the broker log (/var/log/rabbitmq/)",
+            )
+        if "rabbitmq_management" in missing:
+            await self.wait_for_management()
+
+    async def wait_for_management(self) -> None:
+        """The management listener comes up a moment after the plugin is enabled."""
+        deadline = time.monotonic() + 20
+        while not await asyncio.to_thread(management_answers, self.url):
+            if time.monotonic() > deadline:
+                self.say(f"the management API does not answer yet at {management_url(self.url)}")
+                return
+            await asyncio.sleep(0.5)
+
+    def run(
+        self,
+        command: Sequence[str],
+        *,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> str:
+        """Run a RabbitMQ or apt tool, bounded; its output is shown only when it fails."""
+        timeout = 900.0 if command[0] == "apt-get" else self.start_timeout + 30
+        try:
+            done = subprocess.run(
+                list(command), capture_output=True, text=True, env=env, timeout=timeout
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BrokerProblem(f"`{' '.join(command)}` failed: {exc}") from None
+        if check and done.returncode != 0:
+            output = (done.stderr or done.stdout).strip()[-2000:]
+            raise BrokerProblem(f"`{' '.join(command)}` exited with {done.returncode}:\n{output}")
+        return done.stdout
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    if not connection.is_closed:
+        with contextlib.suppress(aiormq.exceptions.AMQPError, OSError):
+            await connection.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and len(exc.args) == 2:
+        return str(exc.args[1])
+    text = str(exc.args[0]) if exc.args else ""
+    return text or type(exc).__name__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.cli.ensure_broker",
+        description="Make sure RabbitMQ answers at the AMQP URL with the plugins ProxyMQ needs; "
+        "start (or install) it when the URL is this machine.",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        default=None,
+        help="RabbitMQ URL (env PROXYMQ_AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=CONNECT_TIMEOUT, help="seconds per attempt"
+    )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=START_TIMEOUT,
+        help="seconds a started broker may take to answer",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    url = args.amqp_url or amqp_url_from_env()
+    checker = Checker(url, args.connect_timeout, args.start_timeout)
+    try:
+        asyncio.run(checker.ensure())
+    except BrokerProblem as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 1
+    print(f"broker ready at {redact(url)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

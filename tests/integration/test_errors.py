@@ -1,0 +1,327 @@
+"""Every error of the contract, as a caller sees it: status, code, JSON body, X-ProxyMQ-Error,
+X-Correlation-ID, Retry-After where the contract asks for it, and nothing accepted is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from shared import envelope, topology
+from tests.conftest import Stack, closed_port, metric
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+
+
+async def expect_error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
+    assert response.status == status
+    assert response.headers["X-ProxyMQ-Error"] == code
+    assert response.headers["X-Correlation-ID"]
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = await response.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+async def test_unknown_service(stack: Stack, http: aiohttp.ClientSession) -> None:
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/no-such-service/x") as response:
+        message = await expect_error(response, 404, "unknown_service")
+    assert "no-such-service" in message
+    async with http.get(f"{url}/") as response:
+        await expect_error(response, 404, "unknown_service")
+    async with http.get(f"{url}/bad.name/x") as response:
+        await expect_error(response, 404, "unknown_service")
+
+
+async def test_service_not_in_allowlist(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--services", "other,another")
+    async with http.get(f"{url}/{service}/x") as response:
+        assert "--services" in await expect_error(response, 404, "unknown_service")
+    assert target.seen == []
+
+
+async def test_body_too_large(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--max-body", "1KiB")
+    async with http.post(f"{url}/{service}/x", data=b"x" * 1024) as response:
+        assert response.status == 200
+    async with http.post(f"{url}/{service}/x", data=b"x" * 1025) as response:
+        await expect_error(response, 413, "body_too_large")
+
+    async def chunked() -> object:
+        for _ in range(3):
+            yield b"y" * 600
+
+    async with http.post(f"{url}/{service}/x", data=chunked()) as response:
+        await expect_error(response, 413, "body_too_large")
+    assert len(target.seen) == 1
+
+
+async def test_partition_keys(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer(
+        "--partition-key",
+        "json:/user/id",
+        "--partition-key",
+        "query:user",
+        "--require-partition-key",
+    )
+    async with http.post(f"{url}/{service}/echo", json={"user": {"id": 7}}) as response:
+        assert response.status == 200
+    async with http.post(
+        f"{url}/{service}/echo", data=b"plain text", params={"user": "u1"}
+    ) as response:
+        assert response.status == 200
+    async with http.post(f"{url}/{service}/echo", json={"user": {}}) as response:
+        assert "no partition key" in await expect_error(response, 400, "bad_partition_key")
+    async with http.post(
+        f"{url}/{service}/echo", data=b"{broken", headers={"Content-Type": "application/json"}
+    ) as response:
+        assert "not valid JSON" in await expect_error(response, 400, "bad_partition_key")
+    async with http.post(f"{url}/{service}/echo", json={"user": {"id": "k" * 300}}) as response:
+        assert "255" in await expect_error(response, 400, "bad_partition_key")
+    assert len(target.seen) == 2
+
+
+async def test_header_key_keeps_one_partition(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """The same key lands in the same partition queue as any AMQP client publishing with it."""
+    _, url = await stack.enqueuer()
+    await topology.declare(amqp, topology.Topology(service))
+    for _ in range(5):
+        async with http.post(
+            f"{url}/{service}/x", headers={"X-Partition-Key": "same", "Prefer": "respond-async"}
+        ) as response:
+            assert response.status == 202
+    channel = await amqp.channel()
+    depths = []
+    for name in topology.Topology(service).queues:
+        queue = await channel.declare_queue(name, passive=True)
+        depths.append(queue.declaration_result.message_count)
+    assert sorted(depths) == [0] * 7 + [5]
+
+
+async def test_timeout_and_late_reply(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    started = time.monotonic()
+    async with http.get(
+        f"{url}/{service}/delay/2", headers={"X-Request-Timeout": "0.5"}
+    ) as response:
+        await expect_error(response, 504, "timeout")
+    assert time.monotonic() - started < 1.5
+    port = enqueuer.admin_port  # type: ignore[attr-defined]
+    for _ in range(50):
+        if await metric(http, port, "proxymq_enqueuer_late_replies_total") == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert await metric(http, port, "proxymq_enqueuer_late_replies_total") == 1
+    assert await metric(http, port, "proxymq_enqueuer_in_flight_requests") == 0
+
+
+async def test_reply_never_comes(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    """A topology with nobody consuming: the caller gets 504 at its deadline, the request stays
+    in the queue for a dequeuer that starts later."""
+    await topology.declare(amqp, topology.Topology(service))
+    _, url = await stack.enqueuer("--timeout", "0.5")
+    async with http.get(f"{url}/{service}/x", headers={"X-Request-Timeout": "30"}) as response:
+        await expect_error(response, 504, "timeout")
+
+
+async def test_microservice_down(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    with closed_port() as port:
+        dequeuer = await stack.dequeuer(
+            service, f"http://127.0.0.1:{port}", "--retry-backoff-ms", "10"
+        )
+        _, url = await stack.enqueuer()
+        async with http.post(
+            f"{url}/{service}/x", data=b"payload", headers={"X-Partition-Key": "k"}
+        ) as response:
+            message = await expect_error(response, 502, "service_failed")
+            request_id = response.headers["X-Correlation-ID"]
+    assert "3 time(s)" in message
+    channel = await amqp.channel()
+    dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
+    dead = await dlq.get(timeout=5)
+    assert dead is not None
+    await dead.ack()
+    assert dead.body == b"payload"
+    assert dead.correlation_id == request_id
+    assert dead.headers["x-proxymq-attempts"] == 3
+    assert "connect" in str(dead.headers["x-proxymq-dead-reason"])
+    assert dead.headers[envelope.H_KEY] == "k"
+    port = dequeuer.admin_port  # type: ignore[attr-defined]
+    assert (
+        await metric(http, port, "proxymq_dequeuer_messages_total", {"outcome": "dead_lettered"})
+        == 1
+    )
+    assert await metric(http, port, "proxymq_dequeuer_retries_total") == 2
+
+
+async def test_retry_recovers(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url, "--retry-backoff-ms", "10")
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/flaky/2") as response:
+        assert response.status == 200
+        assert await response.text() == "recovered"
+    assert len(target.seen) == 3
+
+
+async def test_broker_down_at_startup(
+    stack: Stack, service: str, http: aiohttp.ClientSession
+) -> None:
+    """The sidecars start, say they are not ready, and refuse with 503 + Retry-After."""
+    with closed_port() as port:
+        broker = f"amqp://guest:guest@127.0.0.1:{port}/"
+        enqueuer, url = await stack.enqueuer(
+            wait=False, ready_path=None, env={"PROXYMQ_AMQP_URL": broker}
+        )
+        dequeuer = await stack.dequeuer(
+            service, "http://127.0.0.1:1", wait=False, env={"PROXYMQ_AMQP_URL": broker}
+        )
+        for process in (enqueuer, dequeuer):
+            admin = process.admin_port  # type: ignore[attr-defined]
+            for _ in range(100):
+                try:
+                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                        assert response.status == 503
+                        checks = (await response.json())["checks"]
+                        assert checks["broker_connected"] is False
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"{process.name} never answered /readyz")
+        async with http.get(f"{url}/{service}/x") as response:
+            await expect_error(response, 503, "broker_unavailable")
+            assert int(response.headers["Retry-After"]) >= 1
+
+
+async def test_expired_request_is_not_forwarded(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    dequeuer = await stack.dequeuer(service, target.url)
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(service)
+    message = envelope.encode_request(
+        envelope.RequestEnvelope(
+            request_id="expired-1",
+            service=service,
+            request=envelope.HttpRequest("GET", "/x", "", (), b""),
+            partition_key="k",
+            deadline=time.time() - 1,
+            reply_to=None,
+        )
+    )
+    await exchange.publish(message, routing_key="k")
+    port = dequeuer.admin_port  # type: ignore[attr-defined]
+    for _ in range(50):
+        if await metric(http, port, "proxymq_dequeuer_messages_total", {"outcome": "expired"}):
+            break
+        await asyncio.sleep(0.1)
+    assert await metric(http, port, "proxymq_dequeuer_messages_total", {"outcome": "expired"}) == 1
+    assert target.seen == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({envelope.H_VERSION: 99}, "unsupported"),
+        ({envelope.H_HEADERS: "not json"}, "JSON list"),
+        ({envelope.H_PATH: "no-slash"}, "does not start"),
+        ({envelope.H_METHOD: "GE T"}, "not an HTTP method"),
+        ({envelope.H_HEADERS: json.dumps([["X-A", "a\r\nInjected: 1"]])}, "invalid HTTP header"),
+    ],
+)
+async def test_malformed_message_is_dead_lettered(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    headers: dict[str, object],
+    reason: str,
+) -> None:
+    await stack.dequeuer(service, target.url)
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(service)
+    await exchange.publish(
+        aio_pika.Message(
+            b"x",
+            headers=headers,  # type: ignore[arg-type]
+            correlation_id="bad-1",
+        ),
+        routing_key="k",
+    )
+    dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
+    for _ in range(50):
+        dead = await dlq.get(fail=False)
+        if dead is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert dead is not None
+    await dead.ack()
+    assert reason in str(dead.headers["x-proxymq-dead-reason"])
+    assert target.seen == []
+
+
+async def test_topology_mismatch_stops_the_dequeuer(
+    stack: Stack, service: str, amqp: AbstractRobustConnection
+) -> None:
+    await topology.declare(amqp, topology.Topology(service, partitions=4))
+    dequeuer = await stack.dequeuer(service, "http://127.0.0.1:1", "--partitions", "8", wait=False)
+    assert dequeuer.popen is not None
+    code = await asyncio.to_thread(dequeuer.popen.wait, 20)
+    assert code == 1
+    assert "fewer than 8 partitions" in stack.log_text()
+
+
+async def test_caller_disconnects(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A caller who hangs up leaves nothing behind: the waiter is freed, the reply dropped."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    port = enqueuer.admin_port  # type: ignore[attr-defined]
+    with pytest.raises(asyncio.TimeoutError):
+        async with asyncio.timeout(0.3):
+            await http.get(f"{url}/{service}/delay/1")
+    await asyncio.sleep(0.2)
+    assert await metric(http, port, "proxymq_enqueuer_in_flight_requests") == 0
+    for _ in range(30):
+        if await metric(http, port, "proxymq_enqueuer_late_replies_total") == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert await metric(http, port, "proxymq_enqueuer_late_replies_total") == 1

@@ -1,0 +1,137 @@
+"""Results of asynchronous requests: kept until read, bounded by TTL and capacity."""
+
+from __future__ import annotations
+
+import pytest
+
+from enqueuer import results
+from enqueuer.results import ResultStore
+from shared.envelope import HttpResponse
+from shared.errors import GatewayTimeout
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(results, "time", fake)
+    return fake
+
+
+def ok(body: bytes = b"done") -> HttpResponse:
+    return HttpResponse(200, (("Content-Type", "text/plain"),), body)
+
+
+def test_pending_then_finished(clock: Clock) -> None:
+    store = ResultStore(ttl=60, capacity=10)
+    store.add("r1")
+    outcome = store.get("r1")
+    assert outcome is not None
+    assert outcome.pending
+    assert outcome.response is None
+
+    store.finish("r1", ok(b"payload"), None)
+    outcome = store.get("r1")
+    assert outcome is not None
+    assert not outcome.pending
+    assert outcome.response == ok(b"payload")
+    assert outcome.error is None
+    assert len(store) == 1
+
+
+def test_finished_with_error(clock: Clock) -> None:
+    store = ResultStore(ttl=60, capacity=10)
+    store.add("r1")
+    error = GatewayTimeout("too late")
+    store.finish("r1", None, error)
+    outcome = store.get("r1")
+    assert outcome is not None
+    assert not outcome.pending
+    assert outcome.error is error
+
+
+def test_unknown_id(clock: Clock) -> None:
+    assert ResultStore(ttl=60, capacity=10).get("nope") is None
+
+
+def test_finished_result_expires_after_ttl(clock: Clock) -> None:
+    store = ResultStore(ttl=60, capacity=10)
+    store.add("r1")
+    store.finish("r1", ok(), None)
+    clock.now += 60
+    assert store.get("r1") is not None
+    clock.now += 0.5
+    assert store.get("r1") is None
+    assert len(store) == 0
+
+
+def test_ttl_counts_from_finish_not_from_add(clock: Clock) -> None:
+    store = ResultStore(ttl=60, capacity=10)
+    store.add("r1")
+    clock.now += 1000
+    assert store.get("r1") is not None
+    store.finish("r1", ok(), None)
+    clock.now += 59
+    assert store.get("r1") is not None
+
+
+def test_pending_never_expires(clock: Clock) -> None:
+    store = ResultStore(ttl=1, capacity=1)
+    store.add("r1")
+    clock.now += 10_000
+    store.add("r2")
+    store.finish("r2", ok(), None)
+    outcome = store.get("r1")
+    assert outcome is not None
+    assert outcome.pending
+
+
+def test_only_expired_results_go(clock: Clock) -> None:
+    store = ResultStore(ttl=60, capacity=10)
+    for request_id in ("old", "middle"):
+        store.add(request_id)
+        store.finish(request_id, ok(), None)
+    clock.now += 30
+    store.add("new")
+    store.finish("new", ok(), None)
+    clock.now += 31
+    assert store.get("old") is None
+    assert store.get("middle") is None
+    assert store.get("new") is not None
+
+
+def test_capacity_evicts_oldest_finished(clock: Clock) -> None:
+    store = ResultStore(ttl=600, capacity=2)
+    for request_id in ("a", "b", "c"):
+        store.add(request_id)
+    for request_id in ("b", "a", "c"):
+        clock.now += 1
+        store.finish(request_id, ok(request_id.encode()), None)
+    assert store.get("b") is None, "finished first, so evicted first"
+    assert store.get("a") is not None
+    assert store.get("c") is not None
+    assert len(store) == 2
+
+
+def test_capacity_never_evicts_pending(clock: Clock) -> None:
+    store = ResultStore(ttl=600, capacity=2)
+    for index in range(5):
+        store.add(f"pending-{index}")
+    for request_id in ("x", "y", "z"):
+        store.add(request_id)
+        store.finish(request_id, ok(), None)
+    for index in range(5):
+        outcome = store.get(f"pending-{index}")
+        assert outcome is not None
+        assert outcome.pending
+    assert store.get("x") is None
+    assert store.get("y") is not None
+    assert store.get("z") is not None
+    assert len(store) == 7

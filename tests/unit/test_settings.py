@@ -1,0 +1,189 @@
+"""Sidecar configuration: flags over `PROXYMQ_*` variables over `*_FILE` over defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dequeuer.settings import DequeuerSettings
+from enqueuer.settings import EnqueuerSettings
+from shared.settings import DEFAULT_AMQP_URL, load
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's own PROXYMQ_* variables must not leak into what is being tested."""
+    for name in list(os.environ):
+        if name.startswith("PROXYMQ_"):
+            monkeypatch.delenv(name)
+
+
+def exit_code(cls: type[EnqueuerSettings] | type[DequeuerSettings], argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as caught:
+        load(cls, argv)
+    assert isinstance(caught.value.code, int)
+    return caught.value.code
+
+
+def test_defaults() -> None:
+    settings = load(EnqueuerSettings, [])
+    assert settings.amqp_url == DEFAULT_AMQP_URL
+    assert (settings.host, settings.port, settings.admin_port) == ("127.0.0.1", 8080, 9080)
+    assert settings.partition_key == ["header:X-Partition-Key"]
+    assert settings.timeout == 30.0
+    assert settings.max_body == 1024 * 1024
+    assert settings.services == []
+
+
+def test_environment_wins_over_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXYMQ_PORT", "8181")
+    monkeypatch.setenv("PROXYMQ_AMQP_URL", "amqp://env-host/")
+    settings = load(EnqueuerSettings, [])
+    assert settings.port == 8181
+    assert settings.amqp_url == "amqp://env-host/"
+
+
+def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXYMQ_PORT", "8181")
+    monkeypatch.setenv("PROXYMQ_AMQP_URL", "amqp://env-host/")
+    settings = load(EnqueuerSettings, ["--port", "8282", "--amqp-url", "amqp://flag-host/"])
+    assert settings.port == 8282
+    assert settings.amqp_url == "amqp://flag-host/"
+
+
+def test_amqp_url_file_is_read_and_stripped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "amqp"
+    secret.write_text("amqp://user:s3cret@broker:5672/\n")
+    monkeypatch.setenv("PROXYMQ_AMQP_URL_FILE", str(secret))
+    assert load(EnqueuerSettings, []).amqp_url == "amqp://user:s3cret@broker:5672/"
+
+
+def test_file_loses_to_environment_and_flag(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "amqp"
+    secret.write_text("amqp://from-file/\n")
+    monkeypatch.setenv("PROXYMQ_AMQP_URL_FILE", str(secret))
+    assert load(EnqueuerSettings, ["--amqp-url", "amqp://flag/"]).amqp_url == "amqp://flag/"
+    monkeypatch.setenv("PROXYMQ_AMQP_URL", "amqp://env/")
+    assert load(EnqueuerSettings, []).amqp_url == "amqp://env/"
+
+
+def test_unreadable_file_exits_2_with_message(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-secret"
+    monkeypatch.setenv("PROXYMQ_AMQP_URL_FILE", str(missing))
+    assert exit_code(EnqueuerSettings, []) == 2
+    err = capsys.readouterr().err
+    assert "proxymq-enqueuer" in err
+    assert str(missing) in err
+    assert "amqp_url" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1MiB", 1024 * 1024),
+        ("512KiB", 512 * 1024),
+        ("2MB", 2_000_000),
+        ("1048576", 1_048_576),
+        ("64k", 64_000),
+        ("1 GiB", 1024**3),
+    ],
+)
+def test_sizes(text: str, expected: int) -> None:
+    assert load(EnqueuerSettings, ["--max-body", text]).max_body == expected
+
+
+def test_size_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXYMQ_MAX_BODY", "512KiB")
+    assert load(EnqueuerSettings, []).max_body == 512 * 1024
+
+
+@pytest.mark.parametrize("text", ["lots", "1XB", "-1", "0", "1.5.2MiB", ""])
+def test_bad_size_exits_2_naming_the_flag(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(EnqueuerSettings, ["--max-body", text]) == 2
+    assert "--max-body" in capsys.readouterr().err
+
+
+def test_comma_list_from_flag() -> None:
+    settings = load(EnqueuerSettings, ["--services", "a, b,c"])
+    assert settings.services == ["a", "b", "c"]
+
+
+def test_repeated_flag_accumulates_in_order() -> None:
+    settings = load(
+        EnqueuerSettings,
+        ["--partition-key", "json:/user/id", "--partition-key", "header:X-Key,query:k"],
+    )
+    assert settings.partition_key == ["json:/user/id", "header:X-Key", "query:k"]
+
+
+def test_comma_list_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXYMQ_SERVICES", "orders, billing")
+    assert load(EnqueuerSettings, []).services == ["orders", "billing"]
+
+
+def test_help_exits_0_and_mentions_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(EnqueuerSettings, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--amqp-url" in out
+    assert "PROXYMQ_" in out
+
+
+def test_help_exits_0_and_lists_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(DequeuerSettings, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "proxymq-dequeuer" in out
+    assert "--service" in out
+    assert "--retry-on" in out
+
+
+def test_dequeuer_settings() -> None:
+    settings = load(
+        DequeuerSettings,
+        ["--service", "orders", "--partitions", "4", "--ordering", "partition"],
+    )
+    assert (settings.service, settings.partitions, settings.ordering) == ("orders", 4, "partition")
+    assert settings.retry_on == ["connect", "timeout", "502", "503", "504"]
+
+
+def test_dequeuer_service_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXYMQ_SERVICE", "billing")
+    monkeypatch.setenv("PROXYMQ_RETRY_ON", "connect,500")
+    settings = load(DequeuerSettings, [])
+    assert settings.service == "billing"
+    assert settings.retry_on == ["connect", "500"]
+
+
+@pytest.mark.parametrize("service", ["a.b", "orders.p0", "", "-x", "a b"])
+def test_dequeuer_bad_service_exits_2(service: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(DequeuerSettings, ["--service", service]) == 2
+    assert "--service" in capsys.readouterr().err
+
+
+def test_dequeuer_requires_service(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(DequeuerSettings, []) == 2
+    assert "--service" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["404", "200", "retry", "600"])
+def test_dequeuer_retry_on_refuses_non_5xx(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_code(DequeuerSettings, ["--service", "s", "--retry-on", value]) == 2
+    assert "--retry-on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--port", "0"], ["--port", "70000"], ["--timeout", "0"], ["--port", "http"]],
+)
+def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(EnqueuerSettings, argv) == 2
+    assert argv[0] in capsys.readouterr().err
