@@ -63,3 +63,4 @@ class Lanes:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._lanes.clear()  # a task cancelled before its first step never ran its `finally`

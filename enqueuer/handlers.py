@@ -31,7 +31,10 @@ from shared.metrics import EnqueuerMetrics
 
 log = logging.getLogger(__name__)
 REQUESTS_PATH = "/_proxymq/requests/"
-PUBLISH_TIMEOUT = 10.0  # a blocked broker (memory alarm) must not hold a caller forever
+# A blocked broker (memory alarm) must not hold a caller forever.
+PUBLISH_TIMEOUT = 10.0
+# An asynchronous request may wait a month; "inf" would not fit the message's deadline header.
+MAX_TIMEOUT = 30 * 86400.0
 
 
 @dataclass
@@ -59,10 +62,10 @@ def deadline_of(request: web.Request, cap: float | None) -> float | None:
     seconds: float | None = cap
     if asked is not None:
         try:
-            value = float(asked)
+            value = min(float(asked), MAX_TIMEOUT)
         except ValueError:
             value = float("nan")
-        if value > 0:
+        if value > 0:  # NaN, zero and negative values are ignored
             seconds = value if cap is None else min(value, cap)
     return None if seconds is None else time.time() + seconds
 

@@ -142,7 +142,7 @@ def decode_request(
     if not correlation_id:
         raise MalformedMessage("message has no correlation_id")
     method = _text(headers, H_METHOD, "POST")
-    if not method.isalpha() or not method.isupper() or len(method) > 20:
+    if not _TOKEN.match(method) or len(method) > 32:
         raise MalformedMessage(f"{H_METHOD} {method!r} is not an HTTP method")
     path = _text(headers, H_PATH, "/")
     if not path.startswith("/"):

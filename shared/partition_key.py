@@ -7,6 +7,7 @@ has no ordering needs and is spread over the partitions, unless the key is requi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -14,6 +15,7 @@ from urllib.parse import parse_qsl
 
 from shared.errors import BadPartitionKey
 
+_INDEX = re.compile(r"0|[1-9][0-9]*")  # RFC 6901 array index: ASCII digits, no leading zero
 MAX_KEY_BYTES = 255  # an AMQP routing key is a short string
 Kind = Literal["header", "json", "query"]
 
@@ -34,7 +36,8 @@ def parse_sources(specs: Sequence[str]) -> tuple[KeySource, ...]:
         kind, sep, name = spec.partition(":")
         if not sep or kind not in ("header", "json", "query") or not name:
             raise ValueError(
-                f"partition key source {spec!r} is not one of header:NAME, json:/pointer, query:NAME"
+                f"partition key source {spec!r} is not one of "
+                "header:NAME, json:/pointer, query:NAME"
             )
         if kind == "json" and not name.startswith("/"):
             raise ValueError(
@@ -51,7 +54,7 @@ def resolve_pointer(document: object, pointer: str) -> object:
         token = raw.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict):
             node = node.get(token)
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+        elif isinstance(node, list) and _INDEX.fullmatch(token) and int(token) < len(node):
             node = node[int(token)]
         else:
             return None
@@ -92,7 +95,7 @@ _UNPARSED = object()
 
 
 def _json_body(body: bytes, content_type: str, source: KeySource, required: bool) -> object:
-    if not body or ("json" not in content_type and content_type):
+    if not body or ("json" not in content_type.lower() and content_type):
         return _UNPARSED
     try:
         return json.loads(body)

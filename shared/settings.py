@@ -152,4 +152,4 @@ def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:
         cli_avoid_json=True,
         cli_hide_none_type=True,
     )
-    return cls(_cli_settings_source=source(args=args))
+    return cls(_cli_settings_source=source(args=args))  # type: ignore[call-arg]

@@ -25,7 +25,7 @@ PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
 
 def check_service_name(service: str) -> str:
     """Dots are refused so that `S.p<N>` can never be another service's name plus a suffix."""
-    if not SERVICE_NAME.match(service):
+    if not SERVICE_NAME.fullmatch(service):
         raise ValueError(
             f"{service!r} is not a service name: use letters, digits, '-' and '_' (at most 100)"
         )

@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,14 +109,35 @@ class Stack:
             await asyncio.to_thread(process.wait_ready, 30)
         return process
 
-    async def dequeuer(self, service: str, target: str, *args: str, **kw: object) -> Process:
+    async def dequeuer(
+        self,
+        service: str,
+        target: str,
+        *args: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Process:
         return await self.start(
-            "proxymq-dequeuer", "--service", service, "--target", target, *args, **kw
-        )  # type: ignore[arg-type]
+            "proxymq-dequeuer", "--service", service, "--target", target, *args, wait=wait, env=env
+        )
 
-    async def enqueuer(self, *args: str, **kw: object) -> tuple[Process, str]:
+    async def enqueuer(
+        self,
+        *args: str,
+        wait: bool = True,
+        ready_path: str | None = "/readyz",
+        env: dict[str, str] | None = None,
+    ) -> tuple[Process, str]:
         port = free_port()
-        process = await self.start("proxymq-enqueuer", "--port", str(port), *args, **kw)  # type: ignore[arg-type]
+        process = await self.start(
+            "proxymq-enqueuer",
+            "--port",
+            str(port),
+            *args,
+            wait=wait,
+            ready_path=ready_path,
+            env=env,
+        )
         return process, f"http://127.0.0.1:{port}"
 
     def log_text(self) -> str:
@@ -136,12 +157,15 @@ def stack(
     yield running
     running.stop()
     report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
+    if getattr(report, "failed", False):
         print(running.log_text()[-6000:])
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keeps each phase's report on the item, so fixtures can print logs of failed tests."""
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report

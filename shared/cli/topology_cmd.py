@@ -1,10 +1,219 @@
-"""Placeholder until the subcommand lands."""
+"""`proxymq topology declare|delete|show --service S`: a service's RabbitMQ objects by hand.
+
+The dequeuer declares its service's topology when it starts; declaring ahead of time lets an
+enqueuer accept requests (they wait in the queues) before any dequeuer runs, and lets an operator
+see a layout mismatch before a deployment does. Deleting drops queued messages, hence the
+confirmation.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import AbstractConnection
+from rich.console import Console
+from rich.table import Table
+
+from shared import topology
+from shared.cli.common import add_amqp_url
+from shared.cli.ensure_broker import BrokerProblem, connect, redact
+from shared.cli.status import passive
+from shared.errors import TopologyMismatch
+
+PROG = "proxymq topology"
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = sub.add_parser("topology_cmd".replace("_cmd", ""), help="(not yet available)")
-    parser.set_defaults(run=lambda _: 2)
+def service_name(value: str) -> str:
+    """argparse type: a bad name is a usage error (exit 2) before anything is contacted."""
+    try:
+        return topology.check_service_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+async def with_connection(
+    args: argparse.Namespace, action: Callable[[AbstractConnection], Awaitable[int]]
+) -> int:
+    connection = await connect(args.amqp_url, f"proxymq topology {args.action} {args.service}")
+    try:
+        return await action(connection)
+    finally:
+        await connection.close()
+
+
+async def existing_partitions(connection: AbstractConnection, service: str) -> list[str]:
+    """Counted up from p0, like `topology.delete`, whatever count the layout was made with."""
+    names: list[str] = []
+    while await topology.queue_exists(connection, topology.partition_queue(service, len(names))):
+        names.append(topology.partition_queue(service, len(names)))
+    return names
+
+
+def declare(args: argparse.Namespace) -> int:
+    try:
+        layout = topology.Topology(
+            args.service, args.partitions, args.delivery_limit, args.max_length
+        )
+    except ValueError as exc:
+        print(f"{PROG} declare: {exc}", file=sys.stderr)
+        return 2
+
+    async def action(connection: AbstractConnection) -> int:
+        try:
+            await topology.declare(connection, layout)
+        except TopologyMismatch as exc:
+            print(f"{PROG} declare: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"declared {layout.exchange} (x-consistent-hash), {layout.queues[0]}.."
+            f"{layout.queues[-1]} ({layout.partitions} quorum partitions, delivery limit "
+            f"{layout.delivery_limit}"
+            + (f", max length {layout.max_length}" if layout.max_length else "")
+            + f") and {layout.dead_letters}"
+        )
+        return 0
+
+    return _run(args, action)
+
+
+def delete(args: argparse.Namespace) -> int:
+    layout = topology.Topology(args.service)
+
+    async def action(connection: AbstractConnection) -> int:
+        partitions = await existing_partitions(connection, args.service)
+        queues = [*partitions, layout.dead_letters]
+        depths = {name: await passive(connection, name) for name in queues}
+        present = {name: found for name, found in depths.items() if found is not None}
+        has_exchange = await topology.exchange_exists(connection, layout.exchange)
+        if not present and not has_exchange:
+            print(f"service {args.service!r} has no topology at {redact(args.amqp_url)}")
+            return 0
+        messages = sum(found[0] for found in present.values())
+        consumers = sum(found[1] for found in present.values())
+        what = (
+            f"exchange {layout.exchange} and {len(present)} queues of service {args.service!r} "
+            f"({len(partitions)} partitions + dead letters) holding {messages} ready messages"
+            + (f", with {consumers} consumers attached" if consumers else "")
+        )
+        if not args.yes and not await asyncio.to_thread(confirm, f"delete {what}?"):
+            print("nothing deleted", file=sys.stderr)
+            return 1
+        await topology.delete(connection, layout)
+        print(f"deleted {what}")
+        return 0
+
+    return _run(args, action)
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; no terminal (a script, CI) means no, and says to pass --yes."""
+    if not sys.stdin.isatty():
+        print(f"{question}\nrefusing without a terminal to ask on: pass --yes", file=sys.stderr)
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def show(args: argparse.Namespace) -> int:
+    async def action(connection: AbstractConnection) -> int:
+        partitions = await existing_partitions(connection, args.service)
+        declared = bool(partitions)
+        layout = topology.Topology(args.service, len(partitions) or args.partitions)
+        dead = await passive(connection, layout.dead_letters)
+        exchange = await topology.exchange_exists(connection, layout.exchange)
+        console = Console()
+        state = (
+            f"declared, {len(partitions)} partitions"
+            if declared
+            else f"not declared (shown as --partitions {args.partitions} would make it)"
+        )
+        table = Table(title=f"service {args.service}: {state}", show_header=False)
+        table.add_column("what")
+        table.add_column("value")
+        table.add_row("exchange", f"{layout.exchange} (x-consistent-hash)" + _missing(exchange))
+        table.add_row("partition queues", ", ".join(layout.queues))
+        table.add_row("queue arguments", _args(layout))
+        table.add_row("dead letters", layout.dead_letters + _missing(dead is not None))
+        table.add_row("KEDA pattern", topology.partition_pattern(args.service))
+        console.print(table)
+        return 0
+
+    return _run(args, action)
+
+
+def _missing(exists: bool) -> str:
+    return "" if exists else " [yellow](missing)[/yellow]"
+
+
+def _args(layout: topology.Topology) -> str:
+    args = layout.partition_args()
+    return ", ".join(
+        f"{key.replace('_', '-')}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in args.items()
+    )
+
+
+def _run(args: argparse.Namespace, action: Callable[[AbstractConnection], Awaitable[int]]) -> int:
+    try:
+        return asyncio.run(with_connection(args, action))
+    except BrokerProblem as exc:
+        print(f"{PROG} {args.action}: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "topology",
+        help="declare, delete or show a service's exchange and queues",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        child = actions.add_parser(name, help=help_text, description=help_text)
+        child.add_argument("--service", required=True, type=service_name, help="service name")
+        add_amqp_url(child)
+        return child
+
+    declare_parser = action(
+        "declare", "declare the exchange, partition queues and dead letters (idempotent)"
+    )
+    declare_parser.add_argument(
+        "--partitions", type=positive, default=8, help="partition queues (default %(default)s)"
+    )
+    declare_parser.add_argument(
+        "--delivery-limit",
+        type=positive,
+        default=20,
+        help="quorum x-delivery-limit (default %(default)s)",
+    )
+    declare_parser.add_argument(
+        "--max-length", type=positive, default=None, help="x-max-length of each partition"
+    )
+    declare_parser.set_defaults(run=declare)
+
+    delete_parser = action("delete", "delete the exchange and queues, messages included")
+    delete_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete_parser.set_defaults(run=delete)
+
+    show_parser = action("show", "show the names, queue arguments and the KEDA pattern")
+    show_parser.add_argument(
+        "--partitions",
+        type=positive,
+        default=8,
+        help="count shown when the service is not declared yet (default %(default)s)",
+    )
+    show_parser.set_defaults(run=show)

@@ -173,9 +173,7 @@ def test_dequeuer_requires_service(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("value", ["404", "200", "retry", "600"])
-def test_dequeuer_retry_on_refuses_non_5xx(
-    value: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_dequeuer_retry_on_refuses_non_5xx(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_code(DequeuerSettings, ["--service", "s", "--retry-on", value]) == 2
     assert "--retry-on" in capsys.readouterr().err
 

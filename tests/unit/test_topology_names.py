@@ -89,11 +89,6 @@ def test_invalid_service_names(service: str) -> None:
         check_service_name(service)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/topology.py SERVICE_NAME uses '$' with re.match, which also matches before "
-    "a trailing newline, so 'svc\\n' is accepted",
-)
 def test_trailing_newline_refused() -> None:
     with pytest.raises(ValueError, match="is not a service name"):
         check_service_name("svc\n")

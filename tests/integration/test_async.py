@@ -1,0 +1,103 @@
+"""`Prefer: respond-async`: 202 at once, the result later at /_proxymq/requests/{id}."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from shared import topology
+from tests.conftest import Stack
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+
+
+async def poll(
+    http: aiohttp.ClientSession, url: str, timeout: float = 10
+) -> aiohttp.ClientResponse:
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await http.get(url)
+            await response.read()
+            if response.status != 202:
+                return response
+            assert response.headers["Retry-After"]
+            await asyncio.sleep(0.1)
+
+
+async def test_accepted_now_answered_later(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """The request waits in its queue while no dequeuer runs, then its result is served."""
+    await topology.declare(amqp, topology.Topology(service))
+    _, url = await stack.enqueuer()
+    async with http.post(
+        f"{url}/{service}/echo/job", data=b"work", headers={"Prefer": "respond-async"}
+    ) as response:
+        assert response.status == 202
+        location = response.headers["Location"]
+        request_id = response.headers["X-Correlation-ID"]
+        assert location == f"/_proxymq/requests/{request_id}"
+        assert (await response.json())["status"] == "pending"
+    async with http.get(url + location) as pending:
+        assert pending.status == 202
+    await stack.dequeuer(service, target.url)
+    done = await poll(http, url + location)
+    assert done.status == 200
+    assert (await done.json())["method"] == "POST"
+    assert target.seen[0].body == b"work"
+    again = await http.get(url + location)
+    assert again.status == 200  # kept for --result-ttl, not consumed by the first read
+
+
+async def test_async_deadline(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    await topology.declare(amqp, topology.Topology(service))
+    _, url = await stack.enqueuer()
+    async with http.post(
+        f"{url}/{service}/x", headers={"Prefer": "respond-async", "X-Request-Timeout": "0.3"}
+    ) as response:
+        location = response.headers["Location"]
+    result = await poll(http, url + location)
+    assert result.status == 504
+    assert result.headers["X-ProxyMQ-Error"] == "timeout"
+
+
+async def test_async_error_is_kept(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, "http://127.0.0.1:1", "--retry-backoff-ms", "1")
+    _, url = await stack.enqueuer()
+    async with http.post(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as response:
+        location = response.headers["Location"]
+    result = await poll(http, url + location)
+    assert result.status == 502
+    assert result.headers["X-ProxyMQ-Error"] == "service_failed"
+
+
+async def test_unknown_request(stack: Stack, http: aiohttp.ClientSession) -> None:
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/_proxymq/requests/nope") as response:
+        assert response.status == 404
+        assert response.headers["X-ProxyMQ-Error"] == "unknown_request"
+
+
+async def test_result_expires(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--result-ttl", "0.5")
+    async with http.post(f"{url}/{service}/echo", headers={"Prefer": "respond-async"}) as resp:
+        location = resp.headers["Location"]
+    assert (await poll(http, url + location)).status == 200
+    await asyncio.sleep(0.7)
+    async with http.get(url + location) as response:
+        assert response.status == 404
