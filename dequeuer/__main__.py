@@ -1,52 +1,103 @@
-"""`proxymq-dequeuer`: consume the service's partitions and call the microservice until SIGTERM."""
+"""`proxymq-dequeuer`: serve the service's partitions until SIGTERM, then hand them over."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import socket
 import uuid
 
+from aio_pika.abc import AbstractRobustConnection
+
+from dequeuer.breaker import OPEN, ServiceBreaker
 from dequeuer.consumer import Consumer
+from dequeuer.coordinator import Coordinator
 from dequeuer.forwarder import HttpTransport
+from dequeuer.membership import Membership
+from dequeuer.partitions import Partitions
+from dequeuer.readiness import Readiness
 from dequeuer.settings import DequeuerSettings
-from shared import logs, service
+from shared import logs, service, topology
 from shared.admin import admin_app
 from shared.broker import Broker, tls_context
 from shared.metrics import DequeuerMetrics
 from shared.settings import load
 
 log = logging.getLogger("dequeuer")
-SHUTDOWN_GRACE = 25.0  # fits Kubernetes' default 30 s termination grace period
+
+
+def instance_name(settings: DequeuerSettings) -> str:
+    raw = settings.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:100]
 
 
 async def serve(settings: DequeuerSettings) -> int:
-    instance = settings.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    instance = instance_name(settings)
     metrics = DequeuerMetrics()
     transport = HttpTransport(settings.target, settings.concurrency)
-    consumer = Consumer(settings, transport, metrics)
-    ssl_context = (
-        tls_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
-        if settings.amqp_url.startswith("amqps://")
-        else None
+    readiness = Readiness(
+        transport.session,
+        settings.target,
+        settings.ready_path,
+        timeout=settings.ready_timeout,
+        interval=settings.ready_interval,
     )
+    breaker = ServiceBreaker(
+        settings.breaker_failures,
+        settings.breaker_reset,
+        on_state=lambda s: metrics.breaker_open.set(s == OPEN),
+    )
+    consumer = Consumer(settings, transport, metrics, breaker, readiness.ready)
+    partitions = Partitions(
+        consumer.topology,
+        consumer.prefetch,
+        consumer.on_message,
+        grace=settings.shutdown_grace,
+        on_handover=metrics.handovers.labels(settings.service).inc,
+    )
+    membership = Membership(
+        settings.service,
+        instance,
+        interval=settings.heartbeat_interval,
+        expiry=settings.member_expiry,
+    )
+    coordinator = Coordinator(
+        membership,
+        partitions,
+        settings.partitions,
+        on_rebalance=metrics.rebalances.labels(settings.service).inc,
+    )
+    readiness.on_change = coordinator.set_available
+    metrics.partitions_owned.labels(settings.service).set_function(lambda: len(partitions.owned))
     broker = Broker(
         settings.amqp_url,
         f"proxymq-dequeuer {settings.service} {instance}",
-        ssl_context=ssl_context,
+        ssl_context=tls_context(
+            settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file
+        )
+        if settings.amqp_url.startswith("amqps://")
+        else None,
     )
     metrics.connected.set_function(lambda: float(broker.connected))
 
-    async def on_connect(connection: object) -> None:
-        from aio_pika.abc import AbstractRobustConnection
-
-        assert isinstance(connection, AbstractRobustConnection)
+    async def on_connect(connection: AbstractRobustConnection) -> None:
+        await topology.declare(connection, consumer.topology)
         await consumer.start(connection)
+        await membership.start(connection)
+        partitions.start(connection)
+        readiness.start()
         connection.reconnect_callbacks.add(lambda *_: metrics.reconnects.inc())
 
     broker.on_connect(on_connect)
     admin = await service.start_site(
         admin_app(
-            lambda: {"broker_connected": broker.connected, "consuming": consumer.consuming},
+            lambda: {
+                "broker_connected": broker.connected,
+                "microservice_ready": readiness.ready.is_set(),
+                "breaker_closed": breaker.state != OPEN,
+                "member": membership.available,
+            },
             metrics.registry,
         ),
         settings.admin_host,
@@ -60,11 +111,26 @@ async def serve(settings: DequeuerSettings) -> int:
         log.error("cannot serve %s: %s", settings.service, exc)
         code = 1
     finally:
-        await consumer.stop(SHUTDOWN_GRACE)
+        await graceful_stop(membership, partitions)
+        await readiness.stop()
+        await consumer.stop()
+        await membership.stop()
         await broker.close()
         await transport.close()
         await admin.cleanup()
     return code
+
+
+async def graceful_stop(membership: Membership, partitions: Partitions) -> None:
+    """Leave first (the others subscribe to our partitions and wait), then finish what is in
+    flight and close each partition's channel: the next consumer starts where we stopped."""
+    try:
+        await membership.leave()
+        await partitions.release_all()
+        await partitions.stop()
+    except Exception as exc:
+        log.warning("graceful stop incomplete: %s", exc)
+    await asyncio.sleep(0)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Consuming a service's partitions: decode -> order -> forward (with retries) -> reply -> ack.
+"""Processing a partition's messages: decode -> order -> forward (with retries) -> reply -> ack.
 
 A message's fate is decided in one place, `settle`: acked after its reply is confirmed
 (at-least-once), acked without a call when its deadline passed, or copied to `S.dlq` with the
@@ -25,8 +25,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from dequeuer.breaker import ServiceBreaker
 from dequeuer.forwarder import CallFailed, Transport
 from dequeuer.lanes import Lanes
+from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
 from shared import envelope, logs, topology
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
@@ -56,7 +58,12 @@ class RetryPolicy:
 
 class Consumer:
     def __init__(
-        self, settings: DequeuerSettings, transport: Transport, metrics: DequeuerMetrics
+        self,
+        settings: DequeuerSettings,
+        transport: Transport,
+        metrics: DequeuerMetrics,
+        breaker: ServiceBreaker,
+        ready: asyncio.Event,
     ) -> None:
         self.settings = settings
         self.topology = topology.Topology(
@@ -64,14 +71,13 @@ class Consumer:
         )
         self.transport = transport
         self.metrics = metrics
+        self.breaker = breaker
+        self.ready = ready
         self.policy = RetryPolicy(
             settings.max_attempts, settings.retry_backoff_ms / 1000, frozenset(settings.retry_on)
         )
         self.lanes = Lanes(settings.concurrency)
-        self.consuming = False
-        self.stopping = False
         self._reply_channel: AbstractChannel | None = None
-        self._partition_channels: list[AbstractChannel] = []
 
     @property
     def prefetch(self) -> int:
@@ -82,26 +88,12 @@ class Consumer:
         return max(1, self.settings.concurrency)
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        await topology.declare(connection, self.topology)
         self._reply_channel = await connection.channel(publisher_confirms=True)
-        for name in self.topology.queues:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=self.prefetch)
-            queue = await topology.declare_partition(channel, self.topology, name)
-            await queue.consume(partial(self.on_message, name))
-            self._partition_channels.append(channel)
-        self.consuming = True
-        log.info(
-            "consuming %d partitions of %s (ordering %s, concurrency %d)",
-            self.topology.partitions,
-            self.settings.service,
-            self.settings.ordering,
-            self.settings.concurrency,
-        )
 
-    async def on_message(self, partition: str, message: AbstractIncomingMessage) -> None:
-        if self.stopping:
+    async def on_message(self, sub: Subscription, message: AbstractIncomingMessage) -> None:
+        if sub.releasing.is_set():
             return  # held unacked: closing the channel returns it first and in order
+        partition = sub.queue
         try:
             request = envelope.decode_request(
                 message.headers, message.body, message.correlation_id, message.reply_to
@@ -112,8 +104,9 @@ class Consumer:
             )
             return
         self.metrics.in_flight.labels(self.settings.service, partition).inc()
+        sub.job_added()
         self.lanes.submit(
-            self.lane_of(partition, request), partial(self.settle, partition, message, request)
+            self.lane_of(partition, request), partial(self.settle, sub, message, request)
         )
 
     def lane_of(self, partition: str, request: RequestEnvelope) -> Hashable:
@@ -124,18 +117,24 @@ class Consumer:
         return request.request_id
 
     async def settle(
-        self, partition: str, message: AbstractIncomingMessage, request: RequestEnvelope
+        self, sub: Subscription, message: AbstractIncomingMessage, request: RequestEnvelope
     ) -> None:
+        """Decide the message's fate: the one place that acks, or leaves it for redelivery."""
+        partition = sub.queue
         logs.bind(
             correlation_id=request.request_id, service=self.settings.service, partition=partition
         )
         try:
+            if sub.releasing.is_set():
+                return  # not started: it goes back to its queue, first and in order
             if request.sent_at is not None:
                 self.metrics.queue_wait.labels(self.settings.service).observe(
                     max(0.0, time.time() - request.sent_at)
                 )
-            outcome, attempts = await self.call(request)
-            if outcome is None:
+            outcome, attempts = await self.call(request, sub.releasing)
+            if isinstance(outcome, _Abandoned):
+                log.info("handed over unfinished; the next owner takes it")
+            elif outcome is None:
                 self.metrics.messages.labels(self.settings.service, partition, "expired").inc()
                 log.info("dropped: deadline passed before the call")
                 await message.ack()
@@ -145,24 +144,7 @@ class Consumer:
                 self.metrics.messages.labels(self.settings.service, partition, "replied").inc()
                 log.info("replied", extra=logs.fields(status=outcome.status, attempts=attempts))
             else:
-                last = str(outcome) if isinstance(outcome, CallFailed) else str(outcome.status)
-                error = ServiceFailed(
-                    f"service {self.settings.service!r} failed {attempts} time(s), last: {last}; "
-                    f"the request is in {self.topology.dead_letters}"
-                )
-                await self.dead_letter(
-                    partition, message, reason=last, attempts=attempts, outcome="dead_lettered"
-                )
-                await self.reply(
-                    request,
-                    HttpResponse(
-                        error.status,
-                        (),
-                        error.body(),
-                        error=error.code,
-                        error_message=error.message,
-                    ),
-                )
+                await self.give_up(partition, message, request, outcome, attempts)
         except (
             aiormq.exceptions.AMQPError,
             aiormq.exceptions.ChannelInvalidStateError,
@@ -171,16 +153,50 @@ class Consumer:
         ) as exc:
             log.warning("could not settle, the broker will deliver it again: %s", exc)
         finally:
+            sub.job_done()
             self.metrics.in_flight.labels(self.settings.service, partition).dec()
 
-    async def call(self, request: RequestEnvelope) -> tuple[HttpResponse | CallFailed | None, int]:
+    async def give_up(
+        self,
+        partition: str,
+        message: AbstractIncomingMessage,
+        request: RequestEnvelope,
+        outcome: HttpResponse | CallFailed,
+        attempts: int,
+    ) -> None:
+        """Dead-letter after the last retryable failure and tell the caller at once (502)."""
+        last = str(outcome) if isinstance(outcome, CallFailed) else str(outcome.status)
+        error = ServiceFailed(
+            f"service {self.settings.service!r} failed {attempts} time(s), last: {last}; "
+            f"the request is in {self.topology.dead_letters}"
+        )
+        await self.dead_letter(
+            partition, message, reason=last, attempts=attempts, outcome="dead_lettered"
+        )
+        await self.reply(
+            request,
+            HttpResponse(
+                error.status, (), error.body(), error=error.code, error_message=error.message
+            ),
+        )
+
+    async def call(self, request: RequestEnvelope, abandon: asyncio.Event) -> tuple[Outcome, int]:
         """Call until an answer that is not retryable, the last attempt, or the deadline.
-        None means the deadline passed before a call could be made."""
-        outcome: HttpResponse | CallFailed | None = None
+
+        None means the deadline passed before a call; ABANDONED that the partition was given up
+        while waiting (for a retry, a paused microservice or an open breaker), so its next owner
+        goes on from there."""
+        outcome: Outcome = None
         attempt = 0
         while attempt < self.policy.max_attempts:
+            if not await _wait_for(self.ready, abandon):
+                return ABANDONED, attempt
+            probe = await self.breaker.wait_turn(abandon)
+            if probe is None:
+                return ABANDONED, attempt
             remaining = request.remaining()
             if remaining is not None and remaining <= 0:
+                self.breaker.abandon_probe(probe)
                 return outcome, attempt
             attempt += 1
             timeout = (
@@ -194,10 +210,15 @@ class Consumer:
                 label = status_class(outcome.status)
             except CallFailed as failure:
                 outcome, label = failure, failure.kind
+            except BaseException:
+                self.breaker.abandon_probe(probe)
+                raise
             self.metrics.forward_duration.labels(self.settings.service, label).observe(
                 time.perf_counter() - started
             )
-            if not self.policy.retryable(outcome) or attempt == self.policy.max_attempts:
+            retryable = self.policy.retryable(outcome)
+            self.breaker.record(failed=retryable, probe=probe)
+            if not retryable or attempt == self.policy.max_attempts:
                 break
             self.metrics.retries.labels(self.settings.service).inc()
             delay = self.policy.delay(attempt)
@@ -205,7 +226,8 @@ class Consumer:
             left = request.remaining()
             if left is not None and left <= delay:
                 return outcome, attempt
-            await asyncio.sleep(delay)
+            if await _wait_for(abandon, None, timeout=delay):
+                return ABANDONED, attempt
         return outcome, attempt
 
     def with_context(
@@ -272,20 +294,33 @@ class Consumer:
             extra=logs.fields(correlation_id=message.correlation_id, attempts=attempts),
         )
 
-    async def stop(self, grace: float) -> None:
-        """Take nothing new, finish what is in flight (bounded by `grace`), then close the
-        partition channels: what was held but not started returns to the head of its queue."""
-        self.stopping = True
-        self.consuming = False
-        if not await self.lanes.drain(grace):
-            log.warning(
-                "grace period over with %d requests unfinished; they will be delivered again",
-                self.lanes.busy,
-            )
-            await self.lanes.cancel()
-        for channel in self._partition_channels:
-            if not channel.is_closed:
-                await channel.close()
+    async def stop(self) -> None:
+        await self.lanes.cancel()
+
+
+class _Abandoned:
+    """The partition was given up before the request could finish: leave it unacked."""
+
+
+ABANDONED = _Abandoned()
+Outcome = HttpResponse | CallFailed | _Abandoned | None
+
+
+async def _wait_for(
+    event: asyncio.Event, abandon: asyncio.Event | None, timeout: float | None = None
+) -> bool:
+    """True once `event` is set; False when `abandon` is set first or `timeout` passes."""
+    if event.is_set():
+        return True
+    waiters = [asyncio.ensure_future(event.wait())]
+    if abandon is not None:
+        waiters.append(asyncio.ensure_future(abandon.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return event.is_set() and not (abandon is not None and abandon.is_set())
 
 
 def _describe(outcome: HttpResponse | CallFailed) -> str:

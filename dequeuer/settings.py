@@ -79,6 +79,45 @@ class DequeuerSettings(CommandSettings):
         description="x-max-length of each partition "
         "(reject-publish: the enqueuer answers 429 when full)",
     )
+    ready_path: str | None = Field(
+        None,
+        description="the microservice's readiness path: nothing is consumed until it "
+        "answers 2xx (without it, any HTTP answer from the target counts as up)",
+    )
+    ready_timeout: float = Field(2.0, gt=0, description="seconds one readiness probe may take")
+    ready_interval: float = Field(
+        2.0,
+        gt=0,
+        description="seconds between readiness probes once "
+        "up; 3 failures in a row pause consumption",
+    )
+    breaker_failures: int = Field(
+        5,
+        ge=1,
+        description="failed calls in a row that open the "
+        "circuit breaker (requests then wait in RabbitMQ)",
+    )
+    breaker_reset: float = Field(
+        10.0,
+        gt=0,
+        description="seconds the breaker stays open before one request probes the microservice",
+    )
+    shutdown_grace: float = Field(
+        25.0,
+        ge=0,
+        description="seconds a stopping dequeuer (SIGTERM) "
+        "or a partition handover waits for requests in flight; fits "
+        "Kubernetes' default 30 s",
+    )
+    heartbeat_interval: float = Field(
+        0.5, gt=0, description="seconds between membership heartbeats on exchange SERVICE.members"
+    )
+    member_expiry: float = Field(
+        2.5,
+        gt=0,
+        description="a dequeuer not heard from for this long "
+        "is gone and its partitions are taken over",
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
     json_logs: bool = Field(False, description="one JSON object per log line")
 

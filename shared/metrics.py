@@ -124,3 +124,27 @@ class DequeuerMetrics:
             "Broker connections restored after a loss",
             registry=self.registry,
         )
+        self.partitions_owned = Gauge(
+            "proxymq_dequeuer_partitions_owned",
+            "Partitions this dequeuer consumes (assigned and subscribed)",
+            ["service"],
+            registry=self.registry,
+        )
+        self.rebalances = Counter(
+            "proxymq_dequeuer_rebalances",
+            "Changes of this dequeuer's partition assignment",
+            ["service"],
+            registry=self.registry,
+        )
+        self.handovers = Counter(
+            "proxymq_dequeuer_handovers",
+            "Partitions given up to another dequeuer after their requests in flight finished",
+            ["service"],
+            registry=self.registry,
+        )
+        self.breaker_open = Gauge(
+            "proxymq_dequeuer_breaker_open",
+            "1 while the circuit breaker in front of the "
+            "microservice is open (requests wait in RabbitMQ)",
+            registry=self.registry,
+        )

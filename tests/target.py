@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from dequeuer.readiness import PROBE_HEADERS
 from shared.processes import free_port
 
 
@@ -48,6 +49,7 @@ class Target:
         app.router.add_route("*", "/delay/{seconds}", self.delay)
         app.router.add_route("*", "/keyed/{key}/{seq}", self.keyed)
         app.router.add_route("*", "/flaky/{times}", self.flaky)
+        app.router.add_route("*", "/drop", self.drop)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -59,11 +61,13 @@ class Target:
         await self._runner.cleanup()
 
     async def record(self, request: web.Request) -> Seen:
+        """The dequeuer's readiness probes are not requests of the test: not recorded."""
         path, _, query = request.raw_path.partition("?")
         seen = Seen(
             request.method, path, query, list(request.headers.items()), await request.read()
         )
-        self.seen.append(seen)
+        if request.headers.get("User-Agent") != PROBE_HEADERS["User-Agent"]:
+            self.seen.append(seen)
         return seen
 
     async def echo(self, request: web.Request) -> web.Response:
@@ -130,6 +134,13 @@ class Target:
             self.failures_left[request_id] = left - 1
             return web.Response(status=503, text="busy")
         return web.Response(text="recovered")
+
+    async def drop(self, request: web.Request) -> web.Response:
+        """Closes the connection without an answer: a microservice that crashed mid-call."""
+        await self.record(request)
+        assert request.transport is not None
+        request.transport.close()
+        raise asyncio.CancelledError
 
     async def _serve_raw(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answers with `raw_response` byte for byte: things aiohttp would not send (no

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import aio_pika
 import aiohttp
+import aiormq
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -33,12 +34,15 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from shared.broker import redact
 from shared.cli import bench_report, bench_stack
+from shared.cli.bench_cpu import CpuMeter, local_broker
 from shared.cli.bench_load import RequestFailed, Run, Send, drive, measure, summarize
 from shared.cli.bench_rpc import RpcClient
 from shared.cli.common import add_amqp_url
 
 DEFAULT_BODY = b'{"ping":1}'
+RPC_PREFETCH = 64  # the dequeuer's default --concurrency: both serve 64 requests at once
 EXIT_INTERRUPTED = 130
 
 
@@ -52,11 +56,20 @@ def concurrency_list(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}")
+        return value
+
+    return parse
+
+
+positive, non_negative = at_least(1), at_least(0)
 
 
 def body_of(size: int | None) -> bytes:
@@ -93,13 +106,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     parser.add_argument(
         "--warmup",
-        type=int,
+        type=non_negative,
         default=300,
         help="unmeasured requests per mode before each concurrency's rounds (%(default)s)",
     )
     parser.add_argument(
         "--body-size",
-        type=int,
+        type=non_negative,
         default=None,
         help="request body in bytes (a JSON string padded to size; default a 10-byte JSON)",
     )
@@ -138,7 +151,7 @@ def rpc_send(client: RpcClient, body: bytes, timeout: float) -> Send:
     async def send() -> None:
         try:
             await client.call(body, timeout)
-        except aio_pika.exceptions.AMQPError as exc:
+        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:  # RuntimeError: channel gone
             raise RequestFailed(type(exc).__name__) from exc
 
     return send
@@ -166,7 +179,11 @@ async def open_modes(
 
 
 async def measure_all(
-    modes: dict[str, Send], args: argparse.Namespace, progress: Progress, console: Console
+    modes: dict[str, Send],
+    args: argparse.Namespace,
+    progress: Progress,
+    console: Console,
+    meter: CpuMeter,
 ) -> list[Run]:
     """Per concurrency: a warm-up of every mode, then rounds alternating the modes."""
     runs: list[Run] = []
@@ -184,13 +201,16 @@ async def measure_all(
                 task = progress.add_task(name, total=args.requests)
                 tasks.append(task)
                 run = await measure(
-                    send, mode, concurrency, round_, args.requests, advance(progress, task)
+                    send, mode, concurrency, round_, args.requests, advance(progress, task), meter
                 )
                 progress.update(task, description=f"{name}: {run.rps:,.0f} req/s")
                 runs.append(run)
         for task in tasks:
             progress.update(task, visible=False)
-        console.print(bench_report.table(concurrency, summarize(runs), args.requests))
+        summaries = summarize(runs)
+        console.print(bench_report.table(concurrency, summaries, args.requests))
+        for line in bench_report.cpu_lines(concurrency, summaries):
+            console.print(line, highlight=False)
     return runs
 
 
@@ -204,9 +224,14 @@ def advance(progress: Progress, task: TaskID) -> Callable[[], None]:
 async def bench(args: argparse.Namespace, console: Console) -> int:
     async with AsyncExitStack() as stack:
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="proxymq-bench-")))
-        connection = await aio_pika.connect(
-            args.amqp_url, client_properties={"connection_name": "proxymq bench"}
-        )
+        try:
+            connection = await aio_pika.connect(
+                args.amqp_url, client_properties={"connection_name": "proxymq bench"}
+            )
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
+            raise bench_stack.StartFailed(
+                f"cannot reach RabbitMQ at {redact(args.amqp_url)}: {exc}"
+            ) from exc
         stack.push_async_callback(connection.close)
         with console.status("starting echo target, dequeuer, enqueuer and RPC server"):
             endpoints = await bench_stack.start_all(
@@ -214,11 +239,15 @@ async def bench(args: argparse.Namespace, console: Console) -> int:
                 connection,
                 amqp_url=args.amqp_url,
                 partitions=args.partitions,
-                prefetch=64,
+                prefetch=RPC_PREFETCH,
                 logs=logs,
             )
-        console.print(f"bench service [bold]{endpoints.service}[/], logs in {logs}")
+        console.print(f"bench service [bold]{endpoints.service}[/]; process logs in {logs}")
         modes = await open_modes(stack, connection, endpoints, args)
+        meter = CpuMeter({**endpoints.pids, "bench": os.getpid()})
+        broker = local_broker(args.amqp_url)
+        if broker is not None:
+            meter.pids["rabbitmq"] = broker
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -226,25 +255,31 @@ async def bench(args: argparse.Namespace, console: Console) -> int:
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console, refresh_per_second=4) as progress:
-            runs = await measure_all(modes, args, progress, console)
-        summaries = summarize(runs)
-        verdict = bench_report.Verdict.of(summaries)
-        console.print(verdict.line())
-        settings = describe(args, connection)
-        if args.json is not None:
-            bench_report.write_json(args.json, settings, runs, summaries, verdict)
-            console.print(f"figures written to {args.json}")
-        if args.plot is not None:
-            title = (
-                f"ProxyMQ bench: {args.requests} requests x {args.rounds} round(s), "
-                f"{len(body_of(args.body_size))}-byte body, {os.cpu_count()} CPUs"
-            )
-            bench_report.plot(args.plot, summaries, title)
-            console.print(f"plot written to {args.plot}")
-        errors = sum(run.error_count for run in runs)
-        if errors:
-            console.print(f"[red]{errors} request(s) failed[/]: the figures are not trustworthy")
-        return 1 if errors else 0
+            runs = await measure_all(modes, args, progress, console, meter)
+        return report(args, console, runs, describe(args, connection))
+
+
+def report(
+    args: argparse.Namespace, console: Console, runs: list[Run], settings: dict[str, object]
+) -> int:
+    """The verdict, the files asked for, and the exit code: 1 when any request failed."""
+    summaries = summarize(runs)
+    verdict = bench_report.Verdict.of(summaries)
+    console.print(verdict.line())
+    if args.json is not None:
+        bench_report.write_json(args.json, settings, runs, summaries, verdict)
+        console.print(f"figures written to {args.json}")
+    if args.plot is not None:
+        title = (
+            f"ProxyMQ bench: {args.requests} requests x {args.rounds} round(s), "
+            f"{settings['body_bytes']}-byte body, {settings['cpus']} CPUs"
+        )
+        bench_report.plot(args.plot, summaries, title)
+        console.print(f"plot written to {args.plot}")
+    errors = sum(run.error_count for run in runs)
+    if errors:
+        console.print(f"[red]{errors} request(s) failed[/]: the figures are not trustworthy")
+    return 1 if errors else 0
 
 
 def describe(
@@ -276,7 +311,7 @@ async def guarded(args: argparse.Namespace, console: Console) -> int:
     try:
         return await bench(args, console)
     except bench_stack.StartFailed as exc:
-        console.print(f"[red]a process of the benchmark did not start:[/] {exc}")
+        console.print(f"[red]the benchmark could not start:[/] {exc}", highlight=False)
         return 1
     except asyncio.CancelledError:
         console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")

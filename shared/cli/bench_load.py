@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from shared.cli.bench_cpu import CpuMeter
+
 Send = Callable[[], Awaitable[None]]
 
 
@@ -37,6 +39,7 @@ class Run:
     seconds: float
     latencies: tuple[float, ...] = field(repr=False)
     errors: Counter[str] = field(default_factory=Counter)
+    cpu_us: dict[str, float] = field(default_factory=dict)  # per process, µs per request
 
     @property
     def rps(self) -> float:
@@ -67,6 +70,7 @@ class Run:
             "mean_ms": round(statistics.fmean(self.latencies) * 1000, 3) if self.latencies else 0,
             "errors": self.error_count,
             "error_kinds": dict(self.errors),
+            "cpu_us_per_request": {name: round(us, 1) for name, us in self.cpu_us.items()},
         }
 
 
@@ -112,10 +116,18 @@ async def drive(
 
 
 async def measure(
-    send: Send, mode: str, concurrency: int, round_: int, requests: int, tick: Callable[[], None]
+    send: Send,
+    mode: str,
+    concurrency: int,
+    round_: int,
+    requests: int,
+    tick: Callable[[], None],
+    meter: CpuMeter | None = None,
 ) -> Run:
+    before = meter.snapshot() if meter is not None else {}
     seconds, latencies, errors = await drive(send, requests, concurrency, tick=tick)
-    return Run(mode, concurrency, round_, requests, seconds, tuple(latencies), errors)
+    cpu = meter.per_request(before, requests) if meter is not None else {}
+    return Run(mode, concurrency, round_, requests, seconds, tuple(latencies), errors, cpu)
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class Summary:
     p99_ms: float
     errors: int
     rounds: int
+    cpu_us: dict[str, float]
 
 
 def summarize(runs: Sequence[Run]) -> list[Summary]:
@@ -145,6 +158,15 @@ def summarize(runs: Sequence[Run]) -> list[Summary]:
             p99_ms=statistics.median(r.p99_ms for r in group),
             errors=sum(r.error_count for r in group),
             rounds=len(group),
+            cpu_us=_median_cpu(group),
         )
         for (concurrency, mode), group in groups.items()
     ]
+
+
+def _median_cpu(runs: Sequence[Run]) -> dict[str, float]:
+    names = {name for run in runs for name in run.cpu_us}
+    return {
+        name: statistics.median(run.cpu_us[name] for run in runs if name in run.cpu_us)
+        for name in sorted(names)
+    }

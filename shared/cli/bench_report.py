@@ -19,6 +19,12 @@ from shared.cli.bench_load import Run, Summary
 
 MODES = ("http", "rpc", "proxymq")
 LABELS = {"http": "HTTP direct", "rpc": "aio-pika RPC", "proxymq": "ProxyMQ"}
+# The processes each mode's requests pass through, for the CPU-per-request line.
+PATHS = {
+    "http": ("bench", "echo"),
+    "rpc": ("bench", "rpc server", "rabbitmq"),
+    "proxymq": ("bench", "enqueuer", "dequeuer", "echo", "rabbitmq"),
+}
 COLORS = {"http": "tab:green", "rpc": "tab:blue", "proxymq": "tab:red"}
 # The product's goals (issue text): throughput at c64 relative to RPC, p50 overhead at c1.
 RATIO_AT, RATIO_GOAL, RATIO_TARGET = 64, 0.7, 0.8
@@ -63,6 +69,22 @@ def table(concurrency: int, summaries: Sequence[Summary], requests: int) -> Tabl
             "-" if extra is None else f"{extra:+.2f}",
         )
     return result
+
+
+def cpu_lines(concurrency: int, summaries: Sequence[Summary]) -> list[str]:
+    """CPU time per request along each mode's path: on a small machine the throughput ratio
+    follows the inverse ratio of these sums."""
+    found = by_key(summaries)
+    lines = []
+    for mode in MODES:
+        summary = found.get((concurrency, mode))
+        if summary is None or not summary.cpu_us:
+            continue
+        parts = [(name, summary.cpu_us[name]) for name in PATHS[mode] if name in summary.cpu_us]
+        total = sum(us for _, us in parts)
+        detail = " + ".join(f"{name} {us:.0f}" for name, us in parts)
+        lines.append(f"  {LABELS[mode]}: {detail} = {total:.0f} µs CPU per request")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,7 @@ def plot(path: Path, summaries: Sequence[Summary], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     concurrencies = sorted({s.concurrency for s in summaries})
@@ -170,11 +193,19 @@ def plot(path: Path, summaries: Sequence[Summary], title: str) -> None:
         if not points:
             continue
         xs = [p.concurrency for p in points]
-        style = {"color": COLORS[mode], "marker": "o"}
-        left.plot(xs, [p.rps for p in points], label=LABELS[mode], **style)
-        right.plot(xs, [p.p50_ms for p in points], label=f"{LABELS[mode]} p50", **style)
+        color = COLORS[mode]
+        left.plot(xs, [p.rps for p in points], label=LABELS[mode], color=color, marker="o")
         right.plot(
-            xs, [p.p99_ms for p in points], label=f"{LABELS[mode]} p99", linestyle="--", **style
+            xs, [p.p50_ms for p in points], label=f"{LABELS[mode]} p50", color=color, marker="o"
+        )
+        right.plot(
+            xs,
+            [p.p99_ms for p in points],
+            label=f"{LABELS[mode]} p99",
+            color=color,
+            marker="s",
+            markerfacecolor="none",
+            linestyle="--",
         )
     for axis in (left, right):
         axis.set_xscale("log", base=2)
@@ -182,12 +213,14 @@ def plot(path: Path, summaries: Sequence[Summary], title: str) -> None:
         axis.set_xlabel("concurrency (requests in flight)")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize="small")
-    left.set_ylabel("throughput (requests/s)")
-    left.set_ylim(bottom=0)
+    left.set_yscale("log")
+    left.yaxis.set_major_formatter(ScalarFormatter())
+    left.set_ylabel("throughput (requests/s, log scale)")
     left.set_title("Throughput")
     right.set_yscale("log")
+    right.yaxis.set_major_formatter(ScalarFormatter())
     right.set_ylabel("latency (ms, log scale)")
-    right.set_title("Latency: p50 solid, p99 dashed")
+    right.set_title("Latency: p50 solid (dots), p99 dashed (squares)")
     figure.suptitle(title)
     figure.savefig(path, dpi=120)
     plt.close(figure)

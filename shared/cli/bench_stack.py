@@ -21,6 +21,7 @@ from pathlib import Path
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from dequeuer.membership import members_exchange
 from shared import topology
 from shared.cli import bench_rpc
 from shared.processes import Process, free_port
@@ -41,6 +42,7 @@ class Endpoints:
     proxy_url: str
     rpc_queue: str
     service: str
+    pids: dict[str, int]  # process name -> pid, for the CPU figures
 
 
 def module_process(
@@ -114,8 +116,66 @@ async def delete_queue(connection: AbstractConnection, name: str) -> None:
 
 
 async def delete_topology(connection: AbstractConnection, service: str) -> None:
+    """`topology.delete` and, as long as it leaves it behind, the dequeuers' membership
+    exchange (deleting an exchange that is gone is no error on RabbitMQ)."""
     with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
         await topology.delete(connection, topology.Topology(service))
+    with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
+        channel = await connection.channel()
+        try:
+            await channel.exchange_delete(members_exchange(service))
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+
+async def start_echo(stack: AsyncExitStack, logs: Path) -> tuple[Process, int]:
+    port = free_port()
+    process = module_process(
+        "echo target",
+        "shared.cli.bench_echo",
+        ["--port", str(port)],
+        ready_url=f"http://127.0.0.1:{port}/ready",
+    )
+    return await launch(stack, process, logs / "echo.log"), port
+
+
+async def start_sidecar(
+    stack: AsyncExitStack, command: str, args: list[str], env: Mapping[str, str], logs: Path
+) -> Process:
+    """A sidecar on a free admin port (localhost only), ready when its /readyz says so."""
+    admin = free_port()
+    process = Process(
+        command,
+        [*args, "--admin-host", "127.0.0.1", "--admin-port", str(admin)],
+        ready_url=f"http://127.0.0.1:{admin}/readyz",
+        env=env,
+    )
+    return await launch(stack, process, logs / f"{command}.log")
+
+
+async def start_rpc_server(
+    stack: AsyncExitStack,
+    connection: AbstractConnection,
+    queue: str,
+    prefetch: int,
+    env: Mapping[str, str],
+    logs: Path,
+) -> Process:
+    channel = await connection.channel()
+    await bench_rpc.declare_queue(channel, queue)
+    await channel.close()
+    stack.push_async_callback(delete_queue, connection, queue)
+    log = logs / "rpc-server.log"
+    process = module_process(
+        "rpc server",
+        "shared.cli.bench_rpc",
+        ["--serve", "--queue", queue, "--prefetch", str(prefetch)],
+        env=env,
+    )
+    await launch(stack, process, log)
+    await wait_consumer(connection, queue, process, log)
+    return process
 
 
 async def start_all(
@@ -132,69 +192,24 @@ async def start_all(
     suffix = uuid.uuid4().hex[:8]
     service, rpc_queue = f"bench-{suffix}", f"proxymq.bench.rpc.{suffix}"
     env = {"PROXYMQ_AMQP_URL": amqp_url}
-    echo_port, enqueuer_port = free_port(), free_port()
-
-    log = logs / "echo.log"
-    await launch(
-        stack,
-        module_process(
-            "echo target",
-            "shared.cli.bench_echo",
-            ["--port", str(echo_port)],
-            ready_url=f"http://127.0.0.1:{echo_port}/ready",
-        ),
-        log,
-    )
-
+    echo, echo_port = await start_echo(stack, logs)
     stack.push_async_callback(delete_topology, connection, service)
-    admin = free_port()
-    log = logs / "dequeuer.log"
-    dequeuer_args = ["--service", service, "--target", f"http://127.0.0.1:{echo_port}"]
-    dequeuer_args += ["--admin-host", "127.0.0.1", "--admin-port", str(admin)]
-    dequeuer_args += ["--partitions", str(partitions)]
-    await launch(
-        stack,
-        Process(
-            "proxymq-dequeuer",
-            dequeuer_args,
-            ready_url=f"http://127.0.0.1:{admin}/readyz",
-            env=env,
-        ),
-        log,
+    target = ["--service", service, "--target", f"http://127.0.0.1:{echo_port}"]
+    dequeuer = await start_sidecar(
+        stack, "proxymq-dequeuer", [*target, "--partitions", str(partitions)], env, logs
     )
-
-    admin = free_port()
-    log = logs / "enqueuer.log"
-    enqueuer_args = ["--port", str(enqueuer_port), "--admin-host", "127.0.0.1"]
-    enqueuer_args += ["--admin-port", str(admin)]
-    await launch(
-        stack,
-        Process(
-            "proxymq-enqueuer",
-            enqueuer_args,
-            ready_url=f"http://127.0.0.1:{admin}/readyz",
-            env=env,
-        ),
-        log,
-    )
-
-    channel = await connection.channel()
-    await bench_rpc.declare_queue(channel, rpc_queue)
-    await channel.close()
-    stack.push_async_callback(delete_queue, connection, rpc_queue)
-    log = logs / "rpc-server.log"
-    rpc_server = module_process(
-        "rpc server",
-        "shared.cli.bench_rpc",
-        ["--serve", "--queue", rpc_queue, "--prefetch", str(prefetch)],
-        env=env,
-    )
-    await launch(stack, rpc_server, log)
-    await wait_consumer(connection, rpc_queue, rpc_server, log)
-
+    port = free_port()
+    enqueuer = await start_sidecar(stack, "proxymq-enqueuer", ["--port", str(port)], env, logs)
+    rpc_server = await start_rpc_server(stack, connection, rpc_queue, prefetch, env, logs)
     return Endpoints(
         echo_url=f"http://127.0.0.1:{echo_port}/echo",
-        proxy_url=f"http://127.0.0.1:{enqueuer_port}/{service}/echo",
+        proxy_url=f"http://127.0.0.1:{port}/{service}/echo",
         rpc_queue=rpc_queue,
         service=service,
+        pids={
+            "echo": echo.pid,
+            "dequeuer": dequeuer.pid,
+            "enqueuer": enqueuer.pid,
+            "rpc server": rpc_server.pid,
+        },
     )

@@ -1,10 +1,334 @@
-"""Placeholder until the subcommand lands."""
+"""`proxymq demo`: the whole pipeline on this machine, shown to a person.
+
+It starts a small local website (there may be no internet), `url-fetcher --allow-private`, a
+dequeuer for the service and an enqueuer, each as the console script a user runs, on free ports;
+sends a dozen real calls through the enqueuer; prints what came back; then stops everything and
+deletes the service's topology so demos leave no queues behind. It exits 0 only when every call
+got the expected answer, so it doubles as an end-to-end smoke test.
+
+Processes are stopped however the demo ends (failure, Ctrl-C, SIGTERM); their output goes to log
+files whose tails are printed when something fails.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from aio_pika.abc import AbstractConnection
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dequeuer.membership import members_exchange
+from shared import topology
+from shared.broker import redact
+from shared.cli import demo_plan
+from shared.cli.common import add_amqp_url
+from shared.cli.ensure_broker import BrokerProblem, connect, quiet_amqp_logs
+from shared.cli.status import UnknownService as NoTopology
+from shared.cli.status import from_amqp
+from shared.cli.topology_cmd import service_name
+from shared.processes import Process, free_port
+
+PARTITIONS = 8
+START_TIMEOUT = 30.0
+STOP_GRACE = 30.0
+LOG_TAIL_LINES = 25
+
+
+class DemoFailed(Exception):
+    """The demo cannot go on; the message says why and what to do."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM, turned into an exception so the same `finally` stops the processes."""
+
+
+class Stack:
+    """The demo's processes, started in dependency order and stopped in reverse."""
+
+    def __init__(self, amqp_url: str, logs: Path) -> None:
+        self.amqp_url = amqp_url
+        self.logs = logs
+        self.processes: list[Process] = []
+        self._files: list[IO[bytes]] = []
+
+    def start(self, label: str, name: str, args: list[str], ready_url: str) -> Process:
+        log = (self.logs / f"{len(self.processes)}-{label}.log").open("ab")
+        self._files.append(log)
+        # The URL goes by environment, never on a command line (`ps` shows those).
+        process = Process(
+            name, args, ready_url=ready_url, env={"PROXYMQ_AMQP_URL": self.amqp_url}, log=log
+        )
+        process.name = label
+        self.processes.append(process)
+        process.start()
+        try:
+            process.wait_ready(START_TIMEOUT)
+        except (RuntimeError, TimeoutError) as exc:
+            raise DemoFailed(f"{label} did not start: {exc}") from None
+        return process
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop(STOP_GRACE)
+        for file in self._files:
+            file.close()
+
+    def tails(self) -> str:
+        parts = []
+        for path in sorted(self.logs.glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            parts.append(f"--- {path.name} (last {len(lines)} lines)\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def uninterruptible() -> Iterator[None]:
+    """While stopping: a second Ctrl-C must not leave processes or queues behind (each stop is
+    bounded by its grace period, so this cannot hang)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+async def prepare(amqp_url: str, service: str) -> None:
+    """Refuse a service name in real use (consumers, or waiting messages): the demo would steal
+    its requests and then delete its queues. An idle leftover (a killed demo) is removed, since
+    its partition count may not match."""
+    connection = await connect(amqp_url, f"proxymq demo {service}")
+    try:
+        try:
+            found = await from_amqp(service, connection, note="")
+        except NoTopology:
+            return
+        consumers = sum(p.consumers for p in found.partitions)
+        ready = sum(p.ready for p in found.partitions)
+        if consumers or ready:
+            raise DemoFailed(
+                f"service {service!r} is in use on {redact(amqp_url)} ({consumers} consumers, "
+                f"{ready} waiting messages): run the demo under another name, "
+                "`proxymq demo --service demo-fetcher`"
+            )
+        await delete_all(connection, service)
+    finally:
+        await connection.close()
+
+
+async def cleanup(amqp_url: str, service: str) -> None:
+    connection = await connect(amqp_url, f"proxymq demo {service} cleanup")
+    try:
+        await delete_all(connection, service)
+    finally:
+        await connection.close()
+
+
+async def delete_all(connection: AbstractConnection, service: str) -> None:
+    """The service's topology and the dequeuers' membership exchange, which `topology.delete`
+    does not know about yet; without it every demo would leave an `S.members` exchange."""
+    await topology.delete(connection, topology.Topology(service))
+    channel = await connection.channel()
+    try:
+        await channel.exchange_delete(members_exchange(service))
+    finally:
+        await channel.close()
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    enqueuer: str
+    site: str
+
+
+def start_all(stack: Stack, service: str, console: Console) -> Endpoints:
+    """Start the four processes in dependency order, each waited for until ready."""
+    site_port, fetcher_port = free_port(), free_port()
+    dequeuer_admin, enqueuer_port, enqueuer_admin = free_port(), free_port(), free_port()
+    site = f"http://127.0.0.1:{site_port}"
+    fetcher = f"http://127.0.0.1:{fetcher_port}"
+    enqueuer = f"http://127.0.0.1:{enqueuer_port}"
+    local = "127.0.0.1"
+    # Service names and these URLs hold no spaces, so plain split() builds the argument lists.
+    with console.status("starting the website, url-fetcher, the dequeuer and the enqueuer..."):
+        stack.start(
+            "website",
+            "python",
+            f"-m shared.cli.demo_site --port {site_port}".split(),
+            f"{site}/healthz",
+        )
+        stack.start(
+            "url-fetcher",
+            "url-fetcher",
+            f"--host {local} --port {fetcher_port} --allow-private".split(),
+            f"{fetcher}/healthz",
+        )
+        stack.start(
+            "dequeuer",
+            "proxymq-dequeuer",
+            f"--service {service} --partitions {PARTITIONS} --target {fetcher} --instance-id demo "
+            f"--admin-host {local} --admin-port {dequeuer_admin}".split(),
+            f"http://{local}:{dequeuer_admin}/readyz",
+        )
+        stack.start(
+            "enqueuer",
+            "proxymq-enqueuer",
+            f"--host {local} --port {enqueuer_port} --instance-id demo "
+            f"--admin-host {local} --admin-port {enqueuer_admin}".split(),
+            f"http://{local}:{enqueuer_admin}/readyz",
+        )
+    components = Table.grid(padding=(0, 2))
+    components.add_row("website", site, "pages with titles, a redirect, a 404, a slow page")
+    components.add_row("url-fetcher", fetcher, "the microservice (--allow-private)")
+    components.add_row(
+        "dequeuer", f"admin :{dequeuer_admin}", f"consumes {service}.p0..p{PARTITIONS - 1}"
+    )
+    components.add_row("enqueuer", enqueuer, f"admin :{enqueuer_admin}")
+    console.print(components)
+    return Endpoints(enqueuer, site)
+
+
+def render(
+    calls: list[demo_plan.Call], answers_: list[demo_plan.Answer], site: str, console: Console
+) -> None:
+    table = Table(
+        title="calls through the enqueuer",
+        title_justify="left",
+        caption="key: X-Partition-Key; calls with one key are served in order, one at a time",
+        caption_justify="left",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("request")
+    table.add_column("key")
+    table.add_column("status")
+    table.add_column("ms", justify="right")
+    table.add_column("what came back")
+    table.add_column("correlation")
+    for number, (call, answer) in enumerate(zip(calls, answers_, strict=True), start=1):
+        mark = "" if answer.problem is None else f"\n[red]✗ {answer.problem}[/red]"
+        table.add_row(
+            str(number),
+            f"{call.method} {call.path}{' (async)' if call.asynchronous else ''}"
+            + f"\n[dim]{escape(what_is_fetched(call, site))}[/dim]",
+            call.key or "-",
+            answer.status,
+            f"{answer.latency_ms:.0f}",
+            answer.summary + mark,
+            answer.correlation_id[:8],
+        )
+    console.print(table)
+
+
+def what_is_fetched(call: demo_plan.Call, site: str) -> str:
+    """The pages' paths on the local site (its host and port are noise in a table)."""
+    body = call.body if isinstance(call.body, dict) else {}
+    urls = [str(url) for url in body.get("urls") or [body.get("url")]]
+    return ", ".join(url.removeprefix(site) if url.startswith(site + "/") else url for url in urls)
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_amqp_logs()
+    # A log or a pipe is not a terminal: rich would wrap at 80 columns, too narrow for the table.
+    console = Console() if sys.stdout.isatty() else Console(width=130)
+    service: str = args.service
+    try:
+        asyncio.run(prepare(args.amqp_url, service))
+    except (BrokerProblem, DemoFailed) as exc:
+        print(f"proxymq demo: {exc}", file=sys.stderr)
+        return 1
+    logs = Path(tempfile.mkdtemp(prefix="proxymq-demo-"))
+    stack = Stack(args.amqp_url, logs)
+    code = 1
+    dead_port = socket.socket()  # bound, never listening: fetching it is refused at once
+    try:
+        with sigterm_as_interrupt():
+            dead_port.bind(("127.0.0.1", 0))
+            console.print(f"[bold]ProxyMQ demo[/bold] (broker {redact(args.amqp_url)})")
+            endpoints = start_all(stack, service, console)
+            calls = demo_plan.plan(service, endpoints.site, dead_port.getsockname()[1])
+            started = time.perf_counter()
+            with console.status(f"sending {len(calls)} calls..."):
+                results = asyncio.run(demo_plan.send_all(endpoints.enqueuer, calls))
+            elapsed = time.perf_counter() - started
+            render(calls, results, endpoints.site, console)
+            good = sum(answer.problem is None for answer in results)
+            code = 0 if good == len(results) else 1
+            style = "green" if code == 0 else "red"
+            console.print(
+                f"[{style}]{good}/{len(results)} calls got the expected answer[/{style}] in "
+                f"{elapsed:.1f} s, through RabbitMQ service {service!r} ({PARTITIONS} partitions)"
+            )
+            if code != 0:
+                console.print(stack.tails(), markup=False, highlight=False)
+    except DemoFailed as exc:
+        print(f"proxymq demo: {exc}", file=sys.stderr)
+        print(stack.tails(), file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted):
+        print("proxymq demo: interrupted, stopping", file=sys.stderr)
+        code = 130
+    finally:
+        with uninterruptible():
+            dead_port.close()
+            stack.stop()
+            try:
+                asyncio.run(cleanup(args.amqp_url, service))
+            except BrokerProblem as exc:
+                print(f"proxymq demo: could not delete {service}'s queues: {exc}", file=sys.stderr)
+                code = code or 1
+            keep = args.keep_logs or code not in (0, 130)
+            if keep:
+                print(f"proxymq demo: logs kept in {logs}", file=sys.stderr)
+            else:
+                shutil.rmtree(logs, ignore_errors=True)
+    if code == 0:
+        console.print(f"stopped; topology of {service!r} deleted")
+    return code
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("demo".replace("_cmd", ""), help="(not yet available)")
-    parser.set_defaults(run=lambda _: 2)
+    parser = sub.add_parser(
+        "demo",
+        help="run the whole pipeline locally and show a dozen calls going through it",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_amqp_url(parser)
+    parser.add_argument(
+        "--service",
+        default="url-fetcher",
+        type=service_name,
+        help="service name the demo uses (its queues are deleted at the end; default %(default)s)",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the processes' log files (they are always kept when the demo fails)",
+    )
+    parser.set_defaults(run=run)

@@ -24,6 +24,7 @@ ERROR_HEADER = "X-ProxyMQ-Error"
 CORRELATION_HEADER = "X-Correlation-ID"
 ASYNC_POLL_TIMEOUT = 20.0
 CALL_TIMEOUT = 40.0
+START_SPACING = 0.01
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Call:
     body: Any
     check: Check
     asynchronous: bool = False
+    note: str = ""  # what the call shows, added to the answer when it is the expected one
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -71,9 +73,9 @@ def expect_title(title: str, *, page_status: int = 200, redirects: int = 0) -> C
     def check(response: Response) -> tuple[str, str | None]:
         body = response.body if isinstance(response.body, dict) else {}
         got = body.get("title")
-        summary = f"{body.get('status', '?')} {got!r}" if got else describe(response)
-        if body.get("redirects"):
-            summary += f" after {body['redirects']} redirect"
+        followed = f", {body['redirects']} redirect" if body.get("redirects") else ""
+        page = f"(page {body.get('status', '?')}{followed})"
+        summary = f"{got!r} {page}" if got else describe(response)
         if response.status != 200:
             return summary, f"expected HTTP 200, got {response.status}"
         if body.get("status") != page_status:
@@ -120,8 +122,8 @@ def expect_batch(titles: list[str]) -> Check:
 def describe(response: Response) -> str:
     code = response.error_code()
     if code:
-        whose = "proxymq" if ERROR_HEADER in response.headers else "url-fetcher"
-        return f"{code} ({whose})"
+        whose = "ProxyMQ" if ERROR_HEADER in response.headers else "url-fetcher"
+        return f"{code} from {whose}"
     return json.dumps(response.body)[:60] if response.body is not None else "(no JSON)"
 
 
@@ -129,24 +131,37 @@ def plan(service: str, site: str, dead_port: int) -> list[Call]:
     """The calls, keyed per user: calls with one key are served in order, others in parallel."""
     fetch = f"/{service}/fetch"
 
-    def get(path: str, key: str, check: Check, asynchronous: bool = False) -> Call:
-        return Call("POST", fetch, key, {"url": site + path}, check, asynchronous)
+    def page(
+        path: str, key: str, check: Check, *, note: str = "", asynchronous: bool = False
+    ) -> Call:
+        return Call("POST", fetch, key, {"url": site + path}, check, asynchronous, note)
 
     home = demo_site.HOME_TITLE
     return [
-        get("/", "alice", expect_title(home)),
-        get("/products/1", "alice", expect_title(demo_site.product_title(1))),
-        get("/products/2", "bob", expect_title(demo_site.product_title(2))),
-        get("/about", "bob", expect_title(demo_site.ABOUT_TITLE)),
-        get("/old-home", "carol", expect_title(home, redirects=1)),
-        get("/no-such-page", "carol", expect_title(demo_site.NOT_FOUND_TITLE, page_status=404)),
-        get("/slow", "dave", expect_title(demo_site.SLOW_TITLE)),
+        page("/", "alice", expect_title(home)),
+        page("/products/1", "alice", expect_title(demo_site.product_title(1))),
+        page("/products/2", "bob", expect_title(demo_site.product_title(2))),
+        page("/about", "bob", expect_title(demo_site.ABOUT_TITLE)),
+        page(
+            "/old-home",
+            "carol",
+            expect_title(home, redirects=1),
+            note="url-fetcher followed it",
+        ),
+        page(
+            "/no-such-page",
+            "carol",
+            expect_title(demo_site.NOT_FOUND_TITLE, page_status=404),
+            note="a fetched 404 is data",
+        ),
+        page("/slow", "dave", expect_title(demo_site.SLOW_TITLE), note="slow page"),
         Call(
             "POST",
             fetch,
             "dave",
             {"url": "ftp://127.0.0.1/file"},
             expect_error(400, "bad_request", from_proxymq=False),
+            note="its own answer, passed back as is, not retried",
         ),
         Call(
             "POST",
@@ -154,8 +169,15 @@ def plan(service: str, site: str, dead_port: int) -> list[Call]:
             "erin",
             {"url": f"http://127.0.0.1:{dead_port}/"},
             expect_error(502, "service_failed", from_proxymq=True),
+            note="url-fetcher's 502 retried, then dead-lettered",
         ),
-        get("/products/3", "erin", expect_title(demo_site.product_title(3)), asynchronous=True),
+        page(
+            "/products/3",
+            "erin",
+            expect_title(demo_site.product_title(3)),
+            note="polled",
+            asynchronous=True,
+        ),
         Call(
             "POST",
             "/no-such-service/fetch",
@@ -195,6 +217,8 @@ async def send(session: aiohttp.ClientSession, enqueuer: str, call: Call) -> Ans
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Answer("-", ms(started), "", "no answer", f"{type(exc).__name__}: {exc}")
     summary, problem = call.check(response)
+    if problem is None and call.note:
+        summary = f"{summary}: {call.note}"
     return Answer(status, ms(started), correlation_id, summary, problem)
 
 
@@ -221,10 +245,16 @@ async def poll(session: aiohttp.ClientSession, url: str) -> Response:
 
 
 async def send_all(enqueuer: str, calls: list[Call]) -> list[Answer]:
-    """All at once, like concurrent users; the per-key order is the dequeuer's job."""
+    """Concurrently, like many users; the per-key order is the dequeuer's job. Starts are spaced
+    a little so that calls with one key usually arrive in the table's order."""
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        return list(await asyncio.gather(*(send(session, enqueuer, call) for call in calls)))
+
+        async def spaced(index: int, call: Call) -> Answer:
+            await asyncio.sleep(index * START_SPACING)
+            return await send(session, enqueuer, call)
+
+        return list(await asyncio.gather(*(spaced(i, call) for i, call in enumerate(calls))))
 
 
 def ms(started: float) -> float:

@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -42,6 +41,8 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
+from shared.broker import redact as redact  # re-exported: `proxymq dlq` imports it from here
+from shared.cli.common import env_default
 from shared.settings import DEFAULT_AMQP_URL
 
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
@@ -78,26 +79,11 @@ class CredentialsRefused(BrokerProblem):
     """The broker is up and said no: starting another one would not help."""
 
 
-def redact(url: str) -> str:
-    """The URL without its password: messages end up in terminals and CI logs."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
-
-
 def quiet_amqp_logs() -> None:
     """aiormq logs every failed connect attempt with a traceback; our own message says it
     better, once."""
     for name in ("aiormq", "aio_pika"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def amqp_url_from_env() -> str:
-    """PROXYMQ_AMQP_URL_FILE, then PROXYMQ_AMQP_URL, then the default, like the sidecars."""
-    path = os.environ.get("PROXYMQ_AMQP_URL_FILE")
-    if path:
-        with open(path) as file:
-            return file.read().strip()
-    return os.environ.get("PROXYMQ_AMQP_URL", DEFAULT_AMQP_URL)
 
 
 def management_url(amqp_url: str) -> str:
@@ -240,11 +226,16 @@ class Checker:
                 "start yours on that port, or fix the URL"
             )
         if shutil.which("rabbitmq-server") is None:
-            self.install()
+            await self.install()
         self.say("starting rabbitmq-server")
-        # "already running" is fine: the node may be booting; await_startup decides.
-        self.run(["rabbitmq-server", "-detached"], check=False)
-        self.run(
+        code, output = await self.run(["rabbitmq-server", "-detached"], check=False)
+        if code != 0 and "already running" not in output:
+            raise BrokerProblem(
+                f"`rabbitmq-server -detached` exited with {code}:\n{output}",
+                "start it as root or as the rabbitmq user, or see /var/log/rabbitmq/",
+            )
+        # The AMQP check below decides; this only spares polling while the node boots.
+        await self.run(
             ["rabbitmqctl", "await_startup", "--timeout", str(int(self.start_timeout))],
             check=False,
         )
@@ -258,13 +249,13 @@ class Checker:
                 )
             await asyncio.sleep(0.5)
 
-    def install(self) -> None:
+    async def install(self) -> None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             raise BrokerProblem("RabbitMQ is not installed, and this is not root on Debian/Ubuntu")
         self.say("installing rabbitmq-server with apt-get (a minute or two)")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        self.run(["apt-get", "update", "-qq"], env=env)
-        self.run(["apt-get", "install", "-y", "-qq", "rabbitmq-server"], env=env)
+        await self.run(["apt-get", "update", "-qq"], env=env)
+        await self.run(["apt-get", "install", "-y", "-qq", "rabbitmq-server"], env=env)
 
     async def ensure_plugins(self) -> None:
         hash_ok = await has_consistent_hash(self.url)
@@ -286,12 +277,12 @@ class Checker:
                 "`rabbitmq-plugins enable rabbitmq_management`)"
             )
             return
-        listed = self.run(["rabbitmq-plugins", "list", "-e", "-m"])
+        _, listed = await self.run(["rabbitmq-plugins", "list", "-e", "-m"])
         enabled = {line.strip() for line in listed.splitlines()}
         missing = [plugin for plugin in PLUGINS if plugin not in enabled]
         if missing:
             self.say(f"enabling {' '.join(missing)}")
-            self.run(["rabbitmq-plugins", "enable", *missing])
+            await self.run(["rabbitmq-plugins", "enable", *missing])
         if not await has_consistent_hash(self.url):
             raise BrokerProblem(
                 "x-consistent-hash is still unknown to the broker after enabling the plugin",
@@ -309,25 +300,38 @@ class Checker:
                 return
             await asyncio.sleep(0.5)
 
-    def run(
+    async def run(
         self,
         command: Sequence[str],
         *,
         check: bool = True,
         env: dict[str, str] | None = None,
-    ) -> str:
-        """Run a RabbitMQ or apt tool, bounded; its output is shown only when it fails."""
+    ) -> tuple[int, str]:
+        """Run a RabbitMQ or apt tool, bounded; (exit code, output). The output is shown only
+        when the tool fails."""
         timeout = 900.0 if command[0] == "apt-get" else self.start_timeout + 30
+        shown = " ".join(command)
         try:
-            done = subprocess.run(
-                list(command), capture_output=True, text=True, env=env, timeout=timeout
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BrokerProblem(f"`{' '.join(command)}` failed: {exc}") from None
-        if check and done.returncode != 0:
-            output = (done.stderr or done.stdout).strip()[-2000:]
-            raise BrokerProblem(f"`{' '.join(command)}` exited with {done.returncode}:\n{output}")
-        return done.stdout
+        except OSError as exc:
+            raise BrokerProblem(f"`{shown}` failed: {exc}") from None
+        try:
+            raw, _ = await asyncio.wait_for(process.communicate(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise BrokerProblem(f"`{shown}` took longer than {timeout:g} s") from None
+        output = raw.decode(errors="replace")
+        code = process.returncode if process.returncode is not None else -1
+        if check and code != 0:
+            raise BrokerProblem(f"`{shown}` exited with {code}:\n{output.strip()[-2000:]}")
+        return code, output
 
 
 async def _close_quietly(connection: AbstractConnection) -> None:
@@ -370,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    url = args.amqp_url or amqp_url_from_env()
+    url = args.amqp_url or env_default("AMQP_URL", DEFAULT_AMQP_URL)
     checker = Checker(url, args.connect_timeout, args.start_timeout)
     try:
         asyncio.run(checker.ensure())

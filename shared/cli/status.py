@@ -22,18 +22,14 @@ import aiohttp
 import aiormq
 from aio_pika.abc import AbstractConnection
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from yarl import URL
 
 from shared import topology
+from shared.broker import redact
 from shared.cli.common import add_amqp_url
-from shared.cli.ensure_broker import (
-    BrokerProblem,
-    basic_auth,
-    connect,
-    management_url,
-    redact,
-)
+from shared.cli.ensure_broker import BrokerProblem, basic_auth, connect, management_url
 
 MANAGEMENT_TIMEOUT = 5.0
 PARTITION_INDEX = re.compile(r"\.p(\d+)$")
@@ -116,6 +112,16 @@ class Management:
         found = await self.get(f"queues/{self.vhost}/{quote(name, safe='')}")
         return found if isinstance(found, dict) else None
 
+    async def connection_names(self) -> dict[str, str]:
+        """Address-style connection name -> the name the client gave (the sidecars name theirs
+        after service and instance); consumer details only carry the address."""
+        found = await self.get(f"vhosts/{self.vhost}/connections?columns=name,user_provided_name")
+        return {
+            str(item["name"]): str(item.get("user_provided_name") or item["name"])
+            for item in found or []
+            if isinstance(item, dict) and "name" in item
+        }
+
     async def queue_names(self, pattern: str) -> list[str]:
         query = f"page=1&page_size=500&use_regex=true&name={quote(pattern, safe='')}"
         found = await self.get(f"queues/{self.vhost}?{query}")
@@ -123,16 +129,16 @@ class Management:
         return [str(item["name"]) for item in items if re.match(pattern, str(item["name"]))]
 
 
-def consumers_of(queue: dict[str, Any]) -> list[Consumer]:
+def consumers_of(queue: dict[str, Any], names: dict[str, str]) -> list[Consumer]:
     """Every consumer of a queue; right after a consumer's process dies the broker may still
     list it for a few seconds with no channel: it is shown as "(gone)"."""
     found = []
     for detail in queue.get("consumer_details") or []:
         channel = detail.get("channel_details") or {}
-        name = channel.get("connection_name") if isinstance(channel, dict) else None
+        address = str(channel.get("connection_name") or "") if isinstance(channel, dict) else ""
         found.append(
             Consumer(
-                connection=str(name or "(gone)"),
+                connection=names.get(address, address) if address else "(gone)",
                 active=bool(detail.get("active")),
                 status=str(detail.get("activity_status") or ""),
             )
@@ -154,11 +160,12 @@ async def from_management(service: str, management: Management) -> ServiceStatus
     if not names:
         raise UnknownService(service)
     queues = await asyncio.gather(*(management.queue(name) for name in names))
+    connections = await management.connection_names()
     partitions = []
     for name, queue in zip(names, queues, strict=True):
         if queue is None:
             continue  # deleted between the list and the get
-        consumers = consumers_of(queue)
+        consumers = consumers_of(queue, connections)
         active = [c.connection for c in consumers if c.active]
         partitions.append(
             PartitionStatus(
@@ -250,17 +257,27 @@ def render(status: ServiceStatus, console: Console) -> None:
     table.add_column("consumers", justify="right")
     table.add_column("active consumer")
     table.add_column("standbys")
+    prefix = f"proxymq-dequeuer {status.service} "
+
+    def short(name: str) -> str:
+        """Dequeuers name their connection `proxymq-dequeuer S INSTANCE`; S is in the title."""
+        return escape(name.removeprefix(prefix))
+
+    def active(partition: PartitionStatus) -> str:
+        if amqp_only:
+            return "?"
+        if partition.consumers == 0:
+            return "[yellow]no consumer[/yellow]"
+        return short(partition.active) if partition.active else "[red]none active[/red]"
+
     for partition in status.partitions:
-        active = partition.active or ("?" if amqp_only else "[red]none[/red]")
-        if not amqp_only and partition.consumers == 0:
-            active = "[yellow]no consumer[/yellow]"
         table.add_row(
             partition.name,
             str(partition.ready),
             "?" if partition.unacked is None else str(partition.unacked),
             str(partition.consumers),
-            active,
-            "?" if amqp_only else (", ".join(partition.standbys) or "-"),
+            active(partition),
+            "?" if amqp_only else (", ".join(map(short, partition.standbys)) or "-"),
         )
     totals = status.to_json()["totals"]
     table.add_section()
@@ -298,7 +315,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status.to_json(), indent=2))
     else:
-        render(status, Console())
+        # Not a terminal (a pipe, a CI log): rich would wrap at 80 columns.
+        render(status, Console() if sys.stdout.isatty() else Console(width=130))
     return 0
 
 

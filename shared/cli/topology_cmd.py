@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import topology
+from shared.broker import redact
 from shared.cli.common import add_amqp_url
-from shared.cli.ensure_broker import BrokerProblem, connect, redact
+from shared.cli.ensure_broker import BrokerProblem, connect
 from shared.cli.status import passive
 from shared.errors import TopologyMismatch
 

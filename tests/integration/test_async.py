@@ -74,9 +74,9 @@ async def test_async_deadline(
 async def test_async_error_is_kept(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
-    await stack.dequeuer(service, "http://127.0.0.1:1", "--retry-backoff-ms", "1")
+    await stack.dequeuer(service, target.url, "--retry-backoff-ms", "1")
     _, url = await stack.enqueuer()
-    async with http.post(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as response:
+    async with http.post(f"{url}/{service}/drop", headers={"Prefer": "respond-async"}) as response:
         location = response.headers["Location"]
     result = await poll(http, url + location)
     assert result.status == 502

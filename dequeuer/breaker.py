@@ -1,0 +1,97 @@
+"""The circuit breaker in front of the microservice (pybreaker keeps state and counts).
+
+What asyncio needs on top: while the breaker is open, requests wait (unacked, safe in RabbitMQ)
+instead of failing into the dead-letter queue; after `reset_timeout` exactly one request goes
+ahead as the half-open probe, and its outcome closes or re-opens the breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import pybreaker
+
+log = logging.getLogger(__name__)
+CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+
+
+class _Failed(Exception):
+    """Stands for a failed call when telling pybreaker an outcome."""
+
+
+def _outcome(failed: bool) -> None:
+    if failed:
+        raise _Failed
+
+
+class ServiceBreaker(pybreaker.CircuitBreakerListener):
+    def __init__(
+        self, fail_max: int, reset_timeout: float, on_state: Callable[[str], None] = lambda _: None
+    ) -> None:
+        self._breaker = pybreaker.CircuitBreaker(
+            fail_max=fail_max, reset_timeout=reset_timeout, listeners=[self]
+        )
+        self.reset_timeout = reset_timeout
+        self.on_state = on_state
+        self._opened_at = 0.0
+        self._probing = False
+        self._changed = asyncio.Event()
+
+    @property
+    def state(self) -> str:
+        return str(self._breaker.current_state)
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: object,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        if new_state.name == OPEN:
+            self._opened_at = time.monotonic()
+        level = logging.INFO if new_state.name == CLOSED else logging.WARNING
+        log.log(level, "circuit breaker %s", new_state.name)
+        self.on_state(new_state.name)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_turn(self, abandon: asyncio.Event) -> bool | None:
+        """None when `abandon` was set first; otherwise whether this call is the probe."""
+        while not abandon.is_set():
+            state = self.state
+            wait = 0.05
+            if state == CLOSED:
+                return False
+            if not self._probing:
+                if state == HALF_OPEN:
+                    self._probing = True
+                    return True
+                wait = self._opened_at + self.reset_timeout - time.monotonic()
+                if wait <= 0:
+                    self._breaker.half_open()
+                    self._probing = True
+                    return True
+            waiters = [asyncio.ensure_future(e.wait()) for e in (self._changed, abandon)]
+            await asyncio.wait(
+                waiters, timeout=max(wait, 0.05), return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in waiters:
+                waiter.cancel()
+        return None
+
+    def record(self, failed: bool, probe: bool) -> None:
+        if probe:
+            self._probing = False
+        if self.state == OPEN:
+            return  # a call that started before the breaker opened says nothing new
+        with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError):
+            self._breaker.call(_outcome, failed)
+
+    def abandon_probe(self, probe: bool) -> None:
+        """A probe that never called (its partition was given up) lets the next one try."""
+        if probe:
+            self._probing = False

@@ -1,0 +1,149 @@
+"""Who serves a service right now, learned through RabbitMQ itself: no coordinator to run.
+
+Every dequeuer publishes a heartbeat to the fanout exchange `S.members` and reads everyone's from a
+queue of its own. A member not heard from within `expiry` is gone; one that says `leaving` is gone
+at once, which makes a graceful scale-down hand over without waiting for the expiry. A stalled
+member (GC pause, CPU starvation) is only ever taken for gone: the partition queues' single active
+consumer keeps it from ever running beside its successor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+
+log = logging.getLogger(__name__)
+
+
+def members_exchange(service: str) -> str:
+    return f"{service}.members"
+
+
+@dataclass
+class Member:
+    last_seen: float
+    available: bool
+
+
+class Membership:
+    def __init__(
+        self,
+        service: str,
+        instance_id: str,
+        *,
+        interval: float = 0.5,
+        expiry: float = 2.5,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.service = service
+        self.instance_id = instance_id
+        self.interval = interval
+        self.expiry = expiry
+        self.on_change = on_change
+        self.available = False
+        self.leaving = False
+        self._peers: dict[str, Member] = {}
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_view: frozenset[str] = frozenset()
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Heartbeats are transient and expire in the queue: a member that was away long reads
+        only recent ones."""
+        self._channel = await connection.channel()
+        self._exchange = await self._channel.declare_exchange(
+            members_exchange(self.service), aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await self._channel.declare_queue(
+            f"{members_exchange(self.service)}.{self.instance_id}",
+            auto_delete=True,
+            arguments={"x-message-ttl": int(self.expiry * 1000), "x-expires": 60_000},
+        )
+        await queue.bind(self._exchange)
+        await queue.consume(self._on_heartbeat, no_ack=True)
+        self._task = asyncio.create_task(self._beat(), name="membership heartbeat")
+
+    def view(self) -> frozenset[str]:
+        """Available members, this one included when it is available."""
+        now = time.monotonic()
+        alive = {
+            member
+            for member, state in self._peers.items()
+            if state.available and now - state.last_seen <= self.expiry
+        }
+        alive.discard(self.instance_id)
+        if self.available and not self.leaving:
+            alive.add(self.instance_id)
+        return frozenset(alive)
+
+    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            beat = json.loads(message.body)
+            member, available, leaving = beat["id"], bool(beat["available"]), bool(beat["leaving"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed heartbeat on %s", members_exchange(self.service))
+            return
+        if member == self.instance_id:
+            return
+        if leaving:
+            self._peers.pop(member, None)
+        else:
+            self._peers[member] = Member(time.monotonic(), available)
+        self._check_change()
+
+    def _check_change(self) -> None:
+        view = self.view()
+        if view != self._last_view:
+            log.info("members of %s: %s", self.service, ", ".join(sorted(view)) or "none")
+            self._last_view = view
+            self.on_change()
+
+    async def publish(self) -> None:
+        if self._exchange is None:
+            return
+        body = json.dumps(
+            {
+                "id": self.instance_id,
+                "available": self.available,
+                "leaving": self.leaving,
+                "at": time.time(),
+            }
+        ).encode()
+        try:
+            await self._exchange.publish(
+                aio_pika.Message(body, expiration=self.expiry), routing_key=""
+            )
+        except Exception as exc:  # a heartbeat lost is retried at the next tick
+            log.debug("heartbeat not sent: %s", exc)
+
+    async def _beat(self) -> None:
+        while True:
+            await self.publish()
+            self._check_change()
+            await asyncio.sleep(self.interval)
+
+    async def leave(self) -> None:
+        """Tell the others at once, so they take over without waiting for the expiry."""
+        self.leaving = True
+        await self.publish()
+        self._check_change()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()

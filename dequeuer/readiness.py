@@ -1,0 +1,82 @@
+"""Is the microservice up? Nothing is consumed until it is (slow starts), and consumption pauses
+while it stops answering."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+PROBE_HEADERS = {"User-Agent": "proxymq-dequeuer readiness probe"}
+
+
+class Readiness:
+    """With a ready path, ready means a 2xx there; without one, any HTTP answer from the target
+    (a 404 included) means the process is up."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        target: str,
+        path: str | None,
+        *,
+        timeout: float,
+        interval: float,
+        failures_to_pause: int = 3,
+        on_change: Callable[[bool], None] = lambda _: None,
+    ) -> None:
+        self.session = session
+        self.url = target.rstrip("/") + (path or "/")
+        self.strict = path is not None
+        self.timeout = timeout
+        self.interval = interval
+        self.failures_to_pause = failures_to_pause
+        self.on_change = on_change
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def probe(self) -> bool:
+        try:
+            async with self.session.get(
+                self.url,
+                allow_redirects=False,
+                headers=PROBE_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as r:
+                await r.read()
+                return 200 <= r.status < 300 if self.strict else r.status < 500
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name="microservice readiness")
+
+    async def _watch(self) -> None:
+        delay, failures = 0.1, 0
+        while True:
+            ok = await self.probe()
+            if ok:
+                failures = 0
+                if not self.ready.is_set():
+                    log.info("microservice ready at %s", self.url)
+                    self.ready.set()
+                    self.on_change(True)
+            else:
+                failures += 1
+                if self.ready.is_set() and failures >= self.failures_to_pause:
+                    log.warning("microservice stopped answering at %s: pausing", self.url)
+                    self.ready.clear()
+                    self.on_change(False)
+            if self.ready.is_set():
+                delay = self.interval
+            else:  # back off while it boots, up to the normal interval
+                delay = min(self.interval, delay * 2 if not ok else self.interval)
+            await asyncio.sleep(delay)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,0 +1,230 @@
+"""One pass over a service's dead-letter queue: each message is taken from the head and then
+replayed, dropped, or copied to the tail, one at a time.
+
+Why copy to the tail instead of giving the message back: `S.dlq` is a quorum queue, and on
+RabbitMQ 3.10 no way of returning messages taken with `basic.get` keeps their order (measured,
+see docs/dead-letters.md). A nack with requeue puts the message at the back, and past 32 such
+messages part of them come back reversed. One `multiple` nack, or closing the channel, returns
+them in hash order. So each message is copied to the tail, and the original is acked only after
+the broker confirms the copy. This keeps order by construction. It also holds at most one message
+unacked, so a crash returns one message, never a scrambled batch, and memory does not grow with
+the queue.
+
+The pass takes exactly as many messages as the passive declare counted when it started. It never
+meets its own copies, so it ends. When it ends, the kept messages are in their original order;
+dead letters that arrived meanwhile sit among them where the pass was when they came.
+
+Two passes at once would interleave their copies. A pass therefore holds an exclusive queue
+`S.dlq-lock` while it runs. The broker deletes that queue with the connection, so a crashed
+pass leaves no lock behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+
+from shared import topology
+from shared.cli.dlq_letters import DeadLetter, kept_copy, read, replay_of
+from shared.cli.status import passive
+
+OPERATION_TIMEOUT = 30.0  # one get or one confirmed publish; a healthy broker takes milliseconds
+
+
+class Fate(enum.Enum):
+    KEEP = "keep"
+    REPLAY = "replay"
+    DROP = "drop"
+
+
+Decide = Callable[[DeadLetter], Fate]
+Progress = Callable[[int, int], None]  # (messages handled, messages in the pass)
+
+
+class DlqError(Exception):
+    """A state the operator must know about; the message says what it means for the queue."""
+
+
+class NoDeadLetterQueue(DlqError):
+    pass
+
+
+class Busy(DlqError):
+    pass
+
+
+class PassInterrupted(DlqError):
+    def __init__(self, message: str, result: PassResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class PassResult:
+    total: int  # messages in S.dlq when the pass started
+    seen: int = 0
+    kept: int = 0
+    replayed: list[DeadLetter] = field(default_factory=list)  # bodies left out: see `light`
+    dropped: list[DeadLetter] = field(default_factory=list)
+    refused: DeadLetter | None = None  # the replay the broker refused; kept, and replay stopped
+    refusal: str | None = None
+    stopped: bool = False  # asked to stop (Ctrl-C): the rest was kept unchanged
+
+
+def lock_name(service: str) -> str:
+    """`S.<word>`, never matching `^S\\.p\\d+$`: KEDA and `proxymq status` do not see it."""
+    return f"{topology.dead_letter_queue(service)}-lock"
+
+
+def light(letter: DeadLetter) -> DeadLetter:
+    """The letter without its body (size kept): a pass over a big queue only keeps what it
+    reports."""
+    message = letter.message
+    return replace(
+        letter,
+        message=aio_pika.Message(
+            b"",
+            headers=message.headers,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            reply_to=message.reply_to,
+            content_type=message.content_type,
+        ),
+    )
+
+
+class DeadLetterQueue:
+    """`S.dlq` of one service on a connection the caller owns."""
+
+    def __init__(self, connection: AbstractConnection, service: str) -> None:
+        self.connection = connection
+        self.service = service
+        self.name = topology.dead_letter_queue(service)
+
+    async def depth(self) -> int:
+        found = await passive(self.connection, self.name)
+        if found is None:
+            raise NoDeadLetterQueue(self.name)
+        return found[0]
+
+    async def sweep(
+        self,
+        decide: Decide,
+        *,
+        keep_deadline: bool = False,
+        progress: Progress | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> PassResult:
+        """Go once through the queue; `decide` gives each message's fate. A refused replay is
+        kept and turns the rest of the pass into keeps: a broker that refused one (no queue bound,
+        partition full) would refuse the next ones for the same reason."""
+        async with self._locked():
+            get_channel = await self.connection.channel()
+            publish_channel = await self.connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            result = PassResult(total=0)
+            try:
+                try:
+                    queue = await get_channel.declare_queue(self.name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    raise NoDeadLetterQueue(self.name) from None
+                result.total = int(queue.declaration_result.message_count or 0)
+                exchange = await publish_channel.get_exchange(self.service, ensure=False)
+                for position in range(1, result.total + 1):
+                    message = await queue.get(no_ack=False, fail=False, timeout=OPERATION_TIMEOUT)
+                    if message is None:
+                        break  # someone else took messages since the count
+                    letter = read(message, position)
+                    if stop is not None and stop.is_set():
+                        result.stopped = True
+                    fate = Fate.KEEP if result.stopped or result.refused else decide(letter)
+                    if fate is Fate.REPLAY:
+                        refusal = await self._replay(exchange, letter, keep_deadline)
+                        if refusal is None:
+                            await message.ack()
+                            result.replayed.append(light(letter))
+                        else:
+                            result.refused, result.refusal = light(letter), refusal
+                            fate = Fate.KEEP
+                    if fate is Fate.DROP:
+                        await message.ack()
+                        result.dropped.append(light(letter))
+                    elif fate is Fate.KEEP:
+                        await publish_channel.default_exchange.publish(
+                            kept_copy(message),
+                            routing_key=self.name,
+                            mandatory=True,
+                            timeout=OPERATION_TIMEOUT,
+                        )
+                        await message.ack()
+                        result.kept += 1
+                    result.seen = position
+                    if progress is not None:
+                        progress(position, result.total)
+                return result
+            except (
+                aiormq.exceptions.AMQPError,
+                aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+                RuntimeError,
+                TimeoutError,
+            ) as exc:
+                raise PassInterrupted(str(exc) or type(exc).__name__, result) from exc
+            finally:
+                await _close(publish_channel)
+                await _close(get_channel)
+
+    async def _replay(
+        self, exchange: AbstractExchange, letter: DeadLetter, keep_deadline: bool
+    ) -> str | None:
+        """Publish and wait for the confirm; why the broker refused it, or None."""
+        replay, routing_key = replay_of(letter, keep_deadline=keep_deadline)
+        try:
+            await exchange.publish(
+                replay, routing_key=routing_key, mandatory=True, timeout=OPERATION_TIMEOUT
+            )
+        except aiormq.exceptions.PublishError:
+            return (
+                f"exchange {self.service} routed it to no queue (no partition is bound: "
+                "is the topology declared?)"
+            )
+        except aiormq.exceptions.DeliveryError:
+            return "the broker refused it (its partition is full: x-max-length)"
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        channel = await self.connection.channel()
+        try:
+            await channel.declare_queue(
+                lock_name(self.service),
+                exclusive=True,
+                auto_delete=True,
+                arguments={"x-queue-type": "classic"},
+            )
+        except aiormq.exceptions.ChannelLockedResource:
+            raise Busy(
+                f"another `proxymq dlq` command is going through {self.name} right now "
+                f"(it holds {lock_name(self.service)}); try again when it is done"
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(lock_name(self.service))
+            await _close(channel)
+
+
+async def _close(channel: AbstractChannel) -> None:
+    """Closing after a broker-side channel error must not hide that error."""
+    if not channel.is_closed:
+        with contextlib.suppress(Exception):
+            await channel.close()

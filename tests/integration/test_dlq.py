@@ -1,0 +1,315 @@
+"""`proxymq dlq`: dead letters made for real (a dequeuer whose microservice does not answer, a
+message the broker drops at its delivery limit), then listed, shown, replayed and purged by the
+console script an operator runs. What matters most: the requests chosen reach the microservice
+with their partition key, and the others stay in `S.dlq` in their order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from shared import envelope, topology
+from shared.cli.dlq_letters import Selection, kept_copy, parse_duration, read, replay_of
+from shared.cli.status import passive
+from shared.processes import script
+from tests.conftest import Stack
+from tests.target import Target
+
+DOWN = "http://127.0.0.1:1"  # nothing listens: every call fails with `connect: ...`
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def dlq(amqp_url: str, *args: str) -> Run:
+    """The real console script, configured the way an operator's shell would be."""
+    env = {**os.environ, "PROXYMQ_AMQP_URL": amqp_url, "COLUMNS": "250"}
+    process = await asyncio.create_subprocess_exec(
+        script("proxymq"),
+        "dlq",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+async def depth(amqp: AbstractRobustConnection, queue: str) -> int:
+    found = await passive(amqp, queue)
+    return 0 if found is None else found[0]
+
+
+async def wait_depth(amqp: AbstractRobustConnection, queue: str, count: int) -> None:
+    async with asyncio.timeout(10):
+        while await depth(amqp, queue) < count:
+            await asyncio.sleep(0.02)
+
+
+async def listed(amqp_url: str, service: str) -> list[dict[str, Any]]:
+    run = await dlq(amqp_url, "list", "--service", service, "--json")
+    assert run.code == 0, run.err
+    rows: list[dict[str, Any]] = run.json()["dead_letters"]
+    return rows
+
+
+def ids(rows: list[dict[str, Any]]) -> list[str]:
+    return [row["request_id"] for row in rows]
+
+
+@pytest.mark.rabbit
+async def test_list_show_replay_and_purge(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    amqp_url: str,
+) -> None:
+    failing = await stack.dequeuer(service, DOWN, "--retry-backoff-ms", "1")
+    _, url = await stack.enqueuer()
+    dead_letters = topology.dead_letter_queue(service)
+    sent: list[tuple[str, str | None, str]] = []  # (request id, key, path)
+    requests = [
+        ("k1", "/orders/1", {}),
+        ("k2", "/orders/2", {}),
+        ("k1", "/orders/3", {"X-Request-Timeout": "1"}),  # its deadline passes before replay
+        ("k3", "/orders/4", {}),
+        (None, "/orders/5", {}),
+        ("k1", "/orders/6?tag=x", {}),
+        ("k2", "/orders/7", {}),
+    ]
+    for index, (key, path, extra) in enumerate(requests):
+        headers = {"Prefer": "respond-async", "Content-Type": "text/plain", **extra}
+        if key is not None:
+            headers["X-Partition-Key"] = key
+        async with http.post(
+            f"{url}/{service}{path}", data=f"body {index}".encode(), headers=headers
+        ) as response:
+            assert response.status == 202
+            sent.append((response.headers["X-Correlation-ID"], key, path))
+        # One at a time, so the order in S.dlq is the order sent.
+        await wait_depth(amqp, dead_letters, index + 1)
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(service)
+    await exchange.publish(
+        aio_pika.Message(
+            b"?", headers={envelope.H_PATH: "no-slash", envelope.H_KEY: "km"}, correlation_id="bad"
+        ),
+        routing_key="km",
+    )
+    await wait_depth(amqp, dead_letters, len(requests) + 1)
+    all_ids = [request_id for request_id, _, _ in sent] + ["bad"]
+
+    rows = await listed(amqp_url, service)
+    assert ids(rows) == all_ids
+    assert [row["partition_key"] for row in rows] == [key for _, key, _ in sent] + ["km"]
+    assert [row["reason"].split(":")[0] for row in rows] == ["connect"] * 7 + ["malformed"]
+    first = rows[0]
+    assert (first["method"], first["path"], first["attempts"]) == ("POST", "/orders/1", 3)
+    assert first["partition"].startswith(f"{service}.p")
+    assert first["body_size"] == len(b"body 0")
+    assert abs(first["dead_at_ms"] / 1000 - time.time()) < 60
+    assert rows[5]["query"] == "tag=x"
+    assert rows[2]["deadline"] is not None
+
+    table = await dlq(amqp_url, "list", "--service", service)
+    assert table.code == 0, table.err
+    assert f"{dead_letters}: 8 dead letters" in table.out
+    assert all(request_id in table.out for request_id in all_ids)
+    assert "connect:" in table.out and "POST /orders/6?tag=x" in table.out
+
+    shown = await dlq(amqp_url, "show", "--service", service, sent[0][0])
+    assert shown.code == 0, shown.err
+    for expected in ("POST /orders/1", "X-Partition-Key: k1", "body 0", "x-proxymq-dead-reason"):
+        assert expected in shown.out
+    as_json = (await dlq(amqp_url, "show", "--service", service, sent[0][0], "--json")).json()
+    assert as_json["body_text"] == "body 0"
+    assert ["X-Partition-Key", "k1"] in as_json["http_headers"]
+    missing = await dlq(amqp_url, "show", "--service", service, "nope")
+    assert missing.code == 1 and "no dead letter" in missing.err
+
+    dry = await dlq(amqp_url, "replay", "--service", service, "--key", "k1", "--dry-run")
+    assert dry.code == 0, dry.err
+    assert "would replay 3 of 8" in dry.out
+    assert await listed(amqp_url, service) == rows  # nothing changed, order included
+
+    await asyncio.to_thread(failing.stop, 15)
+    await stack.dequeuer(service, target.url)
+    replay = await dlq(amqp_url, "replay", "--service", service, "--key", "k1", "--yes")
+    assert replay.code == 0, replay.err
+    assert "replayed 3 dead letters" in replay.out
+    async with asyncio.timeout(10):
+        while len(target.seen) < 3:
+            await asyncio.sleep(0.02)
+    k1 = [(request_id, path) for request_id, key, path in sent if key == "k1"]
+    # One key, one partition, one lane: they arrive in their original order.
+    assert [seen.path + (f"?{seen.query}" if seen.query else "") for seen in target.seen] == [
+        path for _, path in k1
+    ]
+    for seen, (request_id, _) in zip(target.seen, k1, strict=True):
+        headers = dict(seen.headers)
+        assert headers["X-Partition-Key"] == "k1"
+        assert headers["X-Correlation-ID"] == request_id
+        assert "X-Request-Timeout" not in headers  # the past deadline was removed
+    assert target.seen[0].body == b"body 0"
+    remaining = await listed(amqp_url, service)
+    assert ids(remaining) == [i for i in all_ids if i not in {r for r, _ in k1}]
+
+    refused = await dlq(amqp_url, "purge", "--service", service, "--reason", "malformed")
+    assert refused.code == 1 and "pass --yes" in refused.err  # no terminal to ask on
+    assert ids(await listed(amqp_url, service)) == ids(remaining)
+    purge = await dlq(amqp_url, "purge", "--service", service, "--reason", "MALFORMED", "--yes")
+    assert purge.code == 0, purge.err
+    assert ids(await listed(amqp_url, service)) == [i for i in ids(remaining) if i != "bad"]
+    await asyncio.sleep(0.3)
+    assert len(target.seen) == 3  # nothing but the replayed requests reached the microservice
+
+
+@pytest.mark.rabbit
+async def test_broker_dead_letter_is_listed_and_replayed_clean(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str
+) -> None:
+    """A real delivery-limit drop: the broker's x-death headers give reason, partition and time;
+    a replay carries none of them back into the partition."""
+    layout = topology.Topology(service, partitions=1, delivery_limit=1)
+    await topology.declare(amqp, layout)
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(service)
+    await exchange.publish(
+        aio_pika.Message(b"poison", headers={envelope.H_KEY: "kp"}, correlation_id="p1"),
+        routing_key="kp",
+    )
+    consumer = await amqp.channel()
+    await consumer.set_qos(prefetch_count=1)
+    partition = await consumer.declare_queue(layout.queues[0], passive=True)
+    deliveries: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    tag = await partition.consume(deliveries.put)
+    for _ in range(2):  # the second return goes over the limit of 1
+        message = await asyncio.wait_for(deliveries.get(), 5)
+        await message.nack(requeue=True)
+    await wait_depth(amqp, layout.dead_letters, 1)
+
+    (row,) = await listed(amqp_url, service)
+    assert (row["request_id"], row["reason"], row["source"]) == ("p1", "delivery_limit", "broker")
+    assert row["partition"] == layout.queues[0]
+    assert row["partition_key"] == "kp"
+    assert row["dead_at"] is not None
+    table = await dlq(amqp_url, "list", "--service", service)
+    assert "delivery_limit (broker)" in table.out
+
+    replay = await dlq(amqp_url, "replay", "--service", service, "--yes")
+    assert replay.code == 0, replay.err
+    message = await asyncio.wait_for(deliveries.get(), 5)
+    await message.ack()
+    await partition.cancel(tag)
+    assert message.body == b"poison" and message.correlation_id == "p1"
+    assert message.headers[envelope.H_KEY] == "kp"
+    assert not {"x-death", "x-first-death-reason", "x-first-death-queue"} & set(message.headers)
+    assert await depth(amqp, layout.dead_letters) == 0
+
+
+@pytest.mark.rabbit
+async def test_order_is_kept_past_32_messages(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str
+) -> None:
+    """RabbitMQ 3.10 returns more than 32 messages taken by basic.get in hash order (nack or
+    channel close): the copy-to-tail pass must not depend on that."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel(publisher_confirms=True)
+    for index in range(80):
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                b"",
+                headers={"x-proxymq-dead-reason": "odd" if index % 2 else "even"},
+                correlation_id=f"m{index:02d}",
+            ),
+            routing_key=topology.dead_letter_queue(service),
+        )
+    purge = await dlq(amqp_url, "purge", "--service", service, "--reason", "odd", "--yes")
+    assert purge.code == 0, purge.err
+    assert ids(await listed(amqp_url, service)) == [f"m{i:02d}" for i in range(0, 80, 2)]
+    everything = await dlq(amqp_url, "purge", "--service", service, "--yes", "--json")
+    assert len(everything.json()["purged"]) == 40
+    assert await depth(amqp, topology.dead_letter_queue(service)) == 0
+
+
+@pytest.mark.rabbit
+async def test_unknown_service_and_broker_down(service: str, amqp_url: str) -> None:
+    unknown = await dlq(amqp_url, "list", "--service", service)
+    assert unknown.code == 1
+    assert f"has no dead-letter queue {service}.dlq" in unknown.err
+    down = await dlq("amqp://guest:guest@127.0.0.1:1/", "replay", "--service", service, "--yes")
+    assert down.code == 1
+    assert "RabbitMQ does not answer" in down.err and "Traceback" not in down.err
+
+
+def test_replay_strips_dead_letter_headers_and_deadline() -> None:
+    headers = {
+        envelope.H_KEY: "k",
+        envelope.H_PATH: "/x",
+        envelope.H_DEADLINE: 1,
+        "x-proxymq-dead-reason": "connect: refused",
+        "x-proxymq-attempts": 3,
+        "x-proxymq-partition": "s.p0",
+        "x-proxymq-dead-at": 2,
+        "x-death": [{"reason": "delivery_limit"}],
+        "x-first-death-reason": "delivery_limit",
+        "x-delivery-count": 4,
+    }
+    message = aio_pika.Message(b"b", headers=headers, correlation_id="c", reply_to="r")
+    letter = read(message, 1)
+    replay, key = replay_of(letter, keep_deadline=False)
+    assert key == "k"
+    assert replay.headers == {envelope.H_KEY: "k", envelope.H_PATH: "/x"}
+    assert (replay.correlation_id, replay.reply_to, replay.body) == ("c", "r", b"b")
+    kept, _ = replay_of(letter, keep_deadline=True)
+    assert kept.headers[envelope.H_DEADLINE] == 1
+    unkeyed = read(aio_pika.Message(b"", correlation_id="c"), 1)
+    assert replay_of(unkeyed, keep_deadline=False)[1] == "c"
+    assert "x-delivery-count" not in kept_copy(message).headers
+    assert kept_copy(message).headers["x-death"] == headers["x-death"]
+
+
+def test_selection() -> None:
+    now = datetime.now(UTC)
+    old = read(
+        aio_pika.Message(
+            b"",
+            headers={
+                "x-proxymq-dead-reason": "Connect: refused",
+                "x-proxymq-dead-at": int((now - timedelta(hours=2)).timestamp() * 1000),
+                envelope.H_KEY: "k1",
+            },
+            correlation_id="a",
+        ),
+        1,
+    )
+    undated = read(aio_pika.Message(b"", correlation_id="b"), 2)
+    assert Selection(reason="connect").matches(old, now)
+    assert Selection(older_than=3600, key="k1", ids=frozenset({"a"})).matches(old, now)
+    assert not Selection(newer_than=3600).matches(old, now)
+    assert not Selection(older_than=0).matches(undated, now)  # an unknown time matches no age
+    assert undated.reason == "unknown"
+    assert Selection().everything and not Selection(limit=1).everything
+    assert [parse_duration(v) for v in ("90", "15m", "2h", "1d")] == [90, 900, 7200, 86400]

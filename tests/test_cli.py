@@ -1,0 +1,281 @@
+"""`proxymq` as an operator runs it: the console script in a subprocess, against the real broker.
+
+Each test works on a service of its own (the `service` fixture: a unique name whose topology is
+deleted afterwards), so tests never see each other's queues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from shared import topology
+from shared.cli.main import build_parser
+from shared.processes import script
+from tests.conftest import AMQP_URL, closed_port
+
+pytestmark = pytest.mark.rabbit
+MANAGEMENT_LAG = 20.0  # the management API's statistics refresh every 5 s
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+async def proxymq(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> Run:
+    """Run the console script without blocking the loop (the test's own AMQP connection keeps
+    its heartbeats); stdin is not a terminal, as in CI."""
+    process = await asyncio.create_subprocess_exec(
+        script("proxymq"),
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200", **(env or {})},
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Run(process.returncode, stdout.decode(), stderr.decode())
+
+
+def subcommands() -> list[list[str]]:
+    """Every `proxymq` command and sub-action, found in the parser so new ones are covered."""
+    found: list[list[str]] = [[]]
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found.append([*prefix, name])
+                    walk(child, [*prefix, name])
+
+    walk(build_parser(), [])
+    return found
+
+
+@pytest.mark.parametrize("command", subcommands(), ids=lambda c: " ".join(c) or "proxymq")
+def test_help_of_every_command(command: list[str]) -> None:
+    done = subprocess.run(
+        [script("proxymq"), *command, "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: proxymq" in done.stdout
+
+
+async def test_topology_declare_show_delete(service: str) -> None:
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
+    assert declared.code == 0, declared.output
+    assert f"{service}.p0..{service}.p3" in declared.stdout
+    again = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
+    assert again.code == 0, again.output
+
+    shown = await proxymq("topology", "show", "--service", service)
+    assert shown.code == 0, shown.output
+    assert "declared, 4 partitions" in shown.stdout
+    for name in [*topology.Topology(service, 4).queues, f"{service}.dlq"]:
+        assert name in shown.stdout
+    assert f"{service}.p4" not in shown.stdout
+    assert topology.partition_pattern(service) in shown.stdout
+
+    refused = await proxymq("topology", "delete", "--service", service)
+    assert refused.code == 1
+    assert "--yes" in refused.stderr
+    assert await exists(service)
+
+    deleted = await proxymq("topology", "delete", "--service", service, "--yes")
+    assert deleted.code == 0, deleted.output
+    assert not await exists(service)
+    shown = await proxymq("topology", "show", "--service", service)
+    assert "not declared" in shown.stdout
+
+
+async def test_topology_mismatch_exits_1_with_the_reason(service: str) -> None:
+    first = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
+    assert first.code == 0, first.output
+    second = await proxymq("topology", "declare", "--service", service, "--partitions", "8")
+    assert second.code == 1
+    assert "fewer than 8 partitions" in second.stderr
+    assert "proxymq topology delete" in second.stderr
+    limit = await proxymq(
+        "topology", "declare", "--service", service, "--partitions", "4", "--delivery-limit", "3"
+    )
+    assert limit.code == 1
+    assert "x-delivery-limit" in limit.stderr
+
+
+async def test_topology_refuses_a_bad_name() -> None:
+    done = await proxymq("topology", "declare", "--service", "a.p0")
+    assert done.code == 2
+    assert "not a service name" in done.stderr
+
+
+async def test_status_shows_depth_per_partition(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
+    assert declared.code == 0, declared.output
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(service)
+    for key in ("alice", "bob"):
+        await exchange.publish(aio_pika.Message(b"{}"), routing_key=key)
+
+    status = await wait_for_status(service, lambda s: s["totals"]["ready"] == 2)
+    assert status["source"] == "management"
+    assert [p["name"] for p in status["partitions"]] == topology.Topology(service, 4).queues
+    assert status["dead_letters"] == f"{service}.dlq"
+    assert status["dead_letter_messages"] == 0
+    assert status["pattern"] == topology.partition_pattern(service)
+
+    table = await proxymq("status", "--service", service)
+    assert table.code == 0, table.output
+    for name in topology.Topology(service, 4).queues:
+        assert name in table.stdout
+    assert f"{service}.dlq = 0" in table.stdout
+
+    with closed_port() as port:
+        fallback = await proxymq(
+            "status", "--service", service, "--json", "--management-url", f"http://127.0.0.1:{port}"
+        )
+    assert fallback.code == 0, fallback.output
+    counted = json.loads(fallback.stdout)
+    assert counted["source"] == "amqp"
+    assert counted["totals"]["ready"] == 2  # AMQP counts are exact at once
+    assert len(counted["partitions"]) == 4
+
+
+async def test_status_names_the_active_consumer_and_its_standby(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
+    assert declared.code == 0, declared.output
+    connections = []
+    try:
+        for name in (f"{service} first", f"{service} second"):
+            connection = await aio_pika.connect(
+                AMQP_URL, client_properties={"connection_name": name}
+            )
+            connections.append(connection)
+            channel = await connection.channel()
+            queue = await channel.get_queue(topology.partition_queue(service, 0))
+            await queue.consume(ack)
+
+        def settled(status: dict[str, Any]) -> bool:
+            p0 = status["partitions"][0]
+            return p0["consumers"] == 2 and p0["active"] is not None and len(p0["standbys"]) == 1
+
+        status = await wait_for_status(service, settled)
+        p0, p1 = status["partitions"]
+        assert p0["active"] == f"{service} first"
+        assert p0["standbys"] == [f"{service} second"]
+        assert p1["consumers"] == 0
+        assert p1["active"] is None
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_status_of_an_unknown_service_exits_1() -> None:
+    done = await proxymq("status", "--service", f"nothing-{uuid.uuid4().hex[:8]}")
+    assert done.code == 1
+    assert "has no partition queues" in done.stderr
+    assert "proxymq topology declare" in done.stderr
+
+
+async def test_status_without_a_broker_says_what_to_run() -> None:
+    with closed_port() as port:
+        done = await proxymq(
+            "status",
+            "--service",
+            "anything",
+            "--amqp-url",
+            f"amqp://guest:guest@127.0.0.1:{port}/",
+            "--management-url",
+            f"http://127.0.0.1:{port}",
+        )
+    assert done.code == 1
+    assert "does not answer" in done.stderr
+    assert "make broker" in done.stderr
+
+
+async def test_demo_runs_end_to_end_and_leaves_no_queues() -> None:
+    service = f"demo-{uuid.uuid4().hex[:8]}"
+    done = await proxymq("demo", "--service", service, timeout=150)
+    assert done.code == 0, done.output
+    assert "12/12 calls got the expected answer" in done.stdout
+    for expected in ("unknown_service", "service_failed", "202 -> 200", "/fetch/batch"):
+        assert expected in done.stdout
+    assert not await exists(service)
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        for exchange in (service, f"{service}.members"):
+            assert not await topology.exchange_exists(connection, exchange), exchange
+    finally:
+        await connection.close()
+
+
+async def test_demo_refuses_a_service_in_use(service: str, amqp: AbstractRobustConnection) -> None:
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
+    assert declared.code == 0, declared.output
+    channel = await amqp.channel()
+    queue = await channel.get_queue(topology.partition_queue(service, 0))
+    await queue.consume(ack)
+    done = await proxymq("demo", "--service", service)
+    assert done.code == 1
+    assert "in use" in done.stderr
+    assert await exists(service), "the demo must not delete a service in use"
+
+
+async def ack(message: AbstractIncomingMessage) -> None:
+    await message.ack()
+
+
+async def exists(service: str) -> bool:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        return await topology.queue_exists(connection, topology.partition_queue(service, 0))
+    finally:
+        await connection.close()
+
+
+async def wait_for_status(service: str, done: Any) -> dict[str, Any]:
+    """`status --json` until `done(status)`: the management API refreshes every 5 s."""
+    deadline = time.monotonic() + MANAGEMENT_LAG
+    while True:
+        run = await proxymq("status", "--service", service, "--json")
+        assert run.code == 0, run.output
+        status: dict[str, Any] = json.loads(run.stdout)
+        if done(status) or time.monotonic() > deadline:
+            assert done(status), status
+            return status
+        await asyncio.sleep(0.5)
+
+
+async def test_demo_without_a_broker_says_what_to_run() -> None:
+    with closed_port() as port:
+        done = await proxymq("demo", "--amqp-url", f"amqp://guest:guest@127.0.0.1:{port}/")
+    assert done.code == 1
+    assert "does not answer" in done.stderr
+    assert "make broker" in done.stderr
