@@ -24,11 +24,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from shared.topology import members_exchange
+
 log = logging.getLogger(__name__)
-
-
-def members_exchange(service: str) -> str:
-    return f"{service}.members"
 
 
 @dataclass

@@ -120,6 +120,8 @@ class Partitions:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.prefetch)
         queue = await declare_partition(channel, self.topology, name)
+        # Bound here too, so the robust channel restores the binding with a deleted queue.
+        await queue.bind(self.topology.exchange, routing_key="1")
         subscription = Subscription(index, name, channel)
         await queue.consume(partial(self.on_message, subscription))
         self.subscriptions[index] = subscription

@@ -8,6 +8,7 @@ matches a service's partitions and nothing else: not `S.dlq`, not another servic
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from typing import Literal, TypedDict
@@ -20,6 +21,7 @@ from pamqp.common import FieldTable
 from shared.errors import TopologyMismatch
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+LAYOUT_CHECKS, LAYOUT_CHECK_PAUSE = 10, 0.3
 PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
 
 
@@ -42,6 +44,11 @@ def partition_queue(service: str, index: int) -> str:
 
 def dead_letter_queue(service: str) -> str:
     return f"{service}.dlq"
+
+
+def members_exchange(service: str) -> str:
+    """Fanout exchange of the dequeuers' membership heartbeats."""
+    return f"{service}.members"
 
 
 def partition_pattern(service: str) -> str:
@@ -139,23 +146,27 @@ async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
 
 async def check_layout(connection: AbstractConnection, topology: Topology) -> None:
     """Refuse to add a second layout beside an existing one: consistent hashing over another
-    partition count would send a key's next requests to another queue and break its order."""
-    n = topology.partitions
-    first = await queue_exists(connection, partition_queue(topology.service, 0))
-    last = await queue_exists(connection, partition_queue(topology.service, n - 1))
-    beyond = await queue_exists(connection, partition_queue(topology.service, n))
-    if beyond:
+    partition count would send a key's next requests to another queue and break its order.
+
+    A layout half there may be another dequeuer declaring it right now: it is looked at again
+    for a few seconds before it counts as a mismatch."""
+    n, service = topology.partitions, topology.service
+    if await queue_exists(connection, partition_queue(service, n)):
         raise TopologyMismatch(
-            f"service {topology.service!r} already has more than {n} partitions "
-            f"({partition_queue(topology.service, n)} exists); start with the same --partitions "
+            f"service {service!r} already has more than {n} partitions "
+            f"({partition_queue(service, n)} exists); start with the same --partitions "
             "or delete the old layout first (proxymq topology delete)"
         )
-    if first != last:
-        raise TopologyMismatch(
-            f"service {topology.service!r} already has fewer than {n} partitions "
-            f"({partition_queue(topology.service, n - 1)} is missing); start with the same "
-            "--partitions or delete the old layout first (proxymq topology delete)"
-        )
+    for _ in range(LAYOUT_CHECKS):
+        first = await queue_exists(connection, partition_queue(service, 0))
+        if first == await queue_exists(connection, partition_queue(service, n - 1)):
+            return
+        await asyncio.sleep(LAYOUT_CHECK_PAUSE)
+    raise TopologyMismatch(
+        f"service {service!r} already has fewer than {n} partitions "
+        f"({partition_queue(service, n - 1)} is missing); start with the same "
+        "--partitions or delete the old layout first (proxymq topology delete)"
+    )
 
 
 async def declare(connection: AbstractConnection, topology: Topology) -> None:
@@ -211,6 +222,7 @@ async def delete(connection: AbstractConnection, topology: Topology) -> None:
         for name in names:
             await channel.queue_delete(name)
         await channel.exchange_delete(topology.exchange)
+        await channel.exchange_delete(members_exchange(topology.service))
     finally:
         await channel.close()
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import aiormq
 from aio_pika.abc import AbstractConnection
 
-from dequeuer.membership import members_exchange
 from shared import topology
 from shared.cli import bench_rpc
 from shared.processes import Process, free_port
+from shared.topology import members_exchange
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0

@@ -27,12 +27,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from aio_pika.abc import AbstractConnection
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dequeuer.membership import members_exchange
 from shared import topology
 from shared.broker import redact
 from shared.cli import demo_plan
@@ -138,7 +136,7 @@ async def prepare(amqp_url: str, service: str) -> None:
                 f"{ready} waiting messages): run the demo under another name, "
                 "`proxymq demo --service demo-fetcher`"
             )
-        await delete_all(connection, service)
+        await topology.delete(connection, topology.Topology(service))
     finally:
         await connection.close()
 
@@ -146,20 +144,9 @@ async def prepare(amqp_url: str, service: str) -> None:
 async def cleanup(amqp_url: str, service: str) -> None:
     connection = await connect(amqp_url, f"proxymq demo {service} cleanup")
     try:
-        await delete_all(connection, service)
+        await topology.delete(connection, topology.Topology(service))
     finally:
         await connection.close()
-
-
-async def delete_all(connection: AbstractConnection, service: str) -> None:
-    """The service's topology and the dequeuers' membership exchange, which `topology.delete`
-    does not know about yet; without it every demo would leave an `S.members` exchange."""
-    await topology.delete(connection, topology.Topology(service))
-    channel = await connection.channel()
-    try:
-        await channel.exchange_delete(members_exchange(service))
-    finally:
-        await channel.close()
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,19 @@ class Management:
         }
 
     async def queue_names(self, pattern: str) -> list[str]:
-        query = f"page=1&page_size=500&use_regex=true&name={quote(pattern, safe='')}"
-        found = await self.get(f"queues/{self.vhost}?{query}")
-        items = found.get("items", []) if isinstance(found, dict) else []
-        return [str(item["name"]) for item in items if re.match(pattern, str(item["name"]))]
+        """Names matching `pattern`, filtered by the broker; pages of 500 (up to 1024
+        partitions exist). The local match guards against a broker ignoring the filter."""
+        names: list[str] = []
+        page, pages = 1, 1
+        while page <= pages:
+            query = f"page={page}&page_size=500&use_regex=true&name={quote(pattern, safe='')}"
+            found = await self.get(f"queues/{self.vhost}?{query}&columns=name")
+            if not isinstance(found, dict):
+                break
+            names += [str(item["name"]) for item in found.get("items", [])]
+            pages = int(found.get("page_count") or 1)
+            page += 1
+        return [name for name in names if re.match(pattern, name)]
 
 
 def consumers_of(queue: dict[str, Any], names: dict[str, str]) -> list[Consumer]:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,16 +17,40 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection, HeadersType
+from aiohttp import web
 
 from shared import envelope, topology
 from shared.cli.dlq_letters import Selection, kept_copy, parse_duration, read, replay_of
 from shared.cli.status import passive
-from shared.processes import script
+from shared.processes import free_port, script
 from tests.conftest import Stack
-from tests.target import Target
+from tests.target import Seen, Target
 
-DOWN = "http://127.0.0.1:1"  # nothing listens: every call fails with `connect: ...`
+
+@pytest.fixture
+async def crashing() -> AsyncIterator[str]:
+    """A microservice that answers the dequeuer's readiness probe (`GET /`) but drops the
+    connection on every real request, so each call fails with `connect: ...`. A target where
+    nothing listens would not do: the dequeuer consumes nothing until its microservice answers."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path == "/":
+            return web.Response(text="up")
+        assert request.transport is not None
+        request.transport.close()
+        raise asyncio.CancelledError
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 @dataclass
@@ -73,6 +98,11 @@ async def listed(amqp_url: str, service: str) -> list[dict[str, Any]]:
     return rows
 
 
+def orders(target: Target) -> list[Seen]:
+    """The requests the test sent, without the dequeuer's readiness probes (`GET /`)."""
+    return [seen for seen in target.seen if seen.path.startswith("/orders/")]
+
+
 def ids(rows: list[dict[str, Any]]) -> list[str]:
     return [row["request_id"] for row in rows]
 
@@ -85,8 +115,12 @@ async def test_list_show_replay_and_purge(
     http: aiohttp.ClientSession,
     amqp: AbstractRobustConnection,
     amqp_url: str,
+    crashing: str,
 ) -> None:
-    failing = await stack.dequeuer(service, DOWN, "--retry-backoff-ms", "1")
+    # The breaker would pause consumption after 5 failed calls in a row; here every call fails.
+    failing = await stack.dequeuer(
+        service, crashing, "--retry-backoff-ms", "1", "--breaker-failures", "1000"
+    )
     _, url = await stack.enqueuer()
     dead_letters = topology.dead_letter_queue(service)
     sent: list[tuple[str, str | None, str]] = []  # (request id, key, path)
@@ -137,7 +171,8 @@ async def test_list_show_replay_and_purge(
     assert table.code == 0, table.err
     assert f"{dead_letters}: 8 dead letters" in table.out
     assert all(request_id in table.out for request_id in all_ids)
-    assert "connect:" in table.out and "POST /orders/6?tag=x" in table.out
+    assert "connect:" in table.out
+    assert "POST /orders/6?tag=x" in table.out
 
     shown = await dlq(amqp_url, "show", "--service", service, sent[0][0])
     assert shown.code == 0, shown.err
@@ -147,7 +182,8 @@ async def test_list_show_replay_and_purge(
     assert as_json["body_text"] == "body 0"
     assert ["X-Partition-Key", "k1"] in as_json["http_headers"]
     missing = await dlq(amqp_url, "show", "--service", service, "nope")
-    assert missing.code == 1 and "no dead letter" in missing.err
+    assert missing.code == 1
+    assert "no dead letter" in missing.err
 
     dry = await dlq(amqp_url, "replay", "--service", service, "--key", "k1", "--dry-run")
     assert dry.code == 0, dry.err
@@ -160,30 +196,31 @@ async def test_list_show_replay_and_purge(
     assert replay.code == 0, replay.err
     assert "replayed 3 dead letters" in replay.out
     async with asyncio.timeout(10):
-        while len(target.seen) < 3:
+        while len(orders(target)) < 3:
             await asyncio.sleep(0.02)
     k1 = [(request_id, path) for request_id, key, path in sent if key == "k1"]
     # One key, one partition, one lane: they arrive in their original order.
-    assert [seen.path + (f"?{seen.query}" if seen.query else "") for seen in target.seen] == [
+    assert [seen.path + (f"?{seen.query}" if seen.query else "") for seen in orders(target)] == [
         path for _, path in k1
     ]
-    for seen, (request_id, _) in zip(target.seen, k1, strict=True):
+    for seen, (request_id, _) in zip(orders(target), k1, strict=True):
         headers = dict(seen.headers)
         assert headers["X-Partition-Key"] == "k1"
         assert headers["X-Correlation-ID"] == request_id
         assert "X-Request-Timeout" not in headers  # the past deadline was removed
-    assert target.seen[0].body == b"body 0"
+    assert orders(target)[0].body == b"body 0"
     remaining = await listed(amqp_url, service)
     assert ids(remaining) == [i for i in all_ids if i not in {r for r, _ in k1}]
 
     refused = await dlq(amqp_url, "purge", "--service", service, "--reason", "malformed")
-    assert refused.code == 1 and "pass --yes" in refused.err  # no terminal to ask on
+    assert refused.code == 1
+    assert "pass --yes" in refused.err
     assert ids(await listed(amqp_url, service)) == ids(remaining)
     purge = await dlq(amqp_url, "purge", "--service", service, "--reason", "MALFORMED", "--yes")
     assert purge.code == 0, purge.err
     assert ids(await listed(amqp_url, service)) == [i for i in ids(remaining) if i != "bad"]
     await asyncio.sleep(0.3)
-    assert len(target.seen) == 3  # nothing but the replayed requests reached the microservice
+    assert len(orders(target)) == 3  # nothing but the replayed requests reached the microservice
 
 
 @pytest.mark.rabbit
@@ -223,7 +260,8 @@ async def test_broker_dead_letter_is_listed_and_replayed_clean(
     message = await asyncio.wait_for(deliveries.get(), 5)
     await message.ack()
     await partition.cancel(tag)
-    assert message.body == b"poison" and message.correlation_id == "p1"
+    assert message.body == b"poison"
+    assert message.correlation_id == "p1"
     assert message.headers[envelope.H_KEY] == "kp"
     assert not {"x-death", "x-first-death-reason", "x-first-death-queue"} & set(message.headers)
     assert await depth(amqp, layout.dead_letters) == 0
@@ -261,11 +299,12 @@ async def test_unknown_service_and_broker_down(service: str, amqp_url: str) -> N
     assert f"has no dead-letter queue {service}.dlq" in unknown.err
     down = await dlq("amqp://guest:guest@127.0.0.1:1/", "replay", "--service", service, "--yes")
     assert down.code == 1
-    assert "RabbitMQ does not answer" in down.err and "Traceback" not in down.err
+    assert "RabbitMQ does not answer" in down.err
+    assert "Traceback" not in down.err
 
 
 def test_replay_strips_dead_letter_headers_and_deadline() -> None:
-    headers = {
+    headers: HeadersType = {
         envelope.H_KEY: "k",
         envelope.H_PATH: "/x",
         envelope.H_DEADLINE: 1,
@@ -311,5 +350,6 @@ def test_selection() -> None:
     assert not Selection(newer_than=3600).matches(old, now)
     assert not Selection(older_than=0).matches(undated, now)  # an unknown time matches no age
     assert undated.reason == "unknown"
-    assert Selection().everything and not Selection(limit=1).everything
+    assert Selection().everything
+    assert not Selection(limit=1).everything
     assert [parse_duration(v) for v in ("90", "15m", "2h", "1d")] == [90, 900, 7200, 86400]

@@ -152,15 +152,20 @@ async def test_reply_never_comes(
         await expect_error(response, 504, "timeout")
 
 
-async def test_microservice_fails(stack: Stack, service: str, target: Target,
-                                  http: aiohttp.ClientSession,
-                                  amqp: AbstractRobustConnection) -> None:
+async def test_microservice_fails(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
     """Every attempt fails (the connection drops): 502 service_failed at once, not a timeout,
     and the request is in S.dlq with the reason, attempts and its partition key."""
     dequeuer = await stack.dequeuer(service, target.url, "--retry-backoff-ms", "10")
     _, url = await stack.enqueuer()
-    async with http.post(f"{url}/{service}/drop", data=b"payload",
-                         headers={"X-Partition-Key": "k"}) as response:
+    async with http.post(
+        f"{url}/{service}/drop", data=b"payload", headers={"X-Partition-Key": "k"}
+    ) as response:
         message = await expect_error(response, 502, "service_failed")
         request_id = response.headers["X-Correlation-ID"]
     assert "3 time(s)" in message
@@ -176,13 +181,16 @@ async def test_microservice_fails(stack: Stack, service: str, target: Target,
     assert "connect" in str(dead.headers["x-proxymq-dead-reason"])
     assert dead.headers[envelope.H_KEY] == "k"
     port = dequeuer.admin_port  # type: ignore[attr-defined]
-    assert await metric(http, port, "proxymq_dequeuer_messages_total",
-                        {"outcome": "dead_lettered"}) == 1
+    assert (
+        await metric(http, port, "proxymq_dequeuer_messages_total", {"outcome": "dead_lettered"})
+        == 1
+    )
     assert await metric(http, port, "proxymq_dequeuer_retries_total") == 2
 
 
-async def test_retryable_status_is_dead_lettered(stack: Stack, service: str, target: Target,
-                                                 http: aiohttp.ClientSession) -> None:
+async def test_retryable_status_is_dead_lettered(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
     await stack.dequeuer(service, target.url, "--retry-backoff-ms", "10", "--max-attempts", "2")
     _, url = await stack.enqueuer()
     async with http.get(f"{url}/{service}/status/503") as response:

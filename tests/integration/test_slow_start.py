@@ -14,17 +14,18 @@ from tests.target import Target
 pytestmark = pytest.mark.rabbit
 
 
-async def test_requests_wait_for_a_booting_microservice(stack: Stack, service: str,
-                                                        http: aiohttp.ClientSession) -> None:
+async def test_requests_wait_for_a_booting_microservice(
+    stack: Stack, service: str, http: aiohttp.ClientSession
+) -> None:
     booting = Target()
-    dequeuer = await stack.dequeuer(service, booting.url, "--ready-path", "/status/200",
-                                    wait=False)
+    dequeuer = await stack.dequeuer(service, booting.url, "--ready-path", "/status/200", wait=False)
     _, url = await stack.enqueuer()
     admin = dequeuer.admin_port  # type: ignore[attr-defined]
     async with asyncio.timeout(20):
         while True:  # the topology exists once the dequeuer is connected, ready or not
-            async with http.post(f"{url}/{service}/echo/early", headers={
-                    "Prefer": "respond-async"}) as response:
+            async with http.post(
+                f"{url}/{service}/echo/early", headers={"Prefer": "respond-async"}
+            ) as response:
                 if response.status == 202:
                     location = response.headers["Location"]
                     break
@@ -43,12 +44,21 @@ async def test_requests_wait_for_a_booting_microservice(stack: Stack, service: s
         await booting.stop()
 
 
-async def test_breaker_opens_and_requests_wait(stack: Stack, service: str, target: Target,
-                                               http: aiohttp.ClientSession) -> None:
+async def test_breaker_opens_and_requests_wait(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
     """After repeated failures the breaker opens: later requests are not burnt into the
     dead-letter queue; one probe after the reset closes it again and they are served."""
-    dequeuer = await stack.dequeuer(service, target.url, "--breaker-failures", "2",
-                                    "--breaker-reset", "1", "--max-attempts", "1")
+    dequeuer = await stack.dequeuer(
+        service,
+        target.url,
+        "--breaker-failures",
+        "2",
+        "--breaker-reset",
+        "1",
+        "--max-attempts",
+        "1",
+    )
     _, url = await stack.enqueuer()
     admin = dequeuer.admin_port  # type: ignore[attr-defined]
     for _ in range(2):
@@ -57,7 +67,8 @@ async def test_breaker_opens_and_requests_wait(stack: Stack, service: str, targe
     assert await metric(http, admin, "proxymq_dequeuer_breaker_open") == 1
     async with http.get(f"http://127.0.0.1:{admin}/readyz") as ready:
         assert (await ready.json())["checks"]["breaker_closed"] is False
-    async with http.get(f"{url}/{service}/echo/after", headers={"X-Request-Timeout": "10"}
-                        ) as response:
+    async with http.get(
+        f"{url}/{service}/echo/after", headers={"X-Request-Timeout": "10"}
+    ) as response:
         assert response.status == 200  # waited for the half-open probe, then served
     assert await metric(http, admin, "proxymq_dequeuer_breaker_open") == 0

@@ -1,0 +1,400 @@
+"""`proxymq inject --service S`: add the dequeuer sidecar to the Kubernetes workloads on stdin.
+
+    kubectl get deploy url-fetcher -o yaml \
+        | proxymq inject --service url-fetcher | kubectl apply -f -
+
+Like `linkerd inject`: every Deployment, StatefulSet, DaemonSet and ReplicaSet (also inside a
+`kind: List`) gets a `proxymq-dequeuer` native sidecar, an init container with
+`restartPolicy: Always`, so the kubelet starts it before the microservice and stops it after.
+Everything else passes through. The YAML is edited round-trip (ruamel.yaml): comments, key order,
+quoting and fields this command does not know survive. Running it again gives the same output:
+an existing `proxymq-dequeuer` is updated in place, environment variables a user added to it
+(say `PROXYMQ_CONCURRENCY`) and its resources are kept.
+
+What the sidecar gets: `PROXYMQ_SERVICE`, `PROXYMQ_TARGET=http://127.0.0.1:PORT`,
+`PROXYMQ_PARTITIONS`, the AMQP URL as a file from a Secret (`PROXYMQ_AMQP_URL_FILE`, never in the
+environment or on a command line), the pod name as instance id, and probes on admin port 9081:
+`/healthz` for startup and liveness, `/readyz` for readiness. The startup probe must not be
+`/readyz`: a native sidecar's startup probe gates the main containers, and the dequeuer is only
+ready once the microservice answers, so waiting for `/readyz` would never start it.
+`terminationGracePeriodSeconds` is raised to what the dequeuer's drain needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dequeuer.settings import DequeuerSettings
+from shared import topology
+
+if TYPE_CHECKING:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+CONTAINER = "proxymq-dequeuer"
+WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"})
+DEFAULT_IMAGE = "proxymq/dequeuer:0.1.0"
+DEFAULT_TARGET_PORT = 8000
+ADMIN_PORT: int = DequeuerSettings.model_fields["admin_port"].default
+ADMIN_PORT_NAME = "proxymq-admin"
+AMQP_VOLUME = "proxymq-amqp"
+AMQP_SECRET = "proxymq-amqp"
+AMQP_SECRET_KEY = "amqp-url"
+SECRET_DIR = "/var/run/secrets/proxymq"
+SIDECAR_UID = 10001
+# The dequeuer's drain (PROXYMQ_SHUTDOWN_GRACE) plus leaving the group and closing its
+# channels (5 s), the microservice's own stop afterwards (10 s) and slack (5 s).
+GRACE_MARGIN = 20
+_SEQUENCE_ITEM = re.compile(r"^(\s*)- ")
+
+
+class InjectError(Exception):
+    """Input that cannot be injected: invalid YAML, a workload without a pod template."""
+
+
+@dataclass(frozen=True)
+class Injection:
+    service: str
+    target_port: int | None = None
+    image: str = DEFAULT_IMAGE
+    partitions: int = 8
+    amqp_secret: str = AMQP_SECRET
+    ready_path: str | None = None
+
+    def __post_init__(self) -> None:
+        topology.check_service_name(self.service)
+        if self.target_port is not None and not 1 <= self.target_port <= 65535:
+            raise ValueError(f"--target-port {self.target_port} is not a TCP port")
+        if not 1 <= self.partitions <= 1024:
+            raise ValueError(f"--partitions must be between 1 and 1024, not {self.partitions}")
+
+
+def required_grace() -> int:
+    """Seconds a pod needs to stop cleanly; follows the dequeuer's own shutdown grace."""
+    grace = DequeuerSettings.model_fields["shutdown_grace"].default
+    return int(grace) + GRACE_MARGIN
+
+
+@dataclass
+class Report:
+    """What happened, for the summary on stderr (stdout carries only YAML)."""
+
+    injected: list[str]
+    notes: list[str]
+
+
+def inject_text(text: str, injection: Injection) -> tuple[str, Report]:
+    """Inject every workload of a YAML stream; raise InjectError on YAML that does not parse."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    yaml = YAML()  # round-trip: comments, order and quoting are kept
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap long strings
+    try:
+        documents = [d for d in yaml.load_all(text) if d is not None]
+    except YAMLError as exc:
+        raise InjectError(f"stdin is not valid YAML: {exc}") from None
+    report = Report([], [])
+    for document in documents:
+        for workload in workloads(document):
+            inject_workload(workload, injection, report)
+    mapping, offset = guess_indent(text)
+    yaml.indent(mapping=mapping, sequence=offset + 2, offset=offset)
+    yaml.explicit_start = len(documents) > 1 or bool(re.search(r"(?m)^---", text))
+    out = io.StringIO()
+    yaml.dump_all(documents, out)
+    return out.getvalue(), report
+
+
+def workloads(document: object) -> Iterator[CommentedMap]:
+    """The workloads of one document: itself, or the items of a `kind: List`."""
+    from ruamel.yaml.comments import CommentedMap
+
+    if not isinstance(document, CommentedMap):
+        return
+    kind = document.get("kind")
+    if kind == "List" or str(kind).endswith("List"):
+        for item in document.get("items") or []:
+            yield from workloads(item)
+    elif kind in WORKLOAD_KINDS:
+        yield document
+
+
+def inject_workload(workload: CommentedMap, injection: Injection, report: Report) -> None:
+    from ruamel.yaml.comments import CommentedMap
+
+    name = f"{workload['kind']}/{(workload.get('metadata') or {}).get('name', '?')}"
+    template = (workload.get("spec") or {}).get("template")
+    pod = template.get("spec") if isinstance(template, CommentedMap) else None
+    if not isinstance(pod, CommentedMap) or not isinstance(pod.get("containers"), list):
+        raise InjectError(f"{name} has no pod template with containers (spec.template.spec)")
+    port = injection.target_port or first_container_port(pod) or DEFAULT_TARGET_PORT
+    add_sidecar(pod, sidecar(injection, port))
+    ensure_volume(pod, injection.amqp_secret)
+    grace = pod.get("terminationGracePeriodSeconds")
+    if not isinstance(grace, int) or grace < required_grace():
+        pod["terminationGracePeriodSeconds"] = required_grace()
+    report.injected.append(name)
+    main = target_container(pod, port)
+    if main is not None and not (main.get("lifecycle") or {}).get("preStop"):
+        report.notes.append(
+            f"{name}: container {main.get('name')!r} has no preStop hook. Kubernetes stops the "
+            "sidecar only after it, so requests the dequeuer still holds when it exits fail; "
+            "give it a preStop that lets the dequeuer drain first (docs/deploy.md#draining)"
+        )
+
+
+def first_container_port(pod: CommentedMap) -> int | None:
+    for container in pod["containers"]:
+        for port in container.get("ports") or []:
+            if isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return None
+
+
+def target_container(pod: CommentedMap, port: int) -> CommentedMap | None:
+    """The container the dequeuer calls: the one declaring the port, else the first."""
+    containers = list(pod["containers"])
+    for container in containers:
+        if any(p.get("containerPort") == port for p in container.get("ports") or []):
+            return container  # type: ignore[no-any-return]
+    return containers[0] if containers else None
+
+
+def sidecar(injection: Injection, port: int) -> CommentedMap:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    def m(*pairs: tuple[str, object]) -> CommentedMap:
+        return CommentedMap(pairs)
+
+    def probe(path: str, period: int, failures: int) -> CommentedMap:
+        return m(
+            ("httpGet", m(("path", path), ("port", ADMIN_PORT_NAME))),
+            ("periodSeconds", period),
+            ("failureThreshold", failures),
+        )
+
+    env = [
+        m(("name", "PROXYMQ_SERVICE"), ("value", injection.service)),
+        m(("name", "PROXYMQ_TARGET"), ("value", f"http://127.0.0.1:{port}")),
+        m(("name", "PROXYMQ_PARTITIONS"), ("value", str(injection.partitions))),
+        m(("name", "PROXYMQ_ADMIN_PORT"), ("value", str(ADMIN_PORT))),
+        m(("name", "PROXYMQ_AMQP_URL_FILE"), ("value", f"{SECRET_DIR}/{AMQP_SECRET_KEY}")),
+        m(
+            ("name", "PROXYMQ_INSTANCE_ID"),
+            ("valueFrom", m(("fieldRef", m(("fieldPath", "metadata.name"))))),
+        ),
+    ]
+    if injection.ready_path is not None:
+        env.append(m(("name", "PROXYMQ_READY_PATH"), ("value", injection.ready_path)))
+    return m(
+        ("name", CONTAINER),
+        ("image", injection.image),
+        ("restartPolicy", "Always"),
+        ("env", CommentedSeq(env)),
+        ("ports", CommentedSeq([m(("name", ADMIN_PORT_NAME), ("containerPort", ADMIN_PORT))])),
+        ("startupProbe", probe("/healthz", 1, 30)),
+        ("livenessProbe", probe("/healthz", 10, 3)),
+        ("readinessProbe", probe("/readyz", 5, 2)),
+        (
+            "volumeMounts",
+            CommentedSeq([m(("name", AMQP_VOLUME), ("mountPath", SECRET_DIR), ("readOnly", True))]),
+        ),
+        (
+            "resources",
+            m(
+                ("requests", m(("cpu", "50m"), ("memory", "64Mi"))),
+                ("limits", m(("memory", "256Mi"))),
+            ),
+        ),
+        (
+            "securityContext",
+            m(
+                ("runAsNonRoot", True),
+                ("runAsUser", SIDECAR_UID),
+                ("runAsGroup", SIDECAR_UID),
+                ("allowPrivilegeEscalation", False),
+                ("readOnlyRootFilesystem", True),
+                ("capabilities", m(("drop", CommentedSeq(["ALL"])))),
+            ),
+        ),
+    )
+
+
+# Lists merged entry by entry (by name), so entries a user added survive a re-injection.
+MERGED_BY_NAME = ("env", "ports", "volumeMounts")
+# Fields a user may tune; set only when missing.
+KEPT_WHEN_SET = ("resources", "securityContext")
+
+
+def add_sidecar(pod: CommentedMap, desired: CommentedMap) -> None:
+    """Append the sidecar after any existing init containers (migrations and the like finish
+    first; a mesh proxy injected earlier starts before it and stops after it), or update the
+    one already there. A `proxymq-dequeuer` in `containers` (an older, non-native injection)
+    is moved."""
+    from ruamel.yaml.comments import CommentedSeq
+
+    containers = pod["containers"]
+    old = [i for i, c in enumerate(containers) if c.get("name") == CONTAINER]
+    if old and len(containers) > len(old):
+        moved = containers.pop(old[0])
+        pod.setdefault("initContainers", CommentedSeq()).append(moved)
+    init = pod.get("initContainers")
+    if not isinstance(init, list):
+        init = pod["initContainers"] = CommentedSeq()
+    for container in init:
+        if container.get("name") == CONTAINER:
+            update(container, desired)
+            return
+    init.append(desired)
+
+
+def update(existing: CommentedMap, desired: CommentedMap) -> None:
+    """Make `existing` say what `desired` says, touching only what differs (so comments on
+    unchanged lines stay)."""
+    for key, value in desired.items():
+        if key in MERGED_BY_NAME and isinstance(existing.get(key), list):
+            merge_by_name(existing[key], value)
+        elif key in KEPT_WHEN_SET and key in existing:
+            continue
+        elif existing.get(key) != value:
+            existing[key] = value
+
+
+def merge_by_name(existing: CommentedSeq, desired: CommentedSeq) -> None:
+    for entry in desired:
+        for index, old in enumerate(existing):
+            if isinstance(old, dict) and old.get("name") == entry["name"]:
+                if old != entry:
+                    existing[index] = entry
+                break
+        else:
+            existing.append(entry)
+
+
+def ensure_volume(pod: CommentedMap, secret: str) -> None:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    volumes = pod.get("volumes")
+    if not isinstance(volumes, list):
+        volumes = pod["volumes"] = CommentedSeq()
+    for volume in volumes:
+        if volume.get("name") == AMQP_VOLUME:
+            source = volume.get("secret")
+            if not isinstance(source, dict) or source.get("secretName") != secret:
+                volume["secret"] = CommentedMap([("secretName", secret)])
+            return
+    volumes.append(
+        CommentedMap([("name", AMQP_VOLUME), ("secret", CommentedMap([("secretName", secret)]))])
+    )
+
+
+def guess_indent(text: str) -> tuple[int, int]:
+    """(mapping indent, offset of a list's dash under its key) as the input writes them, so the
+    output keeps the input's style: kubectl writes `containers:` / `- name:` (offset 0), most
+    hand-written manifests indent the dash by 2."""
+    mapping: int | None = None
+    offset: int | None = None
+    lines = [
+        line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    for previous, line in itertools.pairwise(lines):
+        if not previous.rstrip().endswith(":"):
+            continue
+        parent = len(previous) - len(previous.lstrip())
+        if (item := _SEQUENCE_ITEM.match(previous)) is not None:
+            parent = len(item.group(1)) + 2  # the key after "- "
+        child = len(line) - len(line.lstrip())
+        if line.lstrip().startswith("- "):
+            offset = child - parent if offset is None and child >= parent else offset
+        elif mapping is None and child > parent:
+            mapping = child - parent
+        if mapping is not None and offset is not None:
+            break
+    return mapping or 2, offset if offset is not None else 2
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "inject",
+        help="add the dequeuer sidecar to Kubernetes workloads (YAML on stdin)",
+        description=(
+            "Read Kubernetes YAML on stdin (one or more documents) and write it to stdout with a "
+            f"{CONTAINER} native sidecar (an init container with restartPolicy: Always) in the "
+            "pod template of every Deployment, StatefulSet, DaemonSet and ReplicaSet. Other "
+            "kinds pass through; comments and unknown fields are kept; running it twice gives "
+            "the same output."
+        ),
+        epilog=(
+            "example: kubectl get deploy url-fetcher -o yaml | proxymq inject --service "
+            "url-fetcher --target-port 8000 | kubectl apply -f -    The AMQP URL is read from "
+            f"key '{AMQP_SECRET_KEY}' of Secret --amqp-secret, mounted at {SECRET_DIR}."
+        ),
+    )
+    parser.add_argument("--service", required=True, help="the service the dequeuer consumes for")
+    parser.add_argument(
+        "--target-port",
+        type=int,
+        help="port of the microservice on localhost (default: the first containerPort, "
+        f"else {DEFAULT_TARGET_PORT})",
+    )
+    parser.add_argument(
+        "--image", default=DEFAULT_IMAGE, help=f"dequeuer image (default {DEFAULT_IMAGE})"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=8,
+        help="partition queues; every dequeuer of the service must agree (default 8)",
+    )
+    parser.add_argument(
+        "--amqp-secret",
+        default=AMQP_SECRET,
+        help=f"Secret with the AMQP URL under key '{AMQP_SECRET_KEY}' (default {AMQP_SECRET})",
+    )
+    parser.add_argument(
+        "--ready-path",
+        help="the microservice's readiness path (PROXYMQ_READY_PATH): nothing is consumed "
+        "until it answers 2xx",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        injection = Injection(
+            service=args.service,
+            target_port=args.target_port,
+            image=args.image,
+            partitions=args.partitions,
+            amqp_secret=args.amqp_secret,
+            ready_path=args.ready_path,
+        )
+    except ValueError as exc:
+        print(f"proxymq inject: {exc}", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        print(
+            "proxymq inject: reads YAML on stdin, e.g. "
+            "kubectl get deploy NAME -o yaml | proxymq inject --service S",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        output, report = inject_text(sys.stdin.read(), injection)
+    except InjectError as exc:
+        print(f"proxymq inject: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(output)
+    for note in report.notes:
+        print(f"proxymq inject: note: {note}", file=sys.stderr)
+    injected = ", ".join(report.injected) or "no workload found"
+    print(f"proxymq inject: {CONTAINER} for {injection.service}: {injected}", file=sys.stderr)
+    return 0

@@ -1,0 +1,342 @@
+"""`proxymq keda --service S`: the KEDA objects that scale a service's pods on its queue depth.
+
+Prints a `TriggerAuthentication` (the management API URL, credentials included, read from a
+Secret) and a `ScaledObject` whose single `rabbitmq` trigger sums the depth of every queue
+matching `shared.topology.partition_pattern(S)`: `^S\\.p\\d+$`, anchored, so neither `S.dlq`
+nor another service's queues count. `deploy/k8s/url-fetcher-keda.yaml` is this command's output
+for url-fetcher, and a test keeps the two equal.
+
+Three choices keep pods from being scaled away while they hold work:
+
+- `excludeUnacknowledged: "false"`: a request a dequeuer has taken but not finished is unacked;
+  counting it keeps the metric above zero (and the pods alive) until the work is done.
+- `pageSize: "500"`: with `useRegex`, KEDA asks the management API for page 1 only
+  (`/api/queues/VHOST?page=1&page_size=N&use_regex=true&name=REGEX`). RabbitMQ filters by name
+  first, then pages (100 by default, 500 at most, a larger page is a 400). Partitions beyond the
+  first page would be missed (older KEDA summed page 1 silently; newer ones fail the trigger),
+  so the page is RabbitMQ's largest and more than 500 partitions are refused here.
+- A scale-down stabilization window and a one-pod-a-minute policy: a short lull does not take
+  pods away, and each removed pod gets its full termination grace to drain (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from dataclasses import dataclass, fields
+from typing import Literal, TypeAlias
+
+from shared import topology
+
+Json: TypeAlias = str | int | bool | list["Json"] | dict[str, "Json"] | None
+KeyPath: TypeAlias = tuple[str | int, ...]
+
+PAGE_SIZE = 500  # RabbitMQ management's MAX_PAGE_SIZE: page_size=501 is answered 400
+DEFAULT_MAX = 10
+MANAGEMENT_SECRET = "proxymq-rabbitmq-management"
+MANAGEMENT_SECRET_KEY = "host"
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """What the ScaledObject says; `max_replicas` None means min(10, partitions): with single
+    active consumer per partition, a pod beyond the partition count only waits as a standby."""
+
+    service: str
+    partitions: int = 8
+    min_replicas: int = 0
+    max_replicas: int | None = None
+    queue_length: int = 20
+    activation: int = 0
+    cooldown: int = 300
+    scale_down_window: int = 300
+    polling_interval: int = 15
+    target_kind: Literal["Deployment", "StatefulSet"] = "Deployment"
+    target_name: str | None = None
+    management_secret: str = MANAGEMENT_SECRET
+
+    def __post_init__(self) -> None:
+        topology.check_service_name(self.service)
+        if not 1 <= self.partitions <= PAGE_SIZE:
+            raise ValueError(
+                f"--partitions {self.partitions}: KEDA reads one page of the management API's "
+                f"queue list, at most {PAGE_SIZE} queues, so at most {PAGE_SIZE} partitions"
+            )
+        if self.min_replicas < 0 or self.max < max(1, self.min_replicas):
+            raise ValueError(
+                f"--min {self.min_replicas} --max {self.max}: need 0 <= min <= max and max >= 1"
+            )
+        if self.queue_length < 1 or self.activation < 0:
+            raise ValueError("--queue-length must be at least 1 and --activation at least 0")
+        if min(self.cooldown, self.scale_down_window, self.polling_interval) < 1:
+            raise ValueError("--cooldown, --scale-down-window and --polling-interval must be >= 1")
+
+    @property
+    def max(self) -> int:
+        if self.max_replicas is not None:
+            return self.max_replicas
+        return min(DEFAULT_MAX, self.partitions)
+
+    @property
+    def target(self) -> str:
+        return self.target_name or self.service
+
+    @property
+    def auth_name(self) -> str:
+        return f"{self.service}-rabbitmq"
+
+
+OPTIONS = {
+    "partitions": "--partitions",
+    "min_replicas": "--min",
+    "max_replicas": "--max",
+    "queue_length": "--queue-length",
+    "activation": "--activation",
+    "cooldown": "--cooldown",
+    "scale_down_window": "--scale-down-window",
+    "polling_interval": "--polling-interval",
+    "target_kind": "--kind",
+    "target_name": "--name",
+    "management_secret": "--management-secret",
+}
+
+
+def command_line(spec: Scaling) -> str:
+    """The command that prints `spec`: service and partitions always, other options when they
+    differ from their defaults, so a manifest names how to regenerate it."""
+    words = ["proxymq", "keda", "--service", spec.service, "--partitions", str(spec.partitions)]
+    for field in fields(spec):
+        value = getattr(spec, field.name)
+        if field.name in OPTIONS and field.name != "partitions" and value != field.default:
+            words += [OPTIONS[field.name], str(value)]
+    return " ".join(words)
+
+
+def labels(service: str) -> dict[str, Json]:
+    return {"app.kubernetes.io/name": service, "app.kubernetes.io/part-of": "proxymq"}
+
+
+def trigger_authentication(spec: Scaling) -> dict[str, Json]:
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": {"name": spec.auth_name, "labels": labels(spec.service)},
+        "spec": {
+            "secretTargetRef": [
+                {"parameter": "host", "name": spec.management_secret, "key": MANAGEMENT_SECRET_KEY}
+            ]
+        },
+    }
+
+
+def trigger_metadata(spec: Scaling) -> dict[str, Json]:
+    """KEDA takes every trigger value as a string; numbers here would fail its CRD schema."""
+    return {
+        "protocol": "http",
+        "mode": "QueueLength",
+        "value": str(spec.queue_length),
+        "activationValue": str(spec.activation),
+        "queueName": topology.partition_pattern(spec.service),
+        "useRegex": "true",
+        "operation": "sum",
+        "pageSize": str(PAGE_SIZE),
+        "excludeUnacknowledged": "false",
+    }
+
+
+def scaled_object(spec: Scaling) -> dict[str, Json]:
+    scale_down: dict[str, Json] = {
+        "stabilizationWindowSeconds": spec.scale_down_window,
+        "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+    }
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": spec.target, "labels": labels(spec.service)},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": spec.target_kind,
+                "name": spec.target,
+            },
+            "pollingInterval": spec.polling_interval,
+            "cooldownPeriod": spec.cooldown,
+            "minReplicaCount": spec.min_replicas,
+            "maxReplicaCount": spec.max,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": scale_down}}},
+            "triggers": [
+                {
+                    "type": "rabbitmq",
+                    "metadata": trigger_metadata(spec),
+                    "authenticationRef": {"name": spec.auth_name},
+                }
+            ],
+        },
+    }
+
+
+def manifests(spec: Scaling) -> list[dict[str, Json]]:
+    """The TriggerAuthentication first: the ScaledObject names it."""
+    return [trigger_authentication(spec), scaled_object(spec)]
+
+
+def comments(spec: Scaling) -> list[dict[KeyPath, str]]:
+    """End-of-line comments per document, keyed by the path of the commented key."""
+    trigger: KeyPath = ("spec", "triggers", 0, "metadata")
+    scaled: dict[KeyPath, str] = {
+        ("spec", "cooldownPeriod"): "seconds with nothing waiting before scaling to zero",
+        (*trigger, "protocol"): "regex and unacked counts need the management API",
+        (*trigger, "value"): "messages per pod (ready + unacked, summed over the partitions)",
+        (*trigger, "activationValue"): "scale from zero once more than this many wait",
+        (*trigger, "queueName"): (
+            f"anchored: {spec.service}.p0..p{spec.partitions - 1} only, never {spec.service}.dlq"
+        ),
+        (*trigger, "pageSize"): "KEDA reads page 1 only: RabbitMQ's largest page, all partitions",
+        (*trigger, "excludeUnacknowledged"): "work in progress keeps its pods",
+    }
+    if spec.max > spec.partitions:
+        scaled[("spec", "maxReplicaCount")] = (
+            f"beyond {spec.partitions} partitions, extra pods only wait as standbys"
+        )
+    auth: dict[KeyPath, str] = {
+        ("spec", "secretTargetRef", 0, "key"): (
+            "http://USER:PASSWORD@RABBITMQ:15672/ (management API; the final / is vhost /)"
+        )
+    }
+    return [auth, scaled]
+
+
+def render(spec: Scaling) -> str:
+    """YAML with comments; ruamel.yaml is imported here so that a missing install breaks only
+    this command, not every `proxymq` subcommand."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    def commented(value: Json) -> object:
+        if isinstance(value, dict):
+            return CommentedMap((k, commented(v)) for k, v in value.items())
+        if isinstance(value, list):
+            return CommentedSeq(commented(v) for v in value)
+        return value
+
+    documents = []
+    for manifest, notes in zip(manifests(spec), comments(spec), strict=True):
+        document = commented(manifest)
+        for path, text in notes.items():
+            parent = document
+            for step in path[:-1]:
+                parent = parent[step]  # type: ignore[index]
+            parent.yaml_add_eol_comment(text, path[-1])  # type: ignore[attr-defined]
+        documents.append(document)
+    yaml = YAML()
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096
+    yaml.explicit_start = True
+    out = io.StringIO()
+    yaml.dump_all(documents, out)
+    header = (
+        f"# KEDA autoscaling of {spec.service} on the summed depth of its partition queues.\n"
+        f"# Generated by `{command_line(spec)}`; why each field: docs/deploy.md#keda\n"
+    )
+    return header + out.getvalue()
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "keda",
+        help="print the KEDA ScaledObject and TriggerAuthentication for a service",
+        description=(
+            "Print a KEDA ScaledObject (trigger rabbitmq over the management API, the summed "
+            "depth of the queues matching ^SERVICE\\.p\\d+$, unacked messages included) and its "
+            "TriggerAuthentication. Apply with: proxymq keda --service S | kubectl apply -f -"
+        ),
+        epilog=(
+            f"The TriggerAuthentication reads key '{MANAGEMENT_SECRET_KEY}' of Secret "
+            f"--management-secret: the management URL with credentials, e.g. "
+            "http://user:password@rabbitmq:15672/ . See docs/deploy.md."
+        ),
+    )
+    parser.add_argument("--service", required=True, help="the service whose pods are scaled")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=8,
+        help=f"partition queues of the service (default 8, at most {PAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--min", type=int, default=0, dest="min_replicas", help="fewest pods; 0 scales to zero"
+    )
+    parser.add_argument(
+        "--max",
+        type=int,
+        default=None,
+        dest="max_replicas",
+        help="most pods (default: 10, or the partition count if smaller)",
+    )
+    parser.add_argument(
+        "--queue-length",
+        type=int,
+        default=20,
+        help="target waiting + in-progress messages per pod (default 20)",
+    )
+    parser.add_argument(
+        "--activation",
+        type=int,
+        default=0,
+        help="messages above which a service at zero pods is woken (default 0: any message)",
+    )
+    parser.add_argument(
+        "--cooldown", type=int, default=300, help="seconds idle before scaling to zero (300)"
+    )
+    parser.add_argument(
+        "--scale-down-window",
+        type=int,
+        default=300,
+        help="HPA scale-down stabilization window in seconds (300)",
+    )
+    parser.add_argument(
+        "--polling-interval", type=int, default=15, help="seconds between queue checks (15)"
+    )
+    parser.add_argument(
+        "--kind",
+        choices=["Deployment", "StatefulSet"],
+        default="Deployment",
+        help="kind of the scaled workload (Deployment)",
+    )
+    parser.add_argument("--name", help="name of the scaled workload (default: the service name)")
+    parser.add_argument(
+        "--management-secret",
+        default=MANAGEMENT_SECRET,
+        help=f"Secret holding the management URL (default {MANAGEMENT_SECRET})",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = Scaling(
+            service=args.service,
+            partitions=args.partitions,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            queue_length=args.queue_length,
+            activation=args.activation,
+            cooldown=args.cooldown,
+            scale_down_window=args.scale_down_window,
+            polling_interval=args.polling_interval,
+            target_kind=args.kind,
+            target_name=args.name,
+            management_secret=args.management_secret,
+        )
+    except ValueError as exc:
+        print(f"proxymq keda: {exc}", file=sys.stderr)
+        return 2
+    if spec.max > spec.partitions:
+        print(
+            f"proxymq keda: note: --max {spec.max} exceeds {spec.partitions} partitions; each "
+            "partition has one active consumer, so the extra pods only wait as standbys",
+            file=sys.stderr,
+        )
+    sys.stdout.write(render(spec))
+    return 0

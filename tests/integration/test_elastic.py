@@ -1,0 +1,287 @@
+"""Dequeuers share a service's partitions: balanced, exclusive, failing over and handing over
+without breaking per-key order. Dequeuers are separate processes; the microservice is the test's
+own and records arrival order and in-flight requests per key."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from shared import topology
+from shared.processes import Process
+from tests.conftest import Stack, metric
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+PARTITIONS = 8
+BALANCE_BOUND = 5.0  # seconds, the issue's bound after a join or a leave
+
+
+async def owned(http: aiohttp.ClientSession, process: Process) -> int:
+    port = process.admin_port  # type: ignore[attr-defined]
+    return int(await metric(http, port, "proxymq_dequeuer_partitions_owned"))
+
+
+async def wait_balanced(
+    http: aiohttp.ClientSession, live: list[Process], partitions: int = PARTITIONS
+) -> float:
+    """Seconds until the live dequeuers own floor(N/D) or ceil(N/D) each and N in all."""
+    started = time.monotonic()
+    low, high = partitions // len(live), -(-partitions // len(live))
+    counts: list[int] = []
+    while time.monotonic() - started < BALANCE_BOUND + 5:
+        counts = [await owned(http, p) for p in live]
+        if sum(counts) == partitions and all(low <= c <= high for c in counts):
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not balanced: {counts} for {partitions} partitions")
+
+
+@dataclass
+class Load:
+    """Requests with many keys, each key's requests sent in order, paced, async (202)."""
+
+    url: str
+    keys: int = 40
+    sent: dict[str, int] = field(default_factory=dict)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, http: aiohttp.ClientSession, rate: float = 150) -> None:
+        for seq in itertools.count():
+            for key in random.sample(range(self.keys), self.keys):
+                if self.stop.is_set():
+                    return
+                name = f"k{key}"
+                async with http.post(
+                    f"{self.url}/keyed/{name}/{seq}?sleep=0.005",
+                    headers={"X-Partition-Key": name, "Prefer": "respond-async"},
+                ) as response:
+                    assert response.status == 202, await response.text()
+                self.sent[name] = seq + 1
+                await asyncio.sleep(1 / rate)
+
+
+@contextlib.asynccontextmanager
+async def running(load: Load, http: aiohttp.ClientSession) -> AsyncIterator[Load]:
+    task = asyncio.create_task(load.run(http))
+    try:
+        yield load
+    finally:
+        load.stop.set()
+        await task
+
+
+async def all_done(target: Target, load: Load, timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while any(set(target.order.get(k, [])) != set(range(n)) for k, n in load.sent.items()):
+            await asyncio.sleep(0.1)
+
+
+def assert_ordered(target: Target, load: Load, *, duplicates_allowed: bool) -> None:
+    for key, count in load.sent.items():
+        arrivals = target.order[key]
+        first_seen = list(dict.fromkeys(arrivals))
+        assert first_seen == list(range(count)), f"{key} out of order: {arrivals}"
+        if not duplicates_allowed:
+            assert len(arrivals) == count, f"{key} processed twice: {arrivals}"
+    assert target.max_in_flight_per_key == 1
+
+
+async def start_dequeuers(
+    stack: Stack, service: str, target: Target, *names: str, args: tuple[str, ...] = ()
+) -> list[Process]:
+    return list(
+        await asyncio.gather(
+            *(
+                stack.dequeuer(
+                    service,
+                    target.url,
+                    "--instance-id",
+                    name,
+                    "--partitions",
+                    str(PARTITIONS),
+                    *args,
+                )
+                for name in names
+            )
+        )
+    )
+
+
+async def test_balance_join_crash_leave(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Under load: 1 dequeuer, add 2, SIGKILL one, SIGTERM one, add one back."""
+    _, url = await stack.enqueuer()
+    [first] = await start_dequeuers(stack, service, target, "d1")
+    live = [first]
+    timings: dict[str, float] = {}
+    async with running(Load(f"{url}/{service}"), http) as load:
+        timings["start"] = await wait_balanced(http, live)
+        live += await start_dequeuers(stack, service, target, "d2", "d3")
+        timings["join 2"] = await wait_balanced(http, live)
+        await asyncio.sleep(1)
+        victim = live.pop(1)
+        victim.signal(signal.SIGKILL)
+        timings["crash"] = await wait_balanced(http, live)
+        await asyncio.sleep(1)
+        leaver = live.pop(0)
+        assert await asyncio.to_thread(leaver.stop) == 0
+        timings["leave"] = await wait_balanced(http, live)
+        await asyncio.sleep(1)
+        live += await start_dequeuers(stack, service, target, "d4")
+        timings["rejoin"] = await wait_balanced(http, live)
+        await asyncio.sleep(1)
+    await all_done(target, load)
+    assert_ordered(target, load, duplicates_allowed=True)
+    print(
+        "balance reached after",
+        {k: round(v, 2) for k, v in timings.items()},
+        "with",
+        sum(load.sent.values()),
+        "requests",
+    )
+    assert all(t <= BALANCE_BOUND for t in timings.values()), timings
+
+
+async def test_graceful_leave_processes_nothing_twice(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    _, url = await stack.enqueuer()
+    dequeuers = await start_dequeuers(stack, service, target, "a", "b")
+    await wait_balanced(http, dequeuers)
+    async with running(Load(f"{url}/{service}"), http) as load:
+        await asyncio.sleep(1.5)
+        assert await asyncio.to_thread(dequeuers[0].stop) == 0
+        await wait_balanced(http, dequeuers[1:])
+        await asyncio.sleep(1)
+    await all_done(target, load)
+    assert_ordered(target, load, duplicates_allowed=False)
+
+
+@pytest.mark.parametrize("count", [1, PARTITIONS, PARTITIONS + 2])
+async def test_dequeuer_counts(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, count: int
+) -> None:
+    """D = 1, D = N and D > N (the extra ones are hot standbys that own nothing)."""
+    names = [f"n{i}" for i in range(count)]
+    dequeuers = await start_dequeuers(stack, service, target, *names)
+    await wait_balanced(http, dequeuers)
+    counts = [await owned(http, p) for p in dequeuers]
+    assert counts.count(0) == max(0, count - PARTITIONS)
+    if count > PARTITIONS:  # a standby takes over a crashed owner's partition
+        victim = next(p for p, c in zip(dequeuers, counts, strict=True) if c == 1)
+        victim.signal(signal.SIGKILL)
+        dequeuers.remove(victim)
+        started = time.monotonic()
+        await wait_balanced(http, dequeuers)
+        assert time.monotonic() - started <= BALANCE_BOUND
+
+
+async def test_failover_time(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A SIGKILLed dequeuer's partitions are processed again by the survivor within 5 s."""
+    _, url = await stack.enqueuer()
+    dequeuers = await start_dequeuers(stack, service, target, "x", "y")
+    await wait_balanced(http, dequeuers)
+    dequeuers[0].signal(signal.SIGKILL)
+    killed = time.monotonic()
+    keys = [f"f{i}" for i in range(32)]  # spread over every partition
+    responses = await asyncio.gather(
+        *(
+            http.get(
+                f"{url}/{service}/echo/{key}",
+                headers={"X-Partition-Key": key, "X-Request-Timeout": "15"},
+            )
+            for key in keys
+        )
+    )
+    elapsed = time.monotonic() - killed
+    assert [r.status for r in responses] == [200] * len(keys)
+    print(f"all partitions answered {elapsed:.2f} s after the kill")
+    assert elapsed <= BALANCE_BOUND
+
+
+async def test_deleted_partition_queue_comes_back(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    _, url = await stack.enqueuer()
+    [dequeuer] = await start_dequeuers(stack, service, target, "solo")
+    await wait_balanced(http, [dequeuer])
+    channel = await amqp.channel()
+    await channel.queue_delete(topology.partition_queue(service, 0))
+    async with asyncio.timeout(10):
+        while not await topology.queue_exists(amqp, topology.partition_queue(service, 0)):
+            await asyncio.sleep(0.2)
+    keys = [f"d{i}" for i in range(32)]
+    responses = await asyncio.gather(
+        *(
+            http.get(
+                f"{url}/{service}/echo/{key}",
+                headers={"X-Partition-Key": key, "X-Request-Timeout": "10"},
+            )
+            for key in keys
+        )
+    )
+    assert [r.status for r in responses] == [200] * len(keys)
+    queue = await channel.declare_queue(topology.partition_queue(service, 0), passive=True)
+    assert queue.declaration_result.consumer_count == 1
+
+
+async def test_stalled_dequeuer_never_runs_beside_its_successor(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """SIGSTOP (a long GC pause, CPU starvation) past the membership expiry: the others count
+    it gone and subscribe, but single active consumer keeps it the only consumer of its
+    partitions until it resumes; nothing is lost or reordered."""
+    _, url = await stack.enqueuer()
+    dequeuers = await start_dequeuers(stack, service, target, "s1", "s2")
+    await wait_balanced(http, dequeuers)
+    async with running(Load(f"{url}/{service}"), http) as load:
+        await asyncio.sleep(1)
+        dequeuers[0].signal(signal.SIGSTOP)
+        await asyncio.sleep(4)
+        dequeuers[0].signal(signal.SIGCONT)
+        await wait_balanced(http, dequeuers)
+        await asyncio.sleep(1)
+    await all_done(target, load)
+    assert_ordered(target, load, duplicates_allowed=False)
+
+
+async def test_random_schedule(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A seeded random schedule of joins, crashes and graceful leaves, bounded in time."""
+    rng = random.Random(20261123)
+    _, url = await stack.enqueuer()
+    live = await start_dequeuers(stack, service, target, "r0")
+    names = itertools.count(1)
+    deadline = time.monotonic() + 25
+    async with running(Load(f"{url}/{service}"), http) as load:
+        while time.monotonic() < deadline:
+            action = rng.choice(["join", "join", "crash", "leave"])
+            if action == "join" or len(live) == 1:
+                live += await start_dequeuers(stack, service, target, f"r{next(names)}")
+            elif action == "crash":
+                live.pop(rng.randrange(len(live))).signal(signal.SIGKILL)
+            else:
+                assert await asyncio.to_thread(live.pop(rng.randrange(len(live))).stop) == 0
+            assert await wait_balanced(http, live) <= BALANCE_BOUND
+            await asyncio.sleep(rng.uniform(0.2, 1.5))
+    await all_done(target, load)
+    assert_ordered(target, load, duplicates_allowed=True)
