@@ -4,7 +4,7 @@
 #   make install    .venv with the project and its dev tools (fast when nothing changed)
 #   make broker     a broker at PROXYMQ_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/),
 #                   started or installed when the URL is this machine, with the plugins enabled
-#   make test       lint + typecheck + the whole pytest suite (needs the broker)
+#   make test       lint + typecheck + the whole pytest suite (PYTEST_ARGS="-k status" to narrow)
 #   make demo       the whole pipeline on this machine, a dozen calls shown as a table
 #   make bench      throughput and latency through the queue
 #   make clean      caches and build leftovers (make distclean also removes .venv)
@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install broker test unit lint format typecheck demo bench clean distclean
+.PHONY: help install broker test lint format typecheck demo bench clean distclean
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -46,10 +46,6 @@ broker: install
 
 # Cheap checks first, so a typo fails in seconds instead of after the integration tests.
 test: install lint typecheck broker
-	@$(BIN)/pytest -q $(PYTEST_ARGS)
-
-# The suite without the broker check, for a quick run when the broker is known to be up.
-unit: install
 	@$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: install

@@ -10,7 +10,7 @@ import uuid
 
 from aio_pika.abc import AbstractRobustConnection
 
-from dequeuer.breaker import OPEN, ServiceBreaker
+from dequeuer.batching import BatchingTransport
 from dequeuer.consumer import Consumer
 from dequeuer.coordinator import Coordinator
 from dequeuer.forwarder import HttpTransport
@@ -20,6 +20,7 @@ from dequeuer.readiness import Readiness
 from dequeuer.settings import DequeuerSettings
 from shared import logs, service, topology
 from shared.admin import admin_app
+from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, tls_context
 from shared.metrics import DequeuerMetrics
 from shared.settings import load
@@ -32,12 +33,38 @@ def instance_name(settings: DequeuerSettings) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:100]
 
 
+def warn_long_calls(settings: DequeuerSettings) -> None:
+    """RabbitMQ closes the channel of a consumer that holds a delivery longer than its
+    consumer_timeout; the partition's held messages are then delivered again."""
+    worst = settings.call_timeout * settings.max_attempts + 10 * (settings.max_attempts - 1)
+    if worst >= settings.broker_consumer_timeout:
+        log.warning(
+            "a request may be held %.0f s (--call-timeout %.0f x --max-attempts %d, with "
+            "backoff), longer than RabbitMQ's consumer_timeout of %.0f s: raise consumer_timeout "
+            "in rabbitmq.conf (and --broker-consumer-timeout) or lower --call-timeout",
+            worst,
+            settings.call_timeout,
+            settings.max_attempts,
+            settings.broker_consumer_timeout,
+        )
+
+
 async def serve(settings: DequeuerSettings) -> int:
+    warn_long_calls(settings)
     instance = instance_name(settings)
     metrics = DequeuerMetrics()
-    transport = HttpTransport(settings.target, settings.concurrency)
+    http = HttpTransport(settings.target, settings.concurrency)
+    transport: HttpTransport | BatchingTransport = http
+    if settings.batch_size > 1:  # the batcher owns `http` and closes it
+        transport = BatchingTransport(
+            http,
+            size=settings.batch_size,
+            wait=settings.batch_wait_ms / 1000,
+            path=settings.batch_path,
+            on_batch=metrics.batch_size.labels(settings.service).observe,
+        )
     readiness = Readiness(
-        transport.session,
+        http.session,
         settings.target,
         settings.ready_path,
         timeout=settings.ready_timeout,
@@ -84,6 +111,7 @@ async def serve(settings: DequeuerSettings) -> int:
     async def on_connect(connection: AbstractRobustConnection) -> None:
         await topology.declare(connection, consumer.topology)
         await consumer.start(connection)
+        await consumer.consume_notices(connection)
         await membership.start(connection)
         partitions.start(connection)
         readiness.start()

@@ -25,12 +25,12 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from dequeuer.breaker import ServiceBreaker
 from dequeuer.forwarder import CallFailed, Transport
 from dequeuer.lanes import Lanes
 from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
 from shared import envelope, logs, topology
+from shared.breaker import ServiceBreaker
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
 from shared.errors import ServiceFailed
 from shared.metrics import DequeuerMetrics, status_class
@@ -246,12 +246,58 @@ class Consumer:
         return envelope.HttpRequest(http.method, http.path, http.query, tuple(headers), http.body)
 
     async def reply(self, request: RequestEnvelope, response: HttpResponse) -> None:
-        if not request.reply_to:
+        await self.publish_reply(request.reply_to, request.request_id, response)
+
+    async def publish_reply(
+        self, reply_to: str | None, request_id: str, response: HttpResponse
+    ) -> None:
+        """Confirmed before the request is acked: a reply is never lost for an acked request."""
+        if not reply_to:
             return
         assert self._reply_channel is not None
         await self._reply_channel.default_exchange.publish(
-            envelope.encode_response(response, request.request_id), routing_key=request.reply_to
+            envelope.encode_response(response, request_id), routing_key=reply_to
         )
+
+    async def on_dead_letter_notice(self, message: AbstractIncomingMessage) -> None:
+        """RabbitMQ dead-lettered a request itself (it exceeded the delivery limit: it may be
+        crashing its dequeuer): its caller gets 502 now rather than a timeout later."""
+        async with message.process(requeue=True, ignore_processed=True):
+            deaths = message.headers.get("x-death")
+            count = 0
+            if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+                value = deaths[0].get("count", 0)
+                count = value if isinstance(value, int) else 0
+            reason = message.headers.get("x-first-death-reason", "rejected")
+            reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+            error = ServiceFailed(
+                f"RabbitMQ dead-lettered the request ({reason}) after {count or 'several'} "
+                f"deliveries: it may crash the microservice or its dequeuer; it is in "
+                f"{self.topology.dead_letters}"
+            )
+            log.warning(
+                "caller told of a broker dead letter: %s",
+                reason,
+                extra=logs.fields(correlation_id=message.correlation_id),
+            )
+            self.metrics.messages.labels(self.settings.service, "", "dead_lettered").inc()
+            await self.publish_reply(
+                message.reply_to,
+                message.correlation_id or "",
+                HttpResponse(
+                    error.status, (), error.body(), error=error.code, error_message=error.message
+                ),
+            )
+
+    async def consume_notices(self, connection: AbstractRobustConnection) -> None:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=16)
+        queue = await channel.declare_queue(
+            topology.notify_queue(self.settings.service),
+            durable=True,
+            arguments=topology.NOTIFY_ARGS,
+        )
+        await queue.consume(self.on_dead_letter_notice)
 
     async def dead_letter(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from shared.settings import DEFAULT_AMQP_URL, CommaList, CommandSettings
 from shared.topology import check_service_name
@@ -66,6 +66,13 @@ class DequeuerSettings(CommandSettings):
     retry_on: CommaList = Field(
         ["connect", "timeout", "502", "503", "504"],
         description="failures worth a retry: connect, timeout and 5xx statuses (4xx never)",
+    )
+    broker_consumer_timeout: float = Field(
+        1800.0,
+        gt=0,
+        description="RabbitMQ's consumer_timeout in seconds (30 minutes unless "
+        "rabbitmq.conf says otherwise): a request held longer makes the broker close the channel; "
+        "a --call-timeout above it is warned about at startup",
     )
     delivery_limit: int = Field(
         20,
@@ -135,3 +142,23 @@ class DequeuerSettings(CommandSettings):
             ):
                 raise ValueError(f"{value!r}: retry on connect, timeout or a 5xx status")
         return values
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_fits_concurrency(cls, value: int, info: ValidationInfo) -> int:
+        """A batch only holds requests in flight at the same time, and at most `concurrency`
+        are: a larger batch could never fill, and every batch would wait --batch-wait-ms."""
+        concurrency = info.data.get("concurrency")
+        if isinstance(concurrency, int) and value > concurrency:
+            raise ValueError(
+                f"{value} is more than --concurrency {concurrency}; a batch holds requests "
+                f"in flight at once, so raise --concurrency to at least {value}"
+            )
+        return value
+
+    @field_validator("batch_path")
+    @classmethod
+    def _batch_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/'")
+        return value

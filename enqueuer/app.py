@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from enqueuer.handlers import REQUESTS_PATH, Enqueuer, new_request_id, proxy, request_status
+from enqueuer.idempotency import IdempotencyStore
 from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from enqueuer.results import ResultStore
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key
+from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, tls_context
 from shared.errors import ERROR_HEADER, ProxyMQError
 from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
@@ -58,7 +60,7 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
     enqueuer.metrics.requests.labels(label, outcome).inc()
     if request.get("service") and response.status != 202:
         enqueuer.metrics.duration.labels(label).observe(time.perf_counter() - started)
-    response.headers[CORRELATION_HEADER] = request_id
+    response.headers[CORRELATION_HEADER] = request["request_id"]  # a repeat gets the first id
     return response
 
 
@@ -69,9 +71,17 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
     enqueuer = Enqueuer(
         settings=settings,
         sources=sources,
-        publisher=Publisher(frozenset(settings.services)),
+        publisher=Publisher(
+            frozenset(settings.services),
+            ServiceBreaker(
+                settings.breaker_failures,
+                settings.breaker_reset,
+                on_state=lambda state: metrics.breaker_open.set(state == OPEN),
+            ),
+        ),
         replies=ReplyWaiter(instance, settings.max_in_flight, metrics.late_replies.inc),
         results=ResultStore(settings.result_ttl, settings.max_results),
+        idempotency=IdempotencyStore(settings.idempotency_window, settings.max_results),
         metrics=metrics,
     )
     ssl_context = (

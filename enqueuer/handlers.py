@@ -7,9 +7,11 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import web
 
+from enqueuer.idempotency import IdempotencyStore
 from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from enqueuer.responses import PassThroughResponse
@@ -46,6 +48,7 @@ class Enqueuer:
     publisher: Publisher
     replies: ReplyWaiter
     results: ResultStore
+    idempotency: IdempotencyStore
     metrics: EnqueuerMetrics
 
 
@@ -107,25 +110,59 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     )
     asynchronous = wants_async(request)
     deadline = deadline_of(request, None if asynchronous else enqueuer.settings.timeout)
-    request_id: str = request["request_id"]
-    message = envelope.encode_request(
-        RequestEnvelope(
-            request_id=request_id,
-            service=service,
-            request=HttpRequest(
-                request.method, path, query, envelope.end_to_end(request.headers.items()), body
-            ),
-            partition_key=key,
-            deadline=deadline,
-            reply_to=enqueuer.replies.queue_name,
+    idempotency_key = request.headers.get("Idempotency-Key")
+    first = enqueuer.idempotency.get(service, idempotency_key) if idempotency_key else None
+    if first is not None:
+        request["request_id"] = request_id = first.request_id
+        future = first.future
+    else:
+        request_id = request["request_id"]
+        http = HttpRequest(
+            request.method, path, query, envelope.end_to_end(request.headers.items()), body
         )
-    )
-    future = enqueuer.replies.expect(request_id)
+        future = enqueuer.replies.expect(request_id)
+        if idempotency_key:  # before publishing, so concurrent repeats find it
+            enqueuer.idempotency.remember(service, idempotency_key, request_id, future)
+        await publish(
+            enqueuer,
+            RequestEnvelope(request_id, service, http, key, deadline, enqueuer.replies.queue_name),
+            future,
+        )
+        if idempotency_key or asynchronous:
+            expire_at(future, deadline)  # its lifetime is the message's, not one caller's
+    if asynchronous:
+        return accept(request_id, service, future, enqueuer)
     try:
-        # No key: a random routing key spreads the request (the hash of "" would pick one queue).
-        async with asyncio.timeout(min(PUBLISH_TIMEOUT, _remaining(deadline, PUBLISH_TIMEOUT))):
+        async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):
+            reply = await (asyncio.shield(future) if idempotency_key else future)
+    except TimeoutError:
+        raise GatewayTimeout(
+            f"no reply from service {service!r} within the deadline; the request may still be "
+            "processed, its late reply will be dropped"
+        ) from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if future.cancelled() and task is not None and not task.cancelling():
+            raise GatewayTimeout(f"no reply from service {service!r} within the deadline") from None
+        raise
+    return answer(reply)
+
+
+async def publish(
+    enqueuer: Enqueuer, request: RequestEnvelope, future: asyncio.Future[HttpResponse]
+) -> None:
+    """Publish the request whose reply `future` awaits; when the publish fails the future is
+    cancelled, so nothing is left waiting."""
+    # No key: a random routing key spreads the request (the hash of "" would pick one queue).
+    routing_key = request.partition_key if request.partition_key is not None else request.request_id
+    try:
+        async with asyncio.timeout(
+            PUBLISH_TIMEOUT
+            if request.deadline is None
+            else min(PUBLISH_TIMEOUT, _remaining(request.deadline, 0))
+        ):
             await enqueuer.publisher.publish(
-                service, key if key is not None else request_id, message
+                request.service, routing_key, envelope.encode_request(request)
             )
     except TimeoutError:
         future.cancel()
@@ -137,49 +174,40 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         raise
     enqueuer.metrics.in_flight.inc()
     future.add_done_callback(lambda _: enqueuer.metrics.in_flight.dec())
-    if asynchronous:
-        return accept(request_id, service, future, deadline, enqueuer)
-    try:
-        async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):
-            reply = await future
-    except TimeoutError:
-        raise GatewayTimeout(
-            f"no reply from service {service!r} within the deadline; the request may still be "
-            "processed, its late reply will be dropped"
-        ) from None
-    return answer(reply)
+
+
+def expire_at(future: asyncio.Future[HttpResponse], deadline: float | None) -> None:
+    if deadline is not None:
+        loop = asyncio.get_running_loop()
+        loop.call_at(loop.time() + max(0.0, deadline - time.time()), future.cancel)
 
 
 def accept(
-    request_id: str,
-    service: str,
-    future: asyncio.Future[HttpResponse],
-    deadline: float | None,
-    enqueuer: Enqueuer,
+    request_id: str, service: str, future: asyncio.Future[HttpResponse], enqueuer: Enqueuer
 ) -> web.Response:
     """Answer 202 now; the reply lands in the result store whenever it comes."""
-    enqueuer.results.add(request_id)
-    enqueuer.metrics.accepted_async.labels(service).inc()
+    if enqueuer.results.get(request_id) is None:  # not a repeated Idempotency-Key
+        enqueuer.results.add(request_id)
+        enqueuer.metrics.accepted_async.labels(service).inc()
+        future.add_done_callback(partial(_store, enqueuer.results, request_id, service))
+    return pending(request_id)
 
-    def store(done: asyncio.Future[HttpResponse]) -> None:
-        if done.cancelled():
-            enqueuer.results.finish(
-                request_id,
-                None,
-                GatewayTimeout(
-                    f"no reply from service {service!r} within the request's X-Request-Timeout"
-                ),
-            )
-        elif (error := done.exception()) is not None:
-            enqueuer.results.finish(request_id, None, _as_proxymq_error(error))
-        else:
-            enqueuer.results.finish(request_id, done.result(), None)
 
-    future.add_done_callback(store)
-    if deadline is not None:
-        asyncio.get_running_loop().call_at(
-            asyncio.get_running_loop().time() + max(0.0, deadline - time.time()), future.cancel
+def _store(
+    results: ResultStore, request_id: str, service: str, done: asyncio.Future[HttpResponse]
+) -> None:
+    if done.cancelled():
+        error: ProxyMQError = GatewayTimeout(
+            f"no reply from service {service!r} within the request's X-Request-Timeout"
         )
+        results.finish(request_id, None, error)
+    elif (exception := done.exception()) is not None:
+        results.finish(request_id, None, _as_proxymq_error(exception))
+    else:
+        results.finish(request_id, done.result(), None)
+
+
+def pending(request_id: str) -> web.Response:
     location = REQUESTS_PATH + request_id
     return web.json_response(
         {"id": request_id, "status": "pending", "location": location},
@@ -197,12 +225,7 @@ async def request_status(request: web.Request, enqueuer: Enqueuer) -> web.Stream
             f"result expired ({enqueuer.settings.result_ttl:g} s after it finished)"
         )
     if outcome.pending:
-        location = REQUESTS_PATH + request_id
-        return web.json_response(
-            {"id": request_id, "status": "pending", "location": location},
-            status=202,
-            headers={"Location": location, "Retry-After": "1"},
-        )
+        return pending(request_id)
     if outcome.error is not None:
         raise outcome.error
     assert outcome.response is not None

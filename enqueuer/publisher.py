@@ -16,6 +16,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from shared import topology
+from shared.breaker import ServiceBreaker
 from shared.errors import Backpressure, BrokerUnavailable, UnknownService
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,9 @@ UNKNOWN_FOR = 1.0  # a flood of calls to a missing service costs one passive dec
 
 
 class Publisher:
-    def __init__(self, allowed: frozenset[str]) -> None:
+    def __init__(self, allowed: frozenset[str], breaker: ServiceBreaker) -> None:
         self.allowed = allowed
+        self.breaker = breaker
         self._channel: AbstractChannel | None = None
         self._connection: AbstractRobustConnection | None = None
         self._exchanges: dict[str, tuple[AbstractExchange | None, float]] = {}
@@ -77,6 +79,25 @@ class Publisher:
 
     async def publish(self, service: str, routing_key: str, message: aio_pika.Message) -> None:
         exchange = await self.exchange(service)
+        probe = self.breaker.admit_now()
+        if probe is None:
+            raise BrokerUnavailable(
+                "RabbitMQ failed repeatedly; the enqueuer's breaker is open",
+                retry_after=max(1.0, self.breaker.retry_after()),
+            )
+        failed = True
+        try:
+            await self._publish(exchange, service, routing_key, message)
+            failed = False
+        except (UnknownService, Backpressure):
+            failed = False  # the broker answered: it is up
+            raise
+        finally:
+            self.breaker.record(failed=failed, probe=probe)
+
+    async def _publish(
+        self, exchange: AbstractExchange, service: str, routing_key: str, message: aio_pika.Message
+    ) -> None:
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:

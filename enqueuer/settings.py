@@ -66,6 +66,25 @@ class EnqueuerSettings(CommandSettings):
         gt=0,
         description="asynchronous results kept at most; the oldest finished ones go first",
     )
+    idempotency_window: float = Field(
+        300.0,
+        gt=0,
+        description="seconds a repeated "
+        "Idempotency-Key gets the first request's id and result "
+        "instead of a second message",
+    )
+    breaker_failures: int = Field(
+        5,
+        ge=1,
+        description="failed publishes in a row (timeouts, "
+        "lost channels) that open the breaker on the broker connection: "
+        "callers then get 503 at once",
+    )
+    breaker_reset: float = Field(
+        5.0,
+        gt=0,
+        description="seconds the breaker stays open before one publish probes the broker again",
+    )
     instance_id: str | None = Field(
         None,
         description="name of this enqueuer (reply queue proxymq.replies.ID); default: a random id",

@@ -61,6 +61,11 @@ class EnqueuerMetrics:
             ["service"],
             registry=self.registry,
         )
+        self.breaker_open = Gauge(
+            "proxymq_enqueuer_breaker_open",
+            "1 while the breaker on the broker connection is open (callers get 503 at once)",
+            registry=self.registry,
+        )
         self.late_replies = Counter(
             "proxymq_enqueuer_late_replies",
             "Replies that arrived after their caller stopped waiting, and were dropped",
@@ -146,5 +151,12 @@ class DequeuerMetrics:
             "proxymq_dequeuer_breaker_open",
             "1 while the circuit breaker in front of the "
             "microservice is open (requests wait in RabbitMQ)",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "proxymq_dequeuer_batch_size",
+            "Requests per call to the microservice's batch endpoint (--batch-size > 1)",
+            ["service"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )

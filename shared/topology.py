@@ -21,6 +21,7 @@ from pamqp.common import FieldTable
 from shared.errors import TopologyMismatch
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+NOTIFY_ARGS: FieldTable = {"x-message-ttl": 3_600_000}  # no caller waits longer than that
 LAYOUT_CHECKS, LAYOUT_CHECK_PAUSE = 10, 0.3
 PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
 
@@ -46,6 +47,17 @@ def dead_letter_queue(service: str) -> str:
     return f"{service}.dlq"
 
 
+def dead_letter_exchange(service: str) -> str:
+    """Fanout: what the broker dead-letters reaches both `S.dlq` and `S.notify`."""
+    return f"{service}.dead"
+
+
+def notify_queue(service: str) -> str:
+    """Dead letters the broker made itself (delivery limit), so a dequeuer answers their waiting
+    callers with 502 at once instead of leaving them to time out."""
+    return f"{service}.notify"
+
+
 def members_exchange(service: str) -> str:
     """Fanout exchange of the dequeuers' membership heartbeats."""
     return f"{service}.members"
@@ -63,7 +75,6 @@ class QuorumQueueArgs(TypedDict, total=False):
     x_single_active_consumer: bool
     x_delivery_limit: int
     x_dead_letter_exchange: str
-    x_dead_letter_routing_key: str
     x_dead_letter_strategy: Literal["at-most-once", "at-least-once"]
     x_overflow: Literal["drop-head", "reject-publish"]
     x_max_length: int
@@ -105,8 +116,7 @@ class Topology:
             "x_queue_type": "quorum",
             "x_single_active_consumer": True,
             "x_delivery_limit": self.delivery_limit,
-            "x_dead_letter_exchange": "",
-            "x_dead_letter_routing_key": self.dead_letters,
+            "x_dead_letter_exchange": dead_letter_exchange(self.service),
             "x_dead_letter_strategy": "at-least-once",
             "x_overflow": "reject-publish",
         }
@@ -176,9 +186,17 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
     await check_layout(connection, topology)
     channel = await connection.channel()
     try:
-        await channel.declare_queue(
+        dead = await channel.declare_exchange(
+            dead_letter_exchange(topology.service), aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dlq = await channel.declare_queue(
             topology.dead_letters, durable=True, arguments=_amqp_args(topology.dead_letter_args())
         )
+        await dlq.bind(dead)
+        notify = await channel.declare_queue(
+            notify_queue(topology.service), durable=True, arguments=NOTIFY_ARGS
+        )
+        await notify.bind(dead)
         exchange = await channel.declare_exchange(
             topology.exchange, aio_pika.ExchangeType.X_CONSISTENT_HASH, durable=True
         )
@@ -213,7 +231,7 @@ async def delete(connection: AbstractConnection, topology: Topology) -> None:
     """Remove every partition found (whatever the count it was made with), the dead letters and
     the exchange, messages included: for tests and `proxymq topology delete`."""
     index = 0
-    names = [topology.dead_letters]
+    names = [topology.dead_letters, notify_queue(topology.service)]
     while await queue_exists(connection, partition_queue(topology.service, index)):
         names.append(partition_queue(topology.service, index))
         index += 1
@@ -223,6 +241,7 @@ async def delete(connection: AbstractConnection, topology: Topology) -> None:
             await channel.queue_delete(name)
         await channel.exchange_delete(topology.exchange)
         await channel.exchange_delete(members_exchange(topology.service))
+        await channel.exchange_delete(dead_letter_exchange(topology.service))
     finally:
         await channel.close()
 

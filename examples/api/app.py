@@ -7,8 +7,9 @@ in compose, its own network namespace) and passes the answer on. The URL's host 
 key, so fetches of one site are served in order while different sites spread over partitions.
 
 Configuration (environment): API_HOST (0.0.0.0), API_PORT (8090), ENQUEUER_URL
-(http://127.0.0.1:8080), API_TIMEOUT (35 seconds, a little over the enqueuer's own 30 s so the
-enqueuer's 504 reaches the caller rather than this API's timeout).
+(http://127.0.0.1:8080), FETCH_SERVICE (url-fetcher), API_TIMEOUT (35 seconds, a little over
+the enqueuer's own 30 s so the enqueuer's 504 reaches the caller rather than this API's own
+timeout).
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-SERVICE_PATH = "/url-fetcher/fetch"
 PASSED_HEADERS = ("Content-Type", "X-Correlation-ID", "X-ProxyMQ-Error", "Retry-After")
 TRACE_HEADERS = ("traceparent", "tracestate", "X-Request-Timeout")
 ENQUEUER_URL = web.AppKey("enqueuer_url", str)
+FETCH_PATH = web.AppKey("fetch_path", str)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
-def create_app(enqueuer_url: str, timeout: float) -> web.Application:
+def create_app(enqueuer_url: str, timeout: float, service: str = "url-fetcher") -> web.Application:
     app = web.Application()
     app[ENQUEUER_URL] = enqueuer_url.rstrip("/")
+    app[FETCH_PATH] = f"/{service}/fetch"
 
     async def session(app: web.Application) -> AsyncIterator[None]:
         """One session per process, closed on shutdown: a session per call leaks sockets."""
@@ -56,7 +58,7 @@ async def fetch(request: web.Request) -> web.Response:
     headers.update(
         {name: request.headers[name] for name in TRACE_HEADERS if name in request.headers}
     )
-    target = request.app[ENQUEUER_URL] + SERVICE_PATH
+    target = request.app[ENQUEUER_URL] + request.app[FETCH_PATH]
     try:
         async with request.app[SESSION].post(target, json={"url": url}, headers=headers) as reply:
             body = await reply.read()
@@ -73,6 +75,7 @@ def main() -> None:
     app = create_app(
         os.environ.get("ENQUEUER_URL", "http://127.0.0.1:8080"),
         float(os.environ.get("API_TIMEOUT", "35")),
+        os.environ.get("FETCH_SERVICE", "url-fetcher"),
     )
     web.run_app(
         app,

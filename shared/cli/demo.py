@@ -240,6 +240,28 @@ def what_is_fetched(call: demo_plan.Call, site: str) -> str:
     return ", ".join(url.removeprefix(site) if url.startswith(site + "/") else url for url in urls)
 
 
+def exercise(stack: Stack, service: str, dead_port: int, amqp_url: str, console: Console) -> int:
+    """Start everything, send the calls, show the answers; 0 when every one was expected."""
+    console.print(f"[bold]ProxyMQ demo[/bold] (broker {redact(amqp_url)})")
+    endpoints = start_all(stack, service, console)
+    calls = demo_plan.plan(service, endpoints.site, dead_port)
+    started = time.perf_counter()
+    with console.status(f"sending {len(calls)} calls..."):
+        results = asyncio.run(demo_plan.send_all(endpoints.enqueuer, calls))
+    elapsed = time.perf_counter() - started
+    render(calls, results, endpoints.site, console)
+    good = sum(answer.problem is None for answer in results)
+    style = "green" if good == len(results) else "red"
+    console.print(
+        f"[{style}]{good}/{len(results)} calls got the expected answer[/{style}] in "
+        f"{elapsed:.1f} s, through RabbitMQ service {service!r} ({PARTITIONS} partitions)"
+    )
+    if good != len(results):
+        console.print(stack.tails(), markup=False, highlight=False)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     quiet_amqp_logs()
     # A log or a pipe is not a terminal: rich would wrap at 80 columns, too narrow for the table.
@@ -257,23 +279,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt():
             dead_port.bind(("127.0.0.1", 0))
-            console.print(f"[bold]ProxyMQ demo[/bold] (broker {redact(args.amqp_url)})")
-            endpoints = start_all(stack, service, console)
-            calls = demo_plan.plan(service, endpoints.site, dead_port.getsockname()[1])
-            started = time.perf_counter()
-            with console.status(f"sending {len(calls)} calls..."):
-                results = asyncio.run(demo_plan.send_all(endpoints.enqueuer, calls))
-            elapsed = time.perf_counter() - started
-            render(calls, results, endpoints.site, console)
-            good = sum(answer.problem is None for answer in results)
-            code = 0 if good == len(results) else 1
-            style = "green" if code == 0 else "red"
-            console.print(
-                f"[{style}]{good}/{len(results)} calls got the expected answer[/{style}] in "
-                f"{elapsed:.1f} s, through RabbitMQ service {service!r} ({PARTITIONS} partitions)"
-            )
-            if code != 0:
-                console.print(stack.tails(), markup=False, highlight=False)
+            code = exercise(stack, service, dead_port.getsockname()[1], args.amqp_url, console)
     except DemoFailed as exc:
         print(f"proxymq demo: {exc}", file=sys.stderr)
         print(stack.tails(), file=sys.stderr)

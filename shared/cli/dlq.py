@@ -34,7 +34,6 @@ from shared import topology
 from shared.cli.common import add_amqp_url
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
-    Busy,
     DeadLetterQueue,
     Decide,
     DlqError,
@@ -44,7 +43,7 @@ from shared.cli.dlq_pass import (
     PassResult,
     light,
 )
-from shared.cli.dlq_pass import Progress as OnProgress
+from shared.cli.dlq_pass import Progress as OnProgress  # rich has a Progress of its own
 from shared.cli.dlq_render import letter_table, render_letter
 from shared.cli.ensure_broker import BrokerProblem, connect, redact
 from shared.cli.topology_cmd import confirm, positive, service_name
@@ -108,7 +107,7 @@ async def collect(
 ) -> tuple[list[DeadLetter], PassResult]:
     """The letters `selection` picks, in queue order, from a pass that changes nothing."""
     found: list[DeadLetter] = []
-    pick = choose(selection, Fate.DROP)
+    pick = choose(selection, Fate.DROP)  # only tells picked from not: nothing is dropped
 
     def decide(letter: DeadLetter) -> Fate:
         if pick(letter) is not Fate.KEEP:
@@ -129,6 +128,9 @@ async def list_action(
     dlq = DeadLetterQueue(connection, args.service)
     selection = selection_of(args)
     letters, result = await collect(dlq, session, selection, f"reading {dlq.name}")
+    if result.stopped:
+        session.err.print("stopped before the whole queue was read: no list (the queue is intact)")
+        return 1
     if session.json:
         print(
             json.dumps(
@@ -179,8 +181,11 @@ async def show_action(
         return Fate.KEEP
 
     with session.progress(f"reading {dlq.name}") as progress:
-        await dlq.sweep(decide, progress=progress, stop=session.stop)
+        result = await dlq.sweep(decide, progress=progress, stop=session.stop)
     found = exact or prefixed
+    if result.stopped and not exact:
+        session.err.print("stopped before the whole queue was read (the queue is intact)")
+        return 1
     if not found:
         session.err.print(
             f"{PROG} show: no dead letter in {dlq.name} has request or message id "
@@ -383,9 +388,9 @@ async def with_connection(args: argparse.Namespace, action: Action) -> int:
         session.stop.set()
         session.err.print("stopping: keeping the rest in place (Ctrl-C again to abort)")
 
+    connection = await connect(args.amqp_url, f"proxymq dlq {args.action} {args.service}")
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, on_interrupt)
-    connection = await connect(args.amqp_url, f"proxymq dlq {args.action} {args.service}")
     try:
         return await action(args, connection, session)
     finally:
@@ -418,15 +423,15 @@ def runner(action: Action) -> Callable[[argparse.Namespace], int]:
                 "time may be in the queue twice",
                 file=sys.stderr,
             )
-        except (Busy, DlqError) as exc:
+        except DlqError as exc:  # Busy, for one
             print(f"{where}: {exc}", file=sys.stderr)
         except BrokenPipeError:
             # `| head` closed stdout: not an error of ours; quiet the interpreter's last flush.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except asyncio.CancelledError:
             print(
-                f"{where}: aborted; the message being handled may be in the queue twice or "
-                "out of place, all others are kept",
+                f"{where}: aborted; nothing was lost, but the messages already passed now sit "
+                "behind the rest, and the one being handled may be in the queue twice",
                 file=sys.stderr,
             )
             return 130

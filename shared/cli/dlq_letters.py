@@ -147,11 +147,14 @@ def read(message: AbstractMessage, position: int) -> DeadLetter:
         http_headers=_http_headers(headers.get(envelope.H_HEADERS)),
         deadline=None if deadline_ms is None else _from_ms(deadline_ms),
         body_size=len(message.body),
+        # Not the message_id: the client library gives a copy of a message without one a
+        # random one, so it would change between the preview pass and the action pass.
         identity=(
-            message.message_id or "",
             message.correlation_id or "",
             str(dead_at_ms if dead_at_ms is not None else _iso(dead_at)),
             reason,
+            _text(headers.get(envelope.H_KEY)) or "",
+            str(len(message.body)),
         ),
     )
 

@@ -215,6 +215,8 @@ class DeadLetterQueue:
                 f"another `proxymq dlq` command is going through {self.name} right now "
                 f"(it holds {lock_name(self.service)}); try again when it is done"
             ) from None
+        except aiormq.exceptions.AMQPError as exc:
+            raise DlqError(f"could not declare the lock {lock_name(self.service)}: {exc}") from exc
         try:
             yield
         finally:

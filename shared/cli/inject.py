@@ -100,7 +100,8 @@ def inject_text(text: str, injection: Injection) -> tuple[str, Report]:
     try:
         documents = [d for d in yaml.load_all(text) if d is not None]
     except YAMLError as exc:
-        raise InjectError(f"stdin is not valid YAML: {exc}") from None
+        problem = str(exc).replace('"<unicode string>"', "stdin")
+        raise InjectError(f"stdin is not valid YAML: {problem}") from None
     report = Report([], [])
     for document in documents:
         for workload in workloads(document):
@@ -338,29 +339,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             f"key '{AMQP_SECRET_KEY}' of Secret --amqp-secret, mounted at {SECRET_DIR}."
         ),
     )
-    parser.add_argument("--service", required=True, help="the service the dequeuer consumes for")
+    parser.add_argument(
+        "--service", metavar="S", required=True, help="the service the dequeuer consumes for"
+    )
     parser.add_argument(
         "--target-port",
+        metavar="P",
         type=int,
         help="port of the microservice on localhost (default: the first containerPort, "
         f"else {DEFAULT_TARGET_PORT})",
     )
     parser.add_argument(
-        "--image", default=DEFAULT_IMAGE, help=f"dequeuer image (default {DEFAULT_IMAGE})"
+        "--image",
+        metavar="IMG",
+        default=DEFAULT_IMAGE,
+        help=f"dequeuer image (default {DEFAULT_IMAGE})",
     )
     parser.add_argument(
         "--partitions",
+        metavar="N",
         type=int,
         default=8,
         help="partition queues; every dequeuer of the service must agree (default 8)",
     )
     parser.add_argument(
         "--amqp-secret",
+        metavar="SECRET",
         default=AMQP_SECRET,
         help=f"Secret with the AMQP URL under key '{AMQP_SECRET_KEY}' (default {AMQP_SECRET})",
     )
     parser.add_argument(
         "--ready-path",
+        metavar="PATH",
         help="the microservice's readiness path (PROXYMQ_READY_PATH): nothing is consumed "
         "until it answers 2xx",
     )

@@ -257,18 +257,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "http://user:password@rabbitmq:15672/ . See docs/deploy.md."
         ),
     )
-    parser.add_argument("--service", required=True, help="the service whose pods are scaled")
+    parser.add_argument(
+        "--service", metavar="S", required=True, help="the service whose pods are scaled"
+    )
     parser.add_argument(
         "--partitions",
+        metavar="N",
         type=int,
         default=8,
         help=f"partition queues of the service (default 8, at most {PAGE_SIZE})",
     )
     parser.add_argument(
-        "--min", type=int, default=0, dest="min_replicas", help="fewest pods; 0 scales to zero"
+        "--min",
+        metavar="N",
+        type=int,
+        default=0,
+        dest="min_replicas",
+        help="fewest pods; 0 scales to zero",
     )
     parser.add_argument(
         "--max",
+        metavar="N",
         type=int,
         default=None,
         dest="max_replicas",
@@ -276,27 +285,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     parser.add_argument(
         "--queue-length",
+        metavar="N",
         type=int,
         default=20,
         help="target waiting + in-progress messages per pod (default 20)",
     )
     parser.add_argument(
         "--activation",
+        metavar="N",
         type=int,
         default=0,
         help="messages above which a service at zero pods is woken (default 0: any message)",
     )
     parser.add_argument(
-        "--cooldown", type=int, default=300, help="seconds idle before scaling to zero (300)"
+        "--cooldown",
+        metavar="SECONDS",
+        type=int,
+        default=300,
+        help="seconds idle before scaling to zero (300)",
     )
     parser.add_argument(
         "--scale-down-window",
+        metavar="SECONDS",
         type=int,
         default=300,
         help="HPA scale-down stabilization window in seconds (300)",
     )
     parser.add_argument(
-        "--polling-interval", type=int, default=15, help="seconds between queue checks (15)"
+        "--polling-interval",
+        metavar="SECONDS",
+        type=int,
+        default=15,
+        help="seconds between queue checks (15)",
     )
     parser.add_argument(
         "--kind",
@@ -304,9 +324,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="Deployment",
         help="kind of the scaled workload (Deployment)",
     )
-    parser.add_argument("--name", help="name of the scaled workload (default: the service name)")
+    parser.add_argument(
+        "--name", metavar="NAME", help="name of the scaled workload (default: the service name)"
+    )
     parser.add_argument(
         "--management-secret",
+        metavar="SECRET",
         default=MANAGEMENT_SECRET,
         help=f"Secret holding the management URL (default {MANAGEMENT_SECRET})",
     )

@@ -21,7 +21,9 @@ from aio_pika.abc import AbstractRobustConnection, HeadersType
 from aiohttp import web
 
 from shared import envelope, topology
+from shared.cli import dlq as dlq_command
 from shared.cli.dlq_letters import Selection, kept_copy, parse_duration, read, replay_of
+from shared.cli.main import build_parser
 from shared.cli.status import passive
 from shared.processes import free_port, script
 from tests.conftest import Stack
@@ -353,3 +355,52 @@ def test_selection() -> None:
     assert Selection().everything
     assert not Selection(limit=1).everything
     assert [parse_duration(v) for v in ("90", "15m", "2h", "1d")] == [90, 900, 7200, 86400]
+
+
+def test_identity_survives_a_copy() -> None:
+    """A preview pass copies every letter before the action pass reads it again; a message
+    published without a message_id gets a random one on the way, which must not make the
+    confirmed letter unrecognisable."""
+    original = aio_pika.Message(b"x", headers={"x-proxymq-dead-reason": "503"})
+    copy = kept_copy(original)
+    copy.message_id = "assigned-by-the-client"
+    assert read(original, 1).identity == read(copy, 1).identity
+
+
+async def publish_dead_letter(amqp_url: str, service: str, request_id: str, reason: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                b"", headers={"x-proxymq-dead-reason": reason}, correlation_id=request_id
+            ),
+            routing_key=topology.dead_letter_queue(service),
+        )
+    finally:
+        await connection.close()
+
+
+@pytest.mark.rabbit
+async def test_confirmed_purge_acts_on_what_was_shown(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --yes the operator confirms a preview; a matching dead letter that arrives while
+    they read the question is not purged behind their back."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    for index in range(4):
+        await publish_dead_letter(amqp_url, service, f"m{index}", "odd" if index % 2 else "even")
+    questions: list[str] = []
+
+    def confirm(question: str) -> bool:  # runs in a worker thread, as the real one does
+        questions.append(question)
+        asyncio.run(publish_dead_letter(amqp_url, service, "late", "odd"))
+        return True
+
+    monkeypatch.setattr(dlq_command, "confirm", confirm)
+    args = build_parser().parse_args(
+        ["dlq", "purge", "--service", service, "--reason", "odd", "--amqp-url", amqp_url]
+    )
+    assert await asyncio.to_thread(args.run, args) == 0
+    assert questions == ["purge 2 of the 4 dead letters? This cannot be undone."]
+    assert ids(await listed(amqp_url, service)) == ["m0", "m2", "late"]

@@ -15,6 +15,13 @@ def test_configuration_reference_is_current() -> None:
 
 def test_every_flag_is_documented() -> None:
     text = DOC.read_text()
-    for flag in ("--amqp-url", "--partition-key", "--max-body", "--ordering", "--concurrency",
-                 "--allow-private", "PROXYMQ_TIMEOUT"):
+    for flag in (
+        "--amqp-url",
+        "--partition-key",
+        "--max-body",
+        "--ordering",
+        "--concurrency",
+        "--allow-private",
+        "PROXYMQ_TIMEOUT",
+    ):
         assert flag in text

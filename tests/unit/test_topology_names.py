@@ -137,8 +137,7 @@ async def test_partition_queue_arguments() -> None:
         "x-queue-type": "quorum",
         "x-single-active-consumer": True,
         "x-delivery-limit": 7,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": "orders.dlq",
+        "x-dead-letter-exchange": "orders.dead",
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }

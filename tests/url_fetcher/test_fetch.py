@@ -13,10 +13,10 @@ from typing import ClassVar
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
-from url_fetcher.fetch import Fetcher, FetchError, FetchLimits, create_session
-from url_fetcher.guard import TargetGuard
 
 from tests.url_fetcher.support import BIG_SIZE, PAGE, free_port
+from url_fetcher.fetch import Fetcher, FetchError, FetchLimits, create_session
+from url_fetcher.guard import TargetGuard
 
 
 class OnlyLoopbackOneIsPublic(TargetGuard):

@@ -7,6 +7,8 @@ from ipaddress import IPv4Address, ip_address
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
 from url_fetcher.guard import (
     ForbiddenTarget,
     GuardedResolver,
@@ -14,7 +16,6 @@ from url_fetcher.guard import (
     parse_ip_literal,
     refusal_reason,
 )
-from yarl import URL
 
 
 @pytest.mark.parametrize(

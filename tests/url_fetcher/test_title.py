@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from url_fetcher.title import MAX_TITLE_CHARS, TitleScanner, extract_title
 
 

@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
+from url_fetcher.batch_endpoint import batch_handler
 from url_fetcher.fetch import BAD_REQUEST, Fetcher, FetchError, FetchLimits, create_session
 from url_fetcher.guard import TargetGuard
 from url_fetcher.settings import UrlFetcherSettings
@@ -38,6 +39,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/fetch", fetch_one)
     app.router.add_post("/fetch/batch", fetch_batch)
+    app.router.add_post("/batch", batch_handler(settings.batch_concurrency, settings.max_batch))
     return app
 
 

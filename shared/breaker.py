@@ -1,8 +1,10 @@
-"""The circuit breaker in front of the microservice (pybreaker keeps state and counts).
+"""Circuit breakers: pybreaker keeps the state and the counts, this adds what asyncio needs.
 
-What asyncio needs on top: while the breaker is open, requests wait (unacked, safe in RabbitMQ)
-instead of failing into the dead-letter queue; after `reset_timeout` exactly one request goes
-ahead as the half-open probe, and its outcome closes or re-opens the breaker.
+The dequeuer's breaker in front of the microservice makes requests wait (unacked, safe in
+RabbitMQ) while it is open, instead of failing them into the dead-letter queue (`wait_turn`).
+The enqueuer's breaker on the broker connection answers 503 at once while it is open
+(`admit_now`). Either way, after `reset_timeout` exactly one call goes ahead as the half-open
+probe and its outcome closes or re-opens the breaker.
 """
 
 from __future__ import annotations
@@ -58,6 +60,23 @@ class ServiceBreaker(pybreaker.CircuitBreakerListener):
         self.on_state(new_state.name)
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def admit_now(self) -> bool | None:
+        """Without waiting: None when the breaker refuses, otherwise whether this is the probe."""
+        state = self.state
+        if state == CLOSED:
+            return False
+        if self._probing:
+            return None
+        if state == OPEN and self.retry_after() > 0:
+            return None
+        if state == OPEN:
+            self._breaker.half_open()
+        self._probing = True
+        return True
+
+    def retry_after(self) -> float:
+        return max(0.0, self._opened_at + self.reset_timeout - time.monotonic())
 
     async def wait_turn(self, abandon: asyncio.Event) -> bool | None:
         """None when `abandon` was set first; otherwise whether this call is the probe."""

@@ -1,0 +1,326 @@
+"""Many requests in one HTTP call: a `Transport` that gathers the consumer's calls into batches.
+
+The consumer does not know batching exists. Each `send()` joins the current batch and waits for
+its own answer; the batch goes out as one `POST {target}{batch_path}` when it holds `size`
+requests or `wait` seconds after its first one, whichever comes first. The microservice answers
+one response per request, in order (wire format: docs/batching.md), and each caller gets its own
+`HttpResponse`, so the consumer's per-request retries and dead-lettering apply to one item alone.
+
+Why per-key order survives: the consumer's lanes keep at most one request of a key in flight, so
+two requests of one key are never in the same batch, and the second is only sent once the first
+was answered (or retried and settled).
+
+How a failed batch call reaches each caller, as if each had made a single call:
+
+    no connection, broken answer        -> CallFailed("connect", ...)     retried by default
+    no answer within the batch timeout  -> CallFailed("timeout", ...)     retried by default
+    batch answered 5xx                  -> that HttpResponse, per item    503 retried, 500 not
+    batch answered another non-200,     -> CallFailed("connect", ...)     the batch endpoint is
+      or 200 with a malformed array                                       broken: retried, then
+                                                                          dead-lettered (reason)
+    one malformed item in a good array  -> CallFailed("connect", ...) for that item only
+
+A batch of one still goes to the batch endpoint: the microservice sees one kind of traffic and
+`proxymq_dequeuer_batch_size` counts every call, so its count is the number of calls made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+from dequeuer.forwarder import CallFailed, FailureKind, Transport
+from shared.envelope import HttpRequest, HttpResponse, end_to_end
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = (("Content-Type", "application/json"),)
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+
+
+class ClosableTransport(Transport, Protocol):
+    """The transport a batcher wraps and owns: it is closed with the batcher."""
+
+    async def close(self) -> None: ...
+
+
+class MalformedBatch(ValueError):
+    """The batch endpoint's answer is not the promised array: no item's answer can be trusted."""
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    """One caller's request, the moment its own timeout ends (loop time) and its answer."""
+
+    request: HttpRequest
+    deadline: float
+    future: asyncio.Future[HttpResponse]
+    batch: _Batch | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """A batch call in flight and the items it answers."""
+
+    items: list[_Item]
+    task: asyncio.Task[None] | None = None
+
+
+class BatchingTransport:
+    """Gathers `send()` calls into batches of up to `size`, flushed on size or after `wait` s.
+
+    Every item's future is settled exactly once, whatever happens to its batch (an answer, a
+    failure, a cancellation, `close()`): a caller never waits past its own timeout plus `wait`.
+    """
+
+    def __init__(
+        self,
+        inner: ClosableTransport,
+        *,
+        size: int,
+        wait: float,
+        path: str,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"batch size must be at least 1, not {size}")
+        if wait < 0:
+            raise ValueError(f"batch wait must not be negative, not {wait}")
+        if not path.startswith("/"):
+            raise ValueError(f"batch path {path!r} does not start with '/'")
+        self.inner = inner
+        self.size = size
+        self.wait = wait
+        self.path = path
+        self.on_batch = on_batch
+        self._pending: list[_Item] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for their batch to be sent."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Batch calls sent and not finished yet."""
+        return len(self._calls)
+
+    async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
+        if self._closed:
+            raise CallFailed("connect", "the dequeuer is stopping: no more batch calls")
+        loop = asyncio.get_running_loop()
+        item = _Item(request, loop.time() + timeout, loop.create_future())
+        item.future.add_done_callback(lambda _: self._forget(item))
+        self._pending.append(item)
+        if len(self._pending) >= self.size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.wait, self._flush)
+        return await item.future
+
+    def _forget(self, item: _Item) -> None:
+        """A caller that gave up (cancelled) leaves its batch; a batch in flight that nobody
+        waits for any more is cancelled, so no call outlives all of its callers."""
+        if not item.future.cancelled():
+            return
+        if item in self._pending:
+            self._pending.remove(item)
+            if not self._pending and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        batch = item.batch
+        if (
+            batch is not None
+            and batch.task is not None
+            and all(other.future.done() for other in batch.items)
+        ):
+            batch.task.cancel()
+
+    def _flush(self) -> None:
+        """Send what is pending as one call; runs from `send()` (size) or the timer (wait)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items = [item for item in self._pending if not item.future.done()]
+        self._pending = []
+        if not items:
+            return
+        batch = _Batch(items)
+        for item in items:
+            item.batch = batch
+        batch.task = asyncio.get_running_loop().create_task(self._call(items))
+        self._calls.add(batch.task)
+        batch.task.add_done_callback(partial(self._call_done, items))
+
+    def _call_done(self, items: list[_Item], task: asyncio.Task[None]) -> None:
+        """Settles what the call left unsettled, even when it was cancelled before it ran (a
+        coroutine that never started runs none of its own except or finally blocks)."""
+        self._calls.discard(task)
+        reason = "the batch call was cancelled" if task.cancelled() else "the batch call ended"
+        _fail_all(items, "connect", reason)
+
+    async def _call(self, items: list[_Item]) -> None:
+        try:
+            await self._call_and_settle(items)
+        except Exception as exc:  # a bug below must not leave callers waiting forever
+            log.exception("batch call to %s failed unexpectedly", self.path)
+            _fail_all(items, "connect", f"batch call failed: {exc!r}")
+
+    async def _call_and_settle(self, items: list[_Item]) -> None:
+        now = asyncio.get_running_loop().time()
+        live = []
+        for item in items:
+            if item.deadline > now:
+                live.append(item)
+            else:
+                _settle(item, CallFailed("timeout", "no time left when its batch was sent"))
+        if not live:
+            return
+        timeout = min(item.deadline for item in live) - now
+        if self.on_batch is not None:
+            self.on_batch(len(live))
+        batch = HttpRequest(
+            "POST", self.path, "", JSON_HEADERS, encode_batch([item.request for item in live])
+        )
+        try:
+            answer = await self.inner.send(batch, timeout)
+        except CallFailed as failure:
+            detail = f"batch of {len(live)} to {self.path}: {failure}"
+            for item in live:
+                _settle(item, CallFailed(failure.kind, detail))
+            return
+        for item, outcome in zip(live, self.outcomes(answer, len(live)), strict=True):
+            _settle(item, outcome)
+
+    def outcomes(self, answer: HttpResponse, count: int) -> list[HttpResponse | CallFailed]:
+        """Each item's outcome from the batch call's answer (see the table in the docstring)."""
+        if answer.status >= 500:
+            return [answer] * count
+        if answer.status != 200:
+            reason = f"batch endpoint {self.path} answered {answer.status}, not 200"
+            log.warning("%s: %s", reason, answer.body[:200].decode("utf-8", "replace"))
+            return [CallFailed("connect", reason) for _ in range(count)]
+        try:
+            return decode_batch(answer.body, count)
+        except MalformedBatch as exc:
+            reason = f"malformed answer from batch endpoint {self.path}: {exc}"
+            log.warning("%s", reason)
+            return [CallFailed("connect", reason) for _ in range(count)]
+
+    async def close(self) -> None:
+        """Fail what was not sent, cancel calls in flight, close the inner transport.
+
+        By the time the dequeuer closes its transport the consumer has stopped, so nobody can
+        publish a reply any more: the messages stay unacked and go back to their queue, and a
+        call finished now would be wasted work. Failing is immediate, flushing would not be.
+        """
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        _fail_all(pending, "connect", "the dequeuer stopped before the batch was sent")
+        calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+        for call in calls:
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+        await self.inner.close()
+
+
+def _settle(item: _Item, outcome: HttpResponse | CallFailed) -> None:
+    if item.future.done():
+        return  # its caller gave up; the answer has nobody to go to
+    if isinstance(outcome, CallFailed):
+        item.future.set_exception(outcome)
+    else:
+        item.future.set_result(outcome)
+
+
+def _fail_all(items: Sequence[_Item], kind: FailureKind, detail: str) -> None:
+    """One exception object per future: a raised exception's traceback is its own."""
+    for item in items:
+        _settle(item, CallFailed(kind, detail))
+
+
+def encode_batch(requests: Sequence[HttpRequest]) -> bytes:
+    """The batch call's body: a JSON array of request envelopes, bodies in base64."""
+    return json.dumps(
+        [
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": request.query,
+                "headers": [[name, value] for name, value in request.headers],
+                "body": base64.b64encode(request.body).decode("ascii"),
+            }
+            for request in requests
+        ],
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_batch(body: bytes, count: int) -> list[HttpResponse | CallFailed]:
+    """The answer's array, one outcome per request; a malformed item fails only itself."""
+    try:
+        answers = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedBatch(f"not JSON ({exc})") from None
+    if not isinstance(answers, list):
+        raise MalformedBatch(f"expected a JSON array, got {type(answers).__name__}")
+    if len(answers) != count:
+        raise MalformedBatch(f"{len(answers)} responses for {count} requests")
+    outcomes: list[HttpResponse | CallFailed] = []
+    for index, answer in enumerate(answers):
+        try:
+            outcomes.append(decode_response(answer))
+        except ValueError as exc:
+            outcomes.append(CallFailed("connect", f"batch answer item {index}: {exc}"))
+    return outcomes
+
+
+def decode_response(answer: object) -> HttpResponse:
+    """One response object; anything that would break the reply to the caller is refused here,
+    where the reason can still be logged and the item retried."""
+    if not isinstance(answer, dict):
+        raise ValueError(f"expected a JSON object, got {type(answer).__name__}")
+    status = answer.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValueError(f"no valid status: {status!r}")
+    raw_headers = answer.get("headers", [])
+    if not isinstance(raw_headers, list):
+        raise ValueError("headers must be a list of [name, value] pairs")
+    headers: list[tuple[str, str]] = []
+    for pair in raw_headers:
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], str)
+            and _TOKEN.match(pair[0])
+            and not _FORBIDDEN_IN_VALUE.search(pair[1])
+        ):
+            raise ValueError(f"invalid header {str(pair)[:60]}")
+        headers.append((pair[0], pair[1]))
+    raw_body = answer.get("body", "")
+    if not isinstance(raw_body, str):
+        raise ValueError("body must be a base64 string")
+    try:
+        body = base64.b64decode(raw_body, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"body is not base64: {exc}") from None
+    return HttpResponse(status, end_to_end(headers), body)

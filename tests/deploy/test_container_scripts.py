@@ -1,0 +1,121 @@
+"""The two scripts the images carry (deploy/docker): the health check behind every HEALTHCHECK
+and exec probe, and the preStop hook that drains the dequeuer before its microservice stops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.support import ROOT
+
+HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
+DRAIN = ROOT / "deploy" / "docker" / "drain.py"
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        status = {"/healthz": 200, "/readyz": 503}.get(self.path, 404)
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(b'{"ready": false}')
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def healthcheck(*args: str, env: dict[str, str] | None = None) -> int:
+    result = subprocess.run(
+        [sys.executable, str(HEALTHCHECK), *args],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    return result.returncode
+
+
+def test_healthcheck_passes_on_2xx_only(server: int) -> None:
+    assert healthcheck("/healthz", "--port", str(server)) == 0
+    assert healthcheck("/readyz", "--port", str(server)) == 1  # 503: not ready
+    assert healthcheck("/nothing", "--port", str(server)) == 1
+
+
+def test_healthcheck_follows_the_containers_port_variable(server: int) -> None:
+    env = {"PROXYMQ_ADMIN_PORT": str(server)}
+    assert healthcheck("/healthz", "--port", "1", "--port-env", "PROXYMQ_ADMIN_PORT", env=env) == 0
+
+
+def test_healthcheck_fails_when_nothing_listens() -> None:
+    assert healthcheck("/healthz", "--port", "1", "--timeout", "1") == 1
+
+
+FAKE_DEQUEUER = """\
+import signal, sys, time
+def stop(*_):
+    time.sleep(0.6)  # the drain
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_drain_signals_the_dequeuer_and_waits_until_it_is_gone(tmp_path: Path) -> None:
+    name = f"fake-dequeuer-{uuid.uuid4().hex[:8]}"  # never a real dequeuer of another test
+    script = tmp_path / name
+    script.write_text(FAKE_DEQUEUER)
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, str(DRAIN), "--name", name, "--timeout", "20"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+        assert result.returncode == 0, result.stderr
+        assert "drained" in result.stdout
+        assert elapsed >= 0.5, "the hook returned before the drain finished"
+        assert child.wait(timeout=5) == 0, "the dequeuer got SIGTERM and exited cleanly"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_drain_returns_at_once_when_no_dequeuer_is_visible() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(DRAIN), "--name", f"absent-{uuid.uuid4().hex}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "shareProcessNamespace" in result.stderr
+    assert time.monotonic() - started < 5

@@ -1,0 +1,298 @@
+"""`proxymq inject`: adds the native dequeuer sidecar, is idempotent, keeps what it does not own
+(comments, unknown fields, a user's own settings), leaves other kinds alone, and its output is a
+valid Kubernetes object."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shared.cli import inject
+from shared.cli.inject import InjectError, Injection, inject_text
+from tests.deploy.support import latest_k8s_version, validate_k8s
+
+PROXYMQ = str(Path(sys.executable).with_name("proxymq"))
+VERSION = "1.29.0"
+
+SAMPLE = """\
+# fetches pages; owned by team web
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: url-fetcher
+  annotations:
+    example.com/owner: web # who to call
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: url-fetcher
+  template:
+    metadata:
+      labels:
+        app: url-fetcher
+    spec:
+      terminationGracePeriodSeconds: 30 # the default, too short for the drain
+      containers:
+        - name: url-fetcher # the microservice itself
+          image: proxymq/url-fetcher:0.1.0
+          ports:
+            - containerPort: 8000
+          env:
+            - name: PROXYMQ_HOST
+              value: "127.0.0.1"
+---
+apiVersion: v1
+kind: Service # passes through untouched
+metadata:
+  name: web
+spec:
+  selector:
+    app: web
+  ports:
+    - port: 80
+      targetPort: 8080
+"""
+
+KUBECTL_STYLE = """\
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: worker
+spec:
+  serviceName: worker
+  selector:
+    matchLabels:
+      app: worker
+  template:
+    metadata:
+      labels:
+        app: worker
+    spec:
+      containers:
+      - image: example/worker:1
+        name: worker
+        ports:
+        - containerPort: 9000
+          name: http
+"""
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def pod(document: dict[str, Any]) -> dict[str, Any]:
+    spec = document["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def dequeuer(document: dict[str, Any]) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [
+        c for c in pod(document).get("initContainers", []) if c["name"] == "proxymq-dequeuer"
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def run_cli(stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PROXYMQ, "inject", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_adds_a_native_sidecar_that_validates() -> None:
+    out, report = inject_text(SAMPLE, Injection("url-fetcher", target_port=8000))
+    deployment, service = documents(out)
+    sidecar = dequeuer(deployment)
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == inject.DEFAULT_IMAGE
+    variables = env(sidecar)
+    assert variables["PROXYMQ_SERVICE"] == "url-fetcher"
+    assert variables["PROXYMQ_TARGET"] == "http://127.0.0.1:8000"
+    assert variables["PROXYMQ_PARTITIONS"] == "8"
+    assert variables["PROXYMQ_AMQP_URL_FILE"] == "/var/run/secrets/proxymq/amqp-url"
+    assert "PROXYMQ_AMQP_URL" not in variables
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert sidecar["ports"] == [{"name": "proxymq-admin", "containerPort": 9081}]
+    volume = next(v for v in pod(deployment)["volumes"] if v["name"] == "proxymq-amqp")
+    assert volume["secret"]["secretName"] == "proxymq-amqp"
+    assert pod(deployment)["terminationGracePeriodSeconds"] == inject.required_grace() >= 45
+    assert report.injected == ["Deployment/url-fetcher"]
+    assert any("preStop" in note for note in report.notes), "it warns about the stop order"
+    for document in (deployment, service):
+        validate_k8s(document, VERSION, strict=True)
+
+
+def test_is_idempotent() -> None:
+    once, _ = inject_text(SAMPLE, Injection("url-fetcher"))
+    twice, _ = inject_text(once, Injection("url-fetcher"))
+    assert twice == once
+    kubectl_once, _ = inject_text(KUBECTL_STYLE, Injection("worker"))
+    assert inject_text(kubectl_once, Injection("worker"))[0] == kubectl_once
+
+
+def test_keeps_comments_unknown_fields_and_other_kinds() -> None:
+    text = SAMPLE.replace(
+        "      containers:\n", "      someFutureField: {keep: me} # not ours\n      containers:\n"
+    )
+    out, _ = inject_text(text, Injection("url-fetcher"))
+    for comment in (
+        "# fetches pages; owned by team web",
+        "# who to call",
+        "# the microservice itself",
+        "# passes through untouched",
+        "# not ours",
+    ):
+        assert comment in out, comment
+    deployment, service = documents(out)
+    assert pod(deployment)["someFutureField"] == {"keep": "me"}
+    assert deployment["metadata"]["annotations"] == {"example.com/owner": "web"}
+    assert service == documents(SAMPLE)[1]
+    validate_k8s(deployment, VERSION, strict=False)  # the unknown field is allowed
+
+
+def test_keeps_the_inputs_indentation_style() -> None:
+    out, _ = inject_text(KUBECTL_STYLE, Injection("worker"))
+    assert "      containers:\n      - image: example/worker:1\n" in out
+    assert "      initContainers:\n      - name: proxymq-dequeuer\n" in out
+    (statefulset,) = documents(out)
+    assert (
+        env(dequeuer(statefulset))["PROXYMQ_TARGET"] == "http://127.0.0.1:9000"
+    )  # first containerPort
+    validate_k8s(statefulset, VERSION, strict=True)
+
+
+def test_updates_an_existing_sidecar_and_keeps_the_users_tuning() -> None:
+    first, _ = inject_text(SAMPLE, Injection("url-fetcher"))
+    tuned = first.replace(
+        "            - name: PROXYMQ_SERVICE\n",
+        "            - name: PROXYMQ_CONCURRENCY # tuned by hand\n              value: '128'\n"
+        "            - name: PROXYMQ_SERVICE\n",
+    ).replace("cpu: 50m", "cpu: 500m")
+    out, _ = inject_text(
+        tuned, Injection("url-fetcher", image="registry.example/dequeuer:2", partitions=16)
+    )
+    (deployment, _) = documents(out)
+    sidecar = dequeuer(deployment)
+    assert sidecar["image"] == "registry.example/dequeuer:2"
+    variables = env(sidecar)
+    assert variables["PROXYMQ_CONCURRENCY"] == "128"
+    assert variables["PROXYMQ_PARTITIONS"] == "16"
+    assert sidecar["resources"]["requests"]["cpu"] == "500m"
+    assert "# tuned by hand" in out
+
+
+def test_grace_period_is_raised_never_lowered() -> None:
+    longer = SAMPLE.replace(
+        "terminationGracePeriodSeconds: 30", "terminationGracePeriodSeconds: 120"
+    )
+    (deployment, _) = documents(inject_text(longer, Injection("url-fetcher"))[0])
+    assert pod(deployment)["terminationGracePeriodSeconds"] == 120
+    missing = SAMPLE.replace(
+        "      terminationGracePeriodSeconds: 30 # the default, too short for the drain\n", ""
+    )
+    (deployment, _) = documents(inject_text(missing, Injection("url-fetcher"))[0])
+    assert pod(deployment)["terminationGracePeriodSeconds"] == inject.required_grace()
+
+
+def test_moves_an_old_regular_container_sidecar_into_init_containers() -> None:
+    legacy = SAMPLE.replace(
+        "      containers:\n",
+        "      containers:\n"
+        "        - name: proxymq-dequeuer\n"
+        "          image: proxymq/dequeuer:0.0.1\n",
+    )
+    (deployment, _) = documents(inject_text(legacy, Injection("url-fetcher"))[0])
+    assert [c["name"] for c in pod(deployment)["containers"]] == ["url-fetcher"]
+    assert dequeuer(deployment)["image"] == inject.DEFAULT_IMAGE
+
+
+def test_injects_inside_a_list_and_after_existing_init_containers() -> None:
+    (deployment, _) = documents(SAMPLE)
+    pod(deployment)["initContainers"] = [{"name": "migrate", "image": "example/migrate:1"}]
+    listing = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [deployment]})
+    (result,) = documents(inject_text(listing, Injection("url-fetcher"))[0])
+    names = [c["name"] for c in pod(result["items"][0])["initContainers"]]
+    assert names == ["migrate", "proxymq-dequeuer"]
+
+
+def test_refuses_invalid_yaml_and_workloads_without_a_pod_template() -> None:
+    with pytest.raises(InjectError, match="not valid YAML"):
+        inject_text("kind: Deployment\n  bad: [", Injection("x"))
+    with pytest.raises(InjectError, match="no pod template"):
+        inject_text(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {}\n", Injection("x")
+        )
+
+
+def test_cli_round_trip_as_a_user_runs_it() -> None:
+    result = run_cli(
+        SAMPLE, "--service", "url-fetcher", "--target-port", "8000", "--ready-path", "/healthz"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Deployment/url-fetcher" in result.stderr
+    deployment, _ = documents(result.stdout)
+    assert env(dequeuer(deployment))["PROXYMQ_READY_PATH"] == "/healthz"
+    validate_k8s(deployment, latest_k8s_version(), strict=True)
+    again = run_cli(
+        result.stdout,
+        "--service",
+        "url-fetcher",
+        "--target-port",
+        "8000",
+        "--ready-path",
+        "/healthz",
+    )
+    assert again.stdout == result.stdout
+
+
+def test_cli_errors_are_clear() -> None:
+    bad = run_cli("a: [1,\n", "--service", "url-fetcher")
+    assert bad.returncode == 1
+    assert "stdin is not valid YAML" in bad.stderr
+    assert not bad.stdout
+    dotted = run_cli(SAMPLE, "--service", "a.b")
+    assert dotted.returncode == 2
+    assert "service name" in dotted.stderr
+    port = run_cli(SAMPLE, "--service", "x", "--target-port", "70000")
+    assert port.returncode == 2
+    assert "TCP port" in port.stderr
+
+
+def test_the_injected_sidecar_matches_the_checked_in_manifest() -> None:
+    """deploy/k8s/url-fetcher.yaml and `proxymq inject` describe the same sidecar: same
+    probes, ports and secret path, so the docs' two routes give the same pod."""
+    from tests.deploy.support import by_kind
+
+    manifest = next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "url-fetcher")
+    ours = dequeuer(manifest)
+    (injected, _) = documents(inject_text(SAMPLE, Injection("url-fetcher"))[0])
+    theirs = dequeuer(injected)
+    for key in (
+        "restartPolicy",
+        "ports",
+        "startupProbe",
+        "livenessProbe",
+        "readinessProbe",
+        "volumeMounts",
+    ):
+        assert ours[key] == theirs[key], key
+    shared = env(ours).keys() & env(theirs).keys()
+    assert {k: env(ours)[k] for k in shared} == {k: env(theirs)[k] for k in shared}

@@ -1,0 +1,200 @@
+"""`--batch-size`: the dequeuer sends many requests in one call to the microservice's batch
+endpoint, with real processes: the real url-fetcher, and a batch target of this test's own that
+records what arrived in which batch (per-key order, retries and dead letters item by item)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from shared.processes import free_port
+from tests.conftest import Stack, metric
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+BATCH = ["--batch-size", "8", "--batch-wait-ms", "50"]
+
+
+async def histogram(http: aiohttp.ClientSession, admin_port: int) -> tuple[float, float, float]:
+    """count, sum, and how many batches held a single request, of proxymq_dequeuer_batch_size."""
+    name = "proxymq_dequeuer_batch_size"
+    return (
+        await metric(http, admin_port, f"{name}_count"),
+        await metric(http, admin_port, f"{name}_sum"),
+        await metric(http, admin_port, f"{name}_bucket", {"le": "1.0"}),
+    )
+
+
+async def test_url_fetcher_answers_batches(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    await stack.start(
+        "url-fetcher",
+        "--port",
+        str(port),
+        "--allow-private",
+        ready_path="/healthz",
+        admin_port=port,
+    )
+    dequeuer = await stack.dequeuer(service, f"http://127.0.0.1:{port}", *BATCH)
+    _, url = await stack.enqueuer()
+    total = 64
+
+    async def fetch(i: int) -> None:
+        page = f"{target.url}/page/{i}"
+        async with http.post(
+            f"{url}/{service}/fetch",
+            json={"url": page},
+            headers={"X-Partition-Key": f"k{i}", "X-Request-Timeout": "20"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            result = await response.json()
+        assert (result["url"], result["status"]) == (page, 200)
+        assert result["size"] > 0
+
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(fetch(i) for i in range(total)))
+    assert sorted(seen.path for seen in target.seen) == sorted(f"/page/{i}" for i in range(total))
+    count, items, singles = await histogram(http, dequeuer.admin_port)  # type: ignore[attr-defined]
+    assert items == total  # every request went in exactly one batch
+    assert count < total and singles < count  # some batches held more than one request
+
+
+@dataclass
+class BatchTarget:
+    """A microservice implementing the batch protocol in a few lines: items `/keyed/KEY/SEQ`
+    record their arrival per key, `/flaky/N` fail N times per request with 503, `/fail` always."""
+
+    port: int = field(default_factory=free_port)
+    batches: list[list[str]] = field(default_factory=list)
+    order: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    attempts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        items = await request.json()
+        self.batches.append([item["path"] for item in items])
+        await asyncio.sleep(0.01)
+        return web.json_response([self.answer(item) for item in items])
+
+    def answer(self, item: dict[str, Any]) -> dict[str, object]:
+        path = str(item["path"])
+        headers = dict(item["headers"])
+        request_id = headers["X-Correlation-ID"]
+        self.attempts[request_id] += 1
+        parts = path.strip("/").split("/")
+        status = 200
+        if parts[0] == "keyed":
+            self.order[parts[1]].append(int(parts[2]))
+        elif parts[0] == "fail" or (
+            parts[0] == "flaky" and self.attempts[request_id] <= int(parts[1])
+        ):
+            status = 503
+        body = json.dumps({"path": path, "attempt": self.attempts[request_id]}).encode()
+        return {
+            "status": status,
+            "headers": [["Content-Type", "application/json"]],
+            "body": base64.b64encode(body).decode(),
+        }
+
+    async def up(self, request: web.Request) -> web.Response:
+        return web.Response(text="up")  # the dequeuer's readiness probe
+
+
+@pytest.fixture
+async def batch_target() -> AsyncIterator[BatchTarget]:
+    server = BatchTarget()
+    app = web.Application()
+    app.router.add_post("/batch", server.handle)
+    app.router.add_get("/", server.up)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", server.port).start()
+    yield server
+    await runner.cleanup()
+
+
+async def test_per_key_order_across_batches(
+    stack: Stack, service: str, batch_target: BatchTarget, http: aiohttp.ClientSession
+) -> None:
+    keys, per_key = 16, 6
+    dequeuer = await stack.dequeuer(service, batch_target.url, *BATCH, "--partitions", "4")
+    _, url = await stack.enqueuer()
+    for seq in range(per_key):  # async, in order per key: they all wait in the queue together
+        shuffled = list(range(keys))
+        random.shuffle(shuffled)
+        for key in shuffled:
+            async with http.post(
+                f"{url}/{service}/keyed/k{key}/{seq}",
+                headers={"X-Partition-Key": f"k{key}", "Prefer": "respond-async"},
+            ) as response:
+                assert response.status == 202
+    async with asyncio.timeout(30):
+        while sum(len(seqs) for seqs in batch_target.order.values()) < keys * per_key:
+            await asyncio.sleep(0.05)
+    for name, seqs in batch_target.order.items():
+        assert seqs == list(range(per_key)), name
+    for batch in batch_target.batches:  # one key is never twice in one batch
+        batch_keys = [path.split("/")[2] for path in batch]
+        assert len(batch_keys) == len(set(batch_keys)), batch
+    count, items, singles = await histogram(http, dequeuer.admin_port)  # type: ignore[attr-defined]
+    assert count == len(batch_target.batches)
+    assert items == keys * per_key
+    assert singles < count
+    assert max(len(batch) for batch in batch_target.batches) <= 8
+
+
+async def test_a_failing_item_is_retried_or_dead_lettered_alone(
+    stack: Stack, service: str, batch_target: BatchTarget, http: aiohttp.ClientSession
+) -> None:
+    dequeuer = await stack.dequeuer(
+        service, batch_target.url, *BATCH, "--max-attempts", "3", "--retry-backoff-ms", "20"
+    )
+    _, url = await stack.enqueuer()
+    paths = [f"/ok/{i}" for i in range(10)] + ["/flaky/1", "/fail"]
+
+    async def call(i: int, path: str) -> tuple[str, int, str | None, dict[str, object]]:
+        async with http.post(
+            f"{url}/{service}{path}", headers={"X-Partition-Key": f"k{i}"}
+        ) as response:
+            return (
+                response.headers["X-Correlation-ID"],
+                response.status,
+                response.headers.get("X-ProxyMQ-Error"),
+                await response.json(),
+            )
+
+    async with asyncio.timeout(30):
+        answers = await asyncio.gather(*(call(i, p) for i, p in enumerate(paths)))
+    by_path = dict(zip(paths, answers, strict=True))
+    for path in paths[:10]:
+        request_id, status, error, body = by_path[path]
+        assert (status, error, body) == (200, None, {"path": path, "attempt": 1})
+        assert batch_target.attempts[request_id] == 1  # never sent again with the failing ones
+    flaky_id, status, _, body = by_path["/flaky/1"]
+    assert (status, body["attempt"]) == (200, 2)
+    assert batch_target.attempts[flaky_id] == 2
+    fail_id, status, error, body = by_path["/fail"]
+    assert (status, error) == (502, "service_failed")
+    assert batch_target.attempts[fail_id] == 3
+    assert max(len(batch) for batch in batch_target.batches) > 1
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    assert await metric(http, admin, "proxymq_dequeuer_retries_total") == 3  # 1 flaky + 2 fail
+    assert (
+        await metric(http, admin, "proxymq_dequeuer_messages_total", {"outcome": "dead_lettered"})
+        == 1
+    )

@@ -1,0 +1,147 @@
+"""Backpressure, idempotency and long work, as callers see them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from shared import topology
+from tests.conftest import Stack, metric
+from tests.integration.test_async import poll
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+
+
+async def test_full_partition_is_backpressure_and_loses_nothing(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    await topology.declare(amqp, topology.Topology(service, partitions=1, max_length=5))
+    enqueuer, url = await stack.enqueuer()
+    accepted, refused = [], 0
+    for i in range(10):
+        async with http.post(
+            f"{url}/{service}/echo/{i}",
+            headers={"Prefer": "respond-async", "X-Partition-Key": "same"},
+        ) as response:
+            if response.status == 202:
+                accepted.append(response.headers["Location"])
+            else:
+                assert response.status == 429
+                assert response.headers["X-ProxyMQ-Error"] == "backpressure"
+                assert int(response.headers["Retry-After"]) >= 1
+                refused += 1
+    assert 5 <= len(accepted) <= 6 and refused == 10 - len(accepted)  # may overshoot by one
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    assert (
+        await metric(http, admin, "proxymq_enqueuer_requests_total", {"outcome": "backpressure"})
+        == refused
+    )
+    await stack.dequeuer(service, target.url, "--partitions", "1", "--max-length", "5")
+    for location in accepted:
+        assert (await poll(http, url + location)).status == 200
+    assert len(target.seen) == len(accepted)
+
+
+async def test_in_flight_cap_is_backpressure(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    await topology.declare(amqp, topology.Topology(service))
+    _, url = await stack.enqueuer("--max-in-flight", "3")
+    statuses = []
+    for _ in range(5):
+        async with http.post(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as r:
+            statuses.append(r.status)
+    assert statuses == [202, 202, 202, 429, 429]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_idempotency_key(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, asynchronous: bool
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    headers = {"Idempotency-Key": "order-42"}
+    if asynchronous:
+        headers["Prefer"] = "respond-async"
+    ids, bodies = set(), []
+    for _ in range(3):
+        async with http.post(f"{url}/{service}/echo/pay", data=b"once", headers=headers) as r:
+            ids.add(r.headers["X-Correlation-ID"])
+            if asynchronous:
+                assert r.status == 202
+                done = await poll(http, url + r.headers["Location"])
+                bodies.append(await done.read())
+            else:
+                assert r.status == 200
+                bodies.append(await r.read())
+    assert len(ids) == 1
+    assert len(set(bodies)) == 1
+    assert len(target.seen) == 1
+    async with http.post(
+        f"{url}/{service}/echo/pay", data=b"x", headers={"Idempotency-Key": "order-43"}
+    ) as r:
+        assert r.headers["X-Correlation-ID"] not in ids
+    assert len(target.seen) == 2
+
+
+async def test_concurrent_repeats_share_one_request(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    responses = await asyncio.gather(
+        *(
+            http.get(f"{url}/{service}/delay/0.5", headers={"Idempotency-Key": "k"})
+            for _ in range(5)
+        )
+    )
+    assert {r.status for r in responses} == {200}
+    assert len({r.headers["X-Correlation-ID"] for r in responses}) == 1
+    assert len(target.seen) == 1
+
+
+async def test_retry_after_timeout_sends_again(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    headers = {"Idempotency-Key": "slow", "X-Request-Timeout": "0.3"}
+    async with http.get(f"{url}/{service}/delay/1", headers=headers) as r:
+        assert r.status == 504
+    await asyncio.sleep(0.1)
+    async with http.get(f"{url}/{service}/echo/again", headers={"Idempotency-Key": "slow"}) as r:
+        assert r.status == 200
+        assert (await r.json())["path"] == "/echo/again"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_long_work(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, asynchronous: bool
+) -> None:
+    """A call longer than the default timeouts works when the service is configured for it."""
+    await stack.dequeuer(service, target.url, "--call-timeout", "10")
+    _, url = await stack.enqueuer("--timeout", "10")
+    headers = {"X-Request-Timeout": "10"}
+    if asynchronous:
+        headers = {"Prefer": "respond-async"}
+    async with http.get(f"{url}/{service}/delay/3", headers=headers) as r:
+        if asynchronous:
+            assert r.status == 202
+            r = await poll(http, url + r.headers["Location"], timeout=15)
+        assert r.status == 200
+        assert await r.text() == "late"
+
+
+async def test_warns_when_calls_outlast_the_consumer_timeout(
+    stack: Stack, service: str, target: Target
+) -> None:
+    await stack.dequeuer(service, target.url, "--call-timeout", "3600")
+    assert "longer than RabbitMQ's consumer_timeout" in stack.log_text()

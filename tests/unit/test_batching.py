@@ -1,0 +1,590 @@
+"""Batching without a broker: `BatchingTransport` over a fake inner transport (and once over the
+real `HttpTransport` and a local server), the dequeuer's batch settings, and url-fetcher's
+`POST /batch` dispatching items to its own routes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from dequeuer.batching import BatchingTransport, decode_batch, encode_batch
+from dequeuer.forwarder import CallFailed, HttpTransport
+from dequeuer.settings import DequeuerSettings
+from shared.envelope import HttpRequest, HttpResponse
+from shared.processes import free_port
+from shared.settings import load
+from tests.url_fetcher.support import PAGE, base_url, start_target
+from url_fetcher.app import create_app
+from url_fetcher.settings import UrlFetcherSettings
+
+Answer = Callable[[list[dict[str, object]]], Awaitable[HttpResponse]]
+
+
+def req(path: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> HttpRequest:
+    return HttpRequest("POST", path, "a=1", headers, body)
+
+
+def item_answer(status: int = 200, body: bytes = b"", headers: list[list[str]] | None = None):
+    return {"status": status, "headers": headers or [], "body": base64.b64encode(body).decode()}
+
+
+def ok_json(items: list[object]) -> HttpResponse:
+    return HttpResponse(200, (("Content-Type", "application/json"),), json.dumps(items).encode())
+
+
+async def echo_paths(items: list[dict[str, object]]) -> HttpResponse:
+    """Each item answered with its own path as body: shows which caller got which answer."""
+    return ok_json([item_answer(200, str(item["path"]).encode()) for item in items])
+
+
+@dataclass
+class FakeInner:
+    """Records each batch call (its items, its timeout) and answers with `answer`."""
+
+    answer: Answer = echo_paths
+    calls: list[tuple[list[dict[str, object]], float]] = field(default_factory=list)
+    requests: list[HttpRequest] = field(default_factory=list)
+    closed: bool = False
+    cancelled: int = 0
+
+    async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
+        items = json.loads(request.body)
+        self.requests.append(request)
+        self.calls.append((items, timeout))
+        try:
+            return await self.answer(items)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def close(self) -> None:
+        self.closed = True
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(items) for items, _ in self.calls]
+
+
+@pytest.fixture
+async def inner() -> FakeInner:
+    return FakeInner()
+
+
+def batcher(inner: FakeInner, size: int = 4, wait: float = 10.0, **kw) -> BatchingTransport:
+    return BatchingTransport(inner, size=size, wait=wait, path="/batch", **kw)
+
+
+async def test_flushes_when_the_batch_is_full(inner: FakeInner) -> None:
+    transport = batcher(inner, size=3, wait=10.0)  # the timer would never fire in time
+    async with asyncio.timeout(2):
+        answers = await asyncio.gather(*(transport.send(req(f"/p{i}"), 5) for i in range(6)))
+    assert inner.sizes == [3, 3]
+    assert [a.body for a in answers] == [f"/p{i}".encode() for i in range(6)]
+    assert transport.pending == 0
+
+
+async def test_flushes_after_the_wait(inner: FakeInner) -> None:
+    transport = batcher(inner, size=10, wait=0.05)
+    started = time.monotonic()
+    answers = await asyncio.gather(transport.send(req("/a"), 5), transport.send(req("/b"), 5))
+    assert time.monotonic() - started >= 0.045
+    assert inner.sizes == [2]
+    assert [a.body for a in answers] == [b"/a", b"/b"]
+
+
+async def test_the_wait_starts_with_the_first_item(inner: FakeInner) -> None:
+    """A trickle of requests does not keep postponing the flush."""
+    transport = batcher(inner, size=100, wait=0.1)
+    started = time.monotonic()
+    first = asyncio.ensure_future(transport.send(req("/first"), 5))
+    late = []
+    for i in range(6):
+        await asyncio.sleep(0.03)
+        late.append(asyncio.ensure_future(transport.send(req(f"/late{i}"), 5)))
+    await first
+    assert time.monotonic() - started < 0.2  # postponed by each arrival, it would be >= 0.28
+    await asyncio.gather(*late)
+    assert len(inner.calls) >= 2
+    assert sum(inner.sizes) == 7
+
+
+async def test_wait_zero_batches_what_arrives_in_one_loop_turn(inner: FakeInner) -> None:
+    transport = batcher(inner, size=100, wait=0)
+    await asyncio.gather(*(transport.send(req(f"/p{i}"), 5) for i in range(5)))
+    assert inner.sizes == [5]
+
+
+async def test_each_caller_gets_its_own_answer_in_order(inner: FakeInner) -> None:
+    """The answer array is matched to callers by position, whatever order callers finish in."""
+
+    async def reversed_work(items: list[dict[str, object]]) -> HttpResponse:
+        await asyncio.sleep(0.01)
+        return ok_json(
+            [
+                item_answer(200 + i, base64.b64decode(str(item["body"])), [["X-Item", str(i)]])
+                for i, item in enumerate(items)
+            ]
+        )
+
+    inner.answer = reversed_work
+    transport = batcher(inner, size=4)
+    answers = await asyncio.gather(
+        *(transport.send(req(f"/p{i}", f"body {i}".encode()), 5) for i in range(4))
+    )
+    for i, answer in enumerate(answers):
+        assert answer.status == 200 + i
+        assert answer.body == f"body {i}".encode()
+        assert answer.headers == (("X-Item", str(i)),)
+
+
+async def test_the_wire_format(inner: FakeInner) -> None:
+    transport = batcher(inner, size=1)
+    await transport.send(
+        HttpRequest("PUT", "/x/y", "q=1&r=%20", (("X-A", "1"), ("X-A", "2")), b"\x00\xffbin"), 5
+    )
+    (call,) = inner.requests
+    assert (call.method, call.path, call.query) == ("POST", "/batch", "")
+    assert ("Content-Type", "application/json") in call.headers
+    assert json.loads(call.body) == [
+        {
+            "method": "PUT",
+            "path": "/x/y",
+            "query": "q=1&r=%20",
+            "headers": [["X-A", "1"], ["X-A", "2"]],
+            "body": base64.b64encode(b"\x00\xffbin").decode(),
+        }
+    ]
+
+
+async def test_one_failing_item_fails_alone(inner: FakeInner) -> None:
+    async def one_busy(items: list[dict[str, object]]) -> HttpResponse:
+        return ok_json(
+            [item_answer(503 if item["path"] == "/bad" else 200, b"x") for item in items]
+        )
+
+    inner.answer = one_busy
+    transport = batcher(inner, size=3)
+    answers = await asyncio.gather(
+        *(transport.send(req(p), 5) for p in ("/good1", "/bad", "/good2"))
+    )
+    assert [a.status for a in answers] == [200, 503, 200]
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind"),
+    [(CallFailed("connect", "refused"), "connect"), (CallFailed("timeout", "slow"), "timeout")],
+)
+async def test_no_answer_fails_every_item_the_same_way(
+    inner: FakeInner, failure: CallFailed, kind: str
+) -> None:
+    async def fail(items: list[dict[str, object]]) -> HttpResponse:
+        raise failure
+
+    inner.answer = fail
+    transport = batcher(inner, size=3)
+    outcomes = await asyncio.gather(
+        *(transport.send(req(f"/p{i}"), 5) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, CallFailed) and o.kind == kind for o in outcomes)
+    assert len({id(o) for o in outcomes}) == 3  # one exception object per caller
+    assert "batch of 3" in str(outcomes[0])
+
+
+async def test_a_5xx_batch_answer_is_every_items_answer(inner: FakeInner) -> None:
+    async def overloaded(items: list[dict[str, object]]) -> HttpResponse:
+        return HttpResponse(503, (("Retry-After", "1"),), b"busy")
+
+    inner.answer = overloaded
+    transport = batcher(inner, size=2)
+    answers = await asyncio.gather(transport.send(req("/a"), 5), transport.send(req("/b"), 5))
+    assert [(a.status, a.body) for a in answers] == [(503, b"busy"), (503, b"busy")]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        HttpResponse(404, (), b'{"error": "no batch endpoint"}'),
+        HttpResponse(400, (), b"too many"),
+        HttpResponse(200, (), b"not json"),
+        HttpResponse(200, (), b'{"not": "an array"}'),
+        HttpResponse(200, (), json.dumps([item_answer()]).encode()),  # one answer for two
+        HttpResponse(200, (), json.dumps([item_answer()] * 3).encode()),  # three for two
+    ],
+    ids=["404", "400", "not-json", "not-array", "too-short", "too-long"],
+)
+async def test_a_broken_batch_answer_fails_every_item(
+    inner: FakeInner, answer: HttpResponse
+) -> None:
+    async def broken(items: list[dict[str, object]]) -> HttpResponse:
+        return answer
+
+    inner.answer = broken
+    transport = batcher(inner, size=2)
+    outcomes = await asyncio.gather(
+        transport.send(req("/a"), 5), transport.send(req("/b"), 5), return_exceptions=True
+    )
+    assert all(isinstance(o, CallFailed) and o.kind == "connect" for o in outcomes), outcomes
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"status": "200", "body": ""},
+        {"status": 99},
+        {"status": True},
+        {"status": 200, "body": "not base64!"},
+        {"status": 200, "body": 12},
+        {"status": 200, "headers": [["Bad Name", "v"]]},
+        {"status": 200, "headers": [["X-Split", "a\r\nInjected: 1"]]},
+        {"status": 200, "headers": {"X-A": "1"}},
+        "a string",
+    ],
+)
+async def test_a_malformed_item_fails_alone(inner: FakeInner, bad: object) -> None:
+    async def one_bad(items: list[dict[str, object]]) -> HttpResponse:
+        return ok_json([item_answer(200, b"a"), bad, item_answer(201, b"c")])
+
+    inner.answer = one_bad
+    transport = batcher(inner, size=3)
+    a, b, c = await asyncio.gather(
+        *(transport.send(req(f"/p{i}"), 5) for i in range(3)), return_exceptions=True
+    )
+    assert isinstance(a, HttpResponse) and a.body == b"a"
+    assert isinstance(b, CallFailed) and b.kind == "connect" and "item 1" in str(b)
+    assert isinstance(c, HttpResponse) and c.status == 201
+
+
+def test_decoding_is_lenient_only_where_documented() -> None:
+    """`headers` and `body` may be left out; hop-by-hop headers are dropped like a plain call's."""
+    (answer,) = decode_batch(
+        json.dumps([{"status": 204, "headers": [["Connection", "close"], ["X-A", "1"]]}]).encode(),
+        1,
+    )
+    assert answer == HttpResponse(204, (("X-A", "1"),), b"")
+    (only,) = json.loads(encode_batch([HttpRequest("GET", "/", "", (), b"")]))
+    assert only == {"method": "GET", "path": "/", "query": "", "headers": [], "body": ""}
+
+
+async def test_the_batch_timeout_is_the_smallest_remaining(inner: FakeInner) -> None:
+    transport = batcher(inner, size=3)
+    await asyncio.gather(
+        transport.send(req("/a"), 5.0), transport.send(req("/b"), 2.0), transport.send(req("/c"), 9)
+    )
+    ((_, timeout),) = inner.calls
+    assert 1.9 < timeout <= 2.0
+
+
+async def test_time_spent_waiting_for_the_batch_counts(inner: FakeInner) -> None:
+    """An item whose own timeout ran out while its batch filled is not sent at all."""
+    transport = batcher(inner, size=10, wait=0.1)
+    short = asyncio.ensure_future(transport.send(req("/short"), 0.05))
+    long = asyncio.ensure_future(transport.send(req("/long"), 5))
+    with pytest.raises(CallFailed) as caught:
+        await short
+    assert caught.value.kind == "timeout"
+    assert (await long).body == b"/long"
+    ((items, timeout),) = inner.calls
+    assert [i["path"] for i in items] == ["/long"]
+    assert timeout <= 4.95
+
+
+async def test_on_batch_sees_each_batch_size(inner: FakeInner) -> None:
+    sizes: list[int] = []
+    transport = batcher(inner, size=4, wait=0.02, on_batch=sizes.append)
+    await asyncio.gather(*(transport.send(req(f"/p{i}"), 5) for i in range(6)))
+    assert sizes == [4, 2] == inner.sizes
+
+
+async def test_a_caller_that_gives_up_leaves_its_batch(inner: FakeInner) -> None:
+    transport = batcher(inner, size=10, wait=0.05)
+    quitter = asyncio.ensure_future(transport.send(req("/quitter"), 5))
+    stayer = asyncio.ensure_future(transport.send(req("/stayer"), 5))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    assert (await stayer).body == b"/stayer"
+    ((items, _),) = inner.calls
+    assert [i["path"] for i in items] == ["/stayer"]
+
+
+async def test_a_batch_nobody_waits_for_is_cancelled(inner: FakeInner) -> None:
+    release = asyncio.Event()
+
+    async def slow(items: list[dict[str, object]]) -> HttpResponse:
+        await release.wait()
+        return await echo_paths(items)
+
+    inner.answer = slow
+    transport = batcher(inner, size=2)
+    callers = [asyncio.ensure_future(transport.send(req(f"/p{i}"), 5)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    assert transport.in_flight == 1
+    callers[0].cancel()
+    await asyncio.sleep(0.01)
+    assert transport.in_flight == 1  # one caller still waits
+    callers[1].cancel()
+    await asyncio.sleep(0.01)
+    assert transport.in_flight == 0
+    assert inner.cancelled == 1
+
+
+async def test_close_fails_pending_and_in_flight_items(inner: FakeInner) -> None:
+    never = asyncio.Event()
+
+    async def hang(items: list[dict[str, object]]) -> HttpResponse:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    inner.answer = hang
+    transport = batcher(inner, size=2, wait=10.0)
+    in_flight = [asyncio.ensure_future(transport.send(req(f"/f{i}"), 30)) for i in range(2)]
+    pending = asyncio.ensure_future(transport.send(req("/pending"), 30))
+    await asyncio.sleep(0.01)
+    assert (transport.in_flight, transport.pending) == (1, 1)
+    async with asyncio.timeout(1):
+        await transport.close()
+        outcomes = await asyncio.gather(*in_flight, pending, return_exceptions=True)
+    assert all(isinstance(o, CallFailed) and o.kind == "connect" for o in outcomes), outcomes
+    assert inner.closed
+    assert (transport.in_flight, transport.pending) == (0, 0)
+    with pytest.raises(CallFailed):
+        await transport.send(req("/after"), 5)
+
+
+async def test_close_settles_a_batch_cancelled_before_it_ran(inner: FakeInner) -> None:
+    """A task cancelled before its first step runs none of its code: its items are still
+    settled (by the task's done callback), so no caller waits forever."""
+    transport = batcher(inner, size=1)
+    caller = asyncio.ensure_future(transport.send(req("/x"), 5))
+    await asyncio.sleep(0)  # send() ran and flushed; the batch task has not started
+    await transport.close()
+    with pytest.raises(CallFailed):
+        await asyncio.wait_for(caller, 1)
+    assert inner.calls == []
+
+
+async def test_an_unexpected_error_is_every_items_failure(inner: FakeInner) -> None:
+    async def bug(items: list[dict[str, object]]) -> HttpResponse:
+        raise KeyError("oops")
+
+    inner.answer = bug
+    transport = batcher(inner, size=2)
+    outcomes = await asyncio.gather(
+        transport.send(req("/a"), 5), transport.send(req("/b"), 5), return_exceptions=True
+    )
+    assert all(isinstance(o, CallFailed) and "KeyError" in str(o) for o in outcomes)
+
+
+def test_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="start with"):
+        BatchingTransport(FakeInner(), size=2, wait=0, path="batch")
+    with pytest.raises(ValueError, match="at least 1"):
+        BatchingTransport(FakeInner(), size=0, wait=0, path="/batch")
+
+
+# --- over real HTTP ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def batch_server() -> AsyncIterator[tuple[str, list[web.Request]]]:
+    """A microservice implementing the batch protocol the simplest way: echo each item."""
+    seen: list[web.Request] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request)
+        items = await request.json()
+        return web.json_response(
+            [
+                {
+                    "status": 200,
+                    "headers": [["X-Path", item["path"]], ["Transfer-Encoding", "chunked"]],
+                    "body": item["body"],
+                }
+                for item in items
+            ]
+        )
+
+    app = web.Application()
+    app.router.add_post("/batch", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}", seen
+    await runner.cleanup()
+
+
+async def test_over_http(batch_server: tuple[str, list[web.Request]]) -> None:
+    url, seen = batch_server
+    transport = BatchingTransport(HttpTransport(url, 4), size=3, wait=0.01, path="/batch")
+    try:
+        answers = await asyncio.gather(
+            *(transport.send(req(f"/p{i}", f"b{i}".encode()), 5) for i in range(3))
+        )
+    finally:
+        await transport.close()
+    assert [a.body for a in answers] == [b"b0", b"b1", b"b2"]
+    assert answers[1].headers == (("X-Path", "/p1"),)  # hop-by-hop dropped
+    assert len(seen) == 1 and seen[0].content_type == "application/json"
+
+
+async def test_over_http_nobody_listening() -> None:
+    transport = BatchingTransport(
+        HttpTransport(f"http://127.0.0.1:{free_port()}", 4), size=2, wait=0.01, path="/batch"
+    )
+    try:
+        outcomes = await asyncio.gather(
+            transport.send(req("/a"), 5), transport.send(req("/b"), 5), return_exceptions=True
+        )
+    finally:
+        await transport.close()
+    assert all(isinstance(o, CallFailed) and o.kind == "connect" for o in outcomes)
+
+
+# --- the dequeuer's settings ---------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PROXYMQ_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_batch_size_must_fit_concurrency(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        load(DequeuerSettings, ["--service", "s", "--batch-size", "16", "--concurrency", "8"])
+    assert caught.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
+    settings = load(DequeuerSettings, ["--service", "s", "--batch-size", "8", "--concurrency", "8"])
+    assert settings.batch_size == 8
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_batch_path_must_be_a_path() -> None:
+    with pytest.raises(SystemExit):
+        load(DequeuerSettings, ["--service", "s", "--batch-path", "batch"])
+
+
+# --- url-fetcher's POST /batch -------------------------------------------------------------
+
+
+@pytest.fixture
+async def fetcher(
+    clean_environment: None,
+) -> AsyncIterator[tuple[TestClient[web.Request, web.Application], str]]:
+    """url-fetcher in process, allowed to fetch the local site; small limits to test them."""
+    site = await start_target()
+    settings = load(
+        UrlFetcherSettings,
+        ["--allow-private", "--max-batch", "5", "--batch-concurrency", "4", "--fetch-timeout=0.3"],
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        yield client, base_url(site)
+    await site.cleanup()
+
+
+def envelope(method: str, path: str, body: object = b"", **extra: object) -> dict[str, object]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return {"method": method, "path": path, "query": "", "headers": [], **extra,
+            "body": base64.b64encode(raw).decode()}  # fmt: skip
+
+
+def payload(answer: dict[str, object]) -> object:
+    return json.loads(base64.b64decode(str(answer["body"])))
+
+
+async def test_url_fetcher_batch_dispatches_to_its_own_routes(
+    fetcher: tuple[TestClient[web.Request, web.Application], str],
+) -> None:
+    client, site = fetcher
+    async with client.post("/fetch", json={"url": f"{site}/page"}) as plain:
+        alone = await plain.json()
+    items = [
+        envelope("POST", "/fetch", {"url": f"{site}/page"}),
+        envelope("POST", "/nowhere"),
+        envelope("GET", "/fetch"),
+        envelope("POST", "/fetch", b"{not json"),
+        {"method": "POST", "path": "/fetch", "body": "%%%"},
+        envelope("GET", "/healthz"),
+    ]
+    items.pop()  # max_batch is 5 here
+    async with client.post("/batch", json=items) as response:
+        assert response.status == 200
+        answers = await response.json()
+    assert [a["status"] for a in answers] == [200, 404, 405, 400, 400]
+    fetched = payload(answers[0])
+    assert isinstance(fetched, dict)
+    assert fetched["title"] == alone["title"] == "Café au lait"
+    assert fetched["size"] == len(PAGE)
+    assert ["Content-Type", "application/json; charset=utf-8"] in answers[0]["headers"]
+    assert payload(answers[1]) == {
+        "error": {"code": "not_found", "message": "POST /nowhere: Not Found"}
+    }
+    assert payload(answers[2])["error"]["code"] == "method_not_allowed"  # type: ignore[index]
+    assert payload(answers[3])["error"]["code"] == "bad_request"  # type: ignore[index]
+    assert "base64" in payload(answers[4])["error"]["message"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "not an object",
+        {"method": "GE T", "path": "/healthz"},
+        {"method": "GET", "path": "healthz"},
+        {"method": "GET", "path": "/healthz?x=1"},
+        {"method": "GET", "path": "/batch"},
+        {"method": "GET", "path": "/healthz", "headers": [["X", "a\nb"]]},
+        {"method": "GET", "path": "/healthz", "headers": [["X"]]},
+        {"method": "GET", "path": "/healthz", "query": 3},
+    ],
+)
+async def test_url_fetcher_answers_a_malformed_item_400_alone(
+    fetcher: tuple[TestClient[web.Request, web.Application], str], item: object
+) -> None:
+    client, _ = fetcher
+    good = envelope("GET", "/healthz")
+    async with client.post("/batch", json=[good, item, good]) as response:
+        answers = await response.json()
+    assert [a["status"] for a in answers] == [200, 400, 200]
+    assert payload(answers[1])["error"]["code"] == "bad_request"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"{oops", "not JSON"),
+        (b'{"a": 1}', "JSON array"),
+        (json.dumps([{}] * 6).encode(), "at most"),
+    ],
+)
+async def test_url_fetcher_refuses_a_malformed_batch_whole(
+    fetcher: tuple[TestClient[web.Request, web.Application], str], body: bytes, why: str
+) -> None:
+    client, _ = fetcher
+    async with client.post("/batch", data=body) as response:
+        assert response.status == 400
+        assert why in (await response.json())["error"]["message"]
+
+
+async def test_url_fetcher_runs_items_side_by_side(
+    fetcher: tuple[TestClient[web.Request, web.Application], str],
+) -> None:
+    """Four fetches of /slow, each cut at --fetch-timeout 0.3 s: quick only because the batch
+    runs them side by side (--batch-concurrency 4), not one after another."""
+    client, site = fetcher
+    items = [envelope("POST", "/fetch", {"url": f"{site}/slow"}) for _ in range(4)]
+    started = time.monotonic()
+    async with client.post("/batch", json=items) as response:
+        answers = await response.json()
+    assert time.monotonic() - started < 0.9
+    assert [a["status"] for a in answers] == [504] * 4
