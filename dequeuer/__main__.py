@@ -18,7 +18,7 @@ from dequeuer.membership import Membership
 from dequeuer.partitions import Partitions
 from dequeuer.readiness import Readiness
 from dequeuer.settings import DequeuerSettings
-from shared import logs, service, topology
+from shared import logs, service, topology, tracing
 from shared.admin import admin_app
 from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, tls_context
@@ -146,6 +146,7 @@ async def serve(settings: DequeuerSettings) -> int:
         await broker.close()
         await transport.close()
         await admin.cleanup()
+        tracing.shutdown()
     return code
 
 
@@ -164,6 +165,7 @@ async def graceful_stop(membership: Membership, partitions: Partitions) -> None:
 def main() -> None:
     settings = load(DequeuerSettings)
     logs.setup(settings.log_level, settings.json_logs)
+    tracing.setup("proxymq-dequeuer")
     service.run(serve(settings))
 
 

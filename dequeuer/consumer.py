@@ -24,12 +24,13 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from opentelemetry.trace import SpanKind
 
 from dequeuer.forwarder import CallFailed, Transport
 from dequeuer.lanes import Lanes
 from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
-from shared import envelope, logs, topology
+from shared import envelope, logs, topology, tracing
 from shared.breaker import ServiceBreaker
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
 from shared.errors import ServiceFailed
@@ -124,6 +125,25 @@ class Consumer:
         logs.bind(
             correlation_id=request.request_id, service=self.settings.service, partition=partition
         )
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": partition,
+            "messaging.message.conversation_id": request.request_id,
+        }
+        with tracing.span(
+            f"process {self.settings.service}", SpanKind.CONSUMER, message.headers, attributes
+        ):
+            await self._settle(sub, partition, message, request)
+
+    async def _settle(
+        self,
+        sub: Subscription,
+        partition: str,
+        message: AbstractIncomingMessage,
+        request: RequestEnvelope,
+    ) -> None:
+        started = time.perf_counter()
         try:
             if sub.releasing.is_set():
                 return  # not started: it goes back to its queue, first and in order
@@ -142,7 +162,14 @@ class Consumer:
                 await self.reply(request, outcome)
                 await message.ack()
                 self.metrics.messages.labels(self.settings.service, partition, "replied").inc()
-                log.info("replied", extra=logs.fields(status=outcome.status, attempts=attempts))
+                log.info(
+                    "replied",
+                    extra=logs.fields(
+                        status=outcome.status,
+                        attempts=attempts,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                    ),
+                )
             else:
                 await self.give_up(partition, message, request, outcome, attempts)
         except (
@@ -314,10 +341,10 @@ class Consumer:
         headers = dict(message.headers)
         headers.update(
             {
-                "x-proxymq-dead-reason": reason[:1000],
-                "x-proxymq-attempts": attempts,
-                "x-proxymq-partition": partition,
-                "x-proxymq-dead-at": int(time.time() * 1000),
+                envelope.H_DEAD_REASON: reason[:1000],
+                envelope.H_ATTEMPTS: attempts,
+                envelope.H_PARTITION: partition,
+                envelope.H_DEAD_AT: int(time.time() * 1000),
             }
         )
         copy = aio_pika.Message(

@@ -8,13 +8,30 @@ import asyncio
 from typing import Literal, Protocol
 
 import aiohttp
+from opentelemetry.trace import SpanKind
 from yarl import URL
 
+from shared import tracing
 from shared.envelope import HttpRequest, HttpResponse, end_to_end
 
 FailureKind = Literal["connect", "timeout"]
 # aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def traced(request: HttpRequest) -> HttpRequest:
+    """The microservice gets the trace context of this call, in place of the caller's."""
+    if not tracing.enabled():
+        return request
+    carrier: dict[str, str] = {}
+    tracing.inject(carrier)
+    kept = [
+        (n, v)
+        for n, v in request.headers
+        if n.lower() not in (tracing.TRACEPARENT, tracing.TRACESTATE)
+    ]
+    headers = tuple(kept + list(carrier.items()))
+    return HttpRequest(request.method, request.path, request.query, headers, request.body)
 
 
 class CallFailed(Exception):
@@ -43,6 +60,18 @@ class HttpTransport:
             self.target + request.path + (f"?{request.query}" if request.query else ""),
             encoded=True,
         )
+        attributes: dict[str, str | int] = {
+            "http.request.method": request.method,
+            "url.full": str(url),
+            "server.address": url.host or "",
+            "server.port": url.port or 80,
+        }
+        with tracing.span(request.method, SpanKind.CLIENT, attributes=attributes) as current:
+            response = await self._send(url, traced(request), timeout)
+            tracing.record_status(current, response.status)
+            return response
+
+    async def _send(self, url: URL, request: HttpRequest, timeout: float) -> HttpResponse:
         try:
             async with self.session.request(
                 request.method,

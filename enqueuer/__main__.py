@@ -6,7 +6,7 @@ import logging
 
 from enqueuer.app import BROKER, ENQUEUER, create_app
 from enqueuer.settings import EnqueuerSettings
-from shared import logs, partition_key, service
+from shared import logs, partition_key, service, tracing
 from shared.admin import admin_app
 from shared.settings import load
 
@@ -31,12 +31,14 @@ async def serve(settings: EnqueuerSettings) -> int:
     finally:
         await api.cleanup()
         await admin.cleanup()
+        tracing.shutdown()
     return 0
 
 
 def main() -> None:
     settings = load(EnqueuerSettings)
     logs.setup(settings.log_level, settings.json_logs)
+    tracing.setup("proxymq-enqueuer")
     try:
         partition_key.parse_sources(settings.partition_key)
     except ValueError as exc:

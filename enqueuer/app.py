@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
 from enqueuer.handlers import REQUESTS_PATH, Enqueuer, new_request_id, proxy, request_status
 from enqueuer.idempotency import IdempotencyStore
@@ -16,7 +17,7 @@ from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from enqueuer.results import ResultStore
 from enqueuer.settings import EnqueuerSettings
-from shared import logs, partition_key
+from shared import logs, partition_key, tracing
 from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, tls_context
 from shared.errors import ERROR_HEADER, ProxyMQError
@@ -41,26 +42,36 @@ def error_response(error: ProxyMQError) -> web.Response:
 @web.middleware
 async def correlate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id (errors refused before publishing too), render ProxyMQ errors,
-    and count the outcome."""
+    count the outcome and log it: one line per request, never a body or a header value."""
     enqueuer = request.app[ENQUEUER]
     request_id = new_request_id()
     request["request_id"] = request_id
     logs.request_context.set({"correlation_id": request_id})
     started = time.perf_counter()
+    message = "answered"
     try:
         response = await handler(request)
         outcome = status_class(response.status)
     except ProxyMQError as error:
-        response, outcome = error_response(error), error.code
-        log.info(
-            "refused: %s", error.message, extra=logs.fields(status=error.status, code=error.code)
-        )
+        response, outcome, message = error_response(error), error.code, error.message
+    elapsed = time.perf_counter() - started
     service = request.get("service")
     label = service if service and outcome != "unknown_service" else UNKNOWN_SERVICE
     enqueuer.metrics.requests.labels(label, outcome).inc()
-    if request.get("service") and response.status != 202:
-        enqueuer.metrics.duration.labels(label).observe(time.perf_counter() - started)
-    response.headers[CORRELATION_HEADER] = request["request_id"]  # a repeat gets the first id
+    if service and response.status != 202:
+        enqueuer.metrics.duration.labels(label).observe(elapsed)
+    request_id = request["request_id"]  # a repeated Idempotency-Key gets the first request's id
+    response.headers[CORRELATION_HEADER] = request_id
+    log.info(
+        message,
+        extra=logs.fields(
+            correlation_id=request_id,
+            method=request.method,
+            status=response.status,
+            outcome=outcome,
+            duration_ms=round(elapsed * 1000, 2),
+        ),
+    )
     return response
 
 
@@ -97,7 +108,17 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
     app[BROKER] = broker
 
     async def handle_proxy(request: web.Request) -> web.StreamResponse:
-        return await proxy(request, enqueuer)
+        attributes = {
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "messaging.message.conversation_id": request["request_id"],
+        }
+        with tracing.span(
+            f"{request.method} /{{service}}", SpanKind.SERVER, request.headers, attributes
+        ) as current:
+            response = await proxy(request, enqueuer)
+            tracing.record_status(current, response.status)
+            return response
 
     async def handle_status(request: web.Request) -> web.StreamResponse:
         return await request_status(request, enqueuer)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
 from enqueuer.idempotency import IdempotencyStore
 from enqueuer.publisher import Publisher
@@ -17,7 +18,7 @@ from enqueuer.replies import ReplyWaiter
 from enqueuer.responses import PassThroughResponse
 from enqueuer.results import ResultStore
 from enqueuer.settings import EnqueuerSettings
-from shared import envelope, logs, partition_key
+from shared import envelope, logs, partition_key, tracing
 from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope
 from shared.errors import (
     BY_CODE,
@@ -161,9 +162,19 @@ async def publish(
             if request.deadline is None
             else min(PUBLISH_TIMEOUT, _remaining(request.deadline, 0))
         ):
-            await enqueuer.publisher.publish(
-                request.service, routing_key, envelope.encode_request(request)
-            )
+            message = envelope.encode_request(request)
+            with tracing.span(
+                f"publish {request.service}",
+                SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.type": "publish",
+                    "messaging.destination.name": request.service,
+                    "messaging.message.conversation_id": request.request_id,
+                },
+            ):
+                tracing.inject(message.headers)  # type: ignore[arg-type]
+                await enqueuer.publisher.publish(request.service, routing_key, message)
     except TimeoutError:
         future.cancel()
         raise BrokerUnavailable(

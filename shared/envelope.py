@@ -30,6 +30,11 @@ H_SENT_AT = "x-proxymq-sent-at"
 H_STATUS = "x-proxymq-status"
 H_ERROR = "x-proxymq-error"
 H_ERROR_MESSAGE = "x-proxymq-error-message"
+# Added to a dead-letter copy by the dequeuer.
+H_DEAD_REASON = "x-proxymq-dead-reason"
+H_ATTEMPTS = "x-proxymq-attempts"
+H_PARTITION = "x-proxymq-partition"
+H_DEAD_AT = "x-proxymq-dead-at"
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus those the receiving side recomputes (Host, length).
 HOP_BY_HOP = frozenset(

@@ -251,7 +251,7 @@ async def bench(args: argparse.Namespace, console: Console) -> int:
         await connection.close()
     single, batched = results
     table = Table(title="proxymq-dequeuer --batch-size, draining pre-published requests")
-    for column in ("--batch-size", "requests", "seconds", "req/s", "calls", "mean batch", "max"):
+    for column in ("batch size", "requests", "seconds", "req/s", "calls", "mean batch", "max"):
         table.add_column(column, justify="right")
     table.add_column("vs single", justify="right")
     for result in results:
@@ -270,12 +270,8 @@ async def bench(args: argparse.Namespace, console: Console) -> int:
     verdict = "[green]met[/]" if ratio >= GOAL else "[red]missed[/]"
     console.print(f"goal: batches of {batched.batch_size} >= {GOAL:g}x single: {verdict}")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                [{**vars(r), "rate": r.rate, "mean_batch": r.mean_batch} for r in results],
-                indent=2,
-            )
-        )
+        figures = [{**vars(r), "rate": r.rate, "mean_batch": r.mean_batch} for r in results]
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(figures, indent=2))
     return 0
 
 

@@ -27,10 +27,8 @@ from aio_pika.abc import AbstractMessage, HeadersType
 from shared import envelope
 
 # Written by dequeuer/consumer.py `dead_letter()`.
-H_DEAD_REASON = "x-proxymq-dead-reason"
-H_ATTEMPTS = "x-proxymq-attempts"
-H_PARTITION = "x-proxymq-partition"
-H_DEAD_AT = "x-proxymq-dead-at"
+H_DEAD_REASON, H_ATTEMPTS = envelope.H_DEAD_REASON, envelope.H_ATTEMPTS
+H_PARTITION, H_DEAD_AT = envelope.H_PARTITION, envelope.H_DEAD_AT
 DEQUEUER_HEADERS = frozenset({H_DEAD_REASON, H_ATTEMPTS, H_PARTITION, H_DEAD_AT})
 # Written by RabbitMQ when it dead-letters (x-death) or delivers (x-delivery-count): bookkeeping
 # about the message's past, not part of the request.

@@ -402,6 +402,9 @@ def run(args: argparse.Namespace) -> int:
     except InjectError as exc:
         print(f"proxymq inject: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:  # ruamel.yaml is a dependency; a stale venv may lack it
+        print(f"proxymq inject: {exc}: pip install ruamel.yaml", file=sys.stderr)
+        return 1
     sys.stdout.write(output)
     for note in report.notes:
         print(f"proxymq inject: note: {note}", file=sys.stderr)

@@ -361,5 +361,10 @@ def run(args: argparse.Namespace) -> int:
             "partition has one active consumer, so the extra pods only wait as standbys",
             file=sys.stderr,
         )
-    sys.stdout.write(render(spec))
+    try:
+        text = render(spec)
+    except ModuleNotFoundError as exc:  # ruamel.yaml is a dependency; a stale venv may lack it
+        print(f"proxymq keda: {exc}: pip install ruamel.yaml", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
     return 0

@@ -1,0 +1,99 @@
+"""OpenTelemetry: one trace from the API's `traceparent` through the enqueuer, the queue (context
+in AMQP headers), the dequeuer and the call to the microservice.
+
+Off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set: then every helper here returns at once and no
+span object is made, so tracing costs nothing when nobody collects it. Span names and attributes
+follow OpenTelemetry's messaging and HTTP semantic conventions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+_enabled = False
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+
+def setup(service_name: str) -> bool:
+    """Export spans over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard
+    OTEL_* variables configure the rest); returns whether tracing is on."""
+    global _enabled
+    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return False
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _enabled = True
+    return True
+
+
+def shutdown() -> None:
+    """Flush the spans still buffered, so the last requests before a stop are not lost."""
+    provider = trace.get_tracer_provider()
+    if _enabled and hasattr(provider, "shutdown"):
+        provider.shutdown()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def _tracer() -> trace.Tracer:
+    return trace.get_tracer("proxymq")
+
+
+@contextlib.contextmanager
+def span(
+    name: str,
+    kind: SpanKind,
+    carrier: Mapping[str, object] | None = None,
+    attributes: Mapping[str, str | int] | None = None,
+) -> Iterator[Span | None]:
+    """A span, child of the context in `carrier` (HTTP or AMQP headers) when given, else of the
+    current one. Yields None when tracing is off."""
+    if not _enabled:
+        yield None
+        return
+    parent = None
+    if carrier is not None:
+        parent = propagate.extract(
+            {
+                k.lower(): _text(v)
+                for k, v in carrier.items()
+                if k.lower() in (TRACEPARENT, TRACESTATE)
+            }
+        )
+    with _tracer().start_as_current_span(
+        name, context=parent, kind=kind, attributes=dict(attributes or {})
+    ) as current:
+        yield current
+
+
+def inject(carrier: MutableMapping[str, str]) -> None:
+    """Write the current span's `traceparent` (and `tracestate`) into headers."""
+    if _enabled:
+        propagate.inject(carrier, context=context.get_current())
+
+
+def record_status(current: Span | None, status: int) -> None:
+    if current is None:
+        return
+    current.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        current.set_status(Status(StatusCode.ERROR))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,112 @@
+"""What operators see: metrics that move by exactly what was sent, and one trace from the API's
+traceparent to the microservice, exported over OTLP to a receiver this test runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from shared.processes import free_port
+from tests.conftest import Stack, metric
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+
+
+async def test_metrics_count_exactly_what_was_sent(stack: Stack, service: str, target: Target,
+                                                   http: aiohttp.ClientSession) -> None:
+    dequeuer = await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    for _ in range(7):
+        async with http.get(f"{url}/{service}/echo/ok") as r:
+            assert r.status == 200
+    for _ in range(3):
+        async with http.get(f"{url}/{service}/status/404") as r:
+            assert r.status == 404
+    for _ in range(2):
+        async with http.get(f"{url}/not-{service}/x") as r:
+            assert r.status == 404
+    enq, deq = enqueuer.admin_port, dequeuer.admin_port  # type: ignore[attr-defined]
+    requests = "proxymq_enqueuer_requests_total"
+    assert await metric(http, enq, requests, {"service": service, "outcome": "2xx"}) == 7
+    assert await metric(http, enq, requests, {"service": service, "outcome": "4xx"}) == 3
+    assert await metric(http, enq, requests, {"outcome": "unknown_service"}) == 2
+    assert await metric(http, enq, "proxymq_enqueuer_request_duration_seconds_count",
+                        {"service": service}) == 10
+    assert await metric(http, enq, "proxymq_enqueuer_in_flight_requests") == 0
+    assert await metric(http, enq, "proxymq_broker_connected") == 1
+    messages = "proxymq_dequeuer_messages_total"
+    assert await metric(http, deq, messages, {"service": service, "outcome": "replied"}) == 10
+    assert await metric(http, deq, "proxymq_dequeuer_forward_duration_seconds_count",
+                        {"status_class": "2xx"}) == 7
+    assert await metric(http, deq, "proxymq_dequeuer_forward_duration_seconds_count",
+                        {"status_class": "4xx"}) == 3
+    assert await metric(http, deq, "proxymq_dequeuer_queue_wait_seconds_count") == 10
+    assert await metric(http, deq, "proxymq_dequeuer_partitions_owned") == 8
+    assert await metric(http, deq, "proxymq_dequeuer_breaker_open") == 0
+    assert await metric(http, deq, "proxymq_dequeuer_retries_total") == 0
+
+
+@pytest.fixture
+async def otlp() -> AsyncIterator[tuple[str, list[tuple[str, Span]]]]:
+    """An OTLP/HTTP receiver: (service.name, span) for every span exported to it."""
+    spans: list[tuple[str, Span]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest()
+        export.ParseFromString(await request.read())
+        for resource_spans in export.resource_spans:
+            name = next(a.value.string_value for a in resource_spans.resource.attributes
+                        if a.key == "service.name")
+            for scope in resource_spans.scope_spans:
+                spans.extend((name, s) for s in scope.spans)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}", spans
+    await runner.cleanup()
+
+
+async def test_one_trace_from_api_to_microservice(
+        stack: Stack, service: str, target: Target, http: aiohttp.ClientSession,
+        otlp: tuple[str, list[tuple[str, Span]]]) -> None:
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url, env=env)
+    _, url = await stack.enqueuer(env=env)
+    trace_id, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    async with http.get(f"{url}/{service}/echo/traced", headers={
+            "traceparent": f"00-{trace_id}-{caller_span}-01"}) as response:
+        assert response.status == 200
+    async with asyncio.timeout(10):
+        while len(spans) < 4:
+            await asyncio.sleep(0.1)
+    by_kind = {s.kind: (name, s) for name, s in spans}
+    server = by_kind[Span.SPAN_KIND_SERVER]
+    producer = by_kind[Span.SPAN_KIND_PRODUCER]
+    consumer = by_kind[Span.SPAN_KIND_CONSUMER]
+    client = by_kind[Span.SPAN_KIND_CLIENT]
+    assert {s.trace_id.hex() for _, s in spans} == {trace_id}
+    assert server[0] == producer[0] == "proxymq-enqueuer"
+    assert consumer[0] == client[0] == "proxymq-dequeuer"
+    assert server[1].parent_span_id.hex() == caller_span
+    assert producer[1].parent_span_id == server[1].span_id
+    assert consumer[1].parent_span_id == producer[1].span_id
+    assert client[1].parent_span_id == consumer[1].span_id
+    attributes = {a.key: a.value for a in consumer[1].attributes}
+    assert attributes["messaging.system"].string_value == "rabbitmq"
+    assert attributes["messaging.message.conversation_id"].string_value == (
+        response.headers["X-Correlation-ID"])
+    received = dict(target.seen[0].headers)["traceparent"]
+    assert received == f"00-{trace_id}-{client[1].span_id.hex()}-01"
