@@ -9,8 +9,10 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
+from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
 
@@ -21,9 +23,44 @@ OnConnect = Callable[[AbstractRobustConnection], Awaitable[None]]
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+    """The URL(s) without password, for logs and error messages."""
+    return ",".join(
+        str(URL(u).with_password("***")) if URL(u).password else u for u in split_urls(url)
+    )
+
+
+def split_urls(url: str) -> list[str]:
+    """`--amqp-url` takes one URL or a comma-separated list of a cluster's nodes."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+class FailoverConnection(RobustConnection):
+    """A robust connection over several broker addresses: each connection attempt, the first
+    and every reconnect, goes to the next address in turn, so losing a cluster node moves the
+    sidecar to another within one reconnect interval per dead node.
+
+    aio-pika connects to `self.url` and clears `self.transport` right before every attempt; the
+    `transport` setter below advances the address at that moment (aio-pika has no multi-host
+    connection of its own: mosquito/aio-pika#141)."""
+
+    def __init__(
+        self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
+    ) -> None:
+        self.failover_urls: list[URL] = [URL(u) for u in kwargs.pop("failover_urls", [])]
+        self._next = 0
+        self._transport: Any = None
+        super().__init__(url, loop, **kwargs)
+
+    @property
+    def transport(self) -> Any:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: Any) -> None:
+        if value is None and self.failover_urls:
+            self.url = self.failover_urls[self._next % len(self.failover_urls)]
+            self._next += 1
+        self._transport = value
 
 
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
@@ -91,8 +128,11 @@ class Broker:
 
     async def _connect(self) -> None:
         log.info("connecting to %s", redact(self.url))
+        urls = split_urls(self.url)
         connection = await aio_pika.connect_robust(
-            self.url,
+            urls[0],
+            connection_class=FailoverConnection,
+            failover_urls=urls if len(urls) > 1 else [],
             client_properties={"connection_name": self.name},
             ssl_context=self.ssl_context,
             heartbeat=self.heartbeat,

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from dequeuer.batching import BatchingTransport, decode_batch, encode_batch
 from dequeuer.forwarder import CallFailed, HttpTransport
 from dequeuer.settings import DequeuerSettings
+from shared.cli import bench_batch
 from shared.envelope import HttpRequest, HttpResponse
 from shared.processes import free_port
 from shared.settings import load
@@ -588,3 +589,23 @@ async def test_url_fetcher_runs_items_side_by_side(
         answers = await response.json()
     assert time.monotonic() - started < 0.9
     assert [a["status"] for a in answers] == [504] * 4
+
+
+# --- the benchmark's microservice ----------------------------------------------------------
+
+
+async def test_bench_microservice_serialises_calls_and_speaks_the_protocol() -> None:
+    async with TestClient(TestServer(bench_batch.create_app())) as client:
+        items = json.loads(encode_batch([req(f"/work/{i}") for i in range(4)]))
+        started = time.monotonic()
+        calls = [client.post("/batch", json=items), client.post("/work", data=b"{}")]
+        batch, plain = await asyncio.gather(*calls)
+        elapsed = time.monotonic() - started
+        answers = decode_batch(await batch.read(), 4)
+        assert plain.status == 200
+        plain.release()
+        assert all(isinstance(a, HttpResponse) and a.status == 200 for a in answers)
+        async with client.get("/stats") as response:
+            stats = await response.json()
+    assert (stats["calls"], stats["items"], stats["largest"]) == (2, 5, 4)
+    assert elapsed >= 0.010 + 0.002 + 0.0105  # one after the other, not side by side
