@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from enqueuer.app import BROKER, ENQUEUER, create_app
+from enqueuer.guard import read_token
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, service, tracing
 from shared.admin import admin_app
@@ -39,9 +40,10 @@ def main() -> None:
     settings = load(EnqueuerSettings)
     logs.setup(settings.log_level, settings.json_logs)
     tracing.setup("proxymq-enqueuer")
-    try:
+    try:  # configuration mistakes end here with one line, not in a traceback at startup
         partition_key.parse_sources(settings.partition_key)
-    except ValueError as exc:
+        read_token(settings.auth_token_file)
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"{EnqueuerSettings.prog}: invalid configuration: {exc}") from None
     service.run(serve(settings))
 

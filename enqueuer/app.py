@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
+from enqueuer.guard import CallerGuard, read_token
 from enqueuer.handlers import REQUESTS_PATH, Enqueuer, new_request_id, proxy, request_status
 from enqueuer.idempotency import IdempotencyStore
 from enqueuer.publisher import Publisher
@@ -20,7 +21,7 @@ from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, tracing
 from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, tls_context
-from shared.errors import ERROR_HEADER, ProxyMQError
+from shared.errors import ERROR_HEADER, ProxyMQError, Unauthorized
 from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ def error_response(error: ProxyMQError) -> web.Response:
     headers = {ERROR_HEADER: error.code}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="proxymq"'
+
     return web.Response(
         status=error.status, body=error.body(), headers=headers, content_type="application/json"
     )
@@ -50,6 +54,7 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
     started = time.perf_counter()
     message = "answered"
     try:
+        enqueuer.guard.check(request)
         response = await handler(request)
         outcome = status_class(response.status)
     except ProxyMQError as error:
@@ -93,6 +98,9 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         replies=ReplyWaiter(instance, settings.max_in_flight, metrics.late_replies.inc),
         results=ResultStore(settings.result_ttl, settings.max_results),
         idempotency=IdempotencyStore(settings.idempotency_window, settings.max_results),
+        guard=CallerGuard(
+            read_token(settings.auth_token_file), settings.max_headers, settings.max_header_bytes
+        ),
         metrics=metrics,
     )
     ssl_context = (

@@ -12,6 +12,7 @@ from functools import partial
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
+from enqueuer.guard import CallerGuard
 from enqueuer.idempotency import IdempotencyStore
 from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
@@ -50,6 +51,7 @@ class Enqueuer:
     replies: ReplyWaiter
     results: ResultStore
     idempotency: IdempotencyStore
+    guard: CallerGuard
     metrics: EnqueuerMetrics
 
 
@@ -119,7 +121,11 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     else:
         request_id = request["request_id"]
         http = HttpRequest(
-            request.method, path, query, envelope.end_to_end(request.headers.items()), body
+            request.method,
+            path,
+            query,
+            enqueuer.guard.forwarded(envelope.end_to_end(request.headers.items())),
+            body,
         )
         future = enqueuer.replies.expect(request_id)
         if idempotency_key:  # before publishing, so concurrent repeats find it

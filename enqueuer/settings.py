@@ -29,6 +29,20 @@ class EnqueuerSettings(CommandSettings):
     admin_host: str = Field(
         "0.0.0.0", description="address of the admin port (probes come from the kubelet)"
     )
+    auth_token_file: str | None = Field(
+        None,
+        description="file holding a bearer token callers must send (Authorization: Bearer "
+        "TOKEN); without it, any process that reaches --host:--port may call",
+    )
+    max_headers: int = Field(
+        100,
+        ge=1,
+        description="most request headers a caller may send; more get 431 headers_too_large",
+    )
+    max_header_bytes: ByteSize = Field(
+        64 * 1024,
+        description="largest total size of a request's headers; larger gets 431 headers_too_large",
+    )
     partition_key: CommaList = Field(
         ["header:X-Partition-Key"],
         description="where the partition key comes from, in order, first match wins: "

@@ -2,9 +2,11 @@
 
     ProxyMQError
      +-- BadPartitionKey      400 bad_partition_key
+     +-- Unauthorized         401 unauthorized        (--auth-token-file is set)
      +-- UnknownService       404 unknown_service
      +-- UnknownRequest       404 unknown_request
      +-- BodyTooLarge         413 body_too_large
+     +-- HeadersTooLarge      431 headers_too_large
      +-- Backpressure         429 backpressure        (Retry-After)
      +-- ServiceFailed        502 service_failed
      +-- BrokerUnavailable    503 broker_unavailable  (Retry-After)
@@ -41,6 +43,16 @@ class ProxyMQError(Exception):
 class BadPartitionKey(ProxyMQError):
     status = 400
     code = "bad_partition_key"
+
+
+class Unauthorized(ProxyMQError):
+    status = 401
+    code = "unauthorized"
+
+
+class HeadersTooLarge(ProxyMQError):
+    status = 431
+    code = "headers_too_large"
 
 
 class UnknownService(ProxyMQError):
@@ -82,6 +94,8 @@ BY_CODE: dict[str, type[ProxyMQError]] = {
     cls.code: cls
     for cls in (
         BadPartitionKey,
+        Unauthorized,
+        HeadersTooLarge,
         UnknownService,
         UnknownRequest,
         BodyTooLarge,

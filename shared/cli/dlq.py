@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from shared import topology
+from shared.broker import redact
 from shared.cli.common import add_amqp_url
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
@@ -45,7 +46,7 @@ from shared.cli.dlq_pass import (
 )
 from shared.cli.dlq_pass import Progress as OnProgress  # rich has a Progress of its own
 from shared.cli.dlq_render import letter_table, render_letter
-from shared.cli.ensure_broker import BrokerProblem, connect, redact
+from shared.cli.ensure_broker import BrokerProblem, connect
 from shared.cli.topology_cmd import confirm, positive, service_name
 
 PROG = "proxymq dlq"

@@ -41,7 +41,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from shared.broker import redact as redact  # re-exported: `proxymq dlq` imports it from here
+from shared.broker import redact
 from shared.cli.common import env_default
 from shared.settings import DEFAULT_AMQP_URL
 

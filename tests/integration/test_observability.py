@@ -19,8 +19,9 @@ from tests.target import Target
 pytestmark = pytest.mark.rabbit
 
 
-async def test_metrics_count_exactly_what_was_sent(stack: Stack, service: str, target: Target,
-                                                   http: aiohttp.ClientSession) -> None:
+async def test_metrics_count_exactly_what_was_sent(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
     dequeuer = await stack.dequeuer(service, target.url)
     enqueuer, url = await stack.enqueuer()
     for _ in range(7):
@@ -37,16 +38,28 @@ async def test_metrics_count_exactly_what_was_sent(stack: Stack, service: str, t
     assert await metric(http, enq, requests, {"service": service, "outcome": "2xx"}) == 7
     assert await metric(http, enq, requests, {"service": service, "outcome": "4xx"}) == 3
     assert await metric(http, enq, requests, {"outcome": "unknown_service"}) == 2
-    assert await metric(http, enq, "proxymq_enqueuer_request_duration_seconds_count",
-                        {"service": service}) == 10
+    assert (
+        await metric(
+            http, enq, "proxymq_enqueuer_request_duration_seconds_count", {"service": service}
+        )
+        == 10
+    )
     assert await metric(http, enq, "proxymq_enqueuer_in_flight_requests") == 0
     assert await metric(http, enq, "proxymq_broker_connected") == 1
     messages = "proxymq_dequeuer_messages_total"
     assert await metric(http, deq, messages, {"service": service, "outcome": "replied"}) == 10
-    assert await metric(http, deq, "proxymq_dequeuer_forward_duration_seconds_count",
-                        {"status_class": "2xx"}) == 7
-    assert await metric(http, deq, "proxymq_dequeuer_forward_duration_seconds_count",
-                        {"status_class": "4xx"}) == 3
+    assert (
+        await metric(
+            http, deq, "proxymq_dequeuer_forward_duration_seconds_count", {"status_class": "2xx"}
+        )
+        == 7
+    )
+    assert (
+        await metric(
+            http, deq, "proxymq_dequeuer_forward_duration_seconds_count", {"status_class": "4xx"}
+        )
+        == 3
+    )
     assert await metric(http, deq, "proxymq_dequeuer_queue_wait_seconds_count") == 10
     assert await metric(http, deq, "proxymq_dequeuer_partitions_owned") == 8
     assert await metric(http, deq, "proxymq_dequeuer_breaker_open") == 0
@@ -62,8 +75,11 @@ async def otlp() -> AsyncIterator[tuple[str, list[tuple[str, Span]]]]:
         export = ExportTraceServiceRequest()
         export.ParseFromString(await request.read())
         for resource_spans in export.resource_spans:
-            name = next(a.value.string_value for a in resource_spans.resource.attributes
-                        if a.key == "service.name")
+            name = next(
+                a.value.string_value
+                for a in resource_spans.resource.attributes
+                if a.key == "service.name"
+            )
             for scope in resource_spans.scope_spans:
                 spans.extend((name, s) for s in scope.spans)
         return web.Response(body=b"", content_type="application/x-protobuf")
@@ -79,15 +95,20 @@ async def otlp() -> AsyncIterator[tuple[str, list[tuple[str, Span]]]]:
 
 
 async def test_one_trace_from_api_to_microservice(
-        stack: Stack, service: str, target: Target, http: aiohttp.ClientSession,
-        otlp: tuple[str, list[tuple[str, Span]]]) -> None:
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
     endpoint, spans = otlp
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     await stack.dequeuer(service, target.url, env=env)
     _, url = await stack.enqueuer(env=env)
     trace_id, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    async with http.get(f"{url}/{service}/echo/traced", headers={
-            "traceparent": f"00-{trace_id}-{caller_span}-01"}) as response:
+    async with http.get(
+        f"{url}/{service}/echo/traced", headers={"traceparent": f"00-{trace_id}-{caller_span}-01"}
+    ) as response:
         assert response.status == 200
     async with asyncio.timeout(10):
         while len(spans) < 4:
@@ -106,7 +127,9 @@ async def test_one_trace_from_api_to_microservice(
     assert client[1].parent_span_id == consumer[1].span_id
     attributes = {a.key: a.value for a in consumer[1].attributes}
     assert attributes["messaging.system"].string_value == "rabbitmq"
-    assert attributes["messaging.message.conversation_id"].string_value == (
-        response.headers["X-Correlation-ID"])
+    assert (
+        attributes["messaging.message.conversation_id"].string_value
+        == (response.headers["X-Correlation-ID"])
+    )
     received = dict(target.seen[0].headers)["traceparent"]
     assert received == f"00-{trace_id}-{client[1].span_id.hex()}-01"

@@ -1,0 +1,85 @@
+"""Who may call: a bearer token when configured, header limits, and no way for a caller to set
+ProxyMQ's own message headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Stack
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+
+
+async def test_bearer_token(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--auth-token-file", str(token))
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret-token"},
+        {"Authorization": "Basic s3cret-token"},
+    ):
+        async with http.get(f"{url}/{service}/echo/x", headers=headers) as response:
+            assert response.status == 401
+            assert response.headers["X-ProxyMQ-Error"] == "unauthorized"
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "Authorization: Bearer" in (await response.json())["error"]["message"]
+    assert target.seen == []
+    async with http.get(
+        f"{url}/{service}/echo/x", headers={"Authorization": "Bearer s3cret-token"}
+    ) as response:
+        assert response.status == 200
+        forwarded = {name.lower() for name, _ in (await response.json())["headers"]}
+    assert "authorization" not in forwarded  # the enqueuer's token stays with the enqueuer
+    assert "s3cret-token" not in stack.log_text()
+
+
+async def test_unreadable_token_file_is_a_clear_startup_error(stack: Stack, tmp_path: Path) -> None:
+    enqueuer, _ = await stack.enqueuer("--auth-token-file", str(tmp_path / "missing"), wait=False)
+    assert enqueuer.popen is not None
+    assert enqueuer.popen.wait(10) != 0
+    assert "invalid configuration" in stack.log_text()
+
+
+async def test_header_limits(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--max-headers", "20", "--max-header-bytes", "2KiB")
+    many = {f"X-H{i}": "v" for i in range(30)}
+    async with http.get(f"{url}/{service}/echo/x", headers=many) as response:
+        assert response.status == 431
+        assert response.headers["X-ProxyMQ-Error"] == "headers_too_large"
+    async with http.get(f"{url}/{service}/echo/x", headers={"X-Big": "v" * 3000}) as response:
+        assert response.status == 431
+    assert target.seen == []
+
+
+async def test_callers_cannot_set_internal_headers(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Whatever a caller puts in HTTP headers travels as data inside x-proxymq-headers: it
+    cannot change the status, route or reply of a message."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    async with http.get(
+        f"{url}/{service}/echo/x",
+        headers={
+            "x-proxymq-status": "200",
+            "x-proxymq-path": "/status/500",
+            "x-proxymq-error": "service_failed",
+            "reply-to": "amq.rabbitmq.reply-to",
+        },
+    ) as response:
+        assert response.status == 200
+        echoed = await response.json()
+    assert echoed["path"] == "/echo/x"
+    assert ["x-proxymq-path", "/status/500"] in [[k.lower(), v] for k, v in echoed["headers"]]
