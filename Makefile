@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install broker test lint format typecheck demo bench clean distclean
+.PHONY: help install broker tools test lint format typecheck demo bench clean distclean
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -44,8 +44,20 @@ $(STAMP): pyproject.toml
 broker: install
 	@$(BIN)/python -m shared.cli.ensure_broker
 
+# promtool validates the Prometheus alert rules in the tests (Debian package `prometheus`).
+tools:
+	@command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing promtool (Debian package prometheus)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		else \
+			echo "promtool is missing: install the prometheus package (apt-get install prometheus)" >&2; \
+			exit 1; \
+		fi; }
+
 # Cheap checks first, so a typo fails in seconds instead of after the integration tests.
-test: install lint typecheck broker
+test: install lint typecheck broker tools
 	@$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: install

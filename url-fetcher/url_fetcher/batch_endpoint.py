@@ -124,8 +124,6 @@ async def answer_item(batch_request: web.Request, item: object) -> dict[str, obj
             "headers": _headers_of(exc),
             "body": _b64(exc.text.encode() if exc.text else b""),
         }
-    except asyncio.CancelledError:
-        raise
     except Exception:
         log.exception("batch item %s %s failed", parsed.method, parsed.path)
         return envelope_of(_error(500, "internal_error", "the item's handler failed"))
@@ -174,7 +172,7 @@ def parse_item(item: object, batch_path: str) -> ItemRequest:
         body = base64.b64decode(raw_body, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadItem(f'"body" is not base64: {exc}') from None
-    return ItemRequest(method.upper(), path, query, tuple(headers), body)
+    return ItemRequest(method, path, query, tuple(headers), body)
 
 
 async def dispatch(batch_request: web.Request, item: ItemRequest) -> web.StreamResponse:
