@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from shared.cli import bench, demo, dlq, docs_cmd, inject, keda, status, topology_cmd
+from shared.cli import bench, cluster, demo, dlq, docs_cmd, inject, keda, status, topology_cmd
 
 
 def commands() -> list[ModuleType]:
-    return [demo, bench, status, topology_cmd, dlq, docs_cmd, inject, keda]
+    return [demo, bench, status, topology_cmd, dlq, docs_cmd, inject, keda, cluster]
 
 
 def build_parser() -> argparse.ArgumentParser:
