@@ -32,26 +32,16 @@ import binascii
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
 
-from dequeuer.forwarder import CallFailed, FailureKind, Transport
-from shared.envelope import HttpRequest, HttpResponse, end_to_end
+from dequeuer.forwarder import CallFailed, ClosableTransport, FailureKind
+from shared.envelope import HttpRequest, HttpResponse, end_to_end, valid_header
 
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
-
-
-class ClosableTransport(Transport, Protocol):
-    """The transport a batcher wraps and owns: it is closed with the batcher."""
-
-    async def close(self) -> None: ...
 
 
 class MalformedBatch(ValueError):
@@ -311,8 +301,7 @@ def decode_response(answer: object) -> HttpResponse:
             and len(pair) == 2
             and isinstance(pair[0], str)
             and isinstance(pair[1], str)
-            and _TOKEN.match(pair[0])
-            and not _FORBIDDEN_IN_VALUE.search(pair[1])
+            and valid_header(pair[0], pair[1])
         ):
             raise ValueError(f"invalid header {str(pair)[:60]}")
         headers.append((pair[0], pair[1]))

@@ -46,6 +46,12 @@ class Transport(Protocol):
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse: ...
 
 
+class ClosableTransport(Transport, Protocol):
+    """A transport that owns connections: whoever holds it closes it."""
+
+    async def close(self) -> None: ...
+
+
 class HttpTransport:
     def __init__(self, target: str, connections: int) -> None:
         self.target = target.rstrip("/")

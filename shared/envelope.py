@@ -203,6 +203,12 @@ def decode_response(headers: Mapping[str, object], body: bytes) -> HttpResponse:
     )
 
 
+def valid_header(name: str, value: str) -> bool:
+    """A header that an HTTP client can send and a server can answer: a token name, and no
+    CR, LF or NUL in the value (which would split or end the header block)."""
+    return bool(_TOKEN.match(name)) and not _FORBIDDEN_IN_VALUE.search(value)
+
+
 def _text(headers: Mapping[str, object], name: str, default: str) -> str:
     value = headers.get(name, default)
     if isinstance(value, bytes):
@@ -232,6 +238,6 @@ def _pairs(raw: object) -> Headers:
     ):
         raise MalformedMessage(f"{H_HEADERS} must be a JSON list of [name, value] string pairs")
     for name, value in pairs:
-        if not _TOKEN.match(name) or _FORBIDDEN_IN_VALUE.search(value):
+        if not valid_header(name, value):
             raise MalformedMessage(f"{H_HEADERS} holds an invalid HTTP header {name[:40]!r}")
     return tuple((name, value) for name, value in pairs)

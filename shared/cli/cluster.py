@@ -187,9 +187,7 @@ class LocalCluster:
     @classmethod
     def load(cls, directory: Path) -> LocalCluster:
         state = json.loads((directory / STATE_FILE).read_text())
-        return cls(
-            Path(state["directory"]), [Node(**n) for n in state["nodes"]], state["config"]
-        )
+        return cls(Path(state["directory"]), [Node(**n) for n in state["nodes"]], state["config"])
 
     def save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The HTTP API: /healthz, /fetch and /fetch/batch, every answer JSON."""
+"""The HTTP API: /healthz, /fetch, /fetch/batch and /batch, every answer JSON."""
 
 from __future__ import annotations
 

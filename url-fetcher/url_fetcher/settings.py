@@ -15,7 +15,8 @@ class UrlFetcherSettings(CommandSettings):
     prog: ClassVar[str] = "url-fetcher"
     summary: ClassVar[str] = (
         "Fetch web pages on request and report status, size, timing and title.\n\n"
-        'POST /fetch {"url": ...}, POST /fetch/batch {"urls": [...]}, GET /healthz.\n'
+        'POST /fetch {"url": ...}, POST /fetch/batch {"urls": [...]}, POST /batch (the '
+        "dequeuer's batch protocol), GET /healthz.\n"
         "Private, loopback and link-local targets are refused unless --allow-private is given."
     )
 
@@ -44,6 +45,12 @@ class UrlFetcherSettings(CommandSettings):
         5, ge=0, description="Redirects followed per fetch; each hop is checked again."
     )
     batch_concurrency: int = Field(
-        16, ge=1, description="Fetches run at the same time within one /fetch/batch request."
+        16,
+        ge=1,
+        description="Fetches (or items) run at the same time within one /fetch/batch or /batch request.",
     )
-    max_batch: int = Field(100, ge=1, description="Most URLs accepted by one /fetch/batch request.")
+    max_batch: int = Field(
+        100,
+        ge=1,
+        description="Most URLs (or items) accepted by one /fetch/batch or /batch request.",
+    )
