@@ -100,6 +100,7 @@ async def serve(settings: DequeuerSettings) -> int:
     broker = Broker(
         settings.amqp_url,
         f"proxymq-dequeuer {settings.service} {instance}",
+        heartbeat=settings.amqp_heartbeat,
         ssl_context=tls_context(
             settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file
         )

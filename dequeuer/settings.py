@@ -20,6 +20,14 @@ class DequeuerSettings(CommandSettings):
     amqp_ca_file: str | None = Field(None, description="CA bundle to verify an amqps:// broker")
     amqp_cert_file: str | None = Field(None, description="client certificate for amqps://")
     amqp_key_file: str | None = Field(None, description="client certificate's private key")
+    amqp_heartbeat: int = Field(
+        15,
+        ge=0,
+        le=600,
+        description="AMQP heartbeat in seconds: a connection cut without a close (a dead "
+        "node, a dropped route) is noticed after about 3 heartbeats and reconnected; 0 turns "
+        "heartbeats off",
+    )
     service: str = Field(description="the service this dequeuer serves (its exchange and queues)")
     target: str = Field("http://127.0.0.1:8000", description="base URL of the microservice")
     admin_port: int = Field(9081, ge=0, le=65535, description="port of /healthz, /readyz, /metrics")

@@ -108,7 +108,12 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         if settings.amqp_url.startswith("amqps://")
         else None
     )
-    broker = Broker(settings.amqp_url, f"proxymq-enqueuer {instance}", ssl_context=ssl_context)
+    broker = Broker(
+        settings.amqp_url,
+        f"proxymq-enqueuer {instance}",
+        heartbeat=settings.amqp_heartbeat,
+        ssl_context=ssl_context,
+    )
     metrics.connected.set_function(lambda: float(broker.connected))
 
     app = web.Application(middlewares=[correlate], client_max_size=settings.max_body)

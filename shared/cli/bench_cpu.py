@@ -27,6 +27,16 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU time spent by the whole machine (every core, every process), from /proc/stat."""
+    try:
+        first = (PROC / "stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def listening_pid(port: int) -> int | None:
     """The local process listening on TCP `port` (the broker, when it runs here): found by the
     socket's inode, since a machine may run several brokers on other ports."""
@@ -54,23 +64,32 @@ def listening_pid(port: int) -> int | None:
     return None
 
 
+OUTSIDE = "outside"  # CPU the machine spent beyond the benchmark's processes
+
+
 class CpuMeter:
-    """Snapshots of the processes' CPU time; `per_request` is the difference, in µs/request."""
+    """Snapshots of the processes' CPU time; `per_request` is the difference, in µs/request.
+
+    It also reports what the rest of the machine used meanwhile (`outside`): on a shared machine
+    a round that ran beside someone else's load is visible as such instead of silently slow."""
 
     def __init__(self, pids: Mapping[str, int]) -> None:
         self.pids = dict(pids)
 
     def snapshot(self) -> dict[str, float]:
         taken = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        taken[OUTSIDE] = machine_busy_seconds()
         return {name: value for name, value in taken.items() if value is not None}
 
     def per_request(self, before: Mapping[str, float], requests: int) -> dict[str, float]:
         after = self.snapshot()
-        return {
-            name: (after[name] - before[name]) / requests * 1e6
-            for name in after
-            if name in before and requests > 0
+        used = {
+            name: after[name] - before[name] for name in after if name in before and requests > 0
         }
+        if OUTSIDE in used:
+            used[OUTSIDE] -= sum(seconds for name, seconds in used.items() if name != OUTSIDE)
+            used[OUTSIDE] = max(0.0, used[OUTSIDE])
+        return {name: seconds / requests * 1e6 for name, seconds in used.items()}
 
 
 def local_broker(amqp_url: str) -> int | None:

@@ -308,5 +308,5 @@ async def run(
                 await failover(bench, trials)
         await connection.close()
     if json_path is not None:
-        json_path.write_text(json.dumps(bench.results, indent=2))
+        await asyncio.to_thread(json_path.write_text, json.dumps(bench.results, indent=2))
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from shared.cli.bench_cpu import OUTSIDE
 from shared.cli.bench_load import Run, Summary
 
 MODES = ("http", "rpc", "proxymq")
@@ -25,6 +26,7 @@ PATHS = {
     "rpc": ("bench", "rpc server", "rabbitmq"),
     "proxymq": ("bench", "enqueuer", "dequeuer", "echo", "rabbitmq"),
 }
+OUTSIDE_WARN = 0.1  # cores used by other processes during a run: worth a mention
 COLORS = {"http": "tab:green", "rpc": "tab:blue", "proxymq": "tab:red"}
 # The product's goals (issue text): throughput at c64 relative to RPC, p50 overhead at c1.
 RATIO_AT, RATIO_GOAL, RATIO_TARGET = 64, 0.7, 0.8
@@ -83,7 +85,9 @@ def cpu_lines(concurrency: int, summaries: Sequence[Summary]) -> list[str]:
         parts = [(name, summary.cpu_us[name]) for name in PATHS[mode] if name in summary.cpu_us]
         total = sum(us for _, us in parts)
         detail = " + ".join(f"{name} {us:.0f}" for name, us in parts)
-        lines.append(f"  {LABELS[mode]}: {detail} = {total:.0f} µs CPU per request")
+        outside = summary.cpu_us.get(OUTSIDE, 0.0) * summary.rps / 1e6
+        noise = f"; outside load {outside:.2f} core" if outside >= OUTSIDE_WARN else ""
+        lines.append(f"  {LABELS[mode]}: {detail} = {total:.0f} µs CPU per request{noise}")
     return lines
 
 

@@ -47,7 +47,8 @@ class UrlFetcherSettings(CommandSettings):
     batch_concurrency: int = Field(
         16,
         ge=1,
-        description="Fetches (or items) run at the same time within one /fetch/batch or /batch request.",
+        description="Fetches (or items) run at the same time within one /fetch/batch or "
+        "/batch request.",
     )
     max_batch: int = Field(
         100,
