@@ -1,0 +1,58 @@
+"""The breaker: opens after N failures, one probe after the reset, outcome closes or re-opens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.breaker import CLOSED, HALF_OPEN, OPEN, ServiceBreaker
+
+
+async def test_opens_after_failures_and_probes_once() -> None:
+    states: list[str] = []
+    breaker = ServiceBreaker(2, 0.05, on_state=states.append)
+    never = asyncio.Event()
+    assert await breaker.wait_turn(never) is False
+    breaker.record(failed=True, probe=False)
+    assert breaker.state == CLOSED
+    breaker.record(failed=True, probe=False)
+    assert breaker.state == OPEN
+    assert breaker.admit_now() is None  # refused while open
+    first = asyncio.ensure_future(breaker.wait_turn(never))
+    second = asyncio.ensure_future(breaker.wait_turn(never))
+    assert await asyncio.wait_for(first, 1) is True  # the probe
+    assert breaker.state == HALF_OPEN
+    await asyncio.sleep(0.1)
+    assert not second.done()  # the others wait for the probe's outcome
+    breaker.record(failed=False, probe=True)
+    assert await asyncio.wait_for(second, 1) is False
+    assert breaker.state == CLOSED
+    assert states == [OPEN, HALF_OPEN, CLOSED]
+
+
+async def test_failed_probe_reopens() -> None:
+    breaker = ServiceBreaker(1, 0.01)
+    breaker.record(failed=True, probe=False)
+    await asyncio.sleep(0.02)
+    assert breaker.admit_now() is True
+    breaker.record(failed=True, probe=True)
+    assert breaker.state == OPEN
+
+
+async def test_abandon_wakes_a_waiter() -> None:
+    breaker = ServiceBreaker(1, 60)
+    breaker.record(failed=True, probe=False)
+    abandon = asyncio.Event()
+    waiter = asyncio.ensure_future(breaker.wait_turn(abandon))
+    await asyncio.sleep(0.05)
+    abandon.set()
+    assert await asyncio.wait_for(waiter, 1) is None
+
+
+@pytest.mark.parametrize("failed", [True, False])
+async def test_outcomes_while_open_change_nothing(failed: bool) -> None:
+    breaker = ServiceBreaker(1, 60)
+    breaker.record(failed=True, probe=False)
+    breaker.record(failed=failed, probe=False)
+    assert breaker.state == OPEN
