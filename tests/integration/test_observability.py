@@ -4,6 +4,7 @@ traceparent to the microservice, exported over OTLP to a receiver this test runs
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -133,3 +134,31 @@ async def test_one_trace_from_api_to_microservice(
     )
     received = dict(target.seen[0].headers)["traceparent"]
     assert received == f"00-{trace_id}-{client[1].span_id.hex()}-01"
+
+
+async def test_json_logs_one_line_per_outcome(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """One JSON line per request on each side, with the correlation id; never the body."""
+    await stack.dequeuer(service, target.url, "--json-logs")
+    _, url = await stack.enqueuer("--json-logs")
+    async with http.post(
+        f"{url}/{service}/echo/x",
+        data=b"secret-body",
+        headers={"X-Partition-Key": "k1", "X-Api-Key": "hidden"},
+    ) as r:
+        request_id = r.headers["X-Correlation-ID"]
+    lines = [json.loads(line) for line in stack.log_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("correlation_id") == request_id]
+    enqueued = [line for line in mine if line["logger"] == "enqueuer.app"]
+    replied = [line for line in mine if line["logger"] == "dequeuer.consumer"]
+    assert len(enqueued) == 1
+    assert len(replied) == 1
+    assert enqueued[0]["status"] == 200
+    assert enqueued[0]["service"] == service
+    assert "duration_ms" in enqueued[0]
+    assert replied[0]["status"] == 200
+    assert replied[0]["partition"].startswith(f"{service}.p")
+    assert "duration_ms" in replied[0]
+    assert "secret-body" not in stack.log_text()
+    assert "hidden" not in stack.log_text()
