@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 10.0
 DEADLINE_HEADER = "X-Request-Timeout"
 CORRELATION_HEADER = "X-Correlation-ID"
+REPLY_QUEUE_WAIT = 15.0  # seconds a missing reply queue is waited for (its enqueuer reconnecting)
+MAX_MISSING_REPLY_QUEUES = 1000
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Consumer:
         )
         self.lanes = Lanes(settings.concurrency)
         self._reply_channel: AbstractChannel | None = None
+        self._missing_reply_queues: dict[str, float] = {}  # reply queue -> first returned at
 
     @property
     def prefetch(self) -> int:
@@ -89,7 +92,9 @@ class Consumer:
         return max(1, self.settings.concurrency)
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        self._reply_channel = await connection.channel(publisher_confirms=True)
+        self._reply_channel = await connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
 
     async def on_message(self, sub: Subscription, message: AbstractIncomingMessage) -> None:
         if sub.releasing.is_set():
@@ -179,6 +184,13 @@ class Consumer:
             RuntimeError,
         ) as exc:
             log.warning("could not settle, the broker will deliver it again: %s", exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # aiormq fails a pending confirm or ack with CancelledError when it gives up a
+            # silent connection; letting it out would end this key's lane and drop its queue.
+            log.warning("could not settle, the broker will deliver it again: connection lost")
         finally:
             sub.job_done()
             self.metrics.in_flight.labels(self.settings.service, partition).dec()
@@ -273,18 +285,50 @@ class Consumer:
         return envelope.HttpRequest(http.method, http.path, http.query, tuple(headers), http.body)
 
     async def reply(self, request: RequestEnvelope, response: HttpResponse) -> None:
-        await self.publish_reply(request.reply_to, request.request_id, response)
+        await self.publish_reply(
+            request.reply_to, request.request_id, response, deadline=request.deadline
+        )
 
     async def publish_reply(
-        self, reply_to: str | None, request_id: str, response: HttpResponse
+        self,
+        reply_to: str | None,
+        request_id: str,
+        response: HttpResponse,
+        *,
+        deadline: float | None = None,
     ) -> None:
-        """Confirmed before the request is acked: a reply is never lost for an acked request."""
+        """Confirmed before the request is acked: a reply is never lost for an acked request.
+
+        Mandatory, because the reply queue can be missing for a while: it is transient, so a
+        broker restart (or the loss of its node) deletes it, and its enqueuer declares it again
+        only once it has reconnected, maybe after this dequeuer. A returned reply is published
+        again until the queue is back, for at most REPLY_QUEUE_WAIT (and not past the caller's
+        deadline); a queue missing longer belongs to an enqueuer that is gone, and its replies
+        are dropped at once instead of holding their keys' lanes."""
         if not reply_to:
             return
         assert self._reply_channel is not None
-        await self._reply_channel.default_exchange.publish(
-            envelope.encode_response(response, request_id), routing_key=reply_to
-        )
+        message = envelope.encode_response(response, request_id)
+        delay = 0.05
+        while True:
+            try:
+                await self._reply_channel.default_exchange.publish(
+                    message, routing_key=reply_to, mandatory=True
+                )
+                self._missing_reply_queues.pop(reply_to, None)
+                return
+            except aiormq.exceptions.PublishError:
+                pass
+            now = time.monotonic()
+            missing_since = self._missing_reply_queues.setdefault(reply_to, now)
+            while len(self._missing_reply_queues) > MAX_MISSING_REPLY_QUEUES:
+                del self._missing_reply_queues[next(iter(self._missing_reply_queues))]
+            late = deadline is not None and time.time() + delay >= deadline
+            if late or now - missing_since + delay > REPLY_QUEUE_WAIT:
+                log.warning("reply dropped: reply queue %s is missing", reply_to)
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
     async def on_dead_letter_notice(self, message: AbstractIncomingMessage) -> None:
         """RabbitMQ dead-lettered a request itself (it exceeded the delivery limit: it may be

@@ -183,9 +183,20 @@ async def publish(
                 await enqueuer.publisher.publish(request.service, routing_key, message)
     except TimeoutError:
         future.cancel()
+        enqueuer.publisher.record_timeout()
         raise BrokerUnavailable(
             "RabbitMQ did not confirm the request in time", retry_after=1
         ) from None
+    except asyncio.CancelledError:
+        future.cancel()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the caller hung up
+        # aiormq fails what waits on a connection it gives up (missed heartbeats) with
+        # CancelledError: the broker is gone, the caller is not, and gets a 503 rather than a
+        # dropped HTTP connection.
+        log.warning("publish failed: the connection to RabbitMQ was given up")
+        raise BrokerUnavailable("RabbitMQ did not confirm the request", retry_after=1) from None
     except BaseException:
         future.cancel()
         raise

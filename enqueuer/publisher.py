@@ -8,6 +8,7 @@ connection is `broker_unavailable`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -22,6 +23,8 @@ from shared.errors import Backpressure, BrokerUnavailable, UnknownService
 log = logging.getLogger(__name__)
 KNOWN_FOR = 10.0  # seconds a service found on the broker is trusted without asking again
 UNKNOWN_FOR = 1.0  # a flood of calls to a missing service costs one passive declare a second
+RENEW_AFTER_NACK = 1.0  # seconds between two replacements of a nacked publishing channel
+RETIRE_AFTER = 15.0  # a replaced channel is closed once its publishes in flight are confirmed
 
 
 class Publisher:
@@ -32,10 +35,42 @@ class Publisher:
         self._connection: AbstractRobustConnection | None = None
         self._exchanges: dict[str, tuple[AbstractExchange | None, float]] = {}
         self._checks: dict[str, asyncio.Future[AbstractExchange | None]] = {}
+        self._renew_at = 0.0
+        self._renewals: set[asyncio.Task[None]] = set()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+    def _renew_channel(self) -> None:
+        """After a nack, publish on a new channel (at most once every RENEW_AFTER_NACK).
+
+        A nack usually means a full partition, but on RabbitMQ 3.10 a channel that published to
+        a quorum queue while its leader was being re-elected (the leader's node died) goes on
+        getting nacks from that queue for good, while a new channel is accepted at once: without
+        this, every request to that partition got 429 until the enqueuer restarted. The old
+        channel is closed later, so its publishes in flight still get their confirms."""
+        now = time.monotonic()
+        if self._connection is None or now < self._renew_at:
+            return
+        self._renew_at = now + RENEW_AFTER_NACK
+        task = asyncio.ensure_future(self._replace_channel(self._connection))
+        self._renewals.add(task)
+        task.add_done_callback(self._renewals.discard)
+
+    async def _replace_channel(self, connection: AbstractRobustConnection) -> None:
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except Exception as exc:  # the connection is down: the robust one is restored anyway
+            log.debug("could not open a new publishing channel: %s", exc)
+            return
+        old, self._channel = self._channel, channel
+        self._exchanges.clear()  # exchange objects belong to the old channel
+        log.info("publishing on a new channel after a nack")
+        await asyncio.sleep(RETIRE_AFTER)
+        if old is not None and not old.is_closed:
+            with contextlib.suppress(Exception):
+                await old.close()
 
     async def exchange(self, service: str) -> AbstractExchange:
         """The service's request exchange, or `UnknownService`; concurrent first calls share one
@@ -85,15 +120,30 @@ class Publisher:
                 "RabbitMQ failed repeatedly; the enqueuer's breaker is open",
                 retry_after=max(1.0, self.breaker.retry_after()),
             )
-        failed = True
+        failed: bool | None = True
         try:
             await self._publish(exchange, service, routing_key, message)
             failed = False
         except (UnknownService, Backpressure):
             failed = False  # the broker answered: it is up
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The caller hung up, or the request's publish deadline passed (the handler
+                # reports that one with `record_timeout`): no verdict on the broker. Counted as
+                # failures, five callers that hang up at once opened the breaker for everyone.
+                failed = None
+            raise
         finally:
-            self.breaker.record(failed=failed, probe=probe)
+            if failed is None:
+                self.breaker.abandon_probe(probe)
+            else:
+                self.breaker.record(failed=failed, probe=probe)
+
+    def record_timeout(self) -> None:
+        """RabbitMQ did not confirm a publish in time (a blocked or silent broker)."""
+        self.breaker.record(failed=True, probe=False)
 
     async def _publish(
         self, exchange: AbstractExchange, service: str, routing_key: str, message: aio_pika.Message
@@ -105,6 +155,7 @@ class Publisher:
                 f"service {service!r} has no partition queue bound to its exchange"
             ) from exc
         except aiormq.exceptions.DeliveryError as exc:
+            self._renew_channel()
             raise Backpressure(
                 f"the partition of service {service!r} for this key is full", retry_after=1
             ) from exc

@@ -20,6 +20,10 @@ from shared.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 OnConnect = Callable[[AbstractRobustConnection], Awaitable[None]]
+# A connection attempt that gets no AMQP answer by then (a frozen node, a black-holed route:
+# the TCP connect succeeds, nothing comes back) is given up, and the next address tried. Without
+# it the attempt waits forever and the sidecar never reconnects.
+CONNECT_TIMEOUT = 10.0
 
 
 def redact(url: str) -> str:
@@ -47,9 +51,14 @@ class FailoverConnection(RobustConnection):
         self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
     ) -> None:
         self.failover_urls: list[URL] = [URL(u) for u in kwargs.pop("failover_urls", [])]
+        # aio-pika puts every keyword into the URL's query, ours too. aiormq reads the heartbeat
+        # from that query, so each address gets it (without it aiormq uses 60 s); the list of
+        # addresses, passwords included, must not stay in a URL that gets logged.
+        self._options = {k: v for k, v in URL(url).query.items() if k != "failover_urls"}
         self._next = 0
         self._transport: Any = None
-        super().__init__(url, loop, **kwargs)
+        super().__init__(URL(url).with_query(self._options), loop, **kwargs)
+        self._next = 0  # the constructor cleared the transport once: that was no attempt
 
     @property
     def transport(self) -> Any:
@@ -58,7 +67,8 @@ class FailoverConnection(RobustConnection):
     @transport.setter
     def transport(self, value: Any) -> None:
         if value is None and self.failover_urls:
-            self.url = self.failover_urls[self._next % len(self.failover_urls)]
+            url = self.failover_urls[self._next % len(self.failover_urls)]
+            self.url = url.with_query({**self._options, **url.query})
             self._next += 1
         self._transport = value
 
@@ -80,12 +90,14 @@ class Broker:
         *,
         heartbeat: int = 15,
         reconnect_interval: float = 1.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
         self.name = name
         self.heartbeat = heartbeat
         self.reconnect_interval = reconnect_interval
+        self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
         self._connection: AbstractRobustConnection | None = None
         self._ready = asyncio.Event()
@@ -138,6 +150,7 @@ class Broker:
             heartbeat=self.heartbeat,
             fail_fast=False,
             reconnect_interval=self.reconnect_interval,
+            timeout=self.connect_timeout,
         )
         connection.reconnect_callbacks.add(self._reconnected)
         self._connection = connection

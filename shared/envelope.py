@@ -231,7 +231,7 @@ def _pairs(raw: object) -> Headers:
         raw = raw.decode("utf-8", "replace")
     try:
         pairs = json.loads(raw) if isinstance(raw, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting ("[[[[...") exhausts the parser's stack
         pairs = None
     if not isinstance(pairs, list) or not all(
         isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs

@@ -99,7 +99,7 @@ def _json_body(body: bytes, content_type: str, source: KeySource, required: bool
         return _UNPARSED
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..."
         if required:
             raise BadPartitionKey(
                 f"the body is not valid JSON ({exc}), so the partition key at {source.name} "

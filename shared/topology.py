@@ -21,7 +21,10 @@ from pamqp.common import FieldTable
 from shared.errors import TopologyMismatch
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
-NOTIFY_ARGS: FieldTable = {"x-message-ttl": 3_600_000}  # no caller waits longer than that
+# Quorum, like the partitions: a classic durable queue lives on one node, and while that node
+# is down every dequeuer fails to declare it again and cannot reconnect at all. The TTL: no
+# caller waits longer than that.
+NOTIFY_ARGS: FieldTable = {"x-queue-type": "quorum", "x-message-ttl": 3_600_000}
 LAYOUT_CHECKS, LAYOUT_CHECK_PAUSE = 10, 0.3
 PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
 

@@ -90,37 +90,53 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--requests", type=positive, default=2000, help="requests per mode and round (%(default)s)"
+        "--requests",
+        metavar="N",
+        type=positive,
+        default=2000,
+        help="requests per mode and round (%(default)s)",
     )
     parser.add_argument(
         "--concurrency",
+        metavar="C[,C...]",
         type=concurrency_list,
         default=[1, 64],
         help="requests in flight; a comma list measures each (default 1,64)",
     )
     parser.add_argument(
         "--rounds",
+        metavar="R",
         type=positive,
         default=3,
         help="rounds alternating the modes; figures are medians over rounds (%(default)s)",
     )
     parser.add_argument(
         "--warmup",
+        metavar="W",
         type=non_negative,
         default=300,
         help="unmeasured requests per mode before each concurrency's rounds (%(default)s)",
     )
     parser.add_argument(
         "--body-size",
+        metavar="BYTES",
         type=non_negative,
         default=None,
         help="request body in bytes (a JSON string padded to size; default a 10-byte JSON)",
     )
     parser.add_argument(
-        "--partitions", type=positive, default=8, help="partitions of the bench service (8)"
+        "--partitions",
+        metavar="P",
+        type=positive,
+        default=8,
+        help="partitions of the bench service (8)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="deadline of each request, seconds (30)"
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="deadline of each request, seconds (30)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw figures as JSON")
     parser.add_argument(

@@ -53,7 +53,7 @@ def table(concurrency: int, summaries: Sequence[Summary], requests: int) -> Tabl
         title=f"concurrency {concurrency}: {requests} requests, median of {rounds} round(s)",
         title_justify="left",
     )
-    result.add_column("mode")
+    result.add_column("mode", no_wrap=True)
     for name in ("req/s", "p50 ms", "p99 ms", "errors", "req/s vs RPC", "p50 - RPC p50 (ms)"):
         result.add_column(name, justify="right")
     for mode in MODES:
@@ -187,7 +187,7 @@ def plot(path: Path, summaries: Sequence[Summary], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     concurrencies = sorted({s.concurrency for s in summaries})
@@ -217,12 +217,13 @@ def plot(path: Path, summaries: Sequence[Summary], title: str) -> None:
         axis.set_xlabel("concurrency (requests in flight)")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize="small")
-    left.set_yscale("log")
-    left.yaxis.set_major_formatter(ScalarFormatter())
+    for axis in (left, right):
+        axis.set_yscale("log")
+        axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
     left.set_ylabel("throughput (requests/s, log scale)")
     left.set_title("Throughput")
-    right.set_yscale("log")
-    right.yaxis.set_major_formatter(ScalarFormatter())
     right.set_ylabel("latency (ms, log scale)")
     right.set_title("Latency: p50 solid (dots), p99 dashed (squares)")
     figure.suptitle(title)

@@ -24,7 +24,6 @@ from aio_pika.abc import AbstractConnection
 from shared import topology
 from shared.cli import bench_rpc
 from shared.processes import Process, free_port
-from shared.topology import members_exchange
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -116,17 +115,8 @@ async def delete_queue(connection: AbstractConnection, name: str) -> None:
 
 
 async def delete_topology(connection: AbstractConnection, service: str) -> None:
-    """`topology.delete` and, as long as it leaves it behind, the dequeuers' membership
-    exchange (deleting an exchange that is gone is no error on RabbitMQ)."""
     with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
         await topology.delete(connection, topology.Topology(service))
-    with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
-        channel = await connection.channel()
-        try:
-            await channel.exchange_delete(members_exchange(service))
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
 
 async def start_echo(stack: AsyncExitStack, logs: Path) -> tuple[Process, int]:

@@ -37,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +69,8 @@ def scripts_dir() -> Path:
 
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As a server binds: a port whose last connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -111,7 +113,7 @@ class Node:
     def amqps_url(self, user: str = "guest", password: str = "guest") -> str:
         assert self.tls_port is not None, "this node has no TLS listener"
         return (
-            f"amqps://{quote(user, safe='')}:{quote(password, safe='')}@localhost:{self.tls_port}/"
+            f"amqps://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.tls_port}/"
         )
 
     @property
@@ -289,18 +291,24 @@ class LocalCluster:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """All nodes booted in parallel, then joined to the seed one at a time (concurrent joins
-        race on the schema)."""
+        """All nodes booted in parallel, then joined to the seed: `stop_app` and `start_app` in
+        parallel (each takes seconds), `join_cluster` one node at a time (concurrent joins race
+        on the schema)."""
         self.prepare()
         for node in self.nodes:
             self.launch(node)
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            list(pool.map(lambda n: self.wait(n, timeout), self.nodes))
-        seed = self.nodes[0]
-        for node in self.nodes[1:]:
-            self.ctl(node, "stop_app")
+        self._each(self.nodes, lambda n: self.wait(n, timeout))
+        seed, others = self.nodes[0], self.nodes[1:]
+        self._each(others, lambda n: self.ctl(n, "stop_app"))
+        for node in others:
             self.ctl(node, "join_cluster", seed.name)
-            self.ctl(node, "start_app")
+        self._each(others, lambda n: self.ctl(n, "start_app"))
+
+    @staticmethod
+    def _each(nodes: Sequence[Node], action: Callable[[Node], object]) -> None:
+        if nodes:
+            with ThreadPoolExecutor(len(nodes)) as pool:
+                list(pool.map(action, nodes))
 
     def launch(self, node: Node) -> None:
         """Boot the VM in the background (`-detached`); `wait` tells when it serves."""
@@ -361,11 +369,7 @@ class LocalCluster:
     def stop(self, *, graceful: bool = True) -> None:
         """Every node; graceful stops run in parallel. Safe to call twice, or on a layout whose
         nodes never started."""
-        if graceful:
-            with ThreadPoolExecutor(max(1, len(self.nodes))) as pool:
-                list(pool.map(self.stop_node, self.nodes))
-        for node in self.nodes:
-            self.kill_node(node)
+        self._each(self.nodes, self.stop_node if graceful else self.kill_node)
 
     def destroy(self) -> None:
         """Stop without waiting for goodbyes and delete the state directory."""

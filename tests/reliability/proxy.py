@@ -3,8 +3,9 @@
 A broker that stops closes its connections cleanly; a network does not. `reset()` aborts every
 connection with an RST (a crashed host, a firewall reset); `blackhole()` keeps every socket open
 but forwards nothing more, and new connections are accepted into the same silence (a frozen VM,
-a route gone without a word): only heartbeats and timeouts can tell. `heal()` lets new
-connections through again; the black-holed ones stay dead, as a half-open TCP connection does.
+a route gone without a word): only heartbeats and timeouts can tell. `refuse()` resets every
+new connection at once (a host that is up but not serving). `heal()` lets new connections
+through again; the black-holed ones stay dead, as a half-open TCP connection does.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class FaultyProxy:
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
         self.blocking = False
+        self.refusing = False
         self.accepted = 0
         self._pairs: set[_Pair] = set()
         self._server: asyncio.Server | None = None
@@ -75,13 +77,20 @@ class FaultyProxy:
             pair.silent = True
         return len(self._pairs)
 
+    def refuse(self) -> None:
+        """Reset new connections at once, until `heal()`."""
+        self.refusing = True
+
     def heal(self) -> None:
-        self.blocking = False
+        self.blocking = self.refusing = False
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         pair = _Pair(writer, silent=self.blocking)
         self._pairs.add(pair)
+        if self.refusing:
+            self._close(pair, reset=True)
+            return
         try:
             if pair.silent:  # accepted into silence: read and drop until the client gives up
                 await self._drain(reader)

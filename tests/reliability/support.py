@@ -99,7 +99,12 @@ class Traffic:
                 await asyncio.wait_for(self.stop.wait(), pause)
 
     async def send(
-        self, http: aiohttp.ClientSession, key: str, *, asynchronous: bool, work: float | None = None
+        self,
+        http: aiohttp.ClientSession,
+        key: str,
+        *,
+        asynchronous: bool,
+        work: float | None = None,
     ) -> Call:
         seq = self._next.get(key, 0)
         self._next[key] = seq + 1
@@ -124,8 +129,8 @@ class Traffic:
                     call.retry_after = response.headers.get("Retry-After")
         except TimeoutError:
             call.status = HANG
-        except aiohttp.ClientError:
-            call.status = NO_CONNECTION
+        except aiohttp.ClientError as exc:
+            call.status, call.error = NO_CONNECTION, repr(exc)
         call.elapsed = time.monotonic() - started
         self.calls.append(call)
         return call
@@ -220,12 +225,17 @@ async def verify(
     for call in lost[:10]:
         problems.append(f"lost: {call}")
     for call in pending[:10]:
-        problems.append(f"202 without a final result: {call}")
+        arrived = [
+            round(t - call.started, 2) for t in target.arrivals.get((call.key, call.seq), [])
+        ]
+        problems.append(f"202 without a final result: {call}; arrived after {arrived} s")
     for call in traffic.calls:
         if call.status not in statuses:
             problems.append(f"unexpected answer {call.status} ({call.error}): {call}")
         elif call.status == 503 and (call.error != "broker_unavailable" or not call.retry_after):
             problems.append(f"503 without broker_unavailable and Retry-After: {call}")
+        elif call.status == 429 and (call.error != "backpressure" or not call.retry_after):
+            problems.append(f"429 without backpressure and Retry-After: {call}")
         elif call.status == 504 and call.error != "timeout":
             problems.append(f"504 without code timeout: {call}")
         if not call.asynchronous and call.elapsed > traffic.timeout + HANG_SLACK:
@@ -256,12 +266,16 @@ async def verify(
         "accepted_202": sum(c.status == 202 for c in traffic.calls),
         "refused_503": sum(c.status == 503 for c in traffic.calls),
         "timed_out_504": sum(c.status == 504 for c in traffic.calls),
-        "lost": len(lost) + len(pending),
+        "backpressure_429": sum(c.status == 429 for c in traffic.calls),
+        "lost_requests": len(lost),
+        "lost_results": len(pending),
         "processed_twice": duplicates,
-        "slowest_sync_s": round(max((c.elapsed for c in traffic.calls if not c.asynchronous),
-                                    default=0.0), 2),
-        "slowest_async_s": round(max((c.elapsed for c in traffic.calls if c.asynchronous),
-                                     default=0.0), 2),
+        "slowest_sync_s": round(
+            max((c.elapsed for c in traffic.calls if not c.asynchronous), default=0.0), 2
+        ),
+        "slowest_async_s": round(
+            max((c.elapsed for c in traffic.calls if c.asynchronous), default=0.0), 2
+        ),
         "refusals_slower_than_2.5s": len(refused_late),
     }
     return Verdict(figures, problems)
