@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 from dequeuer.batching import BatchingTransport
 from dequeuer.consumer import Consumer
 from dequeuer.coordinator import Coordinator
+from dequeuer.depth import watch_depth
 from dequeuer.forwarder import HttpTransport
 from dequeuer.membership import Membership
 from dequeuer.partitions import Partitions
@@ -115,9 +116,20 @@ async def serve(settings: DequeuerSettings) -> int:
         await consumer.consume_notices(connection)
         await membership.start(connection)
         partitions.start(connection)
+        background.append(
+            asyncio.create_task(
+                watch_depth(
+                    connection,
+                    lambda: [partitions.topology.queues[i] for i in sorted(partitions.owned)],
+                    metrics.queue_depth,
+                    settings.service,
+                )
+            )
+        )
         readiness.start()
         connection.reconnect_callbacks.add(lambda *_: metrics.reconnects.inc())
 
+    background: list[asyncio.Task[None]] = []
     broker.on_connect(on_connect)
     admin = await service.start_site(
         admin_app(
@@ -140,6 +152,8 @@ async def serve(settings: DequeuerSettings) -> int:
         log.error("cannot serve %s: %s", settings.service, exc)
         code = 1
     finally:
+        for task in background:
+            task.cancel()
         await graceful_stop(membership, partitions)
         await readiness.stop()
         await consumer.stop()

@@ -66,6 +66,8 @@ class HttpTransport:
             self.target + request.path + (f"?{request.query}" if request.query else ""),
             encoded=True,
         )
+        if not tracing.enabled():
+            return await self._send(url, request, timeout)
         attributes: dict[str, str | int] = {
             "http.request.method": request.method,
             "url.full": str(url),

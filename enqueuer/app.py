@@ -121,6 +121,8 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
     app[BROKER] = broker
 
     async def handle_proxy(request: web.Request) -> web.StreamResponse:
+        if not tracing.enabled():
+            return await proxy(request, enqueuer)
         attributes = {
             "http.request.method": request.method,
             "url.path": request.path,

@@ -105,6 +105,8 @@ class ServiceBreaker(pybreaker.CircuitBreakerListener):
     def record(self, failed: bool, probe: bool) -> None:
         if probe:
             self._probing = False
+        if not failed and not probe and self._breaker.fail_counter == 0 and self.state == CLOSED:
+            return  # the common case: nothing to count, skip pybreaker's lock and state machine
         if self.state == OPEN:
             return  # a call that started before the breaker opened says nothing new
         with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError):

@@ -135,6 +135,13 @@ class DequeuerMetrics:
             ["service"],
             registry=self.registry,
         )
+        self.queue_depth = Gauge(
+            "proxymq_dequeuer_queue_depth",
+            "Messages ready in each partition this dequeuer "
+            "owns (sampled every 5 s); summed over dequeuers it is the service's backlog",
+            ["service", "partition"],
+            registry=self.registry,
+        )
         self.rebalances = Counter(
             "proxymq_dequeuer_rebalances",
             "Changes of this dequeuer's partition assignment",

@@ -35,7 +35,7 @@ from rich.progress import (
 )
 
 from shared.broker import redact
-from shared.cli import bench_report, bench_stack
+from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack
 from shared.cli.bench_cpu import CpuMeter, local_broker
 from shared.cli.bench_load import RequestFailed, Run, Send, drive, measure, summarize
 from shared.cli.bench_rpc import RpcClient
@@ -44,6 +44,7 @@ from shared.cli.common import add_amqp_url
 DEFAULT_BODY = b'{"ping":1}'
 RPC_PREFETCH = 64  # the dequeuer's default --concurrency: both serve 64 requests at once
 EXIT_INTERRUPTED = 130
+SCENARIOS = ("anchors", "ordering", "scaling", "failover", "batching")
 
 
 def concurrency_list(text: str) -> list[int]:
@@ -141,6 +142,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw figures as JSON")
     parser.add_argument(
         "--plot", type=Path, metavar="FILE.png", help="draw latency and throughput (matplotlib)"
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="anchors",
+        help="anchors: ProxyMQ against HTTP and RPC (default); ordering: --ordering key against "
+        "partition on one dequeuer; scaling: 1, 2 and 4 dequeuers; failover: rebalance and "
+        "failover times over --trials; batching: --batch-size 32 against 1",
+    )
+    parser.add_argument(
+        "--trials", metavar="T", type=positive, default=10, help="failover trials (%(default)s)"
     )
     add_amqp_url(parser)
     parser.set_defaults(run=run)
@@ -339,6 +351,15 @@ async def guarded(args: argparse.Namespace, console: Console) -> int:
 def run(args: argparse.Namespace) -> int:
     """The same loop as the sidecars (uvloop when installed): a fair comparison needs it."""
     console = Console()
+    if args.scenario == "batching":
+        argv = ["--requests", str(args.requests), "--amqp-url", args.amqp_url]
+        bench_batch.main([*argv, *(["--json", str(args.json)] if args.json else [])])
+    if args.scenario in ("ordering", "scaling", "failover"):
+        return asyncio.run(
+            bench_partitions.run(
+                args.scenario, args.amqp_url, args.requests, args.trials, args.json, console
+            )
+        )
     runner: Callable[[Coroutine[object, object, int]], int] = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop

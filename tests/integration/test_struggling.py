@@ -145,3 +145,24 @@ async def test_warns_when_calls_outlast_the_consumer_timeout(
 ) -> None:
     await stack.dequeuer(service, target.url, "--call-timeout", "3600")
     assert "longer than RabbitMQ's consumer_timeout" in stack.log_text()
+
+
+async def test_queue_depth_is_a_metric(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    dequeuer = await stack.dequeuer(
+        service, target.url, "--ordering", "partition", "--concurrency", "1", "--partitions", "1"
+    )
+    _, url = await stack.enqueuer()
+    for _ in range(12):
+        async with http.get(f"{url}/{service}/delay/1", headers={"Prefer": "respond-async"}) as r:
+            assert r.status == 202
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    depth = 0.0
+    async with asyncio.timeout(12):
+        while depth == 0:
+            depth = await metric(
+                http, admin, "proxymq_dequeuer_queue_depth", {"partition": f"{service}.p0"}
+            )
+            await asyncio.sleep(0.5)
+    assert 1 <= depth <= 12

@@ -50,8 +50,8 @@ async def start_pair(
 
 async def fault_cycle(
     name: str,
-    down: Callable[[], None],
-    up: Callable[[], None],
+    down: Callable[[], object],
+    up: Callable[[], object],
     traffic: Traffic,
     http: aiohttp.ClientSession,
 ) -> tuple[list[Call], dict[str, float]]:

@@ -306,8 +306,8 @@ def test_resolver_hands_out_no_refused_address(resolved: list[str]) -> None:
 FUZZ_REQUESTS = 1500
 FUZZ_CONCURRENCY = 8
 ANSWER_WITHIN = 5.0 + 3.0  # --timeout 5 plus slack: past that the enqueuer hangs
-GARBAGE = ["", " ", "nan", "inf", "-inf", "-1", "0", "1e309", "0x10", "\uff11\uff10", "\t3", "9" * 400,
-           "1;2", "null", "\xff", "respond-async", "%00"]  # fmt: skip
+GARBAGE = ["", " ", "nan", "inf", "-inf", "-1", "0", "1e309", "0x10", "\uff11\uff10", "\t3",
+           "9" * 400, "1;2", "null", "\xff", "respond-async", "%00"]  # fmt: skip
 
 
 @dataclass
