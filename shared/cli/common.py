@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from shared.broker import redact
 from shared.settings import DEFAULT_AMQP_URL
 
 
@@ -18,8 +19,9 @@ def env_default(name: str, default: str) -> str:
 
 
 def add_amqp_url(parser: argparse.ArgumentParser) -> None:
+    default = env_default("AMQP_URL", DEFAULT_AMQP_URL)
     parser.add_argument(
         "--amqp-url",
-        default=env_default("AMQP_URL", DEFAULT_AMQP_URL),
-        help="RabbitMQ URL (env PROXYMQ_AMQP_URL; default %(default)s)",
+        default=default,
+        help=f"RabbitMQ URL (env PROXYMQ_AMQP_URL; now {redact(default)})".replace("%", "%%"),
     )
