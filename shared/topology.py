@@ -132,23 +132,22 @@ class Topology:
 
 
 async def queue_exists(connection: AbstractConnection, name: str) -> bool:
-    """A passive declare; the broker closes the channel when the queue is missing, so it gets
-    a channel of its own."""
-    channel = await connection.channel()
-    try:
-        await channel.declare_queue(name, passive=True)
-        return True
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    return await _exists(connection, name, exchange=False)
 
 
 async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
+    return await _exists(connection, name, exchange=True)
+
+
+async def _exists(connection: AbstractConnection, name: str, *, exchange: bool) -> bool:
+    """A passive declare; the broker closes the channel when the object is missing, so it gets
+    a channel of its own."""
     channel = await connection.channel()
     try:
-        await channel.get_exchange(name, ensure=True)
+        if exchange:
+            await channel.get_exchange(name, ensure=True)
+        else:
+            await channel.declare_queue(name, passive=True)
         return True
     except aiormq.exceptions.ChannelNotFoundEntity:
         return False

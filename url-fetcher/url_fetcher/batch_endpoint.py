@@ -27,6 +27,8 @@ from aiohttp.http import HttpVersion11, RawRequestMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from shared.envelope import HOP_BY_HOP
+
 log = logging.getLogger("url_fetcher")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,23 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Hop-by-hop headers (RFC 9110 7.6.1) and those recomputed per item (length, host) are neither
 # taken from an item nor given back in one. `Expect` would make aiohttp write an interim
 # 100 Continue into the batch's own connection.
-SKIPPED_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
-    }
-)
+SKIPPED_HEADERS = HOP_BY_HOP | {"expect"}
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NOT_IN_PATH = re.compile(r"[\x00-\x20\x7f?#]")
