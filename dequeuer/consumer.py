@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 10.0
 DEADLINE_HEADER = "X-Request-Timeout"
 CORRELATION_HEADER = "X-Correlation-ID"
+ATTEMPT_HEADER = "X-ProxyMQ-Attempt"
+DELIVERIES_HEADER = "X-ProxyMQ-Earlier-Deliveries"
+CONTEXT_HEADERS = frozenset(
+    h.lower() for h in (DEADLINE_HEADER, CORRELATION_HEADER, ATTEMPT_HEADER, DELIVERIES_HEADER)
+)
 REPLY_QUEUE_WAIT = 15.0  # seconds a missing reply queue is waited for (its enqueuer reconnecting)
 MAX_MISSING_REPLY_QUEUES = 1000
 
@@ -156,7 +161,9 @@ class Consumer:
                 self.metrics.queue_wait.labels(self.settings.service).observe(
                     max(0.0, time.time() - request.sent_at)
                 )
-            outcome, attempts = await self.call(request, sub.releasing)
+            deliveries = message.headers.get("x-delivery-count", 0)
+            earlier = deliveries if isinstance(deliveries, int) else 0
+            outcome, attempts = await self.call(request, sub.releasing, earlier)
             if isinstance(outcome, _Abandoned):
                 log.info("handed over unfinished; the next owner takes it")
             elif outcome is None:
@@ -219,7 +226,9 @@ class Consumer:
             ),
         )
 
-    async def call(self, request: RequestEnvelope, abandon: asyncio.Event) -> tuple[Outcome, int]:
+    async def call(
+        self, request: RequestEnvelope, abandon: asyncio.Event, earlier: int = 0
+    ) -> tuple[Outcome, int]:
         """Call until an answer that is not retryable, the last attempt, or the deadline.
 
         None means the deadline passed before a call; ABANDONED that the partition was given up
@@ -245,7 +254,9 @@ class Consumer:
             )
             started = time.perf_counter()
             try:
-                outcome = await self.transport.send(self.with_context(request, remaining), timeout)
+                outcome = await self.transport.send(
+                    self.with_context(request, remaining, attempt, earlier), timeout
+                )
                 label = status_class(outcome.status)
             except CallFailed as failure:
                 outcome, label = failure, failure.kind
@@ -270,16 +281,17 @@ class Consumer:
         return outcome, attempt
 
     def with_context(
-        self, request: RequestEnvelope, remaining: float | None
+        self, request: RequestEnvelope, remaining: float | None, attempt: int = 1, earlier: int = 0
     ) -> envelope.HttpRequest:
-        """Tell the microservice the request id and how long the caller still waits."""
+        """Tell the microservice the request id, how long the caller still waits, which attempt
+        this is, and how often RabbitMQ delivered the request before (after a crash or a
+        handover it may have been processed already: an idempotent service can check)."""
         http = request.request
-        headers = [
-            (n, v)
-            for n, v in http.headers
-            if n.lower() not in ("x-request-timeout", "x-correlation-id")
-        ]
+        headers = [(n, v) for n, v in http.headers if n.lower() not in CONTEXT_HEADERS]
         headers.append((CORRELATION_HEADER, request.request_id))
+        headers.append((ATTEMPT_HEADER, str(attempt)))
+        if earlier:
+            headers.append((DELIVERIES_HEADER, str(earlier)))
         if remaining is not None:
             headers.append((DEADLINE_HEADER, f"{remaining:.3f}"))
         return envelope.HttpRequest(http.method, http.path, http.query, tuple(headers), http.body)

@@ -285,3 +285,26 @@ async def test_random_schedule(
             await asyncio.sleep(rng.uniform(0.2, 1.5))
     await all_done(target, load)
     assert_ordered(target, load, duplicates_allowed=True)
+
+
+async def test_redelivery_after_a_crash_is_marked(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A request whose dequeuer died mid-call is delivered again, and the microservice is told
+    so (X-ProxyMQ-Earlier-Deliveries), so an idempotent service can check for a duplicate."""
+    _, url = await stack.enqueuer()
+    [first] = await start_dequeuers(stack, service, target, "crashy")
+    async with http.get(f"{url}/{service}/delay/1", headers={"Prefer": "respond-async"}) as r:
+        assert r.status == 202
+    async with asyncio.timeout(5):
+        while not target.seen:
+            await asyncio.sleep(0.05)
+    first.signal(signal.SIGKILL)
+    await start_dequeuers(stack, service, target, "survivor")
+    async with asyncio.timeout(15):
+        while len(target.seen) < 2:
+            await asyncio.sleep(0.1)
+    again = dict(target.seen[1].headers)
+    assert again["X-ProxyMQ-Earlier-Deliveries"] == "1"
+    assert again["X-ProxyMQ-Attempt"] == "1"
+    assert "X-ProxyMQ-Earlier-Deliveries" not in dict(target.seen[0].headers)

@@ -170,6 +170,8 @@ async def test_microservice_fails(
         request_id = response.headers["X-Correlation-ID"]
     assert "3 time(s)" in message
     assert len(target.seen) == 3
+    attempts = [dict(seen.headers)["X-ProxyMQ-Attempt"] for seen in target.seen]
+    assert attempts == ["1", "2", "3"]  # the microservice knows which attempt it serves
     channel = await amqp.channel()
     dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
     dead = await dlq.get(timeout=5)

@@ -19,7 +19,7 @@ from tests.conftest import Stack
 pytestmark = pytest.mark.rabbit
 # Headers that differ between any two calls, or that ProxyMQ adds by design.
 VOLATILE = {"date", "server", "connection", "keep-alive", "x-correlation-id", "content-length"}
-ADDED = {"X-Correlation-Id", "X-Request-Timeout", "Host"}
+ADDED = {"X-Correlation-Id", "X-Request-Timeout", "X-Proxymq-Attempt", "Host"}
 
 
 @pytest.fixture
