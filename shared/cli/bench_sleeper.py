@@ -2,8 +2,8 @@
 `python -m shared.cli.bench_sleeper --port P --latency-ms 20`.
 
 Each call sleeps `latency`, so throughput measures how many calls a dequeuer keeps in flight,
-not CPU. `GET /_stats` tells how many calls came and when the first and last arrived, so a
-benchmark can time a drain from the microservice's side.
+not CPU. `GET /_stats` tells how many calls came and when each arrived, so a benchmark can time
+a drain from the microservice's side.
 """
 
 from __future__ import annotations
@@ -23,24 +23,21 @@ STATS = web.AppKey("stats", dict)
 
 def create_app(latency: float) -> web.Application:
     app = web.Application()
-    stats: dict[str, float] = {"count": 0, "first": 0.0, "last": 0.0}
-    app[STATS] = stats
+    arrivals: list[float] = []
+    app[STATS] = {"arrivals": arrivals}
 
     async def call(request: web.Request) -> web.Response:
         await request.read()
-        now = time.time()
-        if not stats["count"]:
-            stats["first"] = now
-        stats["count"] += 1
+        arrivals.append(time.time())
         await asyncio.sleep(latency)
-        stats["last"] = time.time()
         return web.Response(text="ok")
 
     async def get_stats(_: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(stats), content_type="application/json")
+        body = {"count": len(arrivals), "arrivals": arrivals}
+        return web.Response(text=json.dumps(body), content_type="application/json")
 
     async def reset(_: web.Request) -> web.Response:
-        stats.update(count=0, first=0.0, last=0.0)
+        arrivals.clear()
         return web.Response(text="reset")
 
     app.router.add_get("/_stats", get_stats)

@@ -29,7 +29,7 @@ from tests.reliability.support import (
 )
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.reliability]
-OUTAGE = 3.0  # seconds the broker stays away once it is down
+OUTAGE = 2.0  # seconds the broker stays away once it is down
 RECOVERY_BOUND = 15.0  # broker back -> every key served again
 
 
@@ -96,7 +96,7 @@ async def test_stop_app_and_full_restart_under_load(
         ):
             backlog, recoveries[name] = await fault_cycle(name, down, up, traffic, client)
             backlogs += backlog
-            await asyncio.sleep(2)
+            await asyncio.sleep(1)
     verdict = await verify(traffic, timed_target, client)
     after = [
         c

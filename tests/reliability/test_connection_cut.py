@@ -29,7 +29,7 @@ from tests.reliability.support import (
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.reliability]
 HEARTBEAT = 1  # seconds; aiormq gives a silent connection up after (1 + 1) * 3 = 6 s
-BLACKHOLE = 10.0  # seconds the path drops everything: past heartbeat detection
+BLACKHOLE = 8.0  # seconds the path drops everything: past heartbeat detection
 RECOVERY_BOUND = 15.0
 
 

@@ -40,6 +40,7 @@ from tests.conftest import Stack, metric
 from tests.reliability.support import TimedTarget, report, rss_mib
 from url_fetcher.guard import ForbiddenTarget, TargetGuard, parse_ip_literal
 
+pytestmark = pytest.mark.reliability
 PROPERTIES = settings(
     max_examples=250,
     deadline=None,  # two busy cores: time is no property here
@@ -412,6 +413,7 @@ async def send_raw(port: int, data: bytes, hang_up: bool) -> tuple[int | None, f
     return status, time.monotonic() - started, answer[:2000]
 
 
+@pytest.mark.rabbit
 async def test_fuzz_the_enqueuer(
     node: LocalCluster,
     stacks: Callable[[str], Stack],
@@ -497,6 +499,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.rabbit
 async def test_malformed_messages_are_dead_lettered_once(
     node: LocalCluster,
     stacks: Callable[[str], Stack],

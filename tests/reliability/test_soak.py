@@ -13,7 +13,7 @@ from tests.reliability.support import report
 from tests.soak import soak
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.reliability]
-SECONDS = 60.0
+SECONDS = 45.0
 GROWTH_BOUND_MIB = 40.0  # over a minute; a leak of one object per request would pass it
 
 

@@ -28,7 +28,7 @@ from tests.reliability.support import TimedTarget
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.reliability]
 USER = "proxymq-tls"
-REFUSED_FOR = 4.0  # seconds of refused connection attempts before looking at the logs
+REFUSED_FOR = 2.5  # seconds of refused connection attempts before looking at the logs
 
 
 @pytest.fixture(scope="module")
