@@ -22,7 +22,7 @@ from dequeuer.settings import DequeuerSettings
 from shared import logs, service, topology, tracing
 from shared.admin import admin_app
 from shared.breaker import OPEN, ServiceBreaker
-from shared.broker import Broker, tls_context
+from shared.broker import for_sidecar
 from shared.metrics import DequeuerMetrics
 from shared.settings import load
 
@@ -98,16 +98,7 @@ async def serve(settings: DequeuerSettings) -> int:
     )
     readiness.on_change = coordinator.set_available
     metrics.partitions_owned.labels(settings.service).set_function(lambda: len(partitions.owned))
-    broker = Broker(
-        settings.amqp_url,
-        f"proxymq-dequeuer {settings.service} {instance}",
-        heartbeat=settings.amqp_heartbeat,
-        ssl_context=tls_context(
-            settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file
-        )
-        if settings.amqp_url.startswith("amqps://")
-        else None,
-    )
+    broker = for_sidecar(settings, f"proxymq-dequeuer {settings.service} {instance}")
     metrics.connected.set_function(lambda: float(broker.connected))
 
     async def on_connect(connection: AbstractRobustConnection) -> None:

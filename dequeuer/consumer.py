@@ -46,7 +46,8 @@ CONTEXT_HEADERS = frozenset(
     h.lower() for h in (DEADLINE_HEADER, CORRELATION_HEADER, ATTEMPT_HEADER, DELIVERIES_HEADER)
 )
 REPLY_QUEUE_WAIT = 15.0  # seconds a missing reply queue is waited for (its enqueuer reconnecting)
-MAX_MISSING_REPLY_QUEUES = 1000
+REPLY_QUEUE_GONE_FOR = 60.0  # then replies to it are dropped at once for a while (its x-expires)
+MAX_GONE_REPLY_QUEUES = 1000
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Consumer:
         )
         self.lanes = Lanes(settings.concurrency)
         self._reply_channel: AbstractChannel | None = None
-        self._missing_reply_queues: dict[str, float] = {}  # reply queue -> first returned at
+        self._gone_reply_queues: dict[str, float] = {}  # reply queue -> given up on at
 
     @property
     def prefetch(self) -> int:
@@ -315,29 +316,39 @@ class Consumer:
         broker restart (or the loss of its node) deletes it, and its enqueuer declares it again
         only once it has reconnected, maybe after this dequeuer. A returned reply is published
         again until the queue is back, for at most REPLY_QUEUE_WAIT (and not past the caller's
-        deadline); a queue missing longer belongs to an enqueuer that is gone, and its replies
-        are dropped at once instead of holding their keys' lanes."""
+        deadline); a queue missing longer belongs to an enqueuer that is gone, and for
+        REPLY_QUEUE_GONE_FOR its replies are dropped at once instead of holding their keys'
+        lanes. Only a wait that ran out marks a queue gone: a wait cut short by a lost
+        connection leaves nothing behind (a stale mark once dropped a reply after a later,
+        short restart)."""
         if not reply_to:
             return
         assert self._reply_channel is not None
         message = envelope.encode_response(response, request_id)
-        delay = 0.05
+        delay, first_returned = 0.05, None
         while True:
             try:
                 await self._reply_channel.default_exchange.publish(
                     message, routing_key=reply_to, mandatory=True
                 )
-                self._missing_reply_queues.pop(reply_to, None)
+                self._gone_reply_queues.pop(reply_to, None)
                 return
             except aiormq.exceptions.PublishError:
                 pass
             now = time.monotonic()
-            missing_since = self._missing_reply_queues.setdefault(reply_to, now)
-            while len(self._missing_reply_queues) > MAX_MISSING_REPLY_QUEUES:
-                del self._missing_reply_queues[next(iter(self._missing_reply_queues))]
-            late = deadline is not None and time.time() + delay >= deadline
-            if late or now - missing_since + delay > REPLY_QUEUE_WAIT:
-                log.warning("reply dropped: reply queue %s is missing", reply_to)
+            first_returned = now if first_returned is None else first_returned
+            gone_at = self._gone_reply_queues.get(reply_to)
+            if gone_at is not None and now - gone_at < REPLY_QUEUE_GONE_FOR:
+                log.warning("reply dropped: reply queue %s is gone", reply_to)
+                return
+            if deadline is not None and time.time() + delay >= deadline:
+                log.warning("reply dropped: reply queue %s missing past the deadline", reply_to)
+                return
+            if now - first_returned + delay > REPLY_QUEUE_WAIT:
+                log.warning("reply dropped: reply queue %s missing for long", reply_to)
+                self._gone_reply_queues[reply_to] = now
+                while len(self._gone_reply_queues) > MAX_GONE_REPLY_QUEUES:
+                    del self._gone_reply_queues[next(iter(self._gone_reply_queues))]
                 return
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1.0)

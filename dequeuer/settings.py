@@ -6,28 +6,16 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.settings import DEFAULT_AMQP_URL, CommaList, CommandSettings
+from shared.settings import CommaList, SidecarSettings
 from shared.topology import check_service_name
 
 
-class DequeuerSettings(CommandSettings):
+class DequeuerSettings(SidecarSettings):
     """Sidecar next to a microservice: consumes the service's partition queues, calls the
     microservice over HTTP and publishes its replies."""
 
     prog = "proxymq-dequeuer"
 
-    amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
-    amqp_ca_file: str | None = Field(None, description="CA bundle to verify an amqps:// broker")
-    amqp_cert_file: str | None = Field(None, description="client certificate for amqps://")
-    amqp_key_file: str | None = Field(None, description="client certificate's private key")
-    amqp_heartbeat: int = Field(
-        15,
-        ge=0,
-        le=600,
-        description="AMQP heartbeat in seconds: a connection cut without a close (a dead "
-        "node, a dropped route) is noticed after about 3 heartbeats and reconnected; 0 turns "
-        "heartbeats off",
-    )
     service: str = Field(description="the service this dequeuer serves (its exchange and queues)")
     target: str = Field("http://127.0.0.1:8000", description="base URL of the microservice")
     admin_port: int = Field(9081, ge=0, le=65535, description="port of /healthz, /readyz, /metrics")
@@ -133,8 +121,6 @@ class DequeuerSettings(CommandSettings):
         description="a dequeuer not heard from for this long "
         "is gone and its partitions are taken over",
     )
-    log_level: str = Field("info", description="debug, info, warning or error")
-    json_logs: bool = Field(False, description="one JSON object per log line")
 
     @field_validator("service")
     @classmethod

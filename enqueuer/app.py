@@ -20,7 +20,7 @@ from enqueuer.results import ResultStore
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, tracing
 from shared.breaker import OPEN, ServiceBreaker
-from shared.broker import Broker, tls_context
+from shared.broker import Broker, for_sidecar
 from shared.errors import ERROR_HEADER, ProxyMQError, Unauthorized
 from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
 
@@ -103,17 +103,7 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         ),
         metrics=metrics,
     )
-    ssl_context = (
-        tls_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
-        if settings.amqp_url.startswith("amqps://")
-        else None
-    )
-    broker = Broker(
-        settings.amqp_url,
-        f"proxymq-enqueuer {instance}",
-        heartbeat=settings.amqp_heartbeat,
-        ssl_context=ssl_context,
-    )
+    broker = for_sidecar(settings, f"proxymq-enqueuer {instance}")
     metrics.connected.set_function(lambda: float(broker.connected))
 
     app = web.Application(middlewares=[correlate], client_max_size=settings.max_body)

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.settings import DEFAULT_AMQP_URL, ByteSize, CommaList, CommandSettings
+from shared.settings import ByteSize, CommaList, SidecarSettings
 
 
-class EnqueuerSettings(CommandSettings):
+class EnqueuerSettings(SidecarSettings):
     """Sidecar next to an API: takes HTTP calls to /{service}/{path}, publishes them to the
     service's RabbitMQ partitions and answers with the microservice's reply."""
 
     prog = "proxymq-enqueuer"
 
-    amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
-    amqp_ca_file: str | None = Field(None, description="CA bundle to verify an amqps:// broker")
-    amqp_cert_file: str | None = Field(None, description="client certificate for amqps://")
-    amqp_key_file: str | None = Field(None, description="client certificate's private key")
-    amqp_heartbeat: int = Field(
-        15,
-        ge=0,
-        le=600,
-        description="AMQP heartbeat in seconds: a connection cut without a close (a dead "
-        "node, a dropped route) is noticed after about 3 heartbeats and reconnected; 0 turns "
-        "heartbeats off",
-    )
     host: str = Field(
         "127.0.0.1",
         description="address the API listens on (localhost: only "
@@ -111,5 +99,3 @@ class EnqueuerSettings(CommandSettings):
         None,
         description="name of this enqueuer (reply queue proxymq.replies.ID); default: a random id",
     )
-    log_level: str = Field("info", description="debug, info, warning or error")
-    json_logs: bool = Field(False, description="one JSON object per log line")

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
 
 from shared.errors import BrokerUnavailable
+from shared.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
 OnConnect = Callable[[AbstractRobustConnection], Awaitable[None]]
@@ -78,6 +79,18 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
     if cert_file:
         context.load_cert_chain(cert_file, key_file)
     return context
+
+
+def for_sidecar(settings: SidecarSettings, name: str) -> Broker:
+    """The broker connection a sidecar's settings describe (TLS for amqps:// URLs)."""
+    ssl_context = (
+        tls_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
+        if settings.amqp_url.startswith("amqps://")
+        else None
+    )
+    return Broker(
+        settings.amqp_url, name, heartbeat=settings.amqp_heartbeat, ssl_context=ssl_context
+    )
 
 
 class Broker:

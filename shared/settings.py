@@ -113,6 +113,25 @@ class CommandSettings(BaseSettings):
         return (init_settings, env_settings, FileSecretsSource(settings_cls))
 
 
+class SidecarSettings(CommandSettings):
+    """What both sidecars share: how to reach RabbitMQ and how to log."""
+
+    amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
+    amqp_ca_file: str | None = Field(None, description="CA bundle to verify an amqps:// broker")
+    amqp_cert_file: str | None = Field(None, description="client certificate for amqps://")
+    amqp_key_file: str | None = Field(None, description="client certificate's private key")
+    amqp_heartbeat: int = Field(
+        15,
+        ge=0,
+        le=600,
+        description="AMQP heartbeat in seconds: a connection cut without a close (a dead "
+        "node, a dropped route) is noticed after about 3 heartbeats and reconnected; 0 turns "
+        "heartbeats off",
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+    json_logs: bool = Field(False, description="one JSON object per log line")
+
+
 SettingsT = TypeVar("SettingsT", bound=CommandSettings)
 
 
