@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
 
@@ -48,6 +48,7 @@ CONTEXT_HEADERS = frozenset(
 REPLY_QUEUE_WAIT = 15.0  # seconds a missing reply queue is waited for (its enqueuer reconnecting)
 REPLY_QUEUE_GONE_FOR = 60.0  # then replies to it are dropped at once for a while (its x-expires)
 MAX_GONE_REPLY_QUEUES = 1000
+SETTLE_RETRY_FOR = 15.0  # seconds a reply is published again while its request is held
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ class Consumer:
                 log.info("dropped: deadline passed before the call")
                 await message.ack()
             elif isinstance(outcome, HttpResponse) and not self.policy.retryable(outcome):
-                await self.reply(request, outcome)
+                response = outcome
+                await self._while_held(message, lambda: self.reply(request, response))
                 await message.ack()
                 self.metrics.messages.labels(self.settings.service, partition, "replied").inc()
                 log.info(
@@ -202,6 +204,32 @@ class Consumer:
         finally:
             sub.job_done()
             self.metrics.in_flight.labels(self.settings.service, partition).dec()
+
+    async def _while_held(
+        self, message: AbstractIncomingMessage, step: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run `step` (publishing the reply) again while it fails and the message's own
+        channel is still open. A message left unacked on a live channel is never delivered
+        again and its caller never answered: after a node died, the reply channel could still
+        be restoring while the partition's channel already delivered (a lost 202 result in the
+        cluster test). Once the message's channel is closed the broker delivers it again, and
+        this gives up."""
+        delay, give_up_at = 0.1, time.monotonic() + SETTLE_RETRY_FOR
+        while True:
+            try:
+                await step()
+                return
+            except (
+                aiormq.exceptions.AMQPError,
+                aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+                RuntimeError,
+            ) as exc:
+                if not _held(message) or time.monotonic() + delay > give_up_at:
+                    raise
+                log.info("settling failed (%s); again in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     async def give_up(
         self,
@@ -461,6 +489,14 @@ async def _wait_for(
         for waiter in waiters:
             waiter.cancel()
     return event.is_set() and not (abandon is not None and abandon.is_set())
+
+
+def _held(message: AbstractIncomingMessage) -> bool:
+    """Whether the message's channel is still open, so that only an ack or a reject frees it."""
+    try:
+        return not message.channel.is_closed
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return False
 
 
 def _describe(outcome: HttpResponse | CallFailed) -> str:

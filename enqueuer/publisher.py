@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 KNOWN_FOR = 10.0  # seconds a service found on the broker is trusted without asking again
 UNKNOWN_FOR = 1.0  # a flood of calls to a missing service costs one passive declare a second
 RENEW_AFTER_NACK = 1.0  # seconds between two replacements of a nacked publishing channel
-RETIRE_AFTER = 15.0  # a replaced channel is closed once its publishes in flight are confirmed
 
 
 class Publisher:
@@ -48,8 +47,11 @@ class Publisher:
         A nack usually means a full partition, but on RabbitMQ 3.10 a channel that published to
         a quorum queue while its leader was being re-elected (the leader's node died) goes on
         getting nacks from that queue for good, while a new channel is accepted at once: without
-        this, every request to that partition got 429 until the enqueuer restarted. The old
-        channel is closed later, so its publishes in flight still get their confirms."""
+        this, every request to that partition got 429 until the enqueuer restarted.
+
+        The old channel is closed at once, its unconfirmed publishes failing (503): left open,
+        it sent a pending publish again once the new leader was known, after newer requests of
+        the same key had gone through the new channel, and broke their order."""
         now = time.monotonic()
         if self._connection is None or now < self._renew_at:
             return
@@ -67,7 +69,6 @@ class Publisher:
         old, self._channel = self._channel, channel
         self._exchanges.clear()  # exchange objects belong to the old channel
         log.info("publishing on a new channel after a nack")
-        await asyncio.sleep(RETIRE_AFTER)
         if old is not None and not old.is_closed:
             with contextlib.suppress(Exception):
                 await old.close()

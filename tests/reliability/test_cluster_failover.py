@@ -114,15 +114,8 @@ async def test_kill_partition_leader_under_load(
         await asyncio.sleep(2)
     # A quorum queue nacks publishes while its leader is being elected; the enqueuer cannot
     # tell that nack from a full partition's and answers 429 (with Retry-After) for it.
-    # A reply confirmed into the enqueuer's (transient) reply queue just before that queue's
-    # node dies is lost with it: the request was processed, its 202 result never comes. A
-    # known gap (docs/reliability.md): tolerated up to 1 % of the 202s, always reported.
     verdict = await verify(
-        traffic,
-        timed_target,
-        client,
-        statuses=frozenset({200, 202, 429, 503, 504}),
-        lost_results_bound=0.01,
+        traffic, timed_target, client, statuses=frozenset({200, 202, 429, 503, 504})
     )
     report(
         "cluster leader kill",
