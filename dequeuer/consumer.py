@@ -210,10 +210,10 @@ class Consumer:
     ) -> None:
         """Run `step` (publishing the reply) again while it fails and the message's own
         channel is still open. A message left unacked on a live channel is never delivered
-        again and its caller never answered: after a node died, the reply channel could still
-        be restoring while the partition's channel already delivered (a lost 202 result in the
-        cluster test). Once the message's channel is closed the broker delivers it again, and
-        this gives up."""
+        again and its caller never answered: right after a cluster failover a reply failed
+        ("channel closed") while the restored partition channel was open (a lost 202 result in
+        the cluster test). Once the message's channel is closed the broker delivers it again,
+        and this gives up."""
         delay, give_up_at = 0.1, time.monotonic() + SETTLE_RETRY_FOR
         while True:
             try:

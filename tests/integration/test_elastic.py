@@ -271,7 +271,7 @@ async def test_random_schedule(
     _, url = await stack.enqueuer()
     live = await start_dequeuers(stack, service, target, "r0")
     names = itertools.count(1)
-    deadline = time.monotonic() + 25
+    deadline = time.monotonic() + 15
     async with running(Load(f"{url}/{service}"), http) as load:
         while time.monotonic() < deadline:
             action = rng.choice(["join", "join", "crash", "leave"])

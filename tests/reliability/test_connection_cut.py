@@ -30,7 +30,9 @@ from tests.reliability.support import (
 pytestmark = [pytest.mark.rabbit, pytest.mark.reliability]
 HEARTBEAT = 1  # seconds; aiormq gives a silent connection up after (1 + 1) * 3 = 6 s
 BLACKHOLE = 8.0  # seconds the path drops everything: past heartbeat detection
-RECOVERY_BOUND = 15.0
+# After the heal: the attempt under way is given up (CONNECT_TIMEOUT, 10 s), the next one
+# connects, and the enqueuer's breaker may still be open for up to --breaker-reset (5 s).
+RECOVERY_BOUND = 20.0
 
 
 @pytest.fixture
