@@ -25,6 +25,7 @@ SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 # is down every dequeuer fails to declare it again and cannot reconnect at all. The TTL: no
 # caller waits longer than that.
 NOTIFY_ARGS: FieldTable = {"x-queue-type": "quorum", "x-message-ttl": 3_600_000}
+DELETE_GAP = 8  # partitions missing in a row after which `delete` stops looking
 LAYOUT_CHECKS, LAYOUT_CHECK_PAUSE = 10, 0.3
 PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
 
@@ -232,10 +233,15 @@ async def declare_partition(
 async def delete(connection: AbstractConnection, topology: Topology) -> None:
     """Remove every partition found (whatever the count it was made with), the dead letters and
     the exchange, messages included: for tests and `proxymq topology delete`."""
-    index = 0
     names = [topology.dead_letters, notify_queue(topology.service)]
-    while await queue_exists(connection, partition_queue(topology.service, index)):
-        names.append(partition_queue(topology.service, index))
+    index, missing = 0, 0
+    while missing < DELETE_GAP:  # a half-deleted layout may miss some partitions in between
+        name = partition_queue(topology.service, index)
+        if await queue_exists(connection, name):
+            names.append(name)
+            missing = 0
+        else:
+            missing += 1
         index += 1
     channel = await connection.channel()
     try:

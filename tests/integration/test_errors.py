@@ -341,3 +341,17 @@ async def test_caller_disconnects(
             break
         await asyncio.sleep(0.1)
     assert await metric(http, port, "proxymq_enqueuer_late_replies_total") == 1
+
+
+async def test_delete_removes_a_partial_layout(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    """What a mismatch error tells users to do must work on a half-deleted layout too."""
+    layout = topology.Topology(service, partitions=6)
+    await topology.declare(amqp, layout)
+    channel = await amqp.channel()
+    await channel.queue_delete(topology.partition_queue(service, 0))
+    await channel.queue_delete(topology.partition_queue(service, 2))
+    await topology.delete(amqp, layout)
+    assert [q for q in layout.queues if await topology.queue_exists(amqp, q)] == []
+    assert not await topology.exchange_exists(amqp, service)
