@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -148,8 +149,12 @@ async def test_json_logs_one_line_per_outcome(
         headers={"X-Partition-Key": "k1", "X-Api-Key": "hidden"},
     ) as r:
         request_id = r.headers["X-Correlation-ID"]
-    lines = [json.loads(line) for line in stack.log_text().splitlines() if line.startswith("{")]
-    mine = [line for line in lines if line.get("correlation_id") == request_id]
+    mine: list[dict[str, Any]] = []
+    async with asyncio.timeout(5):  # the dequeuer logs after it acked, maybe after the answer
+        while len(mine) < 2:
+            lines = [json.loads(x) for x in stack.log_text().splitlines() if x.startswith("{")]
+            mine = [line for line in lines if line.get("correlation_id") == request_id]
+            await asyncio.sleep(0.05)
     enqueued = [line for line in mine if line["logger"] == "enqueuer.app"]
     replied = [line for line in mine if line["logger"] == "dequeuer.consumer"]
     assert len(enqueued) == 1
