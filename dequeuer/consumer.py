@@ -118,7 +118,7 @@ class Consumer:
             return
         self.metrics.in_flight.labels(self.settings.service, partition).inc()
         sub.job_added()
-        self.lanes.submit(
+        await self.lanes.run(
             self.lane_of(partition, request), partial(self.settle, sub, message, request)
         )
 
@@ -356,9 +356,7 @@ class Consumer:
         delay, first_returned = 0.05, None
         while True:
             try:
-                await self._reply_channel.default_exchange.publish(
-                    message, routing_key=reply_to, mandatory=True
-                )
+                await envelope.publish(self._reply_channel, message, "", reply_to, mandatory=True)
                 self._gone_reply_queues.pop(reply_to, None)
                 return
             except aiormq.exceptions.PublishError:

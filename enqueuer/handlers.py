@@ -179,7 +179,7 @@ async def publish(
                     "messaging.message.conversation_id": request.request_id,
                 },
             ):
-                tracing.inject(message.headers)  # type: ignore[arg-type]
+                tracing.inject(message.headers)
                 await enqueuer.publisher.publish(request.service, routing_key, message)
     except TimeoutError:
         future.cancel()

@@ -12,11 +12,10 @@ import contextlib
 import logging
 import time
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from shared import topology
+from shared import envelope, topology
 from shared.breaker import ServiceBreaker
 from shared.errors import Backpressure, BrokerUnavailable, UnknownService
 
@@ -32,8 +31,8 @@ class Publisher:
         self.breaker = breaker
         self._channel: AbstractChannel | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._exchanges: dict[str, tuple[AbstractExchange | None, float]] = {}
-        self._checks: dict[str, asyncio.Future[AbstractExchange | None]] = {}
+        self._exchanges: dict[str, tuple[bool, float]] = {}  # service -> exists, until
+        self._checks: dict[str, asyncio.Future[bool]] = {}
         self._renew_at = 0.0
         self._renewals: set[asyncio.Task[None]] = set()
 
@@ -67,54 +66,51 @@ class Publisher:
             log.debug("could not open a new publishing channel: %s", exc)
             return
         old, self._channel = self._channel, channel
-        self._exchanges.clear()  # exchange objects belong to the old channel
         log.info("publishing on a new channel after a nack")
         if old is not None and not old.is_closed:
             with contextlib.suppress(Exception):
                 await old.close()
 
-    async def exchange(self, service: str) -> AbstractExchange:
-        """The service's request exchange, or `UnknownService`; concurrent first calls share one
-        check."""
+    async def check(self, service: str) -> None:
+        """`UnknownService` unless the service's request exchange exists; concurrent first calls
+        share one check."""
         if self.allowed and service not in self.allowed:
             raise UnknownService(f"service {service!r} is not in this enqueuer's --services")
         cached = self._exchanges.get(service)
         if cached is not None and cached[1] > time.monotonic():
-            exchange = cached[0]
+            exists = cached[0]
         else:
             check = self._checks.get(service)
             if check is None:
                 check = asyncio.ensure_future(self._lookup(service))
                 self._checks[service] = check
                 check.add_done_callback(lambda _: self._checks.pop(service, None))
-            exchange = await asyncio.shield(check)
-        if exchange is None:
+            exists = await asyncio.shield(check)
+        if not exists:
             raise UnknownService(
                 f"service {service!r} has no topology on the broker: start its dequeuer "
                 "(proxymq-dequeuer --service NAME) or declare it (proxymq topology declare)"
             )
-        return exchange
 
-    async def _lookup(self, service: str) -> AbstractExchange | None:
+    async def _lookup(self, service: str) -> bool:
         try:
             topology.check_service_name(service)
         except ValueError:
-            return None
+            return False
         if self._connection is None or self._channel is None:
             raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
         try:
             exists = await topology.exchange_exists(self._connection, service)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
-        exchange = await self._channel.get_exchange(service, ensure=False) if exists else None
         self._exchanges[service] = (
-            exchange,
+            exists,
             time.monotonic() + (KNOWN_FOR if exists else UNKNOWN_FOR),
         )
-        return exchange
+        return exists
 
-    async def publish(self, service: str, routing_key: str, message: aio_pika.Message) -> None:
-        exchange = await self.exchange(service)
+    async def publish(self, service: str, routing_key: str, message: envelope.Outgoing) -> None:
+        await self.check(service)
         probe = self.breaker.admit_now()
         if probe is None:
             raise BrokerUnavailable(
@@ -123,7 +119,7 @@ class Publisher:
             )
         failed: bool | None = True
         try:
-            await self._publish(exchange, service, routing_key, message)
+            await self._publish(service, routing_key, message)
             failed = False
         except (UnknownService, Backpressure):
             failed = False  # the broker answered: it is up
@@ -146,11 +142,11 @@ class Publisher:
         """RabbitMQ did not confirm a publish in time (a blocked or silent broker)."""
         self.breaker.record(failed=True, probe=False)
 
-    async def _publish(
-        self, exchange: AbstractExchange, service: str, routing_key: str, message: aio_pika.Message
-    ) -> None:
+    async def _publish(self, service: str, routing_key: str, message: envelope.Outgoing) -> None:
+        if self._channel is None:
+            raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
         try:
-            await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            await envelope.publish(self._channel, message, service, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
             raise UnknownService(
                 f"service {service!r} has no partition queue bound to its exchange"

@@ -13,9 +13,12 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple, cast
 
-import aio_pika
-from aio_pika.abc import HeadersType
+import aiormq
+from aio_pika.abc import AbstractChannel, HeadersType
+from pamqp.commands import Basic
+from pamqp.common import FieldTable
 
 VERSION = 1
 H_VERSION = "x-proxymq-version"
@@ -55,6 +58,7 @@ HOP_BY_HOP = frozenset(
 )
 
 Headers = tuple[tuple[str, str], ...]
+PERSISTENT = 2  # AMQP delivery mode
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 
@@ -97,6 +101,42 @@ class RequestEnvelope:
         return self.deadline - (time.time() if now is None else now)
 
 
+class Outgoing(NamedTuple):
+    """A message ready for aiormq: built straight as AMQP properties, without aio-pika's
+    `Message` (a tenth of the enqueuer's CPU per request went to building and converting it)."""
+
+    body: bytes
+    properties: Basic.Properties
+
+    @property
+    def headers(self) -> FieldTable:
+        """Always set: a ProxyMQ message carries its `x-proxymq-*` headers."""
+        assert self.properties.headers is not None
+        return self.properties.headers
+
+
+async def publish(
+    channel: AbstractChannel, message: Outgoing, exchange: str, routing_key: str, *, mandatory: bool
+) -> None:
+    """Publish and wait for the broker's confirm (when the channel has confirms on).
+
+    aio-pika's `Exchange.publish` also waits until the frame is written, holding the channel's
+    lock meanwhile: concurrent publishes on one channel then take one turn of the event loop
+    each. Here the lock covers the enqueueing only, and the confirm is what callers wait for.
+    A return (`mandatory`) or a nack raises, as with aio-pika's `on_return_raises`."""
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    await underlay.basic_publish(
+        message.body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=message.properties,
+        mandatory=mandatory,
+        wait=False,
+    )
+
+
 def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
     """Drop hop-by-hop headers, including any that `Connection` names."""
     pairs = list(headers)
@@ -109,7 +149,7 @@ def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
     return tuple((n, v) for n, v in pairs if n.lower() not in HOP_BY_HOP and n.lower() not in named)
 
 
-def encode_request(envelope: RequestEnvelope) -> aio_pika.Message:
+def encode_request(envelope: RequestEnvelope) -> Outgoing:
     request = envelope.request
     headers: HeadersType = {
         H_VERSION: VERSION,
@@ -124,14 +164,16 @@ def encode_request(envelope: RequestEnvelope) -> aio_pika.Message:
         headers[H_KEY] = envelope.partition_key
     if envelope.deadline is not None:
         headers[H_DEADLINE] = int(envelope.deadline * 1000)
-    return aio_pika.Message(
+    return Outgoing(
         request.body,
-        headers=headers,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        correlation_id=envelope.request_id,
-        message_id=envelope.request_id,
-        reply_to=envelope.reply_to,
-        app_id="proxymq",
+        Basic.Properties(
+            headers=headers,
+            delivery_mode=PERSISTENT,
+            correlation_id=envelope.request_id,
+            message_id=envelope.request_id,
+            reply_to=envelope.reply_to,
+            app_id="proxymq",
+        ),
     )
 
 
@@ -178,13 +220,14 @@ def decode_request(
     )
 
 
-def encode_response(response: HttpResponse, correlation_id: str) -> aio_pika.Message:
+def encode_response(response: HttpResponse, correlation_id: str) -> Outgoing:
     headers: HeadersType = {H_STATUS: response.status, H_HEADERS: json.dumps(response.headers)}
     if response.error is not None:
         headers[H_ERROR] = response.error
         headers[H_ERROR_MESSAGE] = response.error_message or ""
-    return aio_pika.Message(
-        response.body, headers=headers, correlation_id=correlation_id, app_id="proxymq"
+    return Outgoing(
+        response.body,
+        Basic.Properties(headers=headers, correlation_id=correlation_id, app_id="proxymq"),
     )
 
 

@@ -3,6 +3,7 @@ partition, set once at the entry point in a context variable."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TextIO
 
 request_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "proxymq_request_context", default=MappingProxyType({})
@@ -54,8 +56,47 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class GatheringHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes lines below WARNING at most every FLUSH_AFTER seconds, in one write.
+
+    A line per request, each written and flushed on its own, was a syscall per request in each
+    sidecar (about 5 % of its CPU under load). Warnings and errors, and everything logged with
+    no event loop running, are written at once; `flush()` (also at exit) writes what waits."""
+
+    FLUSH_AFTER = 0.05
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if record.levelno >= logging.WARNING or len(self._lines) >= 256:
+            self.flush()
+        elif len(self._lines) == 1:
+            try:
+                asyncio.get_running_loop().call_later(self.FLUSH_AFTER, self.flush)
+            except RuntimeError:  # no event loop in this thread
+                self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._lines = self._lines, []
+            try:
+                if lines:
+                    self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed: nowhere left to write
+                pass
+
+
 def setup(level: str = "info", json_logs: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = GatheringHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
     handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
     root = logging.getLogger()

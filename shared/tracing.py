@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -81,7 +82,7 @@ def span(
         yield current
 
 
-def inject(carrier: MutableMapping[str, str]) -> None:
+def inject(carrier: MutableMapping[str, Any]) -> None:
     """Write the current span's `traceparent` (and `tracestate`) into headers."""
     if _enabled:
         propagate.inject(carrier, context=context.get_current())

@@ -161,7 +161,7 @@ async def publish(connection: aio_pika.abc.AbstractConnection, name: str, count:
     """`count` requests, each with its own partition key, confirmed by the broker; no reply_to."""
     channel = await connection.channel(publisher_confirms=True)
     try:
-        exchange = await channel.get_exchange(topology.exchange_name(name))
+        exchange = topology.exchange_name(name)
         body = b'{"job": 1}'
         headers = (("Content-Type", "application/json"),)
         for start in range(0, count, 500):
@@ -175,8 +175,9 @@ async def publish(connection: aio_pika.abc.AbstractConnection, name: str, count:
                     deadline=None,
                     reply_to=None,
                 )
+                message = envelope.encode_request(request)
                 confirms.append(
-                    exchange.publish(envelope.encode_request(request), routing_key=f"k{i}")
+                    envelope.publish(channel, message, exchange, f"k{i}", mandatory=True)
                 )
             await asyncio.gather(*confirms)
     finally:

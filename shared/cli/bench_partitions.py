@@ -101,7 +101,6 @@ class Bench:
     async def publish(self, service: str, count: int) -> None:
         """`count` requests over KEYS keys, confirmed, with no reply wanted."""
         channel = await self.connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(service)
         rng = random.Random(7)
 
         async def one(i: int) -> None:
@@ -114,7 +113,9 @@ class Bench:
                 None,
                 None,
             )
-            await exchange.publish(envelope.encode_request(request), routing_key=key)
+            await envelope.publish(
+                channel, envelope.encode_request(request), service, key, mandatory=True
+            )
 
         for start in range(0, count, 200):
             await asyncio.gather(*(one(i) for i in range(start, min(count, start + 200))))
@@ -223,7 +224,6 @@ async def all_partitions_answer(bench: Bench, service: str) -> None:
     keys = [f"probe-{i}" for i in range(64)]
     channel = await bench.connection.channel(publisher_confirms=True)
     replies = await channel.declare_queue(exclusive=True)
-    exchange = await channel.get_exchange(service)
     for key in keys:
         request = envelope.RequestEnvelope(
             key,
@@ -233,7 +233,9 @@ async def all_partitions_answer(bench: Bench, service: str) -> None:
             None,
             replies.name,
         )
-        await exchange.publish(envelope.encode_request(request), routing_key=key)
+        await envelope.publish(
+            channel, envelope.encode_request(request), service, key, mandatory=True
+        )
     got: set[str] = set()
     async with replies.iterator() as messages:
         async for message in messages:

@@ -250,7 +250,6 @@ async def test_expired_request_is_not_forwarded(
 ) -> None:
     dequeuer = await stack.dequeuer(service, target.url)
     channel = await amqp.channel(publisher_confirms=True)
-    exchange = await channel.get_exchange(service)
     message = envelope.encode_request(
         envelope.RequestEnvelope(
             request_id="expired-1",
@@ -261,7 +260,7 @@ async def test_expired_request_is_not_forwarded(
             reply_to=None,
         )
     )
-    await exchange.publish(message, routing_key="k")
+    await envelope.publish(channel, message, service, "k", mandatory=True)
     port = dequeuer.admin_port  # type: ignore[attr-defined]
     for _ in range(50):
         if await metric(http, port, "proxymq_dequeuer_messages_total", {"outcome": "expired"}):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-import aio_pika
 import pytest
 from pamqp import decode, encode
 
@@ -59,14 +58,19 @@ def make_envelope(**changes: object) -> RequestEnvelope:
 
 def round_trip(envelope: RequestEnvelope) -> RequestEnvelope:
     message = encode_request(envelope)
-    return decode_request(wire(message.headers), message.body, message.correlation_id, "reply-q")
+    return decode_request(
+        wire(message.headers), message.body, message.properties.correlation_id, "reply-q"
+    )
 
 
 def test_request_round_trip() -> None:
     original = make_envelope()
     message = encode_request(original)
     decoded = decode_request(
-        wire(message.headers), message.body, message.correlation_id, message.reply_to
+        wire(message.headers),
+        message.body,
+        message.properties.correlation_id,
+        message.properties.reply_to,
     )
     assert decoded.request == original.request
     assert decoded.request.body == BODY
@@ -81,10 +85,10 @@ def test_request_round_trip() -> None:
 
 def test_request_message_properties() -> None:
     message = encode_request(make_envelope())
-    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert message.correlation_id == "req-1"
-    assert message.message_id == "req-1"
-    assert message.reply_to == "proxymq.replies.e1"
+    assert message.properties.delivery_mode == 2
+    assert message.properties.correlation_id == "req-1"
+    assert message.properties.message_id == "req-1"
+    assert message.properties.reply_to == "proxymq.replies.e1"
     assert message.body == BODY
     assert message.headers[H_VERSION] == 1
 
@@ -146,7 +150,7 @@ def test_response_round_trip() -> None:
         201, (("Set-Cookie", "a=1"), ("Location", "/x"), ("Set-Cookie", "b=2")), BODY
     )
     message = encode_response(response, "req-1")
-    assert message.correlation_id == "req-1"
+    assert message.properties.correlation_id == "req-1"
     assert decode_response(wire(message.headers), message.body) == response
 
 
