@@ -171,11 +171,11 @@ class Consumer:
             elif outcome is None:
                 self.metrics.messages.labels(self.settings.service, partition, "expired").inc()
                 log.info("dropped: deadline passed before the call")
-                await message.ack()
+                await _ack(message)
             elif isinstance(outcome, HttpResponse) and not self.policy.retryable(outcome):
                 response = outcome
                 await self._while_held(message, lambda: self.reply(request, response))
-                await message.ack()
+                await _ack(message)
                 self.metrics.messages.labels(self.settings.service, partition, "replied").inc()
                 log.info(
                     "replied",
@@ -452,7 +452,7 @@ class Consumer:
         await self._reply_channel.default_exchange.publish(
             copy, routing_key=self.topology.dead_letters
         )
-        await message.ack()
+        await _ack(message)
         self.metrics.messages.labels(self.settings.service, partition, outcome).inc()
         log.warning(
             "dead-lettered: %s",
@@ -487,6 +487,14 @@ async def _wait_for(
         for waiter in waiters:
             waiter.cancel()
     return event.is_set() and not (abandon is not None and abandon.is_set())
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    """Ack without waiting until the frame is written, as aio-pika's `ack` does: the broker
+    takes acks in order either way, and if the connection drops first the message comes back,
+    as it would anyway."""
+    assert message.delivery_tag is not None
+    await message.channel.basic_ack(message.delivery_tag, wait=False)
 
 
 def _held(message: AbstractIncomingMessage) -> bool:

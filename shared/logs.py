@@ -96,6 +96,8 @@ class GatheringHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def setup(level: str = "info", json_logs: bool = False) -> None:
+    # Neither format shows them, and each costs every record a syscall or a lookup.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = GatheringHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
     handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
