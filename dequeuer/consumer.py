@@ -118,7 +118,7 @@ class Consumer:
             return
         self.metrics.in_flight.labels(self.settings.service, partition).inc()
         sub.job_added()
-        await self.lanes.run(
+        self.lanes.submit(
             self.lane_of(partition, request), partial(self.settle, sub, message, request)
         )
 

@@ -22,30 +22,34 @@ class Lanes:
         self._lanes: dict[Hashable, deque[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, key: Hashable, job: Job) -> None:
-        """Run `job` after every job of `key` given before it.
+    def submit(self, key: Hashable, job: Job) -> None:
+        """Jobs of one key start in submission order, each after the previous one finished.
 
-        The first job of an idle lane runs in the caller's task, which then runs the jobs queued
-        behind it: a lane costs no task of its own (one per message, under load)."""
+        A lane runs in a task of its own, never in the task that delivered its first message:
+        aiormq cancels its delivery tasks when the connection drops, and lanes run in them broke
+        per-key order across a broker restart (tests/reliability/test_broker_restart.py)."""
         lane = self._lanes.get(key)
         if lane is not None:
             lane.append(job)
             return
-        self._lanes[key] = lane = deque([job])
-        task = asyncio.current_task()
-        assert task is not None
+        self._lanes[key] = deque([job])
+        task = asyncio.create_task(self._run(key))
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: Hashable) -> None:
+        lane = self._lanes[key]
         try:
             while lane:
+                job = lane[0]
                 async with self._slots:
                     try:
-                        await lane[0]()
+                        await job()
                     except Exception:
                         log.exception("a job of lane %r failed", key)
                 lane.popleft()
         finally:
             del self._lanes[key]
-            self._tasks.discard(task)
 
     @property
     def busy(self) -> int:

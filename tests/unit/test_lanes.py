@@ -62,26 +62,15 @@ async def lanes() -> AsyncIterator[Lanes]:
     await made.cancel()
 
 
-async def submit(lanes: Lanes, key: Hashable, job: Job) -> None:
-    """Give a job as a delivery does: in a task of its own, which starts at once."""
-    task = asyncio.create_task(lanes.run(key, job))
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-    await asyncio.sleep(0)
-
-
-_tasks: set[asyncio.Task[None]] = set()
-
-
-async def submit_all(lanes: Lanes, probe: Probe, jobs: list[tuple[Hashable, str]]) -> None:
+def submit_all(lanes: Lanes, probe: Probe, jobs: list[tuple[Hashable, str]]) -> None:
     for key, name in jobs:
-        await submit(lanes, key, probe.job(name))
+        lanes.submit(key, probe.job(name))
 
 
 async def test_same_key_runs_one_at_a_time_in_submission_order(lanes: Lanes) -> None:
     probe = Probe()
     names = [f"j{i}" for i in range(5)]
-    await submit_all(lanes, probe, [("k", name) for name in names])
+    submit_all(lanes, probe, [("k", name) for name in names])
     for index, name in enumerate(names):
         await settle()
         assert probe.started == names[: index + 1]
@@ -95,7 +84,7 @@ async def test_same_key_runs_one_at_a_time_in_submission_order(lanes: Lanes) -> 
 async def test_different_keys_run_in_parallel() -> None:
     lanes = Lanes(concurrency=10)
     probe = Probe()
-    await submit_all(lanes, probe, [(f"key-{i}", f"j{i}") for i in range(4)])
+    submit_all(lanes, probe, [(f"key-{i}", f"j{i}") for i in range(4)])
     await settle()
     assert probe.running == 4
     probe.open()
@@ -106,7 +95,7 @@ async def test_different_keys_run_in_parallel() -> None:
 async def test_concurrency_limit_is_never_exceeded(lanes: Lanes) -> None:
     probe = Probe()
     names = [f"j{i}" for i in range(7)]
-    await submit_all(lanes, probe, [(f"key-{i}", name) for i, name in enumerate(names)])
+    submit_all(lanes, probe, [(f"key-{i}", name) for i, name in enumerate(names)])
     await settle()
     assert probe.running == 3
     assert len(probe.started) == 3
@@ -134,7 +123,7 @@ async def test_keys_interleave_but_each_keeps_its_order(lanes: Lanes) -> None:
         ("a", "a2"),
     ]
     for key, name in jobs:
-        await submit(lanes, key, probe.job(name, gated=False))
+        lanes.submit(key, probe.job(name, gated=False))
     assert await lanes.drain(timeout=5)
     for prefix in ("a", "b"):
         started = [name for name in probe.started if name.startswith(prefix)]
@@ -147,9 +136,9 @@ async def test_failing_job_does_not_stop_its_lane(
     lanes: Lanes, caplog: pytest.LogCaptureFixture
 ) -> None:
     probe = Probe()
-    await submit(lanes, "k", probe.job("bad", fail=True, gated=False))
-    await submit(lanes, "k", probe.job("good", gated=False))
-    await submit(lanes, "other", probe.job("other", gated=False))
+    lanes.submit("k", probe.job("bad", fail=True, gated=False))
+    lanes.submit("k", probe.job("good", gated=False))
+    lanes.submit("other", probe.job("other", gated=False))
     with caplog.at_level(logging.ERROR, logger="dequeuer.lanes"):
         assert await lanes.drain(timeout=5)
     assert probe.started.index("bad") < probe.started.index("good")
@@ -160,9 +149,9 @@ async def test_failing_job_does_not_stop_its_lane(
 
 async def test_lane_is_reused_after_it_emptied(lanes: Lanes) -> None:
     probe = Probe()
-    await submit(lanes, "k", probe.job("first", gated=False))
+    lanes.submit("k", probe.job("first", gated=False))
     assert await lanes.drain(timeout=5)
-    await submit(lanes, "k", probe.job("second", gated=False))
+    lanes.submit("k", probe.job("second", gated=False))
     assert await lanes.drain(timeout=5)
     assert probe.finished == ["first", "second"]
 
@@ -173,7 +162,7 @@ async def test_drain_without_jobs(lanes: Lanes) -> None:
 
 async def test_drain_false_on_timeout_then_true(lanes: Lanes) -> None:
     probe = Probe()
-    await submit(lanes, "k", probe.job("slow"))
+    lanes.submit("k", probe.job("slow"))
     assert not await lanes.drain(timeout=0.01)
     assert probe.finished == []
     probe.open()
@@ -184,7 +173,7 @@ async def test_drain_false_on_timeout_then_true(lanes: Lanes) -> None:
 async def test_busy_counts_running_and_queued_jobs(lanes: Lanes) -> None:
     probe = Probe()
     assert lanes.busy == 0
-    await submit_all(lanes, probe, [("a", "a0"), ("a", "a1"), ("a", "a2"), ("b", "b0")])
+    submit_all(lanes, probe, [("a", "a0"), ("a", "a1"), ("a", "a2"), ("b", "b0")])
     assert lanes.busy == 4
     await settle()
     assert lanes.busy == 4
@@ -200,7 +189,7 @@ async def test_busy_counts_running_and_queued_jobs(lanes: Lanes) -> None:
 async def test_cancel_stops_running_jobs() -> None:
     lanes = Lanes(concurrency=2)
     probe = Probe()
-    await submit_all(lanes, probe, [("a", "a0"), ("b", "b0")])
+    submit_all(lanes, probe, [("a", "a0"), ("b", "b0")])
     await settle()
     assert probe.running == 2
     await lanes.cancel()
@@ -208,13 +197,12 @@ async def test_cancel_stops_running_jobs() -> None:
     assert await lanes.drain(timeout=0)
 
 
-async def test_cancel_drops_queued_jobs_and_leaves_no_lane() -> None:
+async def test_cancel_before_start_leaves_no_lane() -> None:
     lanes = Lanes(concurrency=2)
     probe = Probe()
-    await submit(lanes, "k", probe.job("running"))
-    await submit(lanes, "k", probe.job("queued"))
+    lanes.submit("k", probe.job("never"))
     await lanes.cancel()
     assert lanes.busy == 0
-    await submit(lanes, "k", probe.job("after", gated=False))
+    lanes.submit("k", probe.job("after", gated=False))
     assert await lanes.drain(timeout=1)
-    assert probe.finished == ["running", "after"]
+    assert probe.finished == ["after"]
