@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,10 @@ from shared.settings import DEFAULT_AMQP_URL
 from tests.target import Target
 
 AMQP_URL = os.environ.get("PROXYMQ_AMQP_URL", DEFAULT_AMQP_URL)
+# The fault tests' figures, appended by each worker of `pytest -n` and printed by the controller.
+REPORT_ENV = "PROXYMQ_RELIABILITY_REPORT"
+REPORT_FILE = Path(tempfile.gettempdir()) / f"proxymq-reliability-report-{os.getpid()}.jsonl"
+os.environ.setdefault(REPORT_ENV, str(REPORT_FILE))
 
 
 def broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
@@ -202,3 +208,18 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures of this run's fault tests, one line each (also kept in the report file when
+    PROXYMQ_RELIABILITY_REPORT names one)."""
+    path = Path(os.environ.get(REPORT_ENV, REPORT_FILE))
+    if not path.exists():
+        return
+    terminalreporter.section("reliability figures")
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        name = row.pop("test")
+        terminalreporter.write_line(f"{name}: {json.dumps(row)}")
+    if path == REPORT_FILE:
+        path.unlink()

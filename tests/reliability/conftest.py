@@ -9,7 +9,6 @@ PID is gone: the next session stops those nodes and removes it first.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -26,11 +25,9 @@ import pytest
 
 from shared.cli.cluster import STATE_FILE, LocalCluster, Node
 from tests.conftest import Stack, broker_answers
-from tests.reliability.support import REPORT_ENV, TimedTarget
+from tests.reliability.support import TimedTarget
 
 STATE_PREFIX = "proxymq-reliability-"
-REPORT_FILE = Path(tempfile.gettempdir()) / f"proxymq-reliability-report-{os.getpid()}.jsonl"
-os.environ.setdefault(REPORT_ENV, str(REPORT_FILE))
 
 
 def node_prefix(kind: str) -> str:
@@ -220,24 +217,18 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The figures of this run's fault tests, one line each (also kept in the report file when
-    PROXYMQ_RELIABILITY_REPORT names one)."""
-    path = Path(os.environ.get(REPORT_ENV, REPORT_FILE))
-    if not path.exists():
-        return
-    terminalreporter.section("reliability figures")
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        name = row.pop("test")
-        terminalreporter.write_line(f"{name}: {json.dumps(row)}")
-    if path == REPORT_FILE:
-        path.unlink()
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "reliability: injects real faults into RabbitMQ nodes of its own (slow; part of "
         "`make test`, deselect with -m 'not reliability')",
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """All fault tests on one worker of `pytest -n`, one after another: each starts RabbitMQ
+    nodes, and two clusters at once on two cores made both too slow to measure."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("reliability"))

@@ -29,6 +29,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from tests.conftest import REPORT_ENV
 from tests.target import Target
 
 HANG_SLACK = 1.5  # seconds past a deadline still counted as "on time" (2 busy cores)
@@ -36,7 +37,6 @@ ANSWER_AT_ONCE = 2.5  # a 202 or a refusal must come this fast, outage or not
 PUBLISH_BOUND = 10.0 + HANG_SLACK  # enqueuer's PUBLISH_TIMEOUT: a black hole can't be seen sooner
 HANG = -1  # status recorded when the enqueuer did not answer at all in time
 NO_CONNECTION = -2  # status recorded when the enqueuer refused the TCP connection
-REPORT_ENV = "PROXYMQ_RELIABILITY_REPORT"
 
 
 class TimedTarget(Target):
