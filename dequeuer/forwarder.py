@@ -55,10 +55,13 @@ class ClosableTransport(Transport, Protocol):
 class HttpTransport:
     def __init__(self, target: str, connections: int) -> None:
         self.target = target.rstrip("/")
+        # No cookie jar: a session's jar sent one caller's cookies (a `Set-Cookie` answered to
+        # them) with every later caller's request. Headers pass through; nothing is kept.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:

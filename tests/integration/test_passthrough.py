@@ -110,6 +110,22 @@ async def test_multi_value_headers_and_cookies(
         assert await response.text() == "cookies"
 
 
+async def test_cookies_of_one_caller_never_reach_another(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The dequeuer keeps no cookie jar: a `Set-Cookie` the microservice sent one caller must not
+    come back on the next caller's request. The target is a host name (`localhost`), where a
+    client's default jar keeps cookies (it refuses them for IP addresses)."""
+    await stack.dequeuer(service, f"http://localhost:{target.port}")
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/cookies") as response:
+        assert response.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    async with http.get(f"{url}/{service}/echo/next") as response:
+        assert response.status == 200
+    [seen] = [s for s in target.seen if s.path == "/echo/next"]
+    assert [v for n, v in seen.headers if n.lower() == "cookie"] == []
+
+
 async def test_redirect_is_passed_back_not_followed(
     pair: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
