@@ -137,6 +137,9 @@ class Consumer:
         logs.bind(
             correlation_id=request.request_id, service=self.settings.service, partition=partition
         )
+        if not tracing.enabled():
+            await self._settle(sub, partition, message, request)
+            return
         attributes = {
             "messaging.system": "rabbitmq",
             "messaging.operation.type": "process",
