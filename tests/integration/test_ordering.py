@@ -7,7 +7,9 @@ import random
 
 import aiohttp
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
+from shared import topology
 from tests.conftest import Stack
 from tests.target import Target
 
@@ -36,13 +38,21 @@ async def wait_all(target: Target, total: int) -> None:
 
 @pytest.mark.parametrize("ordering", ["key", "partition"])
 async def test_order_per_key(
-    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, ordering: str
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    ordering: str,
 ) -> None:
+    """All requests wait in the queues before the dequeuer starts, so keys of one partition are
+    there to run side by side however slowly they were sent."""
+    await topology.declare(amqp, topology.Topology(service, 4))
     _, url = await stack.enqueuer()
+    await send_keyed(http, f"{url}/{service}")
     await stack.dequeuer(
         service, target.url, "--ordering", ordering, "--partitions", "4", "--concurrency", "16"
     )
-    await send_keyed(http, f"{url}/{service}")
     await wait_all(target, KEYS * PER_KEY)
     for key, seqs in target.order.items():
         assert seqs == list(range(PER_KEY)), key
