@@ -58,8 +58,8 @@ tools:
 
 # Cheap checks first, so a typo fails in seconds instead of after the integration tests.
 test: install lint typecheck broker tools
-	@# two workers; the fault tests (they start RabbitMQ nodes) share one, one after another
-	@$(BIN)/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	@# two workers; the fault tests share one (tests/conftest.py: pytest_xdist_make_scheduler)
+	@$(BIN)/pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: install
 	@$(BIN)/ruff check --quiet --output-format concise .

@@ -102,8 +102,8 @@ class RequestEnvelope:
 
 
 class Outgoing(NamedTuple):
-    """A message ready for aiormq: built straight as AMQP properties, without aio-pika's
-    `Message` (a tenth of the enqueuer's CPU per request went to building and converting it)."""
+    """A message ready for aiormq, built straight as AMQP properties: aio-pika's `Message`,
+    built and then converted to the same properties, cost a few per cent of each sidecar."""
 
     body: bytes
     properties: Basic.Properties

@@ -210,6 +210,20 @@ def closed_port() -> Iterator[int]:
         sock.close()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under `pytest -n` (`make test`), every fault test runs on one worker, one after another:
+    each starts RabbitMQ nodes of its own, and two clusters at once on two cores made both too
+    slow to measure. Every other test is scheduled on its own, as with `--dist load`."""
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class FaultTestsTogether(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return "reliability" if nodeid.startswith("tests/reliability/") else nodeid
+
+    return FaultTestsTogether(config, log)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The figures of this run's fault tests, one line each (also kept in the report file when
     PROXYMQ_RELIABILITY_REPORT names one)."""

@@ -223,12 +223,3 @@ def pytest_configure(config: pytest.Config) -> None:
         "reliability: injects real faults into RabbitMQ nodes of its own (slow; part of "
         "`make test`, deselect with -m 'not reliability')",
     )
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """All fault tests on one worker of `pytest -n`, one after another: each starts RabbitMQ
-    nodes, and two clusters at once on two cores made both too slow to measure."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("reliability"))
