@@ -26,8 +26,8 @@ class Lanes:
         """Jobs of one key start in submission order, each after the previous one finished.
 
         A lane runs in a task of its own, never in the task that delivered its first message:
-        aiormq cancels its delivery tasks when the connection drops, and lanes run in them broke
-        per-key order across a broker restart (tests/reliability/test_broker_restart.py)."""
+        aiormq cancels its delivery tasks when their connection drops, and a lane ended that way
+        would take the jobs queued behind it along."""
         lane = self._lanes.get(key)
         if lane is not None:
             lane.append(job)
