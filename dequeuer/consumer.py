@@ -493,7 +493,7 @@ async def _wait_for(
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:
-    """Ack without waiting until the frame is written, as aio-pika's `ack` does: the broker
+    """Ack without waiting until the frame is written (aio-pika's `ack` waits): the broker
     takes acks in order either way, and if the connection drops first the message comes back,
     as it would anyway."""
     assert message.delivery_tag is not None

@@ -213,8 +213,9 @@ def closed_port() -> Iterator[int]:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """Under `pytest -n` (`make test`), every fault test runs on one worker, one after another:
-    each starts RabbitMQ nodes of its own, and two clusters at once on two cores made both too
-    slow to measure. Every other test is scheduled on its own, as with `--dist load`."""
+    each starts RabbitMQ nodes of its own, and two clusters at once on two cores would compete
+    for the CPU their figures measure. Every other test is scheduled on its own, as with
+    `--dist load`."""
     from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
 
     class FaultTestsTogether(LoadScopeScheduling):  # type: ignore[misc]
