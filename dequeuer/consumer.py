@@ -32,6 +32,7 @@ from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
 from shared import envelope, logs, topology, tracing
 from shared.breaker import ServiceBreaker
+from shared.broker import BROKER_ERRORS
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
 from shared.errors import ServiceFailed
 from shared.metrics import DequeuerMetrics, status_class
@@ -190,12 +191,7 @@ class Consumer:
                 )
             else:
                 await self.give_up(partition, message, request, outcome, attempts)
-        except (
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-            RuntimeError,
-        ) as exc:
+        except BROKER_ERRORS as exc:
             log.warning("could not settle, the broker will deliver it again: %s", exc)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -222,12 +218,7 @@ class Consumer:
             try:
                 await step()
                 return
-            except (
-                aiormq.exceptions.AMQPError,
-                aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError,
-                RuntimeError,
-            ) as exc:
+            except BROKER_ERRORS as exc:
                 if not _held(message) or time.monotonic() + delay > give_up_at:
                     raise
                 log.info("settling failed (%s); again in %.1f s", exc, delay)

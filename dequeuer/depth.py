@@ -8,9 +8,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from prometheus_client import Gauge
+
+from shared.broker import BROKER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ async def watch_depth(
                 declared = await channel.declare_queue(name, passive=True)
                 gauge.labels(service, name).set(declared.declaration_result.message_count or 0)
                 shown.add(name)
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            except BROKER_ERRORS as exc:
                 log.debug("depth of %s unknown: %s", name, exc)
                 channel = None
         await asyncio.sleep(interval)

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from shared import envelope, topology
 from shared.breaker import ServiceBreaker
+from shared.broker import BROKER_ERRORS
 from shared.errors import Backpressure, BrokerUnavailable, UnknownService
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Publisher:
             raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
         try:
             exists = await topology.exchange_exists(self._connection, service)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
         self._exchanges[service] = (
             exists,
@@ -159,11 +160,6 @@ class Publisher:
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             self._exchanges.pop(service, None)
             raise UnknownService(f"service {service!r} was removed from the broker") from exc
-        except (
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-            RuntimeError,
-        ) as exc:
+        except BROKER_ERRORS as exc:
             log.warning("publish failed: %s", exc)
             raise BrokerUnavailable("RabbitMQ did not confirm the request", retry_after=1) from exc

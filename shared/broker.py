@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
@@ -26,6 +27,9 @@ OnConnect = Callable[[AbstractRobustConnection], Awaitable[None]]
 # the TCP connect succeeds, nothing comes back) is given up, and the next address tried. Without
 # it the attempt waits forever and the sidecar never reconnects.
 CONNECT_TIMEOUT = 10.0
+# What aio-pika and aiormq raise when the broker is gone, refuses, or a channel was closed under
+# us (aiormq's ChannelInvalidStateError is a RuntimeError).
+BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
 def redact(url: str) -> str:

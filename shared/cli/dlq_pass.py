@@ -32,6 +32,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from shared import topology
+from shared.broker import BROKER_ERRORS
 from shared.cli.dlq_letters import DeadLetter, kept_copy, read, replay_of
 from shared.cli.status import passive
 
@@ -170,13 +171,7 @@ class DeadLetterQueue:
                     if progress is not None:
                         progress(position, result.total)
                 return result
-            except (
-                aiormq.exceptions.AMQPError,
-                aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError,
-                RuntimeError,
-                TimeoutError,
-            ) as exc:
+            except (*BROKER_ERRORS, TimeoutError) as exc:
                 raise PassInterrupted(str(exc) or type(exc).__name__, result) from exc
             finally:
                 await _close(publish_channel)
