@@ -175,11 +175,11 @@ class Consumer:
             elif outcome is None:
                 self.metrics.messages.labels(self.settings.service, partition, "expired").inc()
                 log.info("dropped: deadline passed before the call")
-                await _ack(message)
+                await message.ack()
             elif isinstance(outcome, HttpResponse) and not self.policy.retryable(outcome):
                 response = outcome
                 await self._while_held(message, lambda: self.reply(request, response))
-                await _ack(message)
+                await message.ack()
                 self.metrics.messages.labels(self.settings.service, partition, "replied").inc()
                 log.info(
                     "replied",
@@ -446,7 +446,7 @@ class Consumer:
         await self._reply_channel.default_exchange.publish(
             copy, routing_key=self.topology.dead_letters
         )
-        await _ack(message)
+        await message.ack()
         self.metrics.messages.labels(self.settings.service, partition, outcome).inc()
         log.warning(
             "dead-lettered: %s",
@@ -481,14 +481,6 @@ async def _wait_for(
         for waiter in waiters:
             waiter.cancel()
     return event.is_set() and not (abandon is not None and abandon.is_set())
-
-
-async def _ack(message: AbstractIncomingMessage) -> None:
-    """Ack without waiting until the frame is written (aio-pika's `ack` waits): the broker
-    takes acks in order either way, and if the connection drops first the message comes back,
-    as it would anyway."""
-    assert message.delivery_tag is not None
-    await message.channel.basic_ack(message.delivery_tag, wait=False)
 
 
 def _held(message: AbstractIncomingMessage) -> bool:
