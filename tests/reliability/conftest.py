@@ -10,6 +10,7 @@ PID is gone: the next session stops those nodes and removes it first.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -207,6 +208,12 @@ def stacks(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[
     if getattr(report, "failed", False):
         for stack in made:
             print(stack.log_text()[-8000:])
+        # Every sidecar line about the requests a failure names (`id=...`), whenever logged.
+        ids = set(re.findall(r"id=([0-9a-f-]{8,})", str(getattr(report, "longreprtext", ""))))
+        for log in sorted(p for stack in made for p in stack.logs.glob("*.log")) if ids else ():
+            text = log.read_text(errors="replace").splitlines()
+            lines = [f"{log.name}: {line}" for line in text if any(i in line for i in ids)]
+            print("\n".join(lines[-200:]))
 
 
 @pytest.fixture

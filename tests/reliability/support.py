@@ -39,6 +39,16 @@ HANG = -1  # status recorded when the enqueuer did not answer at all in time
 NO_CONNECTION = -2  # status recorded when the enqueuer refused the TCP connection
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """One call the microservice got, with what the dequeuer told it about the delivery."""
+
+    at: float
+    earlier_deliveries: str | None
+    attempt: str | None
+    request_id: str | None
+
+
 class TimedTarget(Target):
     """The test microservice, also noting when each keyed request arrived (monotonic clock of
     the test process, the same clock the traffic uses)."""
@@ -46,10 +56,20 @@ class TimedTarget(Target):
     def __init__(self) -> None:
         super().__init__()
         self.arrivals: dict[tuple[str, int], list[float]] = defaultdict(list)
+        self.details: dict[tuple[str, int], list[Arrival]] = defaultdict(list)
 
     async def keyed(self, request: web.Request) -> web.Response:
         key, seq = request.match_info["key"], int(request.match_info["seq"])
-        self.arrivals[(key, seq)].append(time.monotonic())
+        now = time.monotonic()
+        self.arrivals[(key, seq)].append(now)
+        self.details[(key, seq)].append(
+            Arrival(
+                now,
+                request.headers.get("X-ProxyMQ-Earlier-Deliveries"),
+                request.headers.get("X-ProxyMQ-Attempt"),
+                request.headers.get("X-Correlation-ID"),
+            )
+        )
         return await super().keyed(request)
 
 
@@ -255,6 +275,7 @@ async def verify(
         order = [seq for _, seq in first_seen]
         if order != sorted(order):
             problems.append(f"{key} out of order: {order}")
+            problems += misordered(traffic, target, key, order)
         duplicates += sum(len(target.arrivals.get((key, s), [])) > 1 for s in range(count))
     refused_late = [
         c.elapsed for c in traffic.calls if c.status == 503 and c.elapsed > ANSWER_AT_ONCE
@@ -279,6 +300,30 @@ async def verify(
         "refusals_slower_than_2.5s": len(refused_late),
     }
     return Verdict(figures, problems)
+
+
+def misordered(traffic: Traffic, target: TimedTarget, key: str, order: list[int]) -> list[str]:
+    """What the caller got for each request that arrived before an earlier one, and for that
+    earlier one, and how each reached the microservice: to tell a late publish from a late
+    redelivery (times in seconds from the key's first request)."""
+    late = {seq for i, seq in enumerate(order) if any(seq < earlier for earlier in order[:i])}
+    calls = {c.seq: c for c in traffic.calls if c.key == key}
+    origin = min((c.started for c in calls.values()), default=0.0)
+    lines = []
+    for seq in sorted({near for s in late for near in (s - 1, s, s + 1)}):
+        call = calls.get(seq)
+        if call is None:
+            continue
+        arrivals = [
+            f"{a.at - origin:.2f}s (earlier deliveries {a.earlier_deliveries or 0}, "
+            f"attempt {a.attempt})"
+            for a in target.details.get((key, seq), [])
+        ]
+        lines.append(
+            f"  {key}/{seq} id={call.request_id} sent {call.started - origin:.2f}s, answered "
+            f"{call.status} {call.error or ''} after {call.elapsed:.2f}s; arrived {arrivals}"
+        )
+    return lines
 
 
 def recovery_time(traffic: Traffic, since: float) -> float | None:
