@@ -46,7 +46,6 @@ class Arrival:
     at: float
     earlier_deliveries: str | None
     attempt: str | None
-    request_id: str | None
 
 
 class TimedTarget(Target):
@@ -67,7 +66,6 @@ class TimedTarget(Target):
                 now,
                 request.headers.get("X-ProxyMQ-Earlier-Deliveries"),
                 request.headers.get("X-ProxyMQ-Attempt"),
-                request.headers.get("X-Correlation-ID"),
             )
         )
         return await super().keyed(request)
@@ -303,8 +301,8 @@ async def verify(
 
 
 def misordered(traffic: Traffic, target: TimedTarget, key: str, order: list[int]) -> list[str]:
-    """What the caller got for each request that arrived before an earlier one, and for that
-    earlier one, and how each reached the microservice: to tell a late publish from a late
+    """For each request that reached the microservice after a later one of its key, and for its
+    neighbours: what the caller got and every arrival, to tell a late publish from a late
     redelivery (times in seconds from the key's first request)."""
     late = {seq for i, seq in enumerate(order) if any(seq < earlier for earlier in order[:i])}
     calls = {c.seq: c for c in traffic.calls if c.key == key}
