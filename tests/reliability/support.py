@@ -49,21 +49,18 @@ class Arrival:
 
 
 class TimedTarget(Target):
-    """The test microservice, also noting when each keyed request arrived (monotonic clock of
-    the test process, the same clock the traffic uses)."""
+    """The test microservice, also noting when and how each keyed request arrived (monotonic
+    clock of the test process, the same clock the traffic uses)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.arrivals: dict[tuple[str, int], list[float]] = defaultdict(list)
-        self.details: dict[tuple[str, int], list[Arrival]] = defaultdict(list)
+        self.arrivals: dict[tuple[str, int], list[Arrival]] = defaultdict(list)
 
     async def keyed(self, request: web.Request) -> web.Response:
         key, seq = request.match_info["key"], int(request.match_info["seq"])
-        now = time.monotonic()
-        self.arrivals[(key, seq)].append(now)
-        self.details[(key, seq)].append(
+        self.arrivals[(key, seq)].append(
             Arrival(
-                now,
+                time.monotonic(),
                 request.headers.get("X-ProxyMQ-Earlier-Deliveries"),
                 request.headers.get("X-ProxyMQ-Attempt"),
             )
@@ -244,7 +241,7 @@ async def verify(
         problems.append(f"lost: {call}")
     for call in pending[:10]:
         arrived = [
-            round(t - call.started, 2) for t in target.arrivals.get((call.key, call.seq), [])
+            round(a.at - call.started, 2) for a in target.arrivals.get((call.key, call.seq), [])
         ]
         problems.append(f"202 without a final result: {call}; arrived after {arrived} s")
     for call in traffic.calls:
@@ -266,9 +263,9 @@ async def verify(
     duplicates = 0
     for key, count in traffic.sent_per_key().items():
         first_seen = sorted(
-            (times[0], seq)
+            (seen[0].at, seq)
             for seq in range(count)
-            if (times := target.arrivals.get((key, seq))) is not None
+            if (seen := target.arrivals.get((key, seq))) is not None
         )
         order = [seq for _, seq in first_seen]
         if order != sorted(order):
@@ -315,7 +312,7 @@ def misordered(traffic: Traffic, target: TimedTarget, key: str, order: list[int]
         arrivals = [
             f"{a.at - origin:.2f}s (earlier deliveries {a.earlier_deliveries or 0}, "
             f"attempt {a.attempt})"
-            for a in target.details.get((key, seq), [])
+            for a in target.arrivals.get((key, seq), [])
         ]
         lines.append(
             f"  {key}/{seq} id={call.request_id} sent {call.started - origin:.2f}s, answered "

@@ -101,7 +101,8 @@ async def test_stop_app_and_full_restart_under_load(
     after = [
         c
         for c in backlogs
-        if min(timed_target.arrivals.get((c.key, c.seq), [0.0])) > c.started + OUTAGE
+        if min((a.at for a in timed_target.arrivals.get((c.key, c.seq), [])), default=0.0)
+        > c.started + OUTAGE
     ]
     reconnects = [await metric(client, port, "proxymq_broker_reconnects_total") for port in ports]
     report(
