@@ -17,6 +17,7 @@ from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
 
+from shared.amqp_transport import CoalescingTransportFactory
 from shared.errors import BrokerUnavailable
 from shared.settings import SidecarSettings
 
@@ -64,6 +65,7 @@ class FailoverConnection(RobustConnection):
         self._transport: Any = None
         super().__init__(URL(url).with_query(self._options), loop, **kwargs)
         self._next = 0  # the constructor cleared the transport once: that was no attempt
+        self.kwargs["transport_factory"] = CoalescingTransportFactory()
 
     @property
     def transport(self) -> Any:

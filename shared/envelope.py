@@ -118,9 +118,12 @@ class Outgoing(NamedTuple):
 async def publish(
     channel: AbstractChannel, message: Outgoing, exchange: str, routing_key: str, *, mandatory: bool
 ) -> None:
-    """Publish and wait for the broker's confirm (when the channel has confirms on), as aio-pika's
-    `Exchange.publish` does, without building its `Message`. A return (`mandatory`) or a nack
-    raises, as with aio-pika's `on_return_raises`."""
+    """Publish and wait for the broker's confirm (when the channel has confirms on).
+
+    aio-pika's `Exchange.publish` also waits until the frame is written, holding the channel's
+    lock meanwhile: concurrent publishes on one channel then take one turn of the event loop
+    each. Here the lock covers the enqueueing only, and the confirm is what callers wait for.
+    A return (`mandatory`) or a nack raises, as with aio-pika's `on_return_raises`."""
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -130,6 +133,7 @@ async def publish(
         routing_key=routing_key,
         properties=message.properties,
         mandatory=mandatory,
+        wait=False,
     )
 
 
