@@ -7,9 +7,10 @@ pass cuts the writes per request several times over (docs/benchmarks.md).
 
 Frames leave in the order aiormq wrote them, a close sends what is gathered first, and `drain`
 keeps its meaning ("resume writing when the transport is not paused", never "the bytes are
-sent"): a publish or ack still waits for its turn in aiormq's writer, as before, only the
-syscall is shared. Bytes waiting here for the end of the pass are lost with a dropped
-connection exactly like bytes in the kernel's send buffer, and recovered the same way
+sent"): an ack still waits for its turn in aiormq's writer, as before (publishes wait for
+their confirm only, `envelope.publish`); only the syscall is shared. Bytes waiting here for
+the end of the pass are lost with a dropped connection exactly like bytes in the kernel's send
+buffer, and recovered the same way
 (unconfirmed publishes fail, unacked deliveries come back).
 """
 
