@@ -143,10 +143,17 @@ async def _broker_context(app: web.Application) -> AsyncIterator[None]:
         assert isinstance(connection, AbstractRobustConnection)
         await enqueuer.replies.start(connection)
         await enqueuer.publisher.start(connection)
-        connection.reconnect_callbacks.add(lambda *_: enqueuer.metrics.reconnects.inc())
+        connection.reconnect_callbacks.add(lambda *_: _reconnected(enqueuer))
 
     broker.on_connect(on_connect)
     broker.start()
     yield
     enqueuer.replies.fail_all(ProxyMQError("the enqueuer is shutting down"))
     await broker.close()
+
+
+def _reconnected(enqueuer: Enqueuer) -> None:
+    """The broker is back: its breaker closes at once instead of refusing callers (503) until
+    `--breaker-reset` has passed since the failures that opened it."""
+    enqueuer.metrics.reconnects.inc()
+    enqueuer.publisher.breaker.reset()

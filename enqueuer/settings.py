@@ -93,7 +93,8 @@ class EnqueuerSettings(SidecarSettings):
     breaker_reset: float = Field(
         5.0,
         gt=0,
-        description="seconds the breaker stays open before one publish probes the broker again",
+        description="seconds the breaker stays open before one publish probes the broker again; "
+        "a restored broker connection closes it at once",
     )
     instance_id: str | None = Field(
         None,

@@ -112,6 +112,14 @@ class ServiceBreaker(pybreaker.CircuitBreakerListener):
         with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError):
             self._breaker.call(_outcome, failed)
 
+    def reset(self) -> None:
+        """Close now: what opened the breaker is known to be over. For the enqueuer's breaker,
+        a restored broker connection; waiting out `reset_timeout` after it only refused
+        callers that would have been served."""
+        self._probing = False
+        if self.state != CLOSED:
+            self._breaker.close()
+
     def abandon_probe(self, probe: bool) -> None:
         """A probe that never called (its partition was given up) lets the next one try."""
         if probe:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 request_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "proxymq_request_context", default=MappingProxyType({})
 )
@@ -26,6 +28,23 @@ def bind(**fields: str | None) -> None:
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.ctx = request_context.get()
+        return True
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp answers a request its parser refuses with 400 and logs it at ERROR with the
+    parser's traceback: a caller's mistake, not ours, that any caller can repeat to flood the
+    log. One warning line says what was refused; errors of our own keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = (error.message or type(error).__name__).strip().splitlines()[0]
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "refused a malformed HTTP request (400)", ()
+            record.exc_info, record.exc_text = None, None
+            record.fields = {"peer": peer, "reason": reason.rstrip(":")[:200]}
         return True
 
 
@@ -107,6 +126,8 @@ def setup(level: str = "info", json_logs: bool = False) -> None:
     logging.getLogger("aiormq").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("aio_pika").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    server.filters[:] = [_MalformedRequests()]
 
 
 def fields(**values: object) -> dict[str, dict[str, object]]:

@@ -8,6 +8,7 @@ give up instead of waiting forever. Both sidecars recover by themselves once the
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -89,3 +90,43 @@ async def test_reset_and_black_hole_under_load(
     )
     verdict.check()
     assert all(r >= 2 for r in reconnects), reconnects
+
+
+async def test_breaker_closes_when_the_connection_is_back(
+    proxy: FaultyProxy,
+    node: LocalCluster,
+    stacks: Callable[[str], Stack],
+    service: str,
+    timed_target: TimedTarget,
+    client: aiohttp.ClientSession,
+) -> None:
+    """Publishes that fail while the broker is unreachable open the enqueuer's breaker; once
+    its connection is restored, the next call goes through, long before `--breaker-reset`."""
+    stack = stacks(node.nodes[0].amqp_url())
+    await stack.dequeuer(service, timed_target.url, "--partitions", "2")
+    enqueuer, base = await stack.enqueuer(
+        "--breaker-reset", "120", env={"PROXYMQ_AMQP_URL": proxy.url}
+    )
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    url = f"{base}/{service}/echo"
+    async with client.post(url, data=b"before") as response:
+        assert response.status == 200
+    proxy.refuse()
+    assert proxy.reset() >= 1
+    statuses = []
+    for _ in range(20):  # each fails at once: the connection is gone
+        async with client.post(url, data=b"during") as response:
+            statuses.append(response.status)
+            assert response.status == 503, await response.text()
+        if await metric(client, admin, "proxymq_enqueuer_breaker_open") == 1:
+            break
+    assert await metric(client, admin, "proxymq_enqueuer_breaker_open") == 1, statuses
+    proxy.heal()
+    deadline = time.monotonic() + 30
+    while await metric(client, admin, "proxymq_broker_reconnects_total") < 1:
+        assert time.monotonic() < deadline, "the enqueuer did not reconnect"
+        await asyncio.sleep(0.1)
+    async with client.post(url, data=b"after") as response:
+        assert response.status == 200, await response.text()
+        assert base64.b64decode((await response.json())["body"]) == b"after"
+    assert await metric(client, admin, "proxymq_enqueuer_breaker_open") == 0

@@ -56,3 +56,19 @@ async def test_outcomes_while_open_change_nothing(failed: bool) -> None:
     breaker.record(failed=True, probe=False)
     breaker.record(failed=failed, probe=False)
     assert breaker.state == OPEN
+
+
+async def test_reset_closes_an_open_breaker_at_once() -> None:
+    states: list[str] = []
+    breaker = ServiceBreaker(2, 60, on_state=states.append)
+    for _ in range(2):
+        breaker.record(failed=True, probe=False)
+    assert breaker.admit_now() is None
+    breaker.reset()
+    assert breaker.state == CLOSED
+    assert breaker.admit_now() is False  # no probe: calls go ahead as usual
+    breaker.record(failed=True, probe=False)
+    assert breaker.state == CLOSED  # the failures before the reset no longer count
+    breaker.record(failed=True, probe=False)
+    assert breaker.state == OPEN
+    assert states == [OPEN, CLOSED, OPEN]
