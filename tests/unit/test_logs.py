@@ -16,15 +16,15 @@ from shared import logs
 def stream() -> Iterator[io.StringIO]:
     """The sidecars' logging set-up, writing to a string; pytest's own handlers come back."""
     root, server = logging.getLogger(), logging.getLogger("aiohttp.server")
-    saved = root.handlers[:], root.level, server.filters[:]
+    handlers, level, filters = root.handlers[:], root.level, server.filters[:]
     text = io.StringIO()
     logs.setup("info")
     handler = root.handlers[0]
     assert isinstance(handler, logs.GatheringHandler)
     handler.setStream(text)
     yield text
-    root.handlers[:], server.filters[:] = saved[0], saved[2]
-    root.setLevel(saved[1])
+    root.handlers[:], server.filters[:] = handlers, filters
+    root.setLevel(level)
 
 
 def test_a_refused_request_is_one_warning_line(stream: io.StringIO) -> None:
