@@ -22,7 +22,7 @@ from dequeuer.settings import DequeuerSettings
 from shared import logs, service, topology, tracing
 from shared.admin import admin_app
 from shared.breaker import OPEN, ServiceBreaker
-from shared.broker import for_sidecar
+from shared.broker import for_sidecar, warn_above_max_message_size
 from shared.metrics import DequeuerMetrics
 from shared.settings import load
 
@@ -52,9 +52,10 @@ def warn_long_calls(settings: DequeuerSettings) -> None:
 
 async def serve(settings: DequeuerSettings) -> int:
     warn_long_calls(settings)
+    warn_above_max_message_size("--max-response", settings.max_response)
     instance = instance_name(settings)
     metrics = DequeuerMetrics()
-    http = HttpTransport(settings.target, settings.concurrency)
+    http = HttpTransport(settings.target, settings.concurrency, settings.max_response)
     transport: HttpTransport | BatchingTransport = http
     if settings.batch_size > 1:  # the batcher owns `http` and closes it
         transport = BatchingTransport(

@@ -32,7 +32,7 @@ from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
 from shared import envelope, logs, topology, tracing
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS
+from shared.broker import BROKER_ERRORS, refused_for_size
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
 from shared.errors import ServiceFailed
 from shared.metrics import DequeuerMetrics, status_class
@@ -50,6 +50,10 @@ REPLY_QUEUE_WAIT = 15.0  # seconds a missing reply queue is waited for (its enqu
 REPLY_QUEUE_GONE_FOR = 60.0  # then replies to it are dropped at once for a while (its x-expires)
 MAX_GONE_REPLY_QUEUES = 1000
 SETTLE_RETRY_FOR = 15.0  # seconds a reply is published again while its request is held
+
+
+class ReplyRefused(Exception):
+    """RabbitMQ refused a reply for its size: publishing it again would fail the same way."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,12 @@ class Consumer:
                 await message.ack()
             elif isinstance(outcome, HttpResponse) and not self.policy.retryable(outcome):
                 response = outcome
-                await self._while_held(message, lambda: self.reply(request, response))
+                try:
+                    await self._while_held(message, lambda: self.reply(request, response))
+                except ReplyRefused as exc:
+                    refused = CallFailed("too_large", str(exc))
+                    await self.give_up(partition, message, request, refused, attempts)
+                    return
                 await message.ack()
                 self.metrics.messages.labels(self.settings.service, partition, "replied").inc()
                 log.info(
@@ -205,14 +214,14 @@ class Consumer:
             self.metrics.in_flight.labels(self.settings.service, partition).dec()
 
     async def _while_held(
-        self, message: AbstractIncomingMessage, step: Callable[[], Awaitable[None]]
+        self, message: AbstractIncomingMessage, step: Callable[[], Awaitable[object]]
     ) -> None:
-        """Run `step` (publishing the reply) again while it fails and the message's own
-        channel is still open. A message left unacked on a live channel is never delivered
-        again and its caller never answered: right after a cluster failover a reply failed
-        ("channel closed") while the restored partition channel was open (a lost 202 result in
-        the cluster test). Once the message's channel is closed the broker delivers it again,
-        and this gives up."""
+        """Run `step` (publishing the reply or a dead letter) again while it fails and the
+        message's own channel is still open. A message left unacked on a live channel is never
+        delivered again and its caller never answered: right after a cluster failover a reply
+        failed ("channel closed") while the restored partition channel was open (a lost 202
+        result in the cluster test). Once the message's channel is closed the broker delivers it
+        again, and this gives up."""
         delay, give_up_at = 0.1, time.monotonic() + SETTLE_RETRY_FOR
         while True:
             try:
@@ -242,12 +251,10 @@ class Consumer:
         await self.dead_letter(
             partition, message, reason=last, attempts=attempts, outcome="dead_lettered"
         )
-        await self.reply(
-            request,
-            HttpResponse(
-                error.status, (), error.body(), error=error.code, error_message=error.message
-            ),
+        answer = HttpResponse(
+            error.status, (), error.body(), error=error.code, error_message=error.message
         )
+        await self._while_held(message, lambda: self.reply(request, answer))
 
     async def call(
         self, request: RequestEnvelope, abandon: asyncio.Event, earlier: int = 0
@@ -355,6 +362,13 @@ class Consumer:
                 return
             except aiormq.exceptions.PublishError:
                 pass
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                if not refused_for_size(exc, len(response.body)):
+                    raise
+                raise ReplyRefused(
+                    f"RabbitMQ refused the {len(response.body)}-byte response as over its "
+                    f"max_message_size ({exc}): lower --max-response to fit"
+                ) from exc
             now = time.monotonic()
             first_returned = now if first_returned is None else first_returned
             gone_at = self._gone_reply_queues.get(reply_to)
@@ -443,8 +457,10 @@ class Consumer:
             reply_to=message.reply_to,
             content_type=message.content_type,
         )
-        await self._reply_channel.default_exchange.publish(
-            copy, routing_key=self.topology.dead_letters
+        channel = self._reply_channel
+        await self._while_held(
+            message,
+            lambda: channel.default_exchange.publish(copy, routing_key=self.topology.dead_letters),
         )
         await message.ack()
         self.metrics.messages.labels(self.settings.service, partition, outcome).inc()

@@ -14,7 +14,7 @@ from yarl import URL
 from shared import tracing
 from shared.envelope import HttpRequest, HttpResponse, end_to_end
 
-FailureKind = Literal["connect", "timeout"]
+FailureKind = Literal["connect", "timeout", "too_large"]
 # aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -35,7 +35,8 @@ def traced(request: HttpRequest) -> HttpRequest:
 
 
 class CallFailed(Exception):
-    """No HTTP answer at all: the connection failed or the call ran out of time."""
+    """No usable HTTP answer: the connection failed, the call ran out of time, or the answer
+    was larger than the dequeuer carries back (never retried: it would be as large again)."""
 
     def __init__(self, kind: FailureKind, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -53,8 +54,9 @@ class ClosableTransport(Transport, Protocol):
 
 
 class HttpTransport:
-    def __init__(self, target: str, connections: int) -> None:
+    def __init__(self, target: str, connections: int, max_body: int) -> None:
         self.target = target.rstrip("/")
+        self.max_body = max_body
         # No cookie jar: a session's jar sent one caller's cookies (a `Set-Cookie` answered to
         # them) with every later caller's request. Headers pass through; nothing is kept.
         self.session = aiohttp.ClientSession(
@@ -93,8 +95,11 @@ class HttpTransport:
                 skip_auto_headers=_SKIP_AUTO,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
-                body = await response.read()
+                body = await self._read(response)
                 headers = end_to_end(response.headers.items())
+                length = response.headers.get("Content-Length")
+                if request.method == "HEAD" and length is not None:
+                    headers += (("Content-Length", length),)  # the size a GET would have
                 return HttpResponse(response.status, headers, body)
         except TimeoutError as exc:
             raise CallFailed("timeout", f"no answer within {timeout:.1f} s") from exc
@@ -102,6 +107,24 @@ class HttpTransport:
             if isinstance(exc, aiohttp.ServerTimeoutError):
                 raise CallFailed("timeout", str(exc)) from exc
             raise CallFailed("connect", str(exc) or type(exc).__name__) from exc
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The body, up to `max_body`: a larger one is refused before it is all in memory (a
+        reply must fit in one RabbitMQ message, and RabbitMQ refuses those over its
+        max_message_size)."""
+        length = response.content_length
+        if length is not None and length <= self.max_body:
+            return await response.read()
+        body = bytearray()
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > self.max_body:
+                raise CallFailed(
+                    "too_large",
+                    f"the response is over --max-response ({self.max_body} bytes)"
+                    + ("" if length is None else f": Content-Length {length}"),
+                )
+        return bytes(body)
 
     async def close(self) -> None:
         await self.session.close()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.settings import CommaList, SidecarSettings
+from shared.settings import ByteSize, CommaList, SidecarSettings
 from shared.topology import check_service_name
 
 
@@ -48,6 +48,13 @@ class DequeuerSettings(SidecarSettings):
         gt=0,
         description="longest single call to the microservice, "
         "in seconds (a request's own deadline may cut it shorter)",
+    )
+    max_response: ByteSize = Field(
+        64 * 1024 * 1024,
+        description="largest microservice answer carried back (e.g. 64MiB; with batching, "
+        "the whole batch answer): a larger one is dead-lettered and its caller gets 502 "
+        "service_failed. RabbitMQ refuses messages over its max_message_size (128 MiB by "
+        "default); an answer it refuses is handled the same way",
     )
     max_attempts: int = Field(
         3,

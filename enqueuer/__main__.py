@@ -9,12 +9,14 @@ from enqueuer.guard import read_token
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, service, tracing
 from shared.admin import admin_app
+from shared.broker import warn_above_max_message_size
 from shared.settings import load
 
 log = logging.getLogger("enqueuer")
 
 
 async def serve(settings: EnqueuerSettings) -> int:
+    warn_above_max_message_size("--max-body", settings.max_body)
     app = create_app(settings)
     broker = app[BROKER]
     api = await service.start_site(app, settings.host, settings.port, cancel_on_disconnect=True)

@@ -152,7 +152,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         if future.cancelled() and task is not None and not task.cancelling():
             raise GatewayTimeout(f"no reply from service {service!r} within the deadline") from None
         raise
-    return answer(reply)
+    return answer(reply, request.method)
 
 
 async def publish(
@@ -257,14 +257,14 @@ async def request_status(request: web.Request, enqueuer: Enqueuer) -> web.Stream
     if outcome.error is not None:
         raise outcome.error
     assert outcome.response is not None
-    return answer(outcome.response)
+    return answer(outcome.response, request.method)
 
 
-def answer(reply: HttpResponse) -> web.StreamResponse:
+def answer(reply: HttpResponse, method: str) -> web.StreamResponse:
     if reply.error is not None:
         error_class = BY_CODE.get(reply.error, ServiceFailed)
         raise error_class(reply.error_message or f"the dequeuer answered {reply.error}")
-    return PassThroughResponse(reply)
+    return PassThroughResponse(reply, head=method == "HEAD")
 
 
 def _remaining(deadline: float | None, default: float) -> float:

@@ -1,8 +1,9 @@
 """Publishing a request: durable, confirmed, mandatory, to a service that must exist.
 
 Broker answers become contract errors here, at one boundary: a return (no partition bound) is
-`unknown_service`, a nack (a full partition, `reject-publish`) is `backpressure`, a lost channel or
-connection is `broker_unavailable`.
+`unknown_service`, a nack (a full partition, `reject-publish`) is `backpressure`, a message over
+RabbitMQ's `max_message_size` is `body_too_large`, a lost channel or connection is
+`broker_unavailable`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from shared import envelope, topology
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS
-from shared.errors import Backpressure, BrokerUnavailable, UnknownService
+from shared.broker import BROKER_ERRORS, refused_for_size
+from shared.errors import Backpressure, BodyTooLarge, BrokerUnavailable, UnknownService
 
 log = logging.getLogger(__name__)
 KNOWN_FOR = 10.0  # seconds a service found on the broker is trusted without asking again
@@ -122,7 +123,7 @@ class Publisher:
         try:
             await self._publish(service, routing_key, message)
             failed = False
-        except (UnknownService, Backpressure):
+        except (UnknownService, Backpressure, BodyTooLarge):
             failed = False  # the broker answered: it is up
             raise
         except asyncio.CancelledError:
@@ -161,5 +162,10 @@ class Publisher:
             self._exchanges.pop(service, None)
             raise UnknownService(f"service {service!r} was removed from the broker") from exc
         except BROKER_ERRORS as exc:
+            if refused_for_size(exc, len(message.body)):
+                raise BodyTooLarge(
+                    f"RabbitMQ refused the {len(message.body)}-byte request as over its "
+                    "max_message_size; the enqueuer's --max-body should not be above it"
+                ) from exc
             log.warning("publish failed: %s", exc)
             raise BrokerUnavailable("RabbitMQ did not confirm the request", retry_after=1) from exc

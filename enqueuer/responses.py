@@ -12,10 +12,16 @@ _DEFAULTED = (hdrs.CONTENT_TYPE, hdrs.DATE, hdrs.SERVER)
 
 class PassThroughResponse(web.Response):
     """aiohttp adds Content-Type, Date and Server when a response has none; a pass-through must
-    not, or a reply without Content-Type would come back as application/octet-stream."""
+    not, or a reply without Content-Type would come back as application/octet-stream.
 
-    def __init__(self, reply: HttpResponse) -> None:
+    A reply carries Content-Length only for a HEAD (the size of what a GET would send, which
+    aiohttp cannot count from an empty body); answering anything else, the length is the
+    body's, whatever a reply says."""
+
+    def __init__(self, reply: HttpResponse, *, head: bool) -> None:
         headers = CIMultiDict(reply.headers)
+        if not head:
+            headers.popall(hdrs.CONTENT_LENGTH, None)
         self._absent = [name for name in _DEFAULTED if name not in headers]
         super().__init__(status=reply.status, headers=headers, body=reply.body)
 

@@ -55,7 +55,9 @@ class EnqueuerSettings(SidecarSettings):
         description="longest a caller waits, in seconds; X-Request-Timeout may ask for less",
     )
     max_body: ByteSize = Field(
-        1024 * 1024, description="largest request body (e.g. 1MiB); larger gets 413 body_too_large"
+        1024 * 1024,
+        description="largest request body (e.g. 1MiB); larger gets 413 body_too_large, as does "
+        "a body RabbitMQ refuses (over its max_message_size, 128 MiB by default)",
     )
     services: CommaList = Field(
         [],

@@ -32,6 +32,33 @@ CONNECT_TIMEOUT = 10.0
 BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
+# RabbitMQ's max_message_size unless rabbitmq.conf says otherwise; AMQP does not tell a client.
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
+
+
+def warn_above_max_message_size(flag: str, size: int) -> None:
+    """A limit above the broker's lets through messages the broker refuses by closing the
+    channel, which fails whatever else was in flight on it."""
+    if size > DEFAULT_MAX_MESSAGE_SIZE:
+        log.warning(
+            "%s %d is above RabbitMQ's default max_message_size (%d): unless rabbitmq.conf "
+            "raises it, larger messages are refused, and what is in flight on their channel "
+            "fails with them",
+            flag,
+            size,
+            DEFAULT_MAX_MESSAGE_SIZE,
+        )
+
+
+def refused_for_size(exc: BaseException, size: int) -> bool:
+    """RabbitMQ closed the channel because the message of `size` body bytes was over its
+    `max_message_size`: sent again, it would be refused again. Every publish in flight on that
+    channel fails with the same exception; the size it names tells which one was refused."""
+    return isinstance(
+        exc, aiormq.exceptions.ChannelPreconditionFailed
+    ) and f"message size {size} is larger than configured max size" in str(exc)
+
+
 def redact(url: str) -> str:
     """The URL(s) without password, for logs and error messages."""
     return ",".join(

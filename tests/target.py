@@ -50,6 +50,7 @@ class Target:
         app.router.add_route("*", "/keyed/{key}/{seq}", self.keyed)
         app.router.add_route("*", "/flaky/{times}", self.flaky)
         app.router.add_route("*", "/drop", self.drop)
+        app.router.add_route("*", "/bytes/{size}", self.sized)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -134,6 +135,20 @@ class Target:
             self.failures_left[request_id] = left - 1
             return web.Response(status=503, text="busy")
         return web.Response(text="recovered")
+
+    async def sized(self, request: web.Request) -> web.StreamResponse:
+        """`size` bytes, with a Content-Length, or streamed without one (`?chunked=1`)."""
+        await self.record(request)
+        size = int(request.match_info["size"])
+        if not request.query.get("chunked"):
+            return web.Response(body=b"x" * size, content_type="application/octet-stream")
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, size, 1024):
+            await response.write(b"x" * min(1024, size - start))
+        await response.write_eof()
+        return response
 
     async def drop(self, request: web.Request) -> web.Response:
         """Closes the connection without an answer: a microservice that crashed mid-call."""

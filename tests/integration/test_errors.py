@@ -70,6 +70,29 @@ async def test_body_too_large(
     assert len(target.seen) == 1
 
 
+async def test_body_refused_by_rabbitmq(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A --max-body above RabbitMQ's max_message_size (128 MiB by default) is warned about at
+    startup; a body the broker then refuses is 413 body_too_large naming the cause, not 503.
+    The broker closed the publishing channel: once it is reopened, the enqueuer goes on."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--max-body", "200MiB")
+    assert "--max-body 209715200 is above RabbitMQ's default max_message_size" in stack.log_text()
+    async with http.post(f"{url}/{service}/x", data=b"x" * (129 * 1024 * 1024)) as response:
+        assert "max_message_size" in await expect_error(response, 413, "body_too_large")
+    statuses = []
+    for _ in range(50):
+        async with http.post(f"{url}/{service}/x", data=b"small") as response:
+            statuses.append(response.status)
+        if response.status == 200:
+            break
+        await expect_error(response, 503, "broker_unavailable")
+        await asyncio.sleep(0.1)
+    assert statuses[-1] == 200 and len(statuses) <= 3, statuses
+    assert [seen.body for seen in target.seen] == [b"small"]
+
+
 async def test_partition_keys(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
@@ -198,6 +221,89 @@ async def test_retryable_status_is_dead_lettered(
     async with http.get(f"{url}/{service}/status/503") as response:
         assert "last: 503" in await expect_error(response, 502, "service_failed")
     assert len(target.seen) == 2
+
+
+async def dead_letters(amqp: AbstractRobustConnection, service: str) -> list[dict[str, object]]:
+    """The headers of every message in the service's S.dlq, taken off it."""
+    channel = await amqp.channel()
+    dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
+    found: list[dict[str, object]] = []
+    while (dead := await dlq.get(fail=False)) is not None:
+        await dead.ack()
+        found.append(dict(dead.headers))
+    await channel.close()
+    return found
+
+
+async def test_response_over_max_response(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """An answer larger than --max-response is not carried back: 502 service_failed at once,
+    never retried (it would be as large again), the request in S.dlq with the reason, and the
+    dequeuer goes on serving. With or without a Content-Length; a HEAD's is no body."""
+    dequeuer = await stack.dequeuer(service, target.url, "--max-response", "1KiB")
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/bytes/1024") as response:
+        assert response.status == 200
+        assert await response.read() == b"x" * 1024
+    for query in ("", "?chunked=1"):
+        async with http.get(f"{url}/{service}/bytes/1025{query}") as response:
+            message = await expect_error(response, 502, "service_failed")
+        assert "too_large" in message and "--max-response" in message
+    async with http.head(f"{url}/{service}/bytes/100000") as response:
+        assert response.status == 200
+    async with http.get(f"{url}/{service}/bytes/10") as response:
+        assert response.status == 200
+    assert [seen.path for seen in target.seen] == [
+        "/bytes/1024",
+        "/bytes/1025",
+        "/bytes/1025",
+        "/bytes/100000",
+        "/bytes/10",
+    ]
+    dead = await dead_letters(amqp, service)
+    assert len(dead) == 2
+    assert all("--max-response" in str(d[envelope.H_DEAD_REASON]) for d in dead)
+    port = dequeuer.admin_port  # type: ignore[attr-defined]
+    assert await metric(http, port, "proxymq_dequeuer_retries_total") == 0
+
+
+async def test_response_refused_by_rabbitmq(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """An answer within --max-response but over RabbitMQ's max_message_size (128 MiB by
+    default): the broker closes the reply channel instead of taking it. The caller gets 502
+    at once instead of a timeout, the request goes to S.dlq and is acked, not held for ever
+    (before, it stayed unacked on its live channel, its key's later requests waiting behind
+    it), and the replies that shared the closed channel still arrive."""
+    too_large = 129 * 1024 * 1024
+    await stack.dequeuer(service, target.url, "--max-response", "200MiB")
+    _, url = await stack.enqueuer()
+    headers = {"X-Partition-Key": "k"}
+
+    async def small(i: int) -> int:
+        async with http.get(f"{url}/{service}/delay/0.2?i={i}") as response:
+            return response.status
+
+    others = [asyncio.create_task(small(i)) for i in range(5)]
+    async with http.get(f"{url}/{service}/bytes/{too_large}", headers=headers) as response:
+        message = await expect_error(response, 502, "service_failed")
+    assert "max_message_size" in message
+    assert await asyncio.gather(*others) == [200] * 5
+    async with http.get(f"{url}/{service}/bytes/10", headers=headers) as response:
+        assert response.status == 200
+    assert [s.path for s in target.seen].count(f"/bytes/{too_large}") == 1
+    dead = await dead_letters(amqp, service)
+    assert len(dead) == 1 and "max_message_size" in str(dead[0][envelope.H_DEAD_REASON])
+    assert "could not settle" not in stack.log_text()
 
 
 async def test_retry_recovers(

@@ -8,7 +8,10 @@ import gzip
 
 import aiohttp
 import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from shared import envelope, topology
+from shared.envelope import HttpResponse
 from tests.conftest import Stack
 from tests.target import Target
 
@@ -62,6 +65,47 @@ async def test_head_has_no_body(pair: str, target: Target, http: aiohttp.ClientS
         assert response.status == 200
         assert await response.read() == b""
     assert target.seen[-1].method == "HEAD"
+
+
+async def test_head_keeps_the_content_length(
+    pair: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A HEAD answers with the size a GET would have, as the microservice said it."""
+    async with http.head(f"{target.url}/bytes/100000") as direct:
+        assert direct.headers["Content-Length"] == "100000"
+    async with http.head(f"{pair}/bytes/100000") as response:
+        assert response.status == 200
+        assert response.headers["Content-Length"] == "100000"
+        assert await response.read() == b""
+    async with http.get(f"{pair}/bytes/10") as response:
+        assert response.headers["Content-Length"] == "10"
+        assert await response.read() == b"x" * 10
+
+
+async def test_a_replys_content_length_counts_for_head_only(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    """A reply from any AMQP client cannot break the caller's HTTP framing: its Content-Length
+    is the body's, whatever the reply's headers claim, except in answer to a HEAD."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel()
+    queue = await channel.get_queue(topology.Topology(service, partitions=1).queues[0])
+
+    async def reply(message: AbstractIncomingMessage) -> None:
+        answer = HttpResponse(200, (("Content-Length", "999"), ("X-Replier", "foreign")), b"ok")
+        outgoing = envelope.encode_response(answer, message.correlation_id or "")
+        await envelope.publish(channel, outgoing, "", message.reply_to or "", mandatory=False)
+        await message.ack()
+
+    await queue.consume(reply)
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/x") as response:
+        assert response.headers["X-Replier"] == "foreign"
+        assert response.headers["Content-Length"] == "2"
+        assert await response.read() == b"ok"
+    async with http.head(f"{url}/{service}/x") as response:
+        assert response.headers["Content-Length"] == "999"
+    await channel.close()
 
 
 async def test_hop_by_hop_headers_are_not_carried(

@@ -425,7 +425,7 @@ async def batch_server() -> AsyncIterator[tuple[str, list[web.Request]]]:
 
 async def test_over_http(batch_server: tuple[str, list[web.Request]]) -> None:
     url, seen = batch_server
-    transport = BatchingTransport(HttpTransport(url, 4), size=3, wait=0.01, path="/batch")
+    transport = BatchingTransport(HttpTransport(url, 4, 1 << 20), size=3, wait=0.01, path="/batch")
     try:
         answers = await asyncio.gather(
             *(transport.send(req(f"/p{i}", f"b{i}".encode()), 5) for i in range(3))
@@ -437,9 +437,30 @@ async def test_over_http(batch_server: tuple[str, list[web.Request]]) -> None:
     assert len(seen) == 1 and seen[0].content_type == "application/json"
 
 
+async def test_over_http_answer_over_max_response(
+    batch_server: tuple[str, list[web.Request]],
+) -> None:
+    """The whole batch's answer counts against --max-response: each item fails `too_large`,
+    which no --retry-on can make retryable."""
+    url, seen = batch_server
+    transport = BatchingTransport(HttpTransport(url, 4, 100), size=3, wait=0.01, path="/batch")
+    try:
+        outcomes = await asyncio.gather(
+            *(transport.send(req(f"/p{i}", b"x" * 20), 5) for i in range(3)),
+            return_exceptions=True,
+        )
+    finally:
+        await transport.close()
+    assert all(isinstance(o, CallFailed) and o.kind == "too_large" for o in outcomes)
+    assert len(seen) == 1
+
+
 async def test_over_http_nobody_listening() -> None:
     transport = BatchingTransport(
-        HttpTransport(f"http://127.0.0.1:{free_port()}", 4), size=2, wait=0.01, path="/batch"
+        HttpTransport(f"http://127.0.0.1:{free_port()}", 4, 1 << 20),
+        size=2,
+        wait=0.01,
+        path="/batch",
     )
     try:
         outcomes = await asyncio.gather(
