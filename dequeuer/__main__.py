@@ -123,19 +123,23 @@ async def serve(settings: DequeuerSettings) -> int:
 
     background: list[asyncio.Task[None]] = []
     broker.on_connect(on_connect)
-    admin = await service.start_site(
-        admin_app(
-            lambda: {
-                "broker_connected": broker.connected,
-                "microservice_ready": readiness.ready.is_set(),
-                "breaker_closed": breaker.state != OPEN,
-                "member": membership.available,
-            },
-            metrics.registry,
-        ),
-        settings.admin_host,
-        settings.admin_port,
-    )
+    try:
+        admin = await service.start_site(
+            admin_app(
+                lambda: {
+                    "broker_connected": broker.connected,
+                    "microservice_ready": readiness.ready.is_set(),
+                    "breaker_closed": breaker.state != OPEN,
+                    "member": membership.available,
+                },
+                metrics.registry,
+            ),
+            settings.admin_host,
+            settings.admin_port,
+        )
+    except BaseException:
+        await transport.close()
+        raise
     broker.start()
     code = 0
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from enqueuer.app import BROKER, ENQUEUER, create_app
@@ -19,21 +20,27 @@ async def serve(settings: EnqueuerSettings) -> int:
     warn_above_max_message_size("--max-body", settings.max_body)
     app = create_app(settings)
     broker = app[BROKER]
-    api = await service.start_site(app, settings.host, settings.port, cancel_on_disconnect=True)
     metrics = app[ENQUEUER].metrics
-    admin = await service.start_site(
-        admin_app(lambda: {"broker_connected": broker.connected}, metrics.registry),
-        settings.admin_host,
-        settings.admin_port,
-    )
-    log.info(
-        "listening on http://%s:%d (admin :%d)", settings.host, settings.port, settings.admin_port
-    )
     try:
-        await service.wait_for_stop(broker.task)
+        async with contextlib.AsyncExitStack() as sites:  # a site that cannot start stops the rest
+            api = await service.start_site(
+                app, settings.host, settings.port, cancel_on_disconnect=True
+            )
+            sites.push_async_callback(api.cleanup)
+            admin = await service.start_site(
+                admin_app(lambda: {"broker_connected": broker.connected}, metrics.registry),
+                settings.admin_host,
+                settings.admin_port,
+            )
+            sites.push_async_callback(admin.cleanup)
+            log.info(
+                "listening on http://%s:%d (admin :%d)",
+                settings.host,
+                settings.port,
+                settings.admin_port,
+            )
+            await service.wait_for_stop(broker.task)
     finally:
-        await api.cleanup()
-        await admin.cleanup()
         tracing.shutdown()
     return 0
 

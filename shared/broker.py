@@ -11,10 +11,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from yarl import URL
 
 from shared.amqp_transport import CoalescingTransportFactory
@@ -187,19 +187,25 @@ class Broker:
     async def _connect(self) -> None:
         log.info("connecting to %s", redact(self.url))
         urls = split_urls(self.url)
-        connection = await aio_pika.connect_robust(
-            urls[0],
-            connection_class=FailoverConnection,
-            failover_urls=urls if len(urls) > 1 else [],
+        options: dict[str, Any] = {
+            "failover_urls": urls if len(urls) > 1 else [],
+            "heartbeat": self.heartbeat,
+            "fail_fast": False,
+            "reconnect_interval": self.reconnect_interval,
+        }
+        # What `aio_pika.connect_robust` does, with the connection known before it connects:
+        # `close()` must close it even while the first attempt is under way. Left open, its
+        # reconnect task takes the cancellation at exit for a lost attempt and tries again,
+        # and the process never ends (a sidecar whose port was taken hung so).
+        connection = FailoverConnection(
+            make_url(urls[0], **options),
             client_properties={"connection_name": self.name},
             ssl_context=self.ssl_context,
-            heartbeat=self.heartbeat,
-            fail_fast=False,
-            reconnect_interval=self.reconnect_interval,
-            timeout=self.connect_timeout,
+            **options,
         )
-        connection.reconnect_callbacks.add(self._reconnected)
         self._connection = connection
+        await connection.connect(timeout=self.connect_timeout)
+        connection.reconnect_callbacks.add(self._reconnected)
         for callback in self._on_connect:
             await callback(connection)
         self._ready.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -38,7 +39,14 @@ async def start_site(
         handler_cancellation=cancel_on_disconnect,
     )
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
+    try:
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+    except OSError as exc:
+        await runner.cleanup()  # stops what the app started, its broker connection included
+        program = os.path.basename(sys.argv[0])
+        raise SystemExit(
+            f"{program}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
     return runner
 
 

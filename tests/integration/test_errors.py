@@ -4,8 +4,12 @@ X-Correlation-ID, Retry-After where the contract asks for it, and nothing accept
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import socket
 import time
+from collections.abc import Iterator
 
 import aio_pika
 import aiohttp
@@ -13,6 +17,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from shared import envelope, topology
+from shared.processes import free_port
 from tests.conftest import Stack, closed_port, metric
 from tests.target import Target
 
@@ -315,6 +320,67 @@ async def test_retry_recovers(
         assert response.status == 200
         assert await response.text() == "recovered"
     assert len(target.seen) == 3
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process listens on."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("which", ["enqueuer API", "enqueuer admin", "dequeuer admin"])
+async def test_a_taken_port_is_a_clear_startup_error(
+    stack: Stack, service: str, taken_port: int, which: str
+) -> None:
+    """The sidecar says which address it cannot listen on and exits 1 at once. Before, the
+    enqueuer hung for good: its broker connection, opened first, was never closed, and took
+    the cancellation at exit for a lost attempt."""
+    if which == "enqueuer API":
+        process, _ = await stack.enqueuer("--port", str(taken_port), wait=False)
+    elif which == "enqueuer admin":
+        process = await stack.start(
+            "proxymq-enqueuer", "--port", str(free_port()), admin_port=taken_port, wait=False
+        )
+    else:
+        process = await stack.start(
+            "proxymq-dequeuer", "--service", service, admin_port=taken_port, wait=False
+        )
+    assert process.popen is not None
+    assert await asyncio.to_thread(process.popen.wait, 15) == 1
+    logged = stack.log_text()
+    assert "cannot listen on " in logged and f":{taken_port}: " in logged
+    assert "address already in use" in logged
+    assert "Traceback" not in logged and "Unclosed" not in logged
+
+
+@pytest.mark.parametrize("name", ["proxymq-enqueuer", "proxymq-dequeuer"])
+async def test_stopping_while_the_broker_does_not_answer(
+    stack: Stack, service: str, http: aiohttp.ClientSession, taken_port: int, name: str
+) -> None:
+    """SIGTERM while the first connection attempt waits on a broker that accepted the TCP
+    connection and says nothing (a frozen node): the sidecar stops at once. Before, the
+    enqueuer never ended: the attempt, cancelled, was taken for a lost one and made again."""
+    silent = {"PROXYMQ_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{taken_port}/"}
+    args = ["--service", service] if name == "proxymq-dequeuer" else ["--port", str(free_port())]
+    process = await stack.start(name, *args, wait=False, env=silent)
+    admin = process.admin_port  # type: ignore[attr-defined]
+    for _ in range(100):
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            async with http.get(f"http://127.0.0.1:{admin}/healthz") as response:
+                if response.status == 200:
+                    break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"{name} never answered /healthz")
+    assert process.popen is not None
+    process.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.popen.wait, 15) == 0
 
 
 async def test_broker_down_at_startup(
