@@ -96,7 +96,7 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
             ),
         ),
         replies=ReplyWaiter(instance, settings.max_in_flight, metrics.late_replies.inc),
-        results=ResultStore(settings.result_ttl, settings.max_results),
+        results=ResultStore(settings.result_ttl, settings.max_results, settings.max_result_bytes),
         idempotency=IdempotencyStore(settings.idempotency_window, settings.max_results),
         guard=CallerGuard(
             read_token(settings.auth_token_file), settings.max_headers, settings.max_header_bytes

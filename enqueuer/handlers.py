@@ -250,7 +250,8 @@ async def request_status(request: web.Request, enqueuer: Enqueuer) -> web.Stream
     if outcome is None:
         raise UnknownRequest(
             f"no request {request_id!r} here: it is unknown, was sent to another enqueuer, or its "
-            f"result expired ({enqueuer.settings.result_ttl:g} s after it finished)"
+            f"result expired ({enqueuer.settings.result_ttl:g} s after it finished, or sooner "
+            "to stay within --max-results and --max-result-bytes)"
         )
     if outcome.pending:
         return pending(request_id)

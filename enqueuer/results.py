@@ -1,7 +1,8 @@
 """Results of `Prefer: respond-async` requests, kept for `GET /_proxymq/requests/{id}`.
 
-Memory is bounded twice: pending entries count against the enqueuer's in-flight cap, and finished
-ones expire after a TTL or, beyond `capacity`, oldest first.
+Memory is bounded: pending entries count against the enqueuer's in-flight cap, and finished ones
+expire after a TTL or, beyond `capacity` results or `max_bytes` of bodies, oldest first. The
+newest result is kept whatever its size (it is at most the dequeuer's --max-response).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ class Outcome:
 
 
 class ResultStore:
-    def __init__(self, ttl: float, capacity: int) -> None:
+    def __init__(self, ttl: float, capacity: int, max_bytes: int) -> None:
         self.ttl = ttl
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the finished results' bodies
         self._pending: dict[str, Outcome] = {}
         self._finished: OrderedDict[str, Outcome] = OrderedDict()
 
@@ -40,7 +43,9 @@ class ResultStore:
     ) -> None:
         outcome = self._pending.pop(request_id, None) or Outcome()
         outcome.response, outcome.error, outcome.finished_at = response, error, time.monotonic()
+        self._forget(request_id)
         self._finished[request_id] = outcome
+        self.bytes += _size(outcome)
         self._evict()
 
     def get(self, request_id: str) -> Outcome | None:
@@ -55,6 +60,18 @@ class ResultStore:
         while self._finished:
             request_id, oldest = next(iter(self._finished.items()))
             assert oldest.finished_at is not None
-            if oldest.finished_at >= horizon and len(self._finished) <= self.capacity:
+            within = len(self._finished) <= self.capacity and (
+                self.bytes <= self.max_bytes or len(self._finished) == 1
+            )
+            if oldest.finished_at >= horizon and within:
                 break
-            del self._finished[request_id]
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        gone = self._finished.pop(request_id, None)
+        if gone is not None:
+            self.bytes -= _size(gone)
+
+
+def _size(outcome: Outcome) -> int:
+    return 0 if outcome.response is None else len(outcome.response.body)

@@ -78,6 +78,11 @@ class EnqueuerSettings(SidecarSettings):
         gt=0,
         description="asynchronous results kept at most; the oldest finished ones go first",
     )
+    max_result_bytes: ByteSize = Field(
+        64 * 1024 * 1024,
+        description="bytes of asynchronous results' bodies kept at most (e.g. 64MiB); the "
+        "oldest finished ones go first, the newest is always kept",
+    )
     idempotency_window: float = Field(
         300.0,
         gt=0,

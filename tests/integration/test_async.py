@@ -101,3 +101,25 @@ async def test_result_expires(
     await asyncio.sleep(0.7)
     async with http.get(url + location) as response:
         assert response.status == 404
+
+
+async def test_results_beyond_max_result_bytes_go_oldest_first(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Finished results are kept within --max-result-bytes of bodies: the oldest is dropped
+    (404 unknown_request that says why), the newest served."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--max-result-bytes", "1KiB")
+    locations = []
+    for _ in range(2):
+        async with http.get(
+            f"{url}/{service}/bytes/600", headers={"Prefer": "respond-async"}
+        ) as response:
+            assert response.status == 202
+            locations.append(url + response.headers["Location"])
+        newest = await poll(http, locations[-1])
+        assert newest.status == 200 and await newest.read() == b"x" * 600
+    async with http.get(locations[0]) as dropped:
+        assert dropped.status == 404
+        assert dropped.headers["X-ProxyMQ-Error"] == "unknown_request"
+        assert "--max-result-bytes" in (await dropped.json())["error"]["message"]

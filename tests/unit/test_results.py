@@ -30,7 +30,7 @@ def ok(body: bytes = b"done") -> HttpResponse:
 
 
 def test_pending_then_finished(clock: Clock) -> None:
-    store = ResultStore(ttl=60, capacity=10)
+    store = ResultStore(ttl=60, capacity=10, max_bytes=1 << 20)
     store.add("r1")
     outcome = store.get("r1")
     assert outcome is not None
@@ -47,7 +47,7 @@ def test_pending_then_finished(clock: Clock) -> None:
 
 
 def test_finished_with_error(clock: Clock) -> None:
-    store = ResultStore(ttl=60, capacity=10)
+    store = ResultStore(ttl=60, capacity=10, max_bytes=1 << 20)
     store.add("r1")
     error = GatewayTimeout("too late")
     store.finish("r1", None, error)
@@ -58,11 +58,11 @@ def test_finished_with_error(clock: Clock) -> None:
 
 
 def test_unknown_id(clock: Clock) -> None:
-    assert ResultStore(ttl=60, capacity=10).get("nope") is None
+    assert ResultStore(ttl=60, capacity=10, max_bytes=1 << 20).get("nope") is None
 
 
 def test_finished_result_expires_after_ttl(clock: Clock) -> None:
-    store = ResultStore(ttl=60, capacity=10)
+    store = ResultStore(ttl=60, capacity=10, max_bytes=1 << 20)
     store.add("r1")
     store.finish("r1", ok(), None)
     clock.now += 60
@@ -73,7 +73,7 @@ def test_finished_result_expires_after_ttl(clock: Clock) -> None:
 
 
 def test_ttl_counts_from_finish_not_from_add(clock: Clock) -> None:
-    store = ResultStore(ttl=60, capacity=10)
+    store = ResultStore(ttl=60, capacity=10, max_bytes=1 << 20)
     store.add("r1")
     clock.now += 1000
     assert store.get("r1") is not None
@@ -83,7 +83,7 @@ def test_ttl_counts_from_finish_not_from_add(clock: Clock) -> None:
 
 
 def test_pending_never_expires(clock: Clock) -> None:
-    store = ResultStore(ttl=1, capacity=1)
+    store = ResultStore(ttl=1, capacity=1, max_bytes=1 << 20)
     store.add("r1")
     clock.now += 10_000
     store.add("r2")
@@ -94,7 +94,7 @@ def test_pending_never_expires(clock: Clock) -> None:
 
 
 def test_only_expired_results_go(clock: Clock) -> None:
-    store = ResultStore(ttl=60, capacity=10)
+    store = ResultStore(ttl=60, capacity=10, max_bytes=1 << 20)
     for request_id in ("old", "middle"):
         store.add(request_id)
         store.finish(request_id, ok(), None)
@@ -108,7 +108,7 @@ def test_only_expired_results_go(clock: Clock) -> None:
 
 
 def test_capacity_evicts_oldest_finished(clock: Clock) -> None:
-    store = ResultStore(ttl=600, capacity=2)
+    store = ResultStore(ttl=600, capacity=2, max_bytes=1 << 20)
     for request_id in ("a", "b", "c"):
         store.add(request_id)
     for request_id in ("b", "a", "c"):
@@ -121,7 +121,7 @@ def test_capacity_evicts_oldest_finished(clock: Clock) -> None:
 
 
 def test_capacity_never_evicts_pending(clock: Clock) -> None:
-    store = ResultStore(ttl=600, capacity=2)
+    store = ResultStore(ttl=600, capacity=2, max_bytes=1 << 20)
     for index in range(5):
         store.add(f"pending-{index}")
     for request_id in ("x", "y", "z"):
@@ -135,3 +135,38 @@ def test_capacity_never_evicts_pending(clock: Clock) -> None:
     assert store.get("y") is not None
     assert store.get("z") is not None
     assert len(store) == 7
+
+
+def test_bodies_beyond_max_bytes_evict_the_oldest(clock: Clock) -> None:
+    store = ResultStore(ttl=600, capacity=100, max_bytes=1000)
+    for request_id in ("r1", "r2", "r3"):
+        store.add(request_id)
+        store.finish(request_id, ok(b"x" * 400), None)
+        clock.now += 1
+    assert store.get("r1") is None  # 1200 bytes: the oldest went
+    assert store.get("r2") is not None and store.get("r3") is not None
+    assert store.bytes == 800
+    store.add("r4")
+    store.finish("r4", None, GatewayTimeout("late"))  # an error holds no body
+    assert store.bytes == 800 and len(store) == 3
+
+
+def test_the_newest_result_is_kept_whatever_its_size(clock: Clock) -> None:
+    store = ResultStore(ttl=600, capacity=100, max_bytes=1000)
+    store.add("small")
+    store.finish("small", ok(b"x" * 10), None)
+    store.add("huge")
+    store.finish("huge", ok(b"x" * 5000), None)
+    assert store.get("small") is None
+    outcome = store.get("huge")
+    assert outcome is not None and outcome.response is not None
+    assert store.bytes == 5000
+
+
+def test_expiry_gives_the_bytes_back(clock: Clock) -> None:
+    store = ResultStore(ttl=10, capacity=100, max_bytes=1000)
+    store.add("r1")
+    store.finish("r1", ok(b"x" * 600), None)
+    clock.now += 11
+    assert store.get("r1") is None
+    assert store.bytes == 0
