@@ -149,6 +149,23 @@ async def test_header_key_keeps_one_partition(
     assert sorted(depths) == [0] * 7 + [5]
 
 
+async def test_a_callers_tiny_timeouts_do_not_open_the_breaker(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A deadline that passes before RabbitMQ's confirm is the caller's 504, not a broker
+    failure: before, a caller's X-Request-Timeout of 0.0001 answered 503 and, five times,
+    opened the enqueuer's breaker for every caller."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--breaker-failures", "2")
+    for _ in range(6):
+        async with http.get(
+            f"{url}/{service}/x", headers={"X-Request-Timeout": "0.0001"}
+        ) as response:
+            assert "deadline" in await expect_error(response, 504, "timeout")
+    async with http.get(f"{url}/{service}/x") as response:
+        assert response.status == 200
+
+
 async def test_timeout_and_late_reply(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
