@@ -97,7 +97,9 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         ),
         replies=ReplyWaiter(instance, settings.max_in_flight, metrics.late_replies.inc),
         results=ResultStore(settings.result_ttl, settings.max_results, settings.max_result_bytes),
-        idempotency=IdempotencyStore(settings.idempotency_window, settings.max_results),
+        idempotency=IdempotencyStore(
+            settings.idempotency_window, settings.max_results, settings.max_result_bytes
+        ),
         guard=CallerGuard(
             read_token(settings.auth_token_file), settings.max_headers, settings.max_header_bytes
         ),

@@ -1,6 +1,7 @@
 """`Idempotency-Key`: a repeated key within the window gets the first request's id and result
-instead of a second message. Kept per enqueuer, in memory, bounded by count; a key whose request
-ran out of time is forgotten, so a retry after a 504 really tries again."""
+instead of a second message. Kept per enqueuer, in memory, bounded by count and by the bytes of
+the answers kept (the newest entry whatever its size); a key whose request ran out of time is
+forgotten, so a retry after a 504 really tries again."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 from shared.envelope import HttpResponse
 
@@ -21,9 +23,11 @@ class First:
 
 
 class IdempotencyStore:
-    def __init__(self, window: float, capacity: int) -> None:
+    def __init__(self, window: float, capacity: int, max_bytes: int) -> None:
         self.window = window
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the answers of the entries kept
         self._entries: OrderedDict[bytes, First] = OrderedDict()
 
     @staticmethod
@@ -36,25 +40,48 @@ class IdempotencyStore:
         slot = self._slot(service, key)
         first = self._entries.get(slot)
         if first is None or first.future.cancelled():
-            self._entries.pop(slot, None)
+            self._drop(slot)
             return None
         return first
 
     def remember(
         self, service: str, key: str, request_id: str, future: asyncio.Future[HttpResponse]
     ) -> None:
-        self._entries[self._slot(service, key)] = First(
-            request_id, future, time.monotonic() + self.window
-        )
+        slot = self._slot(service, key)
+        self._drop(slot)
+        first = First(request_id, future, time.monotonic() + self.window)
+        self._entries[slot] = first
+        future.add_done_callback(partial(self._answered, slot, first))
         self._evict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _answered(self, slot: bytes, first: First, _: object) -> None:
+        if self._entries.get(slot) is first:
+            self.bytes += _size(first)
+            self._evict()
+
     def _evict(self) -> None:
         now = time.monotonic()
         while self._entries:
-            oldest = next(iter(self._entries.values()))
-            if oldest.expires > now and len(self._entries) <= self.capacity:
+            slot, oldest = next(iter(self._entries.items()))
+            within = len(self._entries) <= self.capacity and (
+                self.bytes <= self.max_bytes or len(self._entries) == 1
+            )
+            if oldest.expires > now and within:
                 break
-            self._entries.popitem(last=False)
+            self._drop(slot)
+
+    def _drop(self, slot: bytes) -> None:
+        gone = self._entries.pop(slot, None)
+        if gone is not None:
+            self.bytes -= _size(gone)
+
+
+def _size(first: First) -> int:
+    """The bytes an entry holds: its answer's body, once there is one."""
+    future = first.future
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return 0
+    return len(future.result().body)

@@ -80,8 +80,9 @@ class EnqueuerSettings(SidecarSettings):
     )
     max_result_bytes: ByteSize = Field(
         64 * 1024 * 1024,
-        description="bytes of asynchronous results' bodies kept at most (e.g. 64MiB); the "
-        "oldest finished ones go first, the newest is always kept",
+        description="bytes of answers kept at most (e.g. 64MiB) by each of the asynchronous "
+        "results and the Idempotency-Key repeats; the oldest go first, the newest is always "
+        "kept",
     )
     idempotency_window: float = Field(
         300.0,

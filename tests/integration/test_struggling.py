@@ -92,6 +92,25 @@ async def test_idempotency_key(
     assert len(target.seen) == 2
 
 
+async def test_idempotency_keys_within_max_result_bytes(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The answers kept for repeats stay within --max-result-bytes: past it, the oldest key is
+    forgotten (its repeat is a new request), the newest still answered from memory."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--max-result-bytes", "1KiB")
+    ids: dict[str, list[str]] = {}
+    for key in ("first", "second", "second", "first"):
+        async with http.get(
+            f"{url}/{service}/bytes/600", headers={"Idempotency-Key": key}
+        ) as response:
+            assert response.status == 200 and await response.read() == b"x" * 600
+            ids.setdefault(key, []).append(response.headers["X-Correlation-ID"])
+    assert ids["second"][0] == ids["second"][1]  # the newest: answered from memory
+    assert ids["first"][0] != ids["first"][1]  # forgotten for space: sent again
+    assert len(target.seen) == 3
+
+
 async def test_concurrent_repeats_share_one_request(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:

@@ -11,7 +11,7 @@ from shared.envelope import HttpResponse
 
 
 async def test_repeat_gets_the_first() -> None:
-    store = IdempotencyStore(window=60, capacity=10)
+    store = IdempotencyStore(window=60, capacity=10, max_bytes=1 << 20)
     future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
     store.remember("svc", "k", "id-1", future)
     first = store.get("svc", "k")
@@ -21,7 +21,7 @@ async def test_repeat_gets_the_first() -> None:
 
 
 async def test_a_timed_out_first_is_forgotten() -> None:
-    store = IdempotencyStore(window=60, capacity=10)
+    store = IdempotencyStore(window=60, capacity=10, max_bytes=1 << 20)
     future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
     store.remember("svc", "k", "id-1", future)
     future.cancel()
@@ -31,7 +31,7 @@ async def test_a_timed_out_first_is_forgotten() -> None:
 async def test_window_and_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr("enqueuer.idempotency.time.monotonic", lambda: now[0])
-    store = IdempotencyStore(window=10, capacity=2)
+    store = IdempotencyStore(window=10, capacity=2, max_bytes=1 << 20)
     loop = asyncio.get_running_loop()
     for key in ("a", "b", "c"):
         store.remember("svc", key, key, loop.create_future())
@@ -40,3 +40,50 @@ async def test_window_and_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
     now[0] += 11
     assert store.get("svc", "c") is None  # the window passed
     assert len(store) == 0
+
+
+def answer(size: int) -> HttpResponse:
+    return HttpResponse(200, (), b"x" * size)
+
+
+async def test_answers_beyond_max_bytes_evict_the_oldest() -> None:
+    store = IdempotencyStore(window=60, capacity=100, max_bytes=1000)
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[HttpResponse]] = []
+    for key in ("a", "b", "c"):
+        future: asyncio.Future[HttpResponse] = loop.create_future()
+        store.remember("svc", key, key, future)
+        futures.append(future)
+    assert store.bytes == 0  # nothing answered yet: nothing held
+    for future in futures:
+        future.set_result(answer(400))
+    await asyncio.sleep(0)  # the done callbacks
+    assert store.get("svc", "a") is None  # 1200 bytes: the oldest went
+    assert store.get("svc", "b") is not None and store.get("svc", "c") is not None
+    assert store.bytes == 800
+
+
+async def test_the_newest_answer_is_kept_whatever_its_size() -> None:
+    store = IdempotencyStore(window=60, capacity=100, max_bytes=1000)
+    future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
+    store.remember("svc", "big", "id-1", future)
+    future.set_result(answer(5000))
+    await asyncio.sleep(0)
+    first = store.get("svc", "big")
+    assert first is not None and first.request_id == "id-1"
+    assert store.bytes == 5000
+
+
+async def test_an_entry_gone_before_its_answer_is_not_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("enqueuer.idempotency.time.monotonic", lambda: now[0])
+    store = IdempotencyStore(window=10, capacity=100, max_bytes=1000)
+    future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
+    store.remember("svc", "k", "id-1", future)
+    now[0] += 11
+    assert store.get("svc", "k") is None  # the window ended first
+    future.set_result(answer(600))
+    await asyncio.sleep(0)
+    assert store.bytes == 0
