@@ -289,8 +289,8 @@ def decode_response(answer: object) -> HttpResponse:
     if not isinstance(answer, dict):
         raise ValueError(f"expected a JSON object, got {type(answer).__name__}")
     status = answer.get("status")
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise ValueError(f"no valid status: {status!r}")
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise ValueError(f"no valid final status (200-599): {status!r}")
     raw_headers = answer.get("headers", [])
     if not isinstance(raw_headers, list):
         raise ValueError("headers must be a list of [name, value] pairs")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
-from shared.errors import Backpressure
+from shared.errors import Backpressure, ServiceFailed
 
 log = logging.getLogger(__name__)
 REPLY_QUEUE_EXPIRES_MS = 60_000  # survives a reconnect, gone a minute after its enqueuer
@@ -60,7 +60,7 @@ class ReplyWaiter:
             future.set_result(decode_response(message.headers, message.body))
         except MalformedMessage as exc:
             log.error("malformed reply for %s: %s", message.correlation_id, exc)
-            future.set_exception(exc)
+            future.set_exception(ServiceFailed(f"the service's reply could not be read: {exc}"))
 
     def fail_all(self, error: Exception) -> None:
         for future in list(self._futures.values()):

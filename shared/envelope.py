@@ -39,9 +39,13 @@ H_ATTEMPTS = "x-proxymq-attempts"
 H_PARTITION = "x-proxymq-partition"
 H_DEAD_AT = "x-proxymq-dead-at"
 
-# RFC 9110 7.6.1 hop-by-hop headers, plus those the receiving side recomputes (Host, length).
+# RFC 9110 7.6.1 hop-by-hop headers, plus those the receiving side recomputes (Host, length),
+# and `Expect`: the enqueuer answers a 100-continue itself and reads the whole body before it
+# publishes. Carried on, it made the dequeuer's HTTP client hold the body back for a
+# `100 Continue` that a server need not send, until the call timed out.
 HOP_BY_HOP = frozenset(
     {
+        "expect",
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -56,6 +60,8 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+# A reply's Content-Length is kept: answering a HEAD, it is the size a GET would have.
+_NOT_IN_A_REPLY = HOP_BY_HOP - {"content-length"}
 
 Headers = tuple[tuple[str, str], ...]
 PERSISTENT = 2  # AMQP delivery mode
@@ -137,7 +143,9 @@ async def publish(
     )
 
 
-def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
+def end_to_end(
+    headers: Iterable[tuple[str, str]], hop_by_hop: frozenset[str] = HOP_BY_HOP
+) -> Headers:
     """Drop hop-by-hop headers, including any that `Connection` names."""
     pairs = list(headers)
     named = {
@@ -146,7 +154,7 @@ def end_to_end(headers: Iterable[tuple[str, str]]) -> Headers:
         if name.lower() == "connection"
         for token in value.split(",")
     }
-    return tuple((n, v) for n, v in pairs if n.lower() not in HOP_BY_HOP and n.lower() not in named)
+    return tuple((n, v) for n, v in pairs if n.lower() not in hop_by_hop and n.lower() not in named)
 
 
 def encode_request(envelope: RequestEnvelope) -> Outgoing:
@@ -180,7 +188,11 @@ def encode_request(envelope: RequestEnvelope) -> Outgoing:
 def decode_request(
     headers: Mapping[str, object], body: bytes, correlation_id: str | None, reply_to: str | None
 ) -> RequestEnvelope:
-    """Validate everything a dequeuer relies on; a message from any AMQP client may be wrong."""
+    """Validate everything a dequeuer relies on; a message from any AMQP client may be wrong.
+
+    Its hop-by-hop headers are dropped here too: sent on, a `Content-Length: 999` on a 2-byte
+    body, or `Transfer-Encoding` beside the length the client computes, breaks the framing of
+    a keep-alive connection that the dequeuer's later requests share."""
     version = headers.get(H_VERSION, VERSION)
     if version != VERSION:
         raise MalformedMessage(
@@ -206,7 +218,7 @@ def decode_request(
             method=method,
             path=path,
             query=_text(headers, H_QUERY, ""),
-            headers=_pairs(headers.get(H_HEADERS)),
+            headers=end_to_end(_pairs(headers.get(H_HEADERS))),
             body=body,
         ),
         partition_key=key.decode()
@@ -232,14 +244,17 @@ def encode_response(response: HttpResponse, correlation_id: str) -> Outgoing:
 
 
 def decode_response(headers: Mapping[str, object], body: bytes) -> HttpResponse:
+    """A reply from any AMQP client becomes an answer that keeps the caller's HTTP framing: a
+    final status (a 1xx would leave the caller waiting for the answer after it) and no
+    hop-by-hop headers (`Transfer-Encoding` beside the length the enqueuer sets)."""
     status = headers.get(H_STATUS)
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise MalformedMessage(f"reply has no valid {H_STATUS}: {status!r}")
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise MalformedMessage(f"reply has no valid {H_STATUS} (200-599): {status!r}")
     error = headers.get(H_ERROR)
     message = headers.get(H_ERROR_MESSAGE)
     return HttpResponse(
         status=status,
-        headers=_pairs(headers.get(H_HEADERS)),
+        headers=end_to_end(_pairs(headers.get(H_HEADERS)), _NOT_IN_A_REPLY),
         body=body,
         error=_str_or_none(error),
         error_message=_str_or_none(message),

@@ -17,9 +17,14 @@ from pathlib import Path
 import aio_pika
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    HeadersType,
+)
 
-from shared import topology
+from shared import envelope, topology
 from shared.processes import Process, free_port
 from shared.settings import DEFAULT_AMQP_URL
 from tests.target import Target
@@ -238,3 +243,26 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"{name}: {json.dumps(row)}")
     if path == REPORT_FILE:
         path.unlink()
+
+
+async def foreign_replier(
+    amqp: AbstractRobustConnection, service: str, headers: HeadersType, body: bytes
+) -> AbstractChannel:
+    """A replier that is no dequeuer (any AMQP client may answer a service's requests): it
+    answers every request with these AMQP headers and body. Close the channel it returns."""
+    layout = topology.Topology(service, partitions=1)
+    await topology.declare(amqp, layout)
+    channel = await amqp.channel()
+    queue = await channel.get_queue(layout.queues[0])
+
+    async def reply(message: AbstractIncomingMessage) -> None:
+        answer = aio_pika.Message(body, headers=headers, correlation_id=message.correlation_id)
+        await channel.default_exchange.publish(answer, routing_key=message.reply_to or "")
+        await message.ack()
+
+    await queue.consume(reply)
+    return channel
+
+
+def reply_headers(status: int, headers: list[tuple[str, str]]) -> HeadersType:
+    return {envelope.H_STATUS: status, envelope.H_HEADERS: json.dumps(headers)}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ class Target:
     raw_port: int = field(default_factory=free_port)
     seen: list[Seen] = field(default_factory=list)
     raw_response: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    raw_seen: list[tuple[bytes, bytes]] = field(default_factory=list)  # head, body
     order: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     in_flight: Counter[str] = field(default_factory=Counter)
     max_in_flight_per_key: int = 0
@@ -159,9 +162,20 @@ class Target:
 
     async def _serve_raw(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answers with `raw_response` byte for byte: things aiohttp would not send (no
-        Content-Type)."""
+        Content-Type). Like many servers it never sends `100 Continue`, and it reads the body
+        its Content-Length announces (for at most a second); `raw_seen` keeps what came."""
         try:
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            lengths = re.findall(rb"(?im)^content-length:\s*(\d+)", head)
+            body = b""
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):
+                    while len(body) < sum(map(int, lengths)):
+                        chunk = await reader.read(65536)
+                        if not chunk:
+                            break
+                        body += chunk
+            self.raw_seen.append((head, body))
             writer.write(self.raw_response)
             await writer.drain()
         finally:

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 import aio_pika
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection, HeadersType
 
 from shared import envelope, topology
 from shared.processes import free_port
-from tests.conftest import Stack, closed_port, metric
+from tests.conftest import Stack, closed_port, foreign_replier, metric
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -195,6 +195,44 @@ async def test_reply_never_comes(
     _, url = await stack.enqueuer("--timeout", "0.5")
     async with http.get(f"{url}/{service}/x", headers={"X-Request-Timeout": "30"}) as response:
         await expect_error(response, 504, "timeout")
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ({envelope.H_STATUS: 101}, "101"),  # a switch of protocol with nothing behind it
+        ({envelope.H_STATUS: 100}, "100"),  # the caller would wait for the answer after it
+        ({envelope.H_STATUS: 200, envelope.H_HEADERS: "not json"}, "JSON list"),
+    ],
+)
+async def test_a_reply_that_is_no_answer_is_a_502(
+    stack: Stack,
+    service: str,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    headers: HeadersType,
+    why: str,
+) -> None:
+    """A reply from any AMQP client that cannot be the caller's answer is `service_failed`, at
+    once and in the contract's shape (it was a plain 500, a 101, or a caller left waiting)."""
+    channel = await foreign_replier(amqp, service, headers, b"body")
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/x", headers={"X-Request-Timeout": "5"}) as response:
+        message = await expect_error(response, 502, "service_failed")
+    assert "reply could not be read" in message and why in message
+    async with http.get(
+        f"{url}/{service}/x", headers={"Prefer": "respond-async", "X-Request-Timeout": "5"}
+    ) as accepted:
+        location = accepted.headers["Location"]
+    for _ in range(50):
+        async with http.get(f"{url}{location}") as result:
+            if result.status != 202:
+                await expect_error(result, 502, "service_failed")
+                break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the asynchronous request never finished")
+    await channel.close()
 
 
 async def test_microservice_fails(

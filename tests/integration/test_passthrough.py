@@ -3,16 +3,18 @@ bytes, status, multi-value headers, redirects passed back, hop-by-hop headers dr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
+import json
 
+import aio_pika
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
-from shared import envelope, topology
-from shared.envelope import HttpResponse
-from tests.conftest import Stack
+from shared import envelope
+from tests.conftest import Stack, foreign_replier, reply_headers
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -87,17 +89,8 @@ async def test_a_replys_content_length_counts_for_head_only(
 ) -> None:
     """A reply from any AMQP client cannot break the caller's HTTP framing: its Content-Length
     is the body's, whatever the reply's headers claim, except in answer to a HEAD."""
-    await topology.declare(amqp, topology.Topology(service, partitions=1))
-    channel = await amqp.channel()
-    queue = await channel.get_queue(topology.Topology(service, partitions=1).queues[0])
-
-    async def reply(message: AbstractIncomingMessage) -> None:
-        answer = HttpResponse(200, (("Content-Length", "999"), ("X-Replier", "foreign")), b"ok")
-        outgoing = envelope.encode_response(answer, message.correlation_id or "")
-        await envelope.publish(channel, outgoing, "", message.reply_to or "", mandatory=False)
-        await message.ack()
-
-    await queue.consume(reply)
+    answer = reply_headers(200, [("Content-Length", "999"), ("X-Replier", "foreign")])
+    channel = await foreign_replier(amqp, service, answer, b"ok")
     _, url = await stack.enqueuer()
     async with http.get(f"{url}/{service}/x") as response:
         assert response.headers["X-Replier"] == "foreign"
@@ -105,6 +98,24 @@ async def test_a_replys_content_length_counts_for_head_only(
         assert await response.read() == b"ok"
     async with http.head(f"{url}/{service}/x") as response:
         assert response.headers["Content-Length"] == "999"
+    await channel.close()
+
+
+async def test_a_foreign_replys_hop_by_hop_headers_are_dropped(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    """`Transfer-Encoding` beside the length the enqueuer sets made the caller's client refuse
+    the answer (400 "Content-Length can't be present with Transfer-Encoding")."""
+    hops = [("Transfer-Encoding", "chunked"), ("Connection", "close, X-Hop"), ("X-Hop", "1")]
+    answer = reply_headers(200, [*hops, ("X-Replier", "foreign")])
+    channel = await foreign_replier(amqp, service, answer, b"ok")
+    _, url = await stack.enqueuer()
+    for _ in range(2):  # the caller's connection stays usable
+        async with http.get(f"{url}/{service}/x") as response:
+            assert response.status == 200
+            assert await response.read() == b"ok"
+            assert response.headers["X-Replier"] == "foreign"
+            assert not {"Transfer-Encoding", "Connection", "X-Hop"} & set(response.headers)
     await channel.close()
 
 
@@ -207,3 +218,68 @@ async def test_correlation_id_on_every_answer(pair: str, http: aiohttp.ClientSes
         async with http.get(f"{pair}/{path}") as response:
             ids.add(response.headers["X-Correlation-ID"])
     assert len(ids) == 3
+
+
+async def test_expect_100_continue_is_answered_by_the_enqueuer(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The enqueuer reads the whole body before publishing, so `Expect: 100-continue` ends
+    there. Carried on, the dequeuer's client held the body back for a `100 Continue` that the
+    microservice (like many servers) never sends, and the call ran into its deadline."""
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
+    _, url = await stack.enqueuer()
+    body = b"x" * 5000
+    async with http.post(
+        f"{url}/{service}/upload", data=body, expect100=True, headers={"X-Request-Timeout": "5"}
+    ) as response:
+        assert response.status == 200
+        assert await response.read() == b"ok"
+    [(head, received)] = [seen for seen in target.raw_seen if b"/upload" in seen[0]]
+    assert b"expect" not in head.lower()
+    assert received == body
+
+
+def raw_header_names(head: bytes) -> list[bytes]:
+    return [line.split(b":")[0].lower() for line in head.split(b"\r\n")[1:] if b":" in line]
+
+
+async def test_a_foreign_requests_hop_by_hop_headers_are_not_sent(
+    stack: Stack, service: str, target: Target, amqp: AbstractRobustConnection
+) -> None:
+    """A request published by any AMQP client cannot break the framing of the dequeuer's
+    keep-alive connections: the length is the body's, whatever its headers claim."""
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
+    channel = await amqp.channel()
+    replies = await channel.declare_queue(exclusive=True)
+    headers = [
+        ["Content-Length", "999"],
+        ["Transfer-Encoding", "chunked"],
+        ["Expect", "100-continue"],
+        ["Connection", "X-Hop"],
+        ["X-Hop", "1"],
+        ["X-Kept", "yes"],
+    ]
+    exchange = await channel.get_exchange(service)
+    await exchange.publish(
+        aio_pika.Message(
+            b"hi",
+            correlation_id="foreign-1",
+            reply_to=replies.name,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={envelope.H_PATH: "/foreign", envelope.H_HEADERS: json.dumps(headers)},
+        ),
+        routing_key="k",
+    )
+    for _ in range(100):
+        if (reply := await replies.get(fail=False)) is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert reply is not None, "no reply within 10 s"
+    assert envelope.decode_response(reply.headers, reply.body).status == 200
+    [(head, body)] = [seen for seen in target.raw_seen if b"/foreign" in seen[0]]
+    assert raw_header_names(head).count(b"content-length") == 1
+    assert b"content-length: 2" in head.lower()
+    assert not {b"transfer-encoding", b"expect", b"x-hop"} & set(raw_header_names(head))
+    assert b"x-kept: yes" in head.lower()
+    assert body == b"hi"
+    await channel.close()

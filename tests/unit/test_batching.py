@@ -241,6 +241,7 @@ async def test_a_broken_batch_answer_fails_every_item(
     [
         {"status": "200", "body": ""},
         {"status": 99},
+        {"status": 101},
         {"status": True},
         {"status": 200, "body": "not base64!"},
         {"status": 200, "body": 12},

@@ -33,10 +33,6 @@ log = logging.getLogger("url_fetcher")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and those recomputed per item (length, host) are neither
-# taken from an item nor given back in one. `Expect` would make aiohttp write an interim
-# 100 Continue into the batch's own connection.
-SKIPPED_HEADERS = HOP_BY_HOP | {"expect"}
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NOT_IN_PATH = re.compile(r"[\x00-\x20\x7f?#]")
@@ -149,7 +145,7 @@ def parse_item(item: object, batch_path: str) -> ItemRequest:
             and not _CONTROL.search(pair[1])
         ):
             raise BadItem(f"invalid header {str(pair)[:60]}")
-        if pair[0].lower() not in SKIPPED_HEADERS:
+        if pair[0].lower() not in HOP_BY_HOP:
             headers.append((pair[0], pair[1]))
     raw_body = item.get("body", "")
     if not isinstance(raw_body, str):
@@ -228,7 +224,7 @@ def _headers_of(response: web.StreamResponse) -> list[list[str]]:
     return [
         [name, value]
         for name, value in response.headers.items()
-        if name.lower() not in SKIPPED_HEADERS
+        if name.lower() not in HOP_BY_HOP
     ]
 
 
