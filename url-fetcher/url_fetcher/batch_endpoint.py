@@ -222,9 +222,7 @@ def envelope_of(response: web.Response) -> dict[str, object]:
 
 def _headers_of(response: web.StreamResponse) -> list[list[str]]:
     return [
-        [name, value]
-        for name, value in response.headers.items()
-        if name.lower() not in HOP_BY_HOP
+        [name, value] for name, value in response.headers.items() if name.lower() not in HOP_BY_HOP
     ]
 
 
