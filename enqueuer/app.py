@@ -12,7 +12,14 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from enqueuer.guard import CallerGuard, read_token
-from enqueuer.handlers import REQUESTS_PATH, Enqueuer, new_request_id, proxy, request_status
+from enqueuer.handlers import (
+    OWN_PATHS,
+    REQUESTS_PATH,
+    Enqueuer,
+    new_request_id,
+    proxy,
+    request_status,
+)
 from enqueuer.idempotency import IdempotencyStore
 from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
@@ -21,7 +28,7 @@ from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, tracing
 from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, for_sidecar
-from shared.errors import ERROR_HEADER, ProxyMQError, Unauthorized
+from shared.errors import ERROR_HEADER, ProxyMQError, Unauthorized, UnknownRequest
 from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
 
 log = logging.getLogger(__name__)
@@ -131,9 +138,18 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         return await request_status(request, enqueuer)
 
     app.router.add_get(REQUESTS_PATH + "{request_id}", handle_status)
+    app.router.add_route("*", OWN_PATHS + "{tail:(/.*)?}", own_path_unknown)
     app.router.add_route("*", "/{tail:.*}", handle_proxy)
     app.cleanup_ctx.append(_broker_context)
     return app
+
+
+async def own_path_unknown(request: web.Request) -> web.StreamResponse:
+    """Paths under /_proxymq/ are the enqueuer's own, never a service's (the contract)."""
+    raise UnknownRequest(
+        f"{request.method} {request.path} is none of the enqueuer's own paths: it serves "
+        f"GET {REQUESTS_PATH}{{id}} (the result of a Prefer: respond-async request)"
+    )
 
 
 async def _broker_context(app: web.Application) -> AsyncIterator[None]:

@@ -34,7 +34,8 @@ from shared.errors import (
 from shared.metrics import EnqueuerMetrics
 
 log = logging.getLogger(__name__)
-REQUESTS_PATH = "/_proxymq/requests/"
+OWN_PATHS = "/_proxymq"
+REQUESTS_PATH = OWN_PATHS + "/requests/"
 # A blocked broker (memory alarm) must not hold a caller forever.
 PUBLISH_TIMEOUT = 10.0
 # An asynchronous request may wait a month; "inf" would not fit the message's deadline header.

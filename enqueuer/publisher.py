@@ -89,6 +89,10 @@ class Publisher:
                 check.add_done_callback(lambda _: self._checks.pop(service, None))
             exists = await asyncio.shield(check)
         if not exists:
+            try:
+                topology.check_service_name(service)
+            except ValueError as exc:  # no dequeuer could ever serve it: say so, not "start one"
+                raise UnknownService(str(exc)) from None
             raise UnknownService(
                 f"service {service!r} has no topology on the broker: start its dequeuer "
                 "(proxymq-dequeuer --service NAME) or declare it (proxymq topology declare)"

@@ -43,7 +43,31 @@ async def test_unknown_service(stack: Stack, http: aiohttp.ClientSession) -> Non
     async with http.get(f"{url}/") as response:
         await expect_error(response, 404, "unknown_service")
     async with http.get(f"{url}/bad.name/x") as response:
-        await expect_error(response, 404, "unknown_service")
+        assert "not a service name" in await expect_error(response, 404, "unknown_service")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/_proxymq"),
+        ("GET", "/_proxymq/"),
+        ("GET", "/_proxymq/requests/"),
+        ("POST", "/_proxymq/requests/abc"),
+        ("DELETE", "/_proxymq/requests/abc"),
+        ("GET", "/_proxymq/requests/abc/more"),
+        ("PUT", "/_proxymq/other"),
+    ],
+)
+async def test_the_enqueuers_own_paths(
+    stack: Stack, http: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    """Paths under /_proxymq/ are the enqueuer's: one it does not serve is named as such, not
+    taken for a service called `_proxymq` that should be started."""
+    _, url = await stack.enqueuer()
+    async with http.request(method, f"{url}{path}") as response:
+        message = await expect_error(response, 404, "unknown_request")
+    assert f"{method} {path} is none of the enqueuer's own paths" in message
+    assert "GET /_proxymq/requests/{id}" in message
 
 
 async def test_service_not_in_allowlist(
