@@ -14,7 +14,7 @@ from yarl import URL
 from shared import tracing
 from shared.envelope import HttpRequest, HttpResponse, end_to_end
 
-FailureKind = Literal["connect", "timeout", "too_large"]
+FailureKind = Literal["connect", "timeout", "too_large", "bad_answer"]
 # aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -36,7 +36,8 @@ def traced(request: HttpRequest) -> HttpRequest:
 
 class CallFailed(Exception):
     """No usable HTTP answer: the connection failed, the call ran out of time, or the answer
-    was larger than the dequeuer carries back (never retried: it would be as large again)."""
+    was larger than the dequeuer carries back or not HTTP it can read (those two are never
+    retried: the next answer would be the same)."""
 
     def __init__(self, kind: FailureKind, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -103,6 +104,10 @@ class HttpTransport:
                 return HttpResponse(response.status, headers, body)
         except TimeoutError as exc:
             raise CallFailed("timeout", f"no answer within {timeout:.1f} s") from exc
+        except aiohttp.ClientResponseError as exc:
+            # Not HTTP that the client can read (a header line over 8 KiB, a broken status
+            # line): it escaped as an unknown error and left the request held for good.
+            raise CallFailed("bad_answer", f"the answer is not valid HTTP: {exc.message}") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             if isinstance(exc, aiohttp.ServerTimeoutError):
                 raise CallFailed("timeout", str(exc)) from exc

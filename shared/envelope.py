@@ -67,6 +67,9 @@ Headers = tuple[tuple[str, str], ...]
 PERSISTENT = 2  # AMQP delivery mode
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+# A request target is visible ASCII (what the enqueuer's HTTP parser lets through): a space or
+# a control character would end up inside the request line the dequeuer sends.
+_NOT_IN_TARGET = re.compile(r"[^\x21-\x7e]")
 
 
 class MalformedMessage(ValueError):
@@ -203,9 +206,17 @@ def decode_request(
     method = _text(headers, H_METHOD, "POST")
     if not _TOKEN.match(method) or len(method) > 32:
         raise MalformedMessage(f"{H_METHOD} {method!r} is not an HTTP method")
+    if method == "CONNECT":
+        raise MalformedMessage(f"{H_METHOD} CONNECT asks for a tunnel, which no service can serve")
     path = _text(headers, H_PATH, "/")
     if not path.startswith("/"):
         raise MalformedMessage(f"{H_PATH} {path!r} does not start with '/'")
+    query = _text(headers, H_QUERY, "")
+    if _NOT_IN_TARGET.search(path) or _NOT_IN_TARGET.search(query):
+        raise MalformedMessage(
+            f"{H_PATH} and {H_QUERY} must be visible ASCII, the rest percent-encoded: "
+            f"{(path + '?' + query)[:80]!r}"
+        )
     deadline = headers.get(H_DEADLINE)
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int)):
         raise MalformedMessage(f"{H_DEADLINE} must be milliseconds since the epoch")
@@ -217,7 +228,7 @@ def decode_request(
         request=HttpRequest(
             method=method,
             path=path,
-            query=_text(headers, H_QUERY, ""),
+            query=query,
             headers=end_to_end(_pairs(headers.get(H_HEADERS))),
             body=body,
         ),

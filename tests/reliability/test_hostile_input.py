@@ -113,6 +113,7 @@ def test_decode_request_raises_only_malformed(
         return
     assert request.request_id == correlation_id
     assert request.request.path.startswith("/")
+    assert all(0x21 <= ord(c) <= 0x7E for c in request.request.path + request.request.query)
     assert request.request.body == body
     assert not {name.lower() for name, _ in request.request.headers} & HOP_BY_HOP
 
@@ -134,6 +135,7 @@ tokens = st.text(
     max_size=16,
 )
 header_values = st.text(st.characters(blacklist_characters="\r\n\x00"), max_size=40)
+target_characters = st.characters(min_codepoint=0x21, max_codepoint=0x7E)  # visible ASCII
 # What survives the trip: every header but the hop-by-hop ones, which each side drops.
 end_to_end_names = tokens.filter(lambda name: name.lower() not in HOP_BY_HOP)
 
@@ -141,8 +143,8 @@ end_to_end_names = tokens.filter(lambda name: name.lower() not in HOP_BY_HOP)
 @PROPERTIES
 @given(
     method=tokens,
-    path=st.builds(lambda p: "/" + p, st.text(max_size=40)),
-    query=st.text(max_size=40),
+    path=st.builds(lambda p: "/" + p, st.text(target_characters, max_size=40)),
+    query=st.text(target_characters, max_size=40),
     headers=st.lists(st.tuples(end_to_end_names, header_values), max_size=6),
     body=st.binary(max_size=256),
     key=st.none() | st.text(max_size=40),
@@ -506,6 +508,11 @@ MALFORMED = {
     "header with CRLF": ({envelope.H_HEADERS: json.dumps([["X", "a\r\nInjected: 1"]])}, "invalid"),
     "truncated headers JSON": ({envelope.H_HEADERS: '[["X", "a"'}, "JSON list"),
     "decimal version": ({envelope.H_VERSION: Decimal("1.5")}, "unsupported"),
+    # Sent on, these put a second request line's words into the one the microservice reads.
+    "path with CRLF": ({envelope.H_PATH: "/x HTTP/1.1\r\nX-Injected: 1\r\n\r\nGET /y"}, "ASCII"),
+    "query with a space": ({envelope.H_QUERY: "a=1 HTTP/1.1"}, "ASCII"),
+    "path not ASCII": ({envelope.H_PATH: "/café"}, "ASCII"),
+    "CONNECT": ({envelope.H_METHOD: "CONNECT"}, "tunnel"),
 }
 
 
