@@ -77,7 +77,9 @@ def extract(
         if source.kind == "header":
             value = headers.get(source.name)
         elif source.kind == "query":
-            value = dict(parse_qsl(query, keep_blank_values=True)).get(source.name)
+            # The first of repeated names, as for a header (a dict kept the last one).
+            pairs = parse_qsl(query, keep_blank_values=True)
+            value = next((v for name, v in pairs if name == source.name), None)
         else:
             if document is _UNPARSED:
                 document = _json_body(body, content_type, source, required)

@@ -16,7 +16,7 @@ JSON = "application/json"
 def key_of(
     specs: list[str],
     *,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
     query: str = "",
     body: object = None,
     raw: bytes | None = None,
@@ -66,6 +66,12 @@ def test_header_case_insensitive() -> None:
 
 def test_query() -> None:
     assert key_of(["query:tenant"], query="a=1&tenant=acme%20co&b=2") == "acme co"
+
+
+def test_the_first_of_repeated_names_is_the_key() -> None:
+    """As for a repeated header: the first value counts, whichever source."""
+    assert key_of(["query:k"], query="k=first&k=second") == "first"
+    assert key_of(["header:X-Key"], headers=[("X-Key", "first"), ("X-Key", "second")]) == "first"
 
 
 def test_json_pointer() -> None:
