@@ -53,7 +53,8 @@ SETTLE_RETRY_FOR = 15.0  # seconds a reply is published again while its request 
 
 
 class ReplyRefused(Exception):
-    """RabbitMQ refused a reply for its size: publishing it again would fail the same way."""
+    """A reply too large for RabbitMQ (its body, or its headers for a frame): publishing it
+    again would fail the same way."""
 
 
 @dataclass(frozen=True)
@@ -362,6 +363,8 @@ class Consumer:
                 return
             except aiormq.exceptions.PublishError:
                 pass
+            except envelope.TooLargeForAFrame as exc:
+                raise ReplyRefused(f"the response does not fit in a reply: {exc}") from None
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 if not refused_for_size(exc, len(response.body)):
                     raise

@@ -2,8 +2,8 @@
 
 Broker answers become contract errors here, at one boundary: a return (no partition bound) is
 `unknown_service`, a nack (a full partition, `reject-publish`) is `backpressure`, a message over
-RabbitMQ's `max_message_size` is `body_too_large`, a lost channel or connection is
-`broker_unavailable`.
+RabbitMQ's `max_message_size` is `body_too_large` (and headers over its `frame_max`,
+`headers_too_large`), a lost channel or connection is `broker_unavailable`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from shared import envelope, topology
 from shared.breaker import ServiceBreaker
 from shared.broker import BROKER_ERRORS, refused_for_size
-from shared.errors import Backpressure, BodyTooLarge, BrokerUnavailable, UnknownService
+from shared.errors import (
+    Backpressure,
+    BodyTooLarge,
+    BrokerUnavailable,
+    HeadersTooLarge,
+    UnknownService,
+)
 
 log = logging.getLogger(__name__)
 KNOWN_FOR = 10.0  # seconds a service found on the broker is trusted without asking again
@@ -127,7 +133,7 @@ class Publisher:
         try:
             await self._publish(service, routing_key, message)
             failed = False
-        except (UnknownService, Backpressure, BodyTooLarge):
+        except (UnknownService, Backpressure, BodyTooLarge, HeadersTooLarge):
             failed = False  # the broker answered: it is up
             raise
         except asyncio.CancelledError:
@@ -153,6 +159,11 @@ class Publisher:
             raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
         try:
             await envelope.publish(self._channel, message, service, routing_key, mandatory=True)
+        except envelope.TooLargeForAFrame as exc:
+            raise HeadersTooLarge(
+                f"the request's headers, path and query do not fit in a message: {exc}; "
+                "send fewer or smaller headers (non-ASCII text counts six times, as JSON escapes)"
+            ) from None
         except aiormq.exceptions.PublishError as exc:
             raise UnknownService(
                 f"service {service!r} has no partition queue bound to its exchange"

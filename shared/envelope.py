@@ -76,6 +76,12 @@ class MalformedMessage(ValueError):
     """A message that no retry can fix: it is dead-lettered with this reason."""
 
 
+class TooLargeForAFrame(ValueError):
+    """A message whose properties (its headers) exceed the one frame AMQP allows them: sent
+    anyway, RabbitMQ closes the whole connection (`FRAME_ERROR frame_too_large`), and with it
+    every other request on it."""
+
+
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
     method: str
@@ -136,6 +142,7 @@ async def publish(
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    _check_frame(message.properties, underlay.max_content_size)
     await underlay.basic_publish(
         message.body,
         exchange=exchange,
@@ -144,6 +151,19 @@ async def publish(
         mandatory=mandatory,
         wait=False,
     )
+
+
+def _check_frame(properties: Basic.Properties, limit: int) -> None:
+    """`TooLargeForAFrame` unless the content header frame fits in `limit` bytes. Counted
+    exactly (by encoding the properties once more) only when its strings come near it."""
+    headers = properties.headers or {}
+    if sum(len(value) for value in headers.values() if isinstance(value, str)) < limit // 8:
+        return
+    size = 12 + len(properties.marshal())  # class, weight, body size; then flags and fields
+    if size > limit:
+        raise TooLargeForAFrame(
+            f"its headers take {size} bytes in one AMQP frame; RabbitMQ's frame_max allows {limit}"
+        )
 
 
 def end_to_end(

@@ -380,6 +380,56 @@ async def test_an_answer_that_is_not_http_is_dead_lettered(
         assert response.status == 200
 
 
+async def test_an_answers_headers_over_frame_max(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """Answer headers that cannot fit in one AMQP frame (RabbitMQ's frame_max, 128 KiB): 502
+    at once, dead-lettered `too_large`, the microservice called once. Published anyway, the
+    reply made RabbitMQ close the dequeuer's whole connection, again on every redelivery, with
+    the microservice called each time until the delivery limit."""
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
+    _, url = await stack.enqueuer()
+    good = target.raw_response
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 8000) for i in range(20))
+    target.raw_response = b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok"
+    async with http.get(f"{url}/{service}/many", headers={"X-Request-Timeout": "10"}) as response:
+        message = await expect_error(response, 502, "service_failed")
+    assert "too_large" in message and "frame_max" in message
+    [dead] = await dead_letters(amqp, service)
+    assert str(dead["x-proxymq-dead-reason"]).startswith("too_large")
+    target.raw_response = good
+    async with http.get(f"{url}/{service}/after") as response:
+        assert response.status == 200
+    assert len([head for head, _ in target.raw_seen if head.startswith(b"GET /many ")]) == 1
+    assert "frame_too_large" not in stack.log_text()
+
+
+async def test_request_headers_over_frame_max(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Headers within --max-header-bytes can still exceed one AMQP frame as JSON (non-ASCII
+    text is escaped to six bytes a character): 431, and the requests beside it are served.
+    Published anyway, RabbitMQ closed the enqueuer's connection and failed them all (503)."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    wide = {f"X-Wide-{i}": "é" * 4000 for i in range(8)}  # 64 KB as UTF-8, 192 KB as JSON
+
+    async def call(headers: dict[str, str]) -> tuple[int, str]:
+        async with http.get(f"{url}/{service}/echo/x", headers=headers) as response:
+            return response.status, response.headers.get("X-ProxyMQ-Error", "")
+
+    beside = [call({"X-Partition-Key": str(i)}) for i in range(8)]
+    wide_call, *others = await asyncio.gather(call(wide), *beside)
+    assert wide_call == (431, "headers_too_large")
+    assert others == [(200, "")] * 8
+    async with http.get(f"{url}/{service}/echo/x", headers=wide) as response:
+        assert "frame_max" in await expect_error(response, 431, "headers_too_large")
+
+
 async def test_response_refused_by_rabbitmq(
     stack: Stack,
     service: str,
