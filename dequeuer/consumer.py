@@ -350,19 +350,21 @@ class Consumer:
         REPLY_QUEUE_GONE_FOR its replies are dropped at once instead of holding their keys'
         lanes. Only a wait that ran out marks a queue gone: a wait cut short by a lost
         connection leaves nothing behind (a stale mark once dropped a reply after a later,
-        short restart)."""
+        short restart). A nacked reply (a `reject-publish` queue that is full) is waited for
+        the same way: given up by the publish retries around it, it left its request held on a
+        live channel for good."""
         if not reply_to:
             return
         assert self._reply_channel is not None
         message = envelope.encode_response(response, request_id)
-        delay, first_returned = 0.05, None
+        delay, first_refused = 0.05, None
         while True:
             try:
                 await envelope.publish(self._reply_channel, message, "", reply_to, mandatory=True)
                 self._gone_reply_queues.pop(reply_to, None)
                 return
-            except aiormq.exceptions.PublishError:
-                pass
+            except aiormq.exceptions.DeliveryError:
+                pass  # returned (no such queue) or nacked (a full one): again, for a while
             except envelope.TooLargeForAFrame as exc:
                 raise ReplyRefused(f"the response does not fit in a reply: {exc}") from None
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
@@ -373,16 +375,16 @@ class Consumer:
                     f"max_message_size ({exc}): lower --max-response to fit"
                 ) from exc
             now = time.monotonic()
-            first_returned = now if first_returned is None else first_returned
+            first_refused = now if first_refused is None else first_refused
             gone_at = self._gone_reply_queues.get(reply_to)
             if gone_at is not None and now - gone_at < REPLY_QUEUE_GONE_FOR:
                 log.warning("reply dropped: reply queue %s is gone", reply_to)
                 return
             if deadline is not None and time.time() + delay >= deadline:
-                log.warning("reply dropped: reply queue %s missing past the deadline", reply_to)
+                log.warning("reply dropped: reply queue %s refused it past the deadline", reply_to)
                 return
-            if now - first_returned + delay > REPLY_QUEUE_WAIT:
-                log.warning("reply dropped: reply queue %s missing for long", reply_to)
+            if now - first_refused + delay > REPLY_QUEUE_WAIT:
+                log.warning("reply dropped: reply queue %s missing or full for long", reply_to)
                 self._gone_reply_queues[reply_to] = now
                 while len(self._gone_reply_queues) > MAX_GONE_REPLY_QUEUES:
                     del self._gone_reply_queues[next(iter(self._gone_reply_queues))]

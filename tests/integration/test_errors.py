@@ -464,6 +464,40 @@ async def test_response_refused_by_rabbitmq(
     assert "could not settle" not in stack.log_text()
 
 
+async def test_a_reply_queue_that_refuses_replies(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """A reply nacked by a full `reject-publish` reply queue (any AMQP client may name one) is
+    tried again like a returned one, then dropped at the request's deadline, and the request
+    is acked. It was left unacked on its live channel for good, never delivered again."""
+    dequeuer = await stack.dequeuer(service, target.url)
+    channel = await amqp.channel()
+    full = await channel.declare_queue(
+        exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    headers: HeadersType = {
+        envelope.H_PATH: "/echo/full",
+        envelope.H_DEADLINE: int(time.time() * 1000) + 2000,
+    }
+    exchange = await channel.get_exchange(service)
+    await exchange.publish(
+        aio_pika.Message(b"x", correlation_id="full-1", reply_to=full.name, headers=headers),
+        routing_key="k",
+    )
+    port = dequeuer.admin_port  # type: ignore[attr-defined]
+    replied = {"outcome": "replied"}
+    async with asyncio.timeout(10):
+        while await metric(http, port, "proxymq_dequeuer_messages_total", replied) < 1:
+            await asyncio.sleep(0.2)
+    assert "reply dropped: reply queue" in stack.log_text()
+    assert [seen.path for seen in target.seen] == ["/echo/full"]
+    await channel.close()
+
+
 async def test_retry_recovers(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
