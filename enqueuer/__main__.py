@@ -7,6 +7,7 @@ import logging
 
 from enqueuer.app import BROKER, ENQUEUER, create_app
 from enqueuer.guard import read_token
+from enqueuer.replies import ReplyQueueInUse
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, service, tracing
 from shared.admin import admin_app
@@ -40,6 +41,9 @@ async def serve(settings: EnqueuerSettings) -> int:
                 settings.admin_port,
             )
             await service.wait_for_stop(broker.task)
+    except ReplyQueueInUse as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
     finally:
         tracing.shutdown()
     return 0

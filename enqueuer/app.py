@@ -154,12 +154,13 @@ async def own_path_unknown(request: web.Request) -> web.StreamResponse:
 
 async def _broker_context(app: web.Application) -> AsyncIterator[None]:
     broker, enqueuer = app[BROKER], app[ENQUEUER]
+    settings = enqueuer.settings
 
     async def on_connect(connection: object) -> None:
         from aio_pika.abc import AbstractRobustConnection
 
         assert isinstance(connection, AbstractRobustConnection)
-        await enqueuer.replies.start(connection)
+        await enqueuer.replies.start(connection, linger=2.0 * settings.amqp_heartbeat)
         await enqueuer.publisher.start(connection)
         connection.reconnect_callbacks.add(lambda *_: _reconnected(enqueuer))
 

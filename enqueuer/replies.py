@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -18,6 +19,10 @@ from shared.errors import Backpressure, ServiceFailed
 
 log = logging.getLogger(__name__)
 REPLY_QUEUE_EXPIRES_MS = 60_000  # survives a reconnect, gone a minute after its enqueuer
+
+
+class ReplyQueueInUse(Exception):
+    """Another enqueuer consumes this instance's reply queue: a startup error."""
 
 
 class ReplyWaiter:
@@ -30,14 +35,30 @@ class ReplyWaiter:
     def __len__(self) -> int:
         return len(self._futures)
 
-    async def start(self, connection: AbstractRobustConnection) -> None:
+    async def start(self, connection: AbstractRobustConnection, linger: float) -> None:
         """Not exclusive and not auto-delete: a reply published while the connection is being
-        restored waits in the queue instead of being dropped (aio-pika#679)."""
+        restored waits in the queue instead of being dropped (aio-pika#679).
+
+        So nothing but this check stops a second enqueuer with the same `--instance-id` from
+        consuming it too: each then took about half of the other's replies, and every second
+        caller got 504 with nothing in any log. The consumer of a process that just died may
+        linger until the broker misses its heartbeats: it is given `linger` seconds to go."""
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=0)
         queue = await channel.declare_queue(
             self.queue_name, durable=False, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS}
         )
+        give_up_at = time.monotonic() + linger
+        while (others := queue.declaration_result.consumer_count or 0) > 0:
+            if time.monotonic() >= give_up_at:
+                raise ReplyQueueInUse(
+                    f"another enqueuer consumes the reply queue {self.queue_name} ({others} "
+                    "consumer(s)): give each enqueuer its own --instance-id, or none for a "
+                    "random one"
+                )
+            log.warning("reply queue %s has %d other consumer(s); waiting", self.queue_name, others)
+            await asyncio.sleep(1)
+            await queue.declare()
         await queue.consume(self._on_reply, no_ack=True)
 
     def expect(self, request_id: str) -> asyncio.Future[HttpResponse]:

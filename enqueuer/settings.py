@@ -106,5 +106,6 @@ class EnqueuerSettings(SidecarSettings):
     )
     instance_id: str | None = Field(
         None,
-        description="name of this enqueuer (reply queue proxymq.replies.ID); default: a random id",
+        description="name of this enqueuer (reply queue proxymq.replies.ID), one per "
+        "enqueuer: a second one with the same id stops at startup; default: a random id",
     )

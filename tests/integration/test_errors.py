@@ -682,6 +682,32 @@ async def test_topology_mismatch_stops_the_dequeuer(
     assert "fewer than 8 partitions" in stack.log_text()
 
 
+async def test_two_enqueuers_with_one_instance_id(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A second enqueuer with the same --instance-id would share the first one's reply queue,
+    and each would take about half of the other's replies: every second call was a 504, with
+    nothing in any log. It stops at startup instead (after the heartbeats a dead process's
+    consumer may take to go), and the first serves every call. An enqueuer restarted after a
+    crash with the same id starts."""
+    await stack.dequeuer(service, target.url)
+    instance = f"same-{service}"
+    first, url = await stack.enqueuer("--instance-id", instance)
+    second, _ = await stack.enqueuer("--instance-id", instance, "--amqp-heartbeat", "1", wait=False)
+    assert second.popen is not None
+    assert await asyncio.to_thread(second.popen.wait, 20) == 1
+    assert "give each enqueuer its own --instance-id" in stack.log_text()
+    for i in range(6):
+        async with http.get(f"{url}/{service}/echo/{i}") as response:
+            assert response.status == 200
+    assert first.popen is not None
+    first.popen.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(first.popen.wait, 10)
+    _, url = await stack.enqueuer("--instance-id", instance)
+    async with http.get(f"{url}/{service}/echo/again") as response:
+        assert response.status == 200
+
+
 async def test_caller_disconnects(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
