@@ -7,8 +7,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from opentelemetry.trace import SpanKind
 
 from enqueuer.guard import CallerGuard, read_token
@@ -139,9 +140,22 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
 
     app.router.add_get(REQUESTS_PATH + "{request_id}", handle_status)
     app.router.add_route("*", OWN_PATHS + "{tail:(/.*)?}", own_path_unknown)
-    app.router.add_route("*", "/{tail:.*}", handle_proxy)
+    app.router.add_route(
+        "*", "/{tail:.*}", handle_proxy, expect_handler=partial(expect_continue, settings.max_body)
+    )
     app.cleanup_ctx.append(_broker_context)
     return app
+
+
+async def expect_continue(max_body: int, request: web.Request) -> None:
+    """`100 Continue` only for a body that may come: over --max-body the handler answers 413
+    before the caller uploads it (aiohttp's default invited the whole body first). Any other
+    expectation is ignored, as RFC 9110 allows, rather than refused with aiohttp's plain 417."""
+    expect = request.headers.get(hdrs.EXPECT, "").lower()
+    too_large = request.content_length is not None and request.content_length > max_body
+    if expect == "100-continue" and request.version >= HttpVersion11 and not too_large:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer has not started yet
 
 
 async def own_path_unknown(request: web.Request) -> web.StreamResponse:

@@ -99,6 +99,40 @@ async def test_body_too_large(
     assert len(target.seen) == 1
 
 
+async def test_a_body_too_large_is_refused_before_it_is_sent(
+    stack: Stack, service: str, target: Target
+) -> None:
+    """With `Expect: 100-continue` (curl sends it for large uploads) a body over --max-body is
+    refused at once, before the caller uploads it: aiohttp's default said `100 Continue` to
+    every request. A body that fits gets its `100 Continue`; an unknown expectation is
+    ignored, not aiohttp's plain 417."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--max-body", "1KiB")
+    port = int(url.rsplit(":", 1)[1])
+
+    async def exchange(expect: str, body: bytes, *, length: int = 0, wait: bool = True) -> bytes:
+        """The answer's head; the body is sent after a `100 Continue` when `wait`, at once when
+        not, and never when `length` says more than it holds."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST /{service}/up HTTP/1.1\r\nHost: x\r\nExpect: {expect}\r\n"
+        writer.write(f"{head}Content-Length: {length or len(body)}\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            if not length and wait:
+                assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            if not length:
+                writer.write(body)
+            answer = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        return answer
+
+    refused = await exchange("100-continue", b"", length=2048)
+    assert refused.startswith(b"HTTP/1.1 413 ")
+    assert b"X-ProxyMQ-Error: body_too_large" in refused and b"X-Correlation-ID: " in refused
+    assert (await exchange("100-continue", b"hello")).startswith(b"HTTP/1.1 200 ")
+    assert (await exchange("something-else", b"other", wait=False)).startswith(b"HTTP/1.1 200 ")
+    assert [seen.body for seen in target.seen] == [b"hello", b"other"]
+
+
 async def test_body_refused_by_rabbitmq(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
