@@ -12,8 +12,10 @@ was answered (or retried and settled).
 
 How a failed batch call reaches each caller, as if each had made a single call:
 
-    no connection, broken answer        -> CallFailed("connect", ...)     retried by default
+    no connection, answer cut short     -> CallFailed("connect", ...)     retried by default
     no answer within the batch timeout  -> CallFailed("timeout", ...)     retried by default
+    answer too large, or not valid HTTP -> CallFailed("too_large" or      never retried
+                                           "bad_answer", ...)
     batch answered 5xx                  -> that HttpResponse, per item    503 retried, 500 not
     batch answered another non-200,     -> CallFailed("connect", ...)     the batch endpoint is
       or 200 with a malformed array                                       broken: retried, then
