@@ -30,6 +30,8 @@ from shared.errors import (
 log = logging.getLogger(__name__)
 KNOWN_FOR = 10.0  # seconds a service found on the broker is trusted without asking again
 UNKNOWN_FOR = 1.0  # a flood of calls to a missing service costs one passive declare a second
+MAX_REMEMBERED = 10_000  # services remembered, found or not; the oldest verdicts go first
+MAX_LOOKUPS = 100  # services waiting to be looked up, one at a time; more get 429
 RENEW_AFTER_NACK = 1.0  # seconds between two replacements of a nacked publishing channel
 
 
@@ -41,6 +43,7 @@ class Publisher:
         self._connection: AbstractRobustConnection | None = None
         self._exchanges: dict[str, tuple[bool, float]] = {}  # service -> exists, until
         self._checks: dict[str, asyncio.Future[bool]] = {}
+        self._lookup_turn = asyncio.Lock()
         self._renew_at = 0.0
         self._renewals: set[asyncio.Task[None]] = set()
 
@@ -81,7 +84,12 @@ class Publisher:
 
     async def check(self, service: str) -> None:
         """`UnknownService` unless the service's request exchange exists; concurrent first calls
-        share one check."""
+        share one check.
+
+        Each lookup is a passive declare on a channel of its own, and callers choose the names:
+        lookups run one at a time, at most MAX_LOOKUPS wait, and MAX_REMEMBERED verdicts are
+        kept. Without these bounds, callers naming 20,000 services that do not exist drove the
+        enqueuer to 375 MB and its broker connection past channel_max, for good."""
         if self.allowed and service not in self.allowed:
             raise UnknownService(f"service {service!r} is not in this enqueuer's --services")
         cached = self._exchanges.get(service)
@@ -90,6 +98,12 @@ class Publisher:
         else:
             check = self._checks.get(service)
             if check is None:
+                if len(self._checks) >= MAX_LOOKUPS:
+                    raise Backpressure(
+                        f"{len(self._checks)} services not known yet are being looked up on "
+                        "the broker already",
+                        retry_after=1,
+                    )
                 check = asyncio.ensure_future(self._lookup(service))
                 self._checks[service] = check
                 check.add_done_callback(lambda _: self._checks.pop(service, None))
@@ -112,13 +126,17 @@ class Publisher:
         if self._connection is None or self._channel is None:
             raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
         try:
-            exists = await topology.exchange_exists(self._connection, service)
+            async with self._lookup_turn:
+                exists = await topology.exchange_exists(self._connection, service)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
+        self._exchanges.pop(service, None)  # the newest verdict goes last, evicted last
         self._exchanges[service] = (
             exists,
             time.monotonic() + (KNOWN_FOR if exists else UNKNOWN_FOR),
         )
+        while len(self._exchanges) > MAX_REMEMBERED:
+            del self._exchanges[next(iter(self._exchanges))]
         return exists
 
     async def publish(self, service: str, routing_key: str, message: envelope.Outgoing) -> None:

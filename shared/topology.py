@@ -142,13 +142,18 @@ async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
 
 async def _exists(connection: AbstractConnection, name: str, *, exchange: bool) -> bool:
     """A passive declare; the broker closes the channel when the object is missing, so it gets
-    a channel of its own."""
-    channel = await connection.channel()
+    a channel of its own: a plain AMQP one, not aio-pika's. A robust connection keeps its
+    channels to restore them after a reconnect, and a flood of lookups (callers naming
+    thousands of services that do not exist) left it that many to open again, past the
+    broker's channel_max: it never came back."""
+    if connection.transport is None:
+        raise ConnectionError("not connected to RabbitMQ")
+    channel = await connection.transport.connection.channel()
     try:
         if exchange:
-            await channel.get_exchange(name, ensure=True)
+            await channel.exchange_declare(name, passive=True)
         else:
-            await channel.declare_queue(name, passive=True)
+            await channel.queue_declare(name, passive=True)
         return True
     except aiormq.exceptions.ChannelNotFoundEntity:
         return False

@@ -9,6 +9,7 @@ import json
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import aio_pika
@@ -19,6 +20,7 @@ from aio_pika.abc import AbstractRobustConnection, HeadersType
 from shared import envelope, topology
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
+from tests.reliability.support import rss_mib
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -68,6 +70,34 @@ async def test_the_enqueuers_own_paths(
         message = await expect_error(response, 404, "unknown_request")
     assert f"{method} {path} is none of the enqueuer's own paths" in message
     assert "GET /_proxymq/requests/{id}" in message
+
+
+async def test_a_flood_of_unknown_services(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Callers choose the service names, and each new one is looked up on the broker. 2,000
+    names that do not exist, 64 at a time: each is a 404 (or a 429 while too many wait), and
+    the enqueuer stays connected and small. Its lookups on robust channels raced for channel
+    numbers and left thousands of channels to restore: its connection closed, came back over
+    channel_max, and never served again (503), while it grew to 375 MB at 20,000 names."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    assert enqueuer.popen is not None
+    rss_before = rss_mib(enqueuer.popen.pid)
+    statuses: Counter[tuple[int, str]] = Counter()
+    turns = asyncio.Semaphore(64)
+
+    async def call(i: int) -> None:
+        async with turns, http.get(f"{url}/no-such-{i}-{'x' * 80}/x") as response:
+            statuses[response.status, response.headers.get("X-ProxyMQ-Error", "")] += 1
+
+    await asyncio.gather(*(call(i) for i in range(2000)))
+    assert set(statuses) <= {(404, "unknown_service"), (429, "backpressure")}, statuses
+    async with http.get(f"{url}/{service}/echo/still") as response:
+        assert response.status == 200
+    port = enqueuer.admin_port  # type: ignore[attr-defined]
+    assert await metric(http, port, "proxymq_broker_reconnects_total") == 0
+    assert rss_mib(enqueuer.popen.pid) - rss_before < 20
 
 
 async def test_service_not_in_allowlist(
