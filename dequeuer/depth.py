@@ -8,9 +8,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+import aiormq
+from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import Gauge
 
+from shared import topology
 from shared.broker import BROKER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -23,9 +25,9 @@ async def watch_depth(
     service: str,
     interval: float = 5.0,
 ) -> None:
-    """A passive declare per owned partition every `interval`, on a channel of its own (a
-    missing queue closes the channel it was asked on)."""
-    channel: AbstractChannel | None = None
+    """A passive declare per owned partition every `interval`, on a plain channel of its own
+    (a missing queue closes the channel it was asked on; see `topology.plain_channel`)."""
+    channel: aiormq.abc.AbstractChannel | None = None
     shown: set[str] = set()
     while True:
         queues = owned()
@@ -36,11 +38,10 @@ async def watch_depth(
         for name in queues:
             try:
                 if channel is None or channel.is_closed:
-                    channel = await connection.channel()
-                declared = await channel.declare_queue(name, passive=True)
-                gauge.labels(service, name).set(declared.declaration_result.message_count or 0)
+                    channel = await topology.plain_channel(connection)
+                declared = await channel.queue_declare(name, passive=True)
+                gauge.labels(service, name).set(declared.message_count or 0)
                 shown.add(name)
-            except BROKER_ERRORS as exc:
+            except BROKER_ERRORS as exc:  # a closed channel is replaced on the next turn
                 log.debug("depth of %s unknown: %s", name, exc)
-                channel = None
         await asyncio.sleep(interval)

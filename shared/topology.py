@@ -140,15 +140,19 @@ async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
     return await _exists(connection, name, exchange=True)
 
 
-async def _exists(connection: AbstractConnection, name: str, *, exchange: bool) -> bool:
-    """A passive declare; the broker closes the channel when the object is missing, so it gets
-    a channel of its own: a plain AMQP one, not aio-pika's. A robust connection keeps its
-    channels to restore them after a reconnect, and a flood of lookups (callers naming
-    thousands of services that do not exist) left it that many to open again, past the
-    broker's channel_max: it never came back."""
+async def plain_channel(connection: AbstractConnection) -> aiormq.abc.AbstractChannel:
+    """A channel for passive declares, which the broker closes when the object is missing: a
+    plain AMQP one, not aio-pika's. aio-pika reopens a robust channel the broker closed, and
+    keeps it: each lookup of a service that did not exist left one more channel open, until
+    the connection reached the broker's channel_max (2,047) and never came back."""
     if connection.transport is None:
         raise ConnectionError("not connected to RabbitMQ")
-    channel = await connection.transport.connection.channel()
+    return await connection.transport.connection.channel()
+
+
+async def _exists(connection: AbstractConnection, name: str, *, exchange: bool) -> bool:
+    """A passive declare on a plain channel of its own (`plain_channel`)."""
+    channel = await plain_channel(connection)
     try:
         if exchange:
             await channel.exchange_declare(name, passive=True)
