@@ -8,7 +8,9 @@ import contextlib
 import json
 import signal
 import socket
+import subprocess
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -98,6 +100,35 @@ async def test_a_flood_of_unknown_services(
     port = enqueuer.admin_port  # type: ignore[attr-defined]
     assert await metric(http, port, "proxymq_broker_reconnects_total") == 0
     assert rss_mib(enqueuer.popen.pid) - rss_before < 20
+
+
+def open_channels(connection_name: str) -> int:
+    """Channels the broker counts on the connection whose client named it so."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "channels", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    [line] = [line for line in listed.splitlines() if connection_name in line]
+    return int(line.split("\t")[0])
+
+
+async def test_unknown_services_leave_no_channel_open(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """Each lookup of a missing service got a channel the broker then closed, which aio-pika
+    reopened and kept: a caller calling a service that does not exist (a typo in its
+    configuration) added one open channel a second, and after 2,047 (about half an hour) the
+    enqueuer's connection reached channel_max and never served again."""
+    instance = f"lookups-{uuid.uuid4().hex[:8]}"
+    _, url = await stack.enqueuer("--instance-id", instance)
+    before = await asyncio.to_thread(open_channels, instance)
+    for i in range(12):
+        async with http.get(f"{url}/missing-{i}/x") as response:
+            await expect_error(response, 404, "unknown_service")
+    await asyncio.sleep(1)
+    assert await asyncio.to_thread(open_channels, instance) == before
 
 
 async def test_service_not_in_allowlist(
