@@ -57,7 +57,15 @@ class Enqueuer:
 
 
 def split_target(raw_path: str) -> tuple[str, str, str]:
-    """`/svc/a%20b?x=1` -> (`svc`, `/a%20b`, `x=1`): path and query stay exactly as sent."""
+    """`/svc/a%20b?x=1` -> (`svc`, `/a%20b`, `x=1`): path and query stay exactly as sent.
+
+    A target in absolute form (`http://host/svc/a`, what a client sends to a server it takes
+    for its HTTP proxy) counts by its path, as RFC 9112 3.2.2 asks of a server; it was taken
+    for a service named `http:`."""
+    if not raw_path.startswith("/"):
+        _, scheme, rest = raw_path.partition("://")
+        ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+        raw_path = "/" + rest[min(ends) :].removeprefix("/") if scheme and ends else "/"
     path, _, query = raw_path.partition("?")
     service, slash, rest = path.lstrip("/").partition("/")
     return service, "/" + rest if slash else "/", query

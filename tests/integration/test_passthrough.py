@@ -283,3 +283,23 @@ async def test_a_foreign_requests_hop_by_hop_headers_are_not_sent(
     assert b"x-kept: yes" in head.lower()
     assert body == b"hi"
     await channel.close()
+
+
+async def test_a_request_target_in_absolute_form(
+    pair: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """`GET http://host/svc/path` (what a client sends to a server it takes for its proxy)
+    counts by its path, as RFC 9112 asks of a server; it was a 404 for a service `http:`."""
+    host, port = pair.removeprefix("http://").split("/")[0].split(":")
+    service = pair.rsplit("/", 1)[1]
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET http://api.example/{service}/echo/abs%20x?q=1 HTTP/1.1\r\n"
+        "Host: api.example\r\nConnection: close\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    [seen] = [s for s in target.seen if s.path.startswith("/echo/abs")]
+    assert (seen.path, seen.query) == ("/echo/abs%20x", "q=1")

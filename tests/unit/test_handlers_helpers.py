@@ -31,6 +31,11 @@ NOW = 1_700_000_000.0
         ("/svc/a+b//c", ("svc", "/a+b//c", "")),
         ("/", ("", "/", "")),
         ("/?x=1", ("", "/", "x=1")),
+        ("http://localhost:8080/svc/a%20b?x=1", ("svc", "/a%20b", "x=1")),
+        ("https://h/svc", ("svc", "/", "")),
+        ("http://h?x=1", ("", "/", "x=1")),
+        ("http://h", ("", "/", "")),
+        ("http://user@h/svc//a?q", ("svc", "//a", "q")),
     ],
 )
 def test_split_target(raw: str, expected: tuple[str, str, str]) -> None:
