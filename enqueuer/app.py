@@ -29,13 +29,20 @@ from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, tracing
 from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, for_sidecar
-from shared.errors import ERROR_HEADER, ProxyMQError, Unauthorized, UnknownRequest
+from shared.errors import (
+    ERROR_HEADER,
+    BrokerUnavailable,
+    ProxyMQError,
+    Unauthorized,
+    UnknownRequest,
+)
 from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
 
 log = logging.getLogger(__name__)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 BROKER = web.AppKey("broker", Broker)
 CORRELATION_HEADER = "X-Correlation-ID"
+STOP_GRACE = 5.0  # seconds awaited replies get to come after SIGTERM
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -144,6 +151,7 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         "*", "/{tail:.*}", handle_proxy, expect_handler=partial(expect_continue, settings.max_body)
     )
     app.cleanup_ctx.append(_broker_context)
+    app.on_shutdown.append(_answer_waiting_callers)
     return app
 
 
@@ -181,8 +189,20 @@ async def _broker_context(app: web.Application) -> AsyncIterator[None]:
     broker.on_connect(on_connect)
     broker.start()
     yield
-    enqueuer.replies.fail_all(ProxyMQError("the enqueuer is shutting down"))
     await broker.close()
+
+
+async def _answer_waiting_callers(app: web.Application) -> None:
+    """On SIGTERM, once the port is closed: replies still awaited get a few seconds to come,
+    then their callers a 503 they can act on. They got a dropped connection."""
+    await app[ENQUEUER].replies.stop(
+        STOP_GRACE,
+        BrokerUnavailable(
+            "the enqueuer is stopping: the request was published and may still be processed, "
+            "but its reply will not come here",
+            retry_after=1,
+        ),
+    )
 
 
 def _reconnected(enqueuer: Enqueuer) -> None:

@@ -83,7 +83,11 @@ class ReplyWaiter:
             log.error("malformed reply for %s: %s", message.correlation_id, exc)
             future.set_exception(ServiceFailed(f"the service's reply could not be read: {exc}"))
 
-    def fail_all(self, error: Exception) -> None:
+    async def stop(self, grace: float, error: Exception) -> None:
+        """Give the replies awaited now `grace` seconds to come, then fail the rest with
+        `error`."""
+        if self._futures:
+            await asyncio.wait(list(self._futures.values()), timeout=grace)
         for future in list(self._futures.values()):
             if not future.done():
                 future.set_exception(error)

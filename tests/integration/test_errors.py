@@ -803,6 +803,32 @@ async def test_two_enqueuers_with_one_instance_id(
         assert response.status == 200
 
 
+async def test_stopping_answers_the_callers_still_waiting(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """SIGTERM: a reply that comes within the few seconds of grace still reaches its caller,
+    and a caller whose reply does not gets 503 with Retry-After. Both got a dropped
+    connection instead of an answer."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    assert enqueuer.popen is not None
+
+    async def call(path: str) -> tuple[int, str, bytes]:
+        headers = {"X-Request-Timeout": "30"}
+        async with http.get(f"{url}/{service}/{path}", headers=headers) as response:
+            code = response.headers.get("X-ProxyMQ-Error", "")
+            return response.status, code, await response.read()
+
+    soon, late = asyncio.ensure_future(call("delay/2")), asyncio.ensure_future(call("delay/15"))
+    await asyncio.sleep(0.5)
+    enqueuer.popen.send_signal(signal.SIGTERM)
+    assert (await soon)[:2] == (200, "")
+    status, code, body = await late
+    assert (status, code) == (503, "broker_unavailable")
+    assert b"the enqueuer is stopping" in body
+    assert await asyncio.to_thread(enqueuer.popen.wait, 15) == 0
+
+
 async def test_caller_disconnects(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
