@@ -10,6 +10,7 @@ back first if this process dies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -17,7 +18,6 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
 
-import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
@@ -25,6 +25,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from opentelemetry.trace import SpanKind
+from pamqp.commands import Basic
 
 from dequeuer.forwarder import CallFailed, Transport
 from dequeuer.lanes import Lanes
@@ -210,6 +211,14 @@ class Consumer:
             # aiormq fails a pending confirm or ack with CancelledError when it gives up a
             # silent connection; letting it out would end this key's lane and drop its queue.
             log.warning("could not settle, the broker will deliver it again: connection lost")
+        except Exception:
+            # A defect of ours. Left unsettled, the request stayed held on its live channel
+            # for good and its caller waited for the deadline; rejected, the broker
+            # dead-letters it to S.dlq, and S.notify answers its caller 502.
+            log.exception("could not handle the request: it goes to the dead letters")
+            if not message.processed:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await message.reject(requeue=False)
         finally:
             sub.job_done()
             self.metrics.in_flight.labels(self.settings.service, partition).dec()
@@ -404,7 +413,10 @@ class Consumer:
             reason = message.headers.get("x-first-death-reason", "rejected")
             reason = reason.decode() if isinstance(reason, bytes) else str(reason)
             error = ServiceFailed(
-                f"RabbitMQ dead-lettered the request ({reason}) after {count or 'several'} "
+                f"a dequeuer could not handle the request (its log says why); it is in "
+                f"{self.topology.dead_letters}"
+                if reason == "rejected"
+                else f"RabbitMQ dead-lettered the request ({reason}) after {count or 'several'} "
                 f"deliveries: it may crash the microservice or its dequeuer; it is in "
                 f"{self.topology.dead_letters}"
             )
@@ -453,19 +465,20 @@ class Consumer:
                 envelope.H_DEAD_AT: int(time.time() * 1000),
             }
         )
-        copy = aio_pika.Message(
+        copy = envelope.Outgoing(
             message.body,
-            headers=headers,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=message.correlation_id,
-            message_id=message.message_id,
-            reply_to=message.reply_to,
-            content_type=message.content_type,
+            Basic.Properties(
+                headers=headers,
+                delivery_mode=envelope.PERSISTENT,
+                correlation_id=message.correlation_id,
+                message_id=message.message_id,
+                reply_to=message.reply_to,
+                content_type=message.content_type,
+            ),
         )
-        channel = self._reply_channel
+        channel, queue = self._reply_channel, self.topology.dead_letters
         await self._while_held(
-            message,
-            lambda: channel.default_exchange.publish(copy, routing_key=self.topology.dead_letters),
+            message, lambda: envelope.publish(channel, copy, "", queue, mandatory=True)
         )
         await message.ack()
         self.metrics.messages.labels(self.settings.service, partition, outcome).inc()

@@ -593,6 +593,48 @@ async def test_a_reply_queue_that_refuses_replies(
     await channel.close()
 
 
+async def test_a_request_that_cannot_be_dead_lettered_as_it_is(
+    stack: Stack, service: str, target: Target, amqp: AbstractRobustConnection
+) -> None:
+    """A request from another AMQP client whose headers nearly fill RabbitMQ's frame_max fails
+    for good; its dead-letter copy, with the reason added, no longer fits in a frame. Sent
+    anyway, the broker closed the dequeuer's connection, again on every redelivery. Now the
+    request is rejected, and the broker dead-letters it to S.dlq itself."""
+    await stack.dequeuer(service, target.url, "--max-attempts", "1")
+    channel = await amqp.channel()
+    replies = await channel.declare_queue(exclusive=True)
+    headers: HeadersType = {envelope.H_PATH: "/status/503", envelope.H_HEADERS: ""}
+
+    def request() -> aio_pika.Message:
+        return aio_pika.Message(b"x", headers=headers, correlation_id="c1", reply_to=replies.name)
+
+    properties = request().properties
+    room = 131_064 - 12 - len(properties.marshal()) - 60  # frame_max 128 KiB, less 60 bytes
+    pads = [[f"X-Pad-{i:02}", "a" * 8000] for i in range(room // 8020)]  # lines under 8 KiB
+    pads.append(["X-Pad", "a" * (room - len(json.dumps(pads)) - 16)])
+    headers[envelope.H_HEADERS] = json.dumps(pads)
+    exchange = await channel.get_exchange(service)
+    await exchange.publish(request(), routing_key="k")
+    dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
+    async with asyncio.timeout(15):
+        while (dead := await dlq.get(fail=False)) is None:
+            await asyncio.sleep(0.2)
+    await dead.ack()
+    assert dead.correlation_id == "c1"
+    deaths = dead.headers["x-death"]
+    assert isinstance(deaths, list) and isinstance(deaths[0], dict)
+    assert deaths[0]["reason"] == "rejected"
+    async with asyncio.timeout(10):
+        while (reply := await replies.get(fail=False)) is None:
+            await asyncio.sleep(0.2)
+    answer = envelope.decode_response(reply.headers, reply.body)
+    assert answer.error == "service_failed"
+    assert "could not handle the request" in (answer.error_message or "")
+    assert len([s for s in target.seen if s.path == "/status/503"]) == 1
+    assert "frame_too_large" not in stack.log_text()
+    await channel.close()
+
+
 async def test_retry_recovers(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
