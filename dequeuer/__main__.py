@@ -104,9 +104,9 @@ async def serve(settings: DequeuerSettings) -> int:
 
     async def on_connect(connection: AbstractRobustConnection) -> None:
         await topology.declare(connection, consumer.topology)
+        await membership.start(connection, linger=2.0 * settings.amqp_heartbeat)
         await consumer.start(connection)
         await consumer.consume_notices(connection)
-        await membership.start(connection)
         partitions.start(connection)
         background.append(
             asyncio.create_task(

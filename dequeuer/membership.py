@@ -24,6 +24,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from shared import topology
 from shared.topology import members_exchange
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,14 @@ class Membership:
         self._task: asyncio.Task[None] | None = None
         self._last_view: frozenset[str] = frozenset()
 
-    async def start(self, connection: AbstractRobustConnection) -> None:
+    async def start(self, connection: AbstractRobustConnection, linger: float) -> None:
         """Heartbeats are transient and expire in the queue: a member that was away long reads
-        only recent ones."""
+        only recent ones.
+
+        The queue is named after the instance: a second dequeuer with the same `--instance-id`
+        would read half of its heartbeats and, taking itself for the other, claim the same
+        partitions (single active consumer kept the order, but one of the two sat idle). It
+        stops at startup instead (`claim`)."""
         self._channel = await connection.channel()
         self._exchange = await self._channel.declare_exchange(
             members_exchange(self.service), aio_pika.ExchangeType.FANOUT, durable=True
@@ -69,6 +75,9 @@ class Membership:
             f"{members_exchange(self.service)}.{self.instance_id}",
             auto_delete=True,
             arguments={"x-message-ttl": int(self.expiry * 1000), "x-expires": 60_000},
+        )
+        await topology.claim(
+            queue, linger, "give each dequeuer its own --instance-id, or none for a random one"
         )
         await queue.bind(self._exchange)
         await queue.consume(self._on_heartbeat, no_ack=True)

@@ -40,8 +40,9 @@ class DequeuerSettings(SidecarSettings):
     batch_path: str = Field("/batch", description="the microservice's batch endpoint")
     instance_id: str | None = Field(
         None,
-        description="name of this dequeuer in the broker's "
-        "connection list; default: host name and a random suffix",
+        description="name of this dequeuer in the broker's connection list and among the "
+        "service's members, one per dequeuer: a second one with the same id stops at startup; "
+        "default: host name and a random suffix",
     )
     call_timeout: float = Field(
         60.0,

@@ -7,11 +7,11 @@ import logging
 
 from enqueuer.app import BROKER, ENQUEUER, create_app
 from enqueuer.guard import read_token
-from enqueuer.replies import ReplyQueueInUse
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, service, tracing
 from shared.admin import admin_app
 from shared.broker import warn_above_max_message_size
+from shared.errors import QueueInUse
 from shared.settings import load
 
 log = logging.getLogger("enqueuer")
@@ -41,7 +41,7 @@ async def serve(settings: EnqueuerSettings) -> int:
                 settings.admin_port,
             )
             await service.wait_for_stop(broker.task)
-    except ReplyQueueInUse as exc:
+    except QueueInUse as exc:
         log.error("cannot serve: %s", exc)
         return 1
     finally:

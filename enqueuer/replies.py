@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from shared import topology
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
 from shared.errors import Backpressure, ServiceFailed
 
 log = logging.getLogger(__name__)
 REPLY_QUEUE_EXPIRES_MS = 60_000  # survives a reconnect, gone a minute after its enqueuer
-
-
-class ReplyQueueInUse(Exception):
-    """Another enqueuer consumes this instance's reply queue: a startup error."""
 
 
 class ReplyWaiter:
@@ -39,26 +35,17 @@ class ReplyWaiter:
         """Not exclusive and not auto-delete: a reply published while the connection is being
         restored waits in the queue instead of being dropped (aio-pika#679).
 
-        So nothing but this check stops a second enqueuer with the same `--instance-id` from
+        So nothing but `claim` stops a second enqueuer with the same `--instance-id` from
         consuming it too: each then took about half of the other's replies, and every second
-        caller got 504 with nothing in any log. The consumer of a process that just died may
-        linger until the broker misses its heartbeats: it is given `linger` seconds to go."""
+        caller got 504 with nothing in any log."""
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=0)
         queue = await channel.declare_queue(
             self.queue_name, durable=False, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS}
         )
-        give_up_at = time.monotonic() + linger
-        while (others := queue.declaration_result.consumer_count or 0) > 0:
-            if time.monotonic() >= give_up_at:
-                raise ReplyQueueInUse(
-                    f"another enqueuer consumes the reply queue {self.queue_name} ({others} "
-                    "consumer(s)): give each enqueuer its own --instance-id, or none for a "
-                    "random one"
-                )
-            log.warning("reply queue %s has %d other consumer(s); waiting", self.queue_name, others)
-            await asyncio.sleep(1)
-            await queue.declare()
+        await topology.claim(
+            queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
+        )
         await queue.consume(self._on_reply, no_ack=True)
 
     def expect(self, request_id: str) -> asyncio.Future[HttpResponse]:

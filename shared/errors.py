@@ -109,3 +109,7 @@ BY_CODE: dict[str, type[ProxyMQError]] = {
 
 class TopologyMismatch(Exception):
     """The broker already holds another layout for the service; declaring ours would split it."""
+
+
+class QueueInUse(Exception):
+    """Another process consumes a queue that is this instance's alone: a startup error."""

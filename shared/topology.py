@@ -9,7 +9,9 @@ matches a service's partitions and nothing else: not `S.dlq`, not another servic
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
@@ -18,7 +20,9 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from pamqp.common import FieldTable
 
-from shared.errors import TopologyMismatch
+from shared.errors import QueueInUse, TopologyMismatch
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 # Quorum, like the partitions: a classic durable queue lives on one node, and while that node
@@ -148,6 +152,22 @@ async def plain_channel(connection: AbstractConnection) -> aiormq.abc.AbstractCh
     if connection.transport is None:
         raise ConnectionError("not connected to RabbitMQ")
     return await connection.transport.connection.channel()
+
+
+async def claim(queue: AbstractQueue, linger: float, hint: str) -> None:
+    """Wait until no one else consumes `queue`, a queue named after this instance: a second
+    process started with the same instance id would share it and take half of what is meant
+    for the first, silently. The consumer of a process that just died may linger until the
+    broker misses its heartbeats, so it is given `linger` seconds to go before this gives up."""
+    give_up_at = time.monotonic() + linger
+    while (others := queue.declaration_result.consumer_count or 0) > 0:
+        if time.monotonic() >= give_up_at:
+            raise QueueInUse(
+                f"another process consumes {queue.name} ({others} consumer(s)): {hint}"
+            )
+        log.warning("%s has %d other consumer(s); waiting", queue.name, others)
+        await asyncio.sleep(1)
+        await queue.declare()
 
 
 async def _exists(connection: AbstractConnection, name: str, *, exchange: bool) -> bool:

@@ -845,6 +845,34 @@ async def test_two_enqueuers_with_one_instance_id(
         assert response.status == 200
 
 
+async def test_two_dequeuers_with_one_instance_id(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A second dequeuer with the same --instance-id shared the first one's heartbeat queue,
+    took itself for the first and claimed the same partitions: the second sat idle behind
+    single active consumer, and no log said why. It stops at startup instead; the first
+    serves every partition, and a dequeuer restarted after a crash with the same id starts."""
+    instance = f"same-{service}"
+    first = await stack.dequeuer(service, target.url, "--instance-id", instance)
+    second = await stack.dequeuer(
+        service, target.url, "--instance-id", instance, "--amqp-heartbeat", "1", wait=False
+    )
+    assert second.popen is not None
+    assert await asyncio.to_thread(second.popen.wait, 20) == 1
+    assert "give each dequeuer its own --instance-id" in stack.log_text()
+    _, url = await stack.enqueuer()
+    for i in range(16):
+        headers = {"X-Partition-Key": f"key-{i}"}
+        async with http.get(f"{url}/{service}/echo/{i}", headers=headers) as response:
+            assert response.status == 200
+    assert first.popen is not None
+    first.popen.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(first.popen.wait, 10)
+    await stack.dequeuer(service, target.url, "--instance-id", instance)
+    async with http.get(f"{url}/{service}/echo/again") as response:
+        assert response.status == 200
+
+
 async def test_stopping_answers_the_callers_still_waiting(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
