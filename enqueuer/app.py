@@ -14,6 +14,7 @@ from opentelemetry.trace import SpanKind
 
 from enqueuer.guard import CallerGuard, read_token
 from enqueuer.handlers import (
+    CALL,
     OWN_PATHS,
     REQUESTS_PATH,
     Enqueuer,
@@ -35,6 +36,7 @@ from shared.errors import (
     ProxyMQError,
     Unauthorized,
     UnknownRequest,
+    UnknownService,
 )
 from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
 
@@ -74,6 +76,9 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
         outcome = status_class(response.status)
     except ProxyMQError as error:
         response, outcome, message = error_response(error), error.code, error.message
+    except web.HTTPNotFound:  # no route: a target that is no path (`CONNECT host:443`, `OPTIONS *`)
+        missing = UnknownService(f"{request.method} {request.raw_path!r} names no service: {CALL}")
+        response, outcome, message = error_response(missing), missing.code, missing.message
     elapsed = time.perf_counter() - started
     service = request.get("service")
     label = service if service and outcome != "unknown_service" else UNKNOWN_SERVICE

@@ -34,6 +34,7 @@ from shared.errors import (
 from shared.metrics import EnqueuerMetrics
 
 log = logging.getLogger(__name__)
+CALL = "call /{service}/{path}"
 OWN_PATHS = "/_proxymq"
 REQUESTS_PATH = OWN_PATHS + "/requests/"
 # A blocked broker (memory alarm) must not hold a caller forever.
@@ -108,7 +109,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     service, path, query = split_target(request.raw_path)
     if not service:
-        raise UnknownService("no service in the path: call /{service}/{path}")
+        raise UnknownService(f"no service in the path: {CALL}")
     request["service"] = service
     logs.bind(service=service)
     body = await read_body(request, enqueuer.settings.max_body)

@@ -50,6 +50,24 @@ async def test_unknown_service(stack: Stack, http: aiohttp.ClientSession) -> Non
         assert "not a service name" in await expect_error(response, 404, "unknown_service")
 
 
+@pytest.mark.parametrize("request_line", ["CONNECT example.com:443", "OPTIONS *"])
+async def test_a_target_that_is_no_path(stack: Stack, request_line: str) -> None:
+    """`CONNECT host:port` and `OPTIONS *` match no route: they got aiohttp's plain 404,
+    without a ProxyMQ code or an X-Correlation-ID."""
+    _, url = await stack.enqueuer()
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(f"{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 "), head
+    assert b"X-ProxyMQ-Error: unknown_service" in head and b"X-Correlation-ID: " in head
+    method, target = request_line.split()
+    message = json.loads(body)["error"]["message"]
+    assert message == f"{method} '{target}' names no service: call /{{service}}/{{path}}"
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
