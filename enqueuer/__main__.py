@@ -25,7 +25,17 @@ async def serve(settings: EnqueuerSettings) -> int:
     try:
         async with contextlib.AsyncExitStack() as sites:  # a site that cannot start stops the rest
             api = await service.start_site(
-                app, settings.host, settings.port, cancel_on_disconnect=True
+                app,
+                settings.host,
+                settings.port,
+                cancel_on_disconnect=True,
+                # The body goes to the microservice as it came, compressed or not.
+                auto_decompress=False,
+                # The guard decides on headers (431): aiohttp's own limits (8 KiB a line,
+                # 128 headers) refused below them with a plain 400.
+                max_line_size=settings.max_header_bytes,
+                max_field_size=settings.max_header_bytes,
+                max_headers=max(128, settings.max_headers + 1),
             )
             sites.push_async_callback(api.cleanup)
             admin = await service.start_site(

@@ -27,16 +27,23 @@ def run(main: Coroutine[Any, Any, int]) -> None:
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, *, cancel_on_disconnect: bool = False
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    cancel_on_disconnect: bool = False,
+    **parser: Any,
 ) -> web.AppRunner:
     """`cancel_on_disconnect`: a caller who hangs up frees its handler (and its reply waiter)
-    at once instead of at its deadline."""
+    at once instead of at its deadline. `parser`: aiohttp's request parser options
+    (`max_field_size`, `auto_decompress`, ...)."""
     runner = web.AppRunner(
         app,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=5,
         handler_cancellation=cancel_on_disconnect,
+        **parser,
     )
     await runner.setup()
     try:
