@@ -40,7 +40,7 @@ class CallerGuard:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken does not tell how much of a guess was right
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), self.token
+                given.strip().encode(errors="surrogateescape"), self.token
             ):
                 raise Unauthorized("send the enqueuer's token as Authorization: Bearer TOKEN")
 

@@ -32,8 +32,10 @@ class IdempotencyStore:
 
     @staticmethod
     def _slot(service: str, key: str) -> bytes:
-        """A digest, so a caller's long key costs the same memory as a short one."""
-        return hashlib.blake2b(f"{service}\0{key}".encode(), digest_size=16).digest()
+        """A digest, so a caller's long key costs the same memory as a short one. The key's
+        bytes as sent: aiohttp keeps bytes that are no UTF-8 as surrogates."""
+        slot = f"{service}\0{key}".encode(errors="surrogateescape")
+        return hashlib.blake2b(slot, digest_size=16).digest()
 
     def get(self, service: str, key: str) -> First | None:
         self._evict()

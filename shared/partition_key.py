@@ -122,9 +122,12 @@ def _as_key(value: object, source: KeySource) -> str | None:
             f"the partition key at {source} is a JSON {type(value).__name__}; it must be a string "
             "or a number"
         )
-    if len(key.encode()) > MAX_KEY_BYTES:
+    try:  # a header's bytes that are no UTF-8, or a lone surrogate in JSON (`"\ud800"`)
+        size = len(key.encode())
+    except UnicodeEncodeError:
+        raise BadPartitionKey(f"the partition key from {source} is not valid UTF-8") from None
+    if size > MAX_KEY_BYTES:
         raise BadPartitionKey(
-            f"the partition key from {source} is {len(key.encode())} bytes; at most "
-            f"{MAX_KEY_BYTES} are allowed"
+            f"the partition key from {source} is {size} bytes; at most {MAX_KEY_BYTES} are allowed"
         )
     return key

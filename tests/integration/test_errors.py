@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import aio_pika
 import aiohttp
@@ -48,6 +49,54 @@ async def test_unknown_service(stack: Stack, http: aiohttp.ClientSession) -> Non
         await expect_error(response, 404, "unknown_service")
     async with http.get(f"{url}/bad.name/x") as response:
         assert "not a service name" in await expect_error(response, 404, "unknown_service")
+
+
+async def raw_call(url: str, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One request sent byte for byte, as no HTTP client library would send it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+    writer.write(body)
+    async with asyncio.timeout(20):
+        answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    fields, _, content = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode().split(": ", 1) for line in fields.split(b"\r\n"))
+    return int(status_line.split()[1]), headers, content
+
+
+async def test_header_bytes_that_are_no_utf8(
+    stack: Stack, service: str, target: Target, tmp_path: Path
+) -> None:
+    """One byte that is no UTF-8 (latin-1 `é`) in a header the enqueuer reads was aiohttp's
+    plain 500 and a traceback per request, also for callers without the token. Now: a partition
+    key that is no text is a bad key, an Idempotency-Key is compared as the bytes it is, and a
+    token that is no text is wrong."""
+    await stack.dequeuer(service, target.url)
+    token = tmp_path / "token"
+    token.write_text("secret")
+    _, url = await stack.enqueuer("--partition-key", "header:X-Partition-Key,json:/user/id")
+    _, guarded = await stack.enqueuer("--auth-token-file", str(token))
+    start = f"POST /{service}/echo/latin HTTP/1.1\r\nHost: x\r\n".encode()
+
+    status, headers, body = await raw_call(url, start + b"X-Partition-Key: caf\xe9\r\n")
+    assert (status, headers["X-ProxyMQ-Error"]) == (400, "bad_partition_key")
+    assert json.loads(body)["error"]["message"] == (
+        "the partition key from header:X-Partition-Key is not valid UTF-8"
+    )
+    lone = start + b"Content-Type: application/json\r\n"
+    status, headers, _ = await raw_call(url, lone, b'{"user": {"id": "\\ud800"}}')
+    assert (status, headers["X-ProxyMQ-Error"]) == (400, "bad_partition_key")
+
+    repeat = start + b"Idempotency-Key: caf\xe9\r\n"
+    first, second = [await raw_call(url, repeat, b"once") for _ in range(2)]
+    assert first[0] == second[0] == 200
+    assert first[1]["X-Correlation-ID"] == second[1]["X-Correlation-ID"]
+    assert [seen.body for seen in target.seen] == [b"once"]
+
+    status, headers, _ = await raw_call(guarded, start + b"Authorization: Bearer s\xe9cret\r\n")
+    assert (status, headers["X-ProxyMQ-Error"]) == (401, "unauthorized")
+    assert "Traceback" not in stack.log_text()
 
 
 @pytest.mark.parametrize("request_line", ["CONNECT example.com:443", "OPTIONS *"])
