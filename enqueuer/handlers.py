@@ -13,7 +13,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from enqueuer.guard import CallerGuard
-from enqueuer.idempotency import IdempotencyStore
+from enqueuer.idempotency import First, IdempotencyStore
 from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from enqueuer.responses import PassThroughResponse
@@ -126,6 +126,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     idempotency_key = request.headers.get("Idempotency-Key")
     first = enqueuer.idempotency.get(service, idempotency_key) if idempotency_key else None
     if first is not None:
+        await first.wait_published()
         request["request_id"] = request_id = first.request_id
         future = first.future
     else:
@@ -138,13 +139,23 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
             body,
         )
         future = enqueuer.replies.expect(request_id)
-        if idempotency_key:  # before publishing, so concurrent repeats find it
-            enqueuer.idempotency.remember(service, idempotency_key, request_id, future)
-        await publish(
-            enqueuer,
-            RequestEnvelope(request_id, service, http, key, deadline, enqueuer.replies.queue_name),
-            future,
-        )
+        entry: First | None = None
+        if idempotency_key:  # before publishing, so that concurrent repeats find it and wait
+            entry = enqueuer.idempotency.remember(service, idempotency_key, request_id, future)
+        try:
+            await publish(
+                enqueuer,
+                RequestEnvelope(
+                    request_id, service, http, key, deadline, enqueuer.replies.queue_name
+                ),
+                future,
+            )
+        except BaseException as exc:
+            if entry is not None:
+                entry.settle(exc)
+            raise
+        if entry is not None:
+            entry.settle(None)
         if idempotency_key or asynchronous:
             expire_at(future, deadline)  # its lifetime is the message's, not one caller's
     if asynchronous:

@@ -9,17 +9,38 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from shared.envelope import HttpResponse
+from shared.errors import BrokerUnavailable, ProxyMQError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class First:
     request_id: str
     future: asyncio.Future[HttpResponse]
     expires: float
+    published: asyncio.Event = field(default_factory=asyncio.Event)
+    refused: BaseException | None = None
+    counted: int = 0  # the bytes of its answer in the store's total
+
+    def settle(self, refused: BaseException | None) -> None:
+        """The first's publish is over: confirmed (`None`) or refused with this error."""
+        self.refused = refused
+        self.published.set()
+
+    async def wait_published(self) -> None:
+        """A repeat goes on once the first is in its queue, and fails as the first did: a 202
+        or a wait for a request that was never queued would end in a made-up 504."""
+        await self.published.wait()
+        if isinstance(self.refused, ProxyMQError):
+            raise self.refused
+        if self.refused is not None:
+            raise BrokerUnavailable(
+                "the first request with this Idempotency-Key was not confirmed by RabbitMQ",
+                retry_after=1,
+            )
 
 
 class IdempotencyStore:
@@ -48,20 +69,22 @@ class IdempotencyStore:
 
     def remember(
         self, service: str, key: str, request_id: str, future: asyncio.Future[HttpResponse]
-    ) -> None:
+    ) -> First:
         slot = self._slot(service, key)
         self._drop(slot)
         first = First(request_id, future, time.monotonic() + self.window)
         self._entries[slot] = first
         future.add_done_callback(partial(self._answered, slot, first))
         self._evict()
+        return first
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def _answered(self, slot: bytes, first: First, _: object) -> None:
         if self._entries.get(slot) is first:
-            self.bytes += _size(first)
+            first.counted = _size(first)
+            self.bytes += first.counted
             self._evict()
 
     def _evict(self) -> None:
@@ -77,8 +100,8 @@ class IdempotencyStore:
 
     def _drop(self, slot: bytes) -> None:
         gone = self._entries.pop(slot, None)
-        if gone is not None:
-            self.bytes -= _size(gone)
+        if gone is not None:  # only what was counted: its answer may have come this moment
+            self.bytes -= gone.counted
 
 
 def _size(first: First) -> int:

@@ -127,6 +127,43 @@ async def test_concurrent_repeats_share_one_request(
     assert len(target.seen) == 1
 
 
+async def test_repeats_of_a_refused_first_are_refused_too(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """Repeats that arrive while the first request is being published wait for its verdict:
+    when the full partition refuses it, they get its 429 as well. An asynchronous repeat was
+    answered 202 for a request never queued (polled: a made-up 504), a synchronous one 504 at
+    once. A later retry with the key, once there is room, goes through."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1, max_length=1))
+    _, url = await stack.enqueuer()
+    fill = {"Prefer": "respond-async"}
+    filled = []
+    for _ in range(3):  # a quorum queue may take one beyond its max-length
+        async with http.post(f"{url}/{service}/echo/fill", headers=fill) as response:
+            filled.append(response.status)
+    assert filled in ([202, 429, 429], [202, 202, 429])
+    key = {"Idempotency-Key": "order-7"}
+
+    async def call(extra: dict[str, str]) -> tuple[int, str]:
+        async with http.post(f"{url}/{service}/echo/pay", headers=key | extra) as response:
+            return response.status, response.headers.get("X-ProxyMQ-Error", "")
+
+    answers = await asyncio.gather(call({}), call({"Prefer": "respond-async"}), call({}))
+    assert answers == [(429, "backpressure")] * 3
+    await stack.dequeuer(service, target.url, "--partitions", "1", "--max-length", "1")
+    for _ in range(100):  # until the dequeuer has made room
+        if (retried := await call({})) != (429, "backpressure"):
+            break
+        await asyncio.sleep(0.1)
+    assert retried == (200, "")
+    paths = ["/echo/fill"] * filled.count(202) + ["/echo/pay"]
+    assert [seen.path for seen in target.seen] == paths
+
+
 async def test_retry_after_timeout_sends_again(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from enqueuer.idempotency import IdempotencyStore
 from shared.envelope import HttpResponse
+from shared.errors import Backpressure, BrokerUnavailable
 
 
 async def test_repeat_gets_the_first() -> None:
@@ -87,3 +88,47 @@ async def test_an_entry_gone_before_its_answer_is_not_counted(
     future.set_result(answer(600))
     await asyncio.sleep(0)
     assert store.bytes == 0
+
+
+async def test_answers_of_one_loop_pass_are_counted_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two answers set in one loop pass, the younger first, while the older is past its
+    window: the older was taken off the total without ever being counted, and the total went
+    negative, so --max-result-bytes no longer bounded what was kept."""
+    now = [1000.0]
+    monkeypatch.setattr("enqueuer.idempotency.time.monotonic", lambda: now[0])
+    store = IdempotencyStore(window=10, capacity=100, max_bytes=1000)
+    loop = asyncio.get_running_loop()
+    older: asyncio.Future[HttpResponse] = loop.create_future()
+    younger: asyncio.Future[HttpResponse] = loop.create_future()
+    store.remember("svc", "older", "id-1", older)
+    now[0] += 5
+    store.remember("svc", "younger", "id-2", younger)
+    now[0] += 6  # the older's window is over, the younger's is not
+    younger.set_result(answer(10))
+    older.set_result(answer(500))
+    await asyncio.sleep(0)
+    assert store.bytes == 10 and len(store) == 1
+    for i in range(20):
+        future: asyncio.Future[HttpResponse] = loop.create_future()
+        store.remember("svc", f"k{i}", f"id-k{i}", future)
+        future.set_result(answer(100))
+        await asyncio.sleep(0)
+    assert store.bytes == 1000 and len(store) == 10
+
+
+async def test_a_repeat_fails_as_its_first_did() -> None:
+    store = IdempotencyStore(window=60, capacity=10, max_bytes=1 << 20)
+    future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
+    first = store.remember("svc", "k", "id-1", future)
+    waiting = asyncio.create_task(first.wait_published())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # still publishing
+    first.settle(Backpressure("partition full", retry_after=1))
+    with pytest.raises(Backpressure):
+        await waiting
+    other = store.remember("svc", "j", "id-2", future)
+    other.settle(ConnectionResetError())
+    with pytest.raises(BrokerUnavailable):
+        await other.wait_published()
