@@ -38,7 +38,7 @@ from shared.errors import (
     UnknownRequest,
     UnknownService,
 )
-from shared.metrics import UNKNOWN_SERVICE, EnqueuerMetrics, status_class
+from shared.metrics import OWN_PATHS_LABEL, UNKNOWN_SERVICE, EnqueuerMetrics, status_class
 
 log = logging.getLogger(__name__)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
@@ -81,7 +81,10 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
         response, outcome, message = error_response(missing), missing.code, missing.message
     elapsed = time.perf_counter() - started
     service = request.get("service")
-    label = service if service and outcome != "unknown_service" else UNKNOWN_SERVICE
+    if service is None and request.path.startswith(OWN_PATHS):
+        label = OWN_PATHS_LABEL  # polls: never another count of the service's outcomes
+    else:
+        label = service if service and outcome != "unknown_service" else UNKNOWN_SERVICE
     enqueuer.metrics.requests.labels(label, outcome).inc()
     if service and response.status != 202:
         enqueuer.metrics.duration.labels(label).observe(elapsed)

@@ -31,7 +31,7 @@ from shared.errors import (
     UnknownRequest,
     UnknownService,
 )
-from shared.metrics import EnqueuerMetrics
+from shared.metrics import EnqueuerMetrics, status_class
 
 log = logging.getLogger(__name__)
 CALL = "call /{service}/{path}"
@@ -242,22 +242,30 @@ def accept(
     if enqueuer.results.get(request_id) is None:  # not a repeated Idempotency-Key
         enqueuer.results.add(request_id)
         enqueuer.metrics.accepted_async.labels(service).inc()
-        future.add_done_callback(partial(_store, enqueuer.results, request_id, service))
+        future.add_done_callback(partial(_store, enqueuer, request_id, service))
     return pending(request_id)
 
 
 def _store(
-    results: ResultStore, request_id: str, service: str, done: asyncio.Future[HttpResponse]
+    enqueuer: Enqueuer, request_id: str, service: str, done: asyncio.Future[HttpResponse]
 ) -> None:
-    if done.cancelled():
-        error: ProxyMQError = GatewayTimeout(
-            f"no reply from service {service!r} within the request's X-Request-Timeout"
+    """Keep the result for polls, and count its outcome once."""
+    if done.cancelled() or done.exception() is not None:
+        exception = None if done.cancelled() else done.exception()
+        error = (
+            _as_proxymq_error(exception)
+            if exception is not None
+            else GatewayTimeout(
+                f"no reply from service {service!r} within the request's X-Request-Timeout"
+            )
         )
-        results.finish(request_id, None, error)
-    elif (exception := done.exception()) is not None:
-        results.finish(request_id, None, _as_proxymq_error(exception))
+        enqueuer.results.finish(request_id, None, error)
+        outcome = error.code
     else:
-        results.finish(request_id, done.result(), None)
+        response = done.result()
+        enqueuer.results.finish(request_id, response, None)
+        outcome = response.error or status_class(response.status)
+    enqueuer.metrics.async_results.labels(service, outcome).inc()
 
 
 def pending(request_id: str) -> web.Response:
@@ -278,6 +286,7 @@ async def request_status(request: web.Request, enqueuer: Enqueuer) -> web.Stream
             f"result expired ({enqueuer.settings.result_ttl:g} s after it finished, or sooner "
             "to stay within --max-results and --max-result-bytes)"
         )
+    request["request_id"] = request_id  # the request's own id, as in its logs
     if outcome.pending:
         return pending(request_id)
     if outcome.error is not None:

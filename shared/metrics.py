@@ -1,7 +1,8 @@
 """Prometheus metrics of each sidecar, each set in its own registry (no global state).
 
 Labels stay bounded: service, partition queue, outcome (a status class or an error code); never
-ids or keys. A service name a caller made up is counted as `_unknown`.
+ids or keys. A service name a caller made up is counted as `_unknown`, a call to the enqueuer's
+own paths (polling an asynchronous result) as `_proxymq`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ LATENCY_BUCKETS = (
     300,
 )
 UNKNOWN_SERVICE = "_unknown"
+OWN_PATHS_LABEL = "_proxymq"
 
 
 def status_class(status: int) -> str:
@@ -59,6 +61,13 @@ class EnqueuerMetrics:
             "proxymq_enqueuer_async_accepted",
             "Requests answered 202 (Prefer: respond-async)",
             ["service"],
+            registry=self.registry,
+        )
+        self.async_results = Counter(
+            "proxymq_enqueuer_async_results",
+            "Asynchronous requests finished, by outcome (as for requests), each counted once "
+            "however often it is polled",
+            ["service", "outcome"],
             registry=self.registry,
         )
         self.breaker_open = Gauge(

@@ -9,7 +9,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from shared import topology
-from tests.conftest import Stack
+from tests.conftest import Stack, metric
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -69,6 +69,37 @@ async def test_async_deadline(
     result = await poll(http, url + location)
     assert result.status == 504
     assert result.headers["X-ProxyMQ-Error"] == "timeout"
+
+
+async def test_polls_carry_the_request_id_and_count_once(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A poll answers with the request's own X-Correlation-ID (the one in the dequeuer's and
+    the microservice's logs), and polls are counted apart: each poll of a timed-out result
+    was one more `timeout` in the requests' metrics, and the result's outcome was never
+    counted under its service."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    locations = {}
+    for path, wait in (("echo/fine", "30"), ("delay/2", "0.3")):
+        headers = {"Prefer": "respond-async", "X-Request-Timeout": wait}
+        async with http.post(f"{url}/{service}/{path}", headers=headers) as response:
+            locations[path] = (response.headers["Location"], response.headers["X-Correlation-ID"])
+    for path, (location, request_id) in locations.items():
+        for _ in range(3):
+            result = await poll(http, url + location)
+            assert result.headers["X-Correlation-ID"] == request_id
+        assert result.status == (200 if path == "echo/fine" else 504)
+
+    async def count(name: str, labels: dict[str, str]) -> float:
+        return await metric(http, admin, f"proxymq_enqueuer_{name}_total", labels)
+
+    assert await count("async_results", {"service": service, "outcome": "2xx"}) == 1
+    assert await count("async_results", {"service": service, "outcome": "timeout"}) == 1
+    assert await count("requests", {"service": service, "outcome": "timeout"}) == 0
+    assert await count("requests", {"service": "_proxymq", "outcome": "timeout"}) >= 3
+    assert await count("requests", {"service": "_unknown"}) == 0
 
 
 async def test_async_error_is_kept(
