@@ -3,6 +3,7 @@ errors rendered by one middleware."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -45,6 +46,7 @@ ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 BROKER = web.AppKey("broker", Broker)
 CORRELATION_HEADER = "X-Correlation-ID"
 STOP_GRACE = 5.0  # seconds awaited replies get to come after SIGTERM
+DISCONNECTED = "disconnected"  # the outcome of a request whose caller hung up
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -79,28 +81,44 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
     except web.HTTPNotFound:  # no route: a target that is no path (`CONNECT host:443`, `OPTIONS *`)
         missing = UnknownService(f"{request.method} {request.raw_path!r} names no service: {CALL}")
         response, outcome, message = error_response(missing), missing.code, missing.message
+    except asyncio.CancelledError:  # the caller hung up: its handler was cancelled
+        _record(request, started, None, DISCONNECTED, "the caller hung up before the answer")
+        raise
+    response.headers[CORRELATION_HEADER] = _record(request, started, response, outcome, message)
+    return response
+
+
+def _record(
+    request: web.Request,
+    started: float,
+    response: web.StreamResponse | None,
+    outcome: str,
+    message: str,
+) -> str:
+    """Count and log one request's outcome; its id, which a repeated Idempotency-Key or a
+    poll may have changed to the request it names."""
+    metrics = request.app[ENQUEUER].metrics
     elapsed = time.perf_counter() - started
     service = request.get("service")
     if service is None and request.path.startswith(OWN_PATHS):
         label = OWN_PATHS_LABEL  # polls: never another count of the service's outcomes
     else:
         label = service if service and outcome != "unknown_service" else UNKNOWN_SERVICE
-    enqueuer.metrics.requests.labels(label, outcome).inc()
-    if service and response.status != 202:
-        enqueuer.metrics.duration.labels(label).observe(elapsed)
-    request_id = request["request_id"]  # a repeated Idempotency-Key gets the first request's id
-    response.headers[CORRELATION_HEADER] = request_id
+    metrics.requests.labels(label, outcome).inc()
+    if service and response is not None and response.status != 202:
+        metrics.duration.labels(label).observe(elapsed)
+    request_id: str = request["request_id"]
     log.info(
         message,
         extra=logs.fields(
             correlation_id=request_id,
             method=request.method,
-            status=response.status,
+            status=response.status if response is not None else None,
             outcome=outcome,
             duration_ms=round(elapsed * 1000, 2),
         ),
     )
-    return response
+    return request_id
 
 
 def create_app(settings: EnqueuerSettings) -> web.Application:

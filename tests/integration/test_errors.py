@@ -969,7 +969,9 @@ async def test_stopping_answers_the_callers_still_waiting(
 async def test_caller_disconnects(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
-    """A caller who hangs up leaves nothing behind: the waiter is freed, the reply dropped."""
+    """A caller who hangs up leaves nothing behind: the waiter is freed, the reply dropped.
+    Its request is counted and logged as `disconnected` (it was neither, so a caller who
+    always gave up was invisible)."""
     await stack.dequeuer(service, target.url)
     enqueuer, url = await stack.enqueuer()
     port = enqueuer.admin_port  # type: ignore[attr-defined]
@@ -983,6 +985,9 @@ async def test_caller_disconnects(
             break
         await asyncio.sleep(0.1)
     assert await metric(http, port, "proxymq_enqueuer_late_replies_total") == 1
+    labels = {"service": service, "outcome": "disconnected"}
+    assert await metric(http, port, "proxymq_enqueuer_requests_total", labels) == 1
+    assert "the caller hung up before the answer" in stack.log_text()
 
 
 async def test_delete_removes_a_partial_layout(
