@@ -153,7 +153,7 @@ async def test_repeats_of_a_refused_first_are_refused_too(
             return response.status, response.headers.get("X-ProxyMQ-Error", "")
 
     answers = await asyncio.gather(call({}), call({"Prefer": "respond-async"}), call({}))
-    assert answers == [(429, "backpressure")] * 3
+    assert list(answers) == [(429, "backpressure")] * 3
     await stack.dequeuer(service, target.url, "--partitions", "1", "--max-length", "1")
     for _ in range(100):  # until the dequeuer has made room
         if (retried := await call({})) != (429, "backpressure"):
