@@ -15,6 +15,7 @@ from shared.errors import QueueInUse
 from shared.settings import load
 
 log = logging.getLogger("enqueuer")
+LINE = 8190  # aiohttp's longest header or request line unless told otherwise
 
 
 async def serve(settings: EnqueuerSettings) -> int:
@@ -33,8 +34,8 @@ async def serve(settings: EnqueuerSettings) -> int:
                 auto_decompress=False,
                 # The guard decides on headers (431): aiohttp's own limits (8 KiB a line,
                 # 128 headers) refused below them with a plain 400.
-                max_line_size=settings.max_header_bytes,
-                max_field_size=settings.max_header_bytes,
+                max_line_size=max(LINE, settings.max_header_bytes),
+                max_field_size=max(LINE, settings.max_header_bytes),
                 max_headers=max(128, settings.max_headers + 1),
             )
             sites.push_async_callback(api.cleanup)
