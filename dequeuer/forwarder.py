@@ -14,6 +14,7 @@ from yarl import URL
 from shared import tracing
 from shared.envelope import HttpRequest, HttpResponse, end_to_end
 
+FRAME_MAX = 128 * 1024  # RabbitMQ's default frame_max
 FailureKind = Literal["connect", "timeout", "too_large", "bad_answer"]
 # aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -65,6 +66,11 @@ class HttpTransport:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
+            # A reply's headers travel in one AMQP frame (RabbitMQ's frame_max, 128 KiB): a
+            # header line up to that is carried, where aiohttp's 8 KiB default refused a
+            # large cookie or policy header as no HTTP at all.
+            max_line_size=FRAME_MAX,
+            max_field_size=FRAME_MAX,
         )
 
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
@@ -105,7 +111,7 @@ class HttpTransport:
         except TimeoutError as exc:
             raise CallFailed("timeout", f"no answer within {timeout:.1f} s") from exc
         except aiohttp.ClientResponseError as exc:
-            # Not HTTP that the client can read (a header line over 8 KiB, a broken status
+            # Not HTTP that the client can read (a header line over 128 KiB, a broken status
             # line): it escaped as an unknown error and left the request held for good.
             raise CallFailed("bad_answer", f"the answer is not valid HTTP: {exc.message}") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
