@@ -7,6 +7,7 @@ else by the real rules, and a stub resolver stands in for DNS.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
@@ -17,6 +18,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from tests.url_fetcher.support import BIG_SIZE, PAGE, free_port
 from url_fetcher.fetch import Fetcher, FetchError, FetchLimits, create_session
 from url_fetcher.guard import TargetGuard
+from url_fetcher.title import TitleScanner
 
 
 class OnlyLoopbackOneIsPublic(TargetGuard):
@@ -78,6 +80,21 @@ async def test_page_is_reported(fetcher: Fetcher, site: str) -> None:
     assert result.content_type == "text/html; charset=utf-8"
     assert result.final_url == f"{site}/page"
     assert (result.redirects, result.truncated) == (0, False)
+
+
+async def test_elapsed_time_includes_finding_the_title(
+    fetcher: Fetcher, site: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    title = TitleScanner.title
+
+    def slow_title(scanner: TitleScanner) -> str | None:
+        time.sleep(0.05)
+        return title(scanner)
+
+    monkeypatch.setattr(TitleScanner, "title", slow_title)
+    result = await fetcher.fetch(f"{site}/page")
+    assert result.title == "Caf\u00e9 au lait"
+    assert result.elapsed_ms >= 50
 
 
 async def test_name_is_resolved_through_the_guard(fetcher: Fetcher, site: str) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from url_fetcher.title import MAX_TITLE_CHARS, TitleScanner, extract_title
+from url_fetcher.title import (
+    MAX_HEAD_CHARS,
+    MAX_TITLE_CHARS,
+    TitleScanner,
+    _TitleParser,
+    extract_title,
+)
 
 
 @pytest.mark.parametrize(
@@ -66,3 +72,46 @@ def test_scanner_stops_parsing_at_body() -> None:
     assert scanner.done
     scanner.feed(b"<title>late</title>")
     assert scanner.title() is None
+
+
+@pytest.mark.parametrize("unit", [b"<x", b"<x ", b"</", b"<?", b"<!", b"<!--", b"<a b='"])
+@pytest.mark.parametrize("chunk", [7, 64 * 1024])
+def test_a_crafted_page_costs_the_parser_linear_work(
+    monkeypatch: pytest.MonkeyPatch, unit: bytes, chunk: int
+) -> None:
+    """An incomplete construct the parser holds is scanned again on each feed, and close() is
+    cubic in it (seconds for tens of KiB): the parser may only ever hold so much, never be closed
+    on more than 1 KiB of it, and scan no more than a few times the text it is given."""
+    scanned = [0]
+    goahead = _TitleParser.goahead
+
+    def counting(parser: _TitleParser, end: bool) -> None:
+        assert len(parser.rawdata) <= (1024 if end else MAX_HEAD_CHARS)
+        scanned[0] += len(parser.rawdata)
+        assert scanned[0] <= 3 * MAX_HEAD_CHARS
+        goahead(parser, end)
+
+    monkeypatch.setattr(_TitleParser, "goahead", counting)
+    body = b"<html><head>" + unit * (1024 * 1024 // len(unit))
+    scanner = TitleScanner()
+    for i in range(0, len(body), chunk):
+        if not scanner.done:
+            scanner.feed(body[i : i + chunk])
+    assert scanner.title() is None
+
+
+@pytest.mark.parametrize("head", [b"<script>" + b"x" * 200_000 + b"</script>", b"<meta>" * 30_000])
+def test_a_title_after_a_large_head_is_still_found(head: bytes) -> None:
+    body = b"<html><head>" + head + b"<title>Deep</title></head><body>" + b"y" * 100_000
+    scanner = TitleScanner()
+    for i in range(0, len(body), 64 * 1024):
+        scanner.feed(body[i : i + 64 * 1024])
+    assert scanner.title() == "Deep"
+
+
+def test_text_past_max_head_chars_is_not_searched() -> None:
+    assert extract_title(b"<!--" + b"x" * MAX_HEAD_CHARS + b"--><title>Late</title>") is None
+
+
+def test_a_title_cut_short_by_the_end_of_the_body_is_kept() -> None:
+    assert extract_title(b"<title>Fish &amp") == "Fish &"

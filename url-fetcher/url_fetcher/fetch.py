@@ -237,6 +237,7 @@ class Fetcher:
             if truncated:
                 response.close()  # the rest stays unread; the connection cannot be reused
                 break
+        title = scanner.title() if scanner is not None else None  # timed with the rest
         return FetchResult(
             url=raw_url,
             final_url=str(response.url),
@@ -244,7 +245,7 @@ class Fetcher:
             content_type=content_type,
             size=size,
             elapsed_ms=_elapsed_ms(started),
-            title=scanner.title() if scanner is not None else None,
+            title=title,
             redirects=redirects,
             truncated=truncated,
         )
