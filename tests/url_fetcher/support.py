@@ -27,6 +27,12 @@ async def _big(request: web.Request) -> web.Response:
     return web.Response(body=b"<title>Big</title>" + b"x" * BIG_SIZE, content_type="text/html")
 
 
+async def _utf32(request: web.Request) -> web.Response:
+    """UTF-32 without the BOM its charset requires: Python's decoder refuses it."""
+    body = "<title>x</title>".encode("utf-32-le")
+    return web.Response(body=body, content_type="text/html", charset="utf-32")
+
+
 async def _data(request: web.Request) -> web.Response:
     return web.Response(body=b"<title>not html</title>", content_type="application/octet-stream")
 
@@ -58,6 +64,7 @@ async def start_target() -> web.AppRunner:
     app.router.add_get("/latin1", _latin1)
     app.router.add_get("/big", _big)
     app.router.add_get("/data", _data)
+    app.router.add_get("/utf32", _utf32)
     app.router.add_get("/missing", _missing)
     app.router.add_get("/slow", _slow)
     app.router.add_get("/redirect/{hops:\\d+}", _redirect_chain)

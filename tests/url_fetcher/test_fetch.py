@@ -177,6 +177,13 @@ async def test_charset_and_non_html(fetcher: Fetcher, site: str) -> None:
     assert (data.title, data.content_type) == (None, "application/octet-stream")
 
 
+async def test_a_body_its_charset_cannot_decode_is_fetched_without_title(
+    fetcher: Fetcher, site: str
+) -> None:
+    result = await fetcher.fetch(f"{site}/utf32")
+    assert (result.status, result.size, result.title) == (200, 64, None)
+
+
 async def test_target_errors_are_reported_not_raised(fetcher: Fetcher, site: str) -> None:
     result = await fetcher.fetch(f"{site}/missing")
     assert (result.status, result.title) == (404, "Not here")

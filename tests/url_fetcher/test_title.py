@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import encodings
+import pkgutil
+
 import pytest
 
 from url_fetcher.title import (
@@ -54,6 +57,26 @@ def test_body_is_decoded_with_the_response_charset(charset: str, encoded: bytes)
 @pytest.mark.parametrize("charset", ["no-such-charset", "base64", "rot13", "idna", None])
 def test_unknown_or_non_text_charsets_fall_back_to_utf8(charset: str | None) -> None:
     assert extract_title("<title>Caf\u00e9</title>".encode(), charset) == "Caf\u00e9"
+
+
+CODECS = sorted(module.name for module in pkgutil.iter_modules(encodings.__path__))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # unicode_escape on bad escapes
+@pytest.mark.parametrize("charset", CODECS)
+def test_no_charset_fails_on_any_body(charset: str) -> None:
+    """utf-32 and utf-16 without a BOM, punycode with a byte over 127: some decoders raise even
+    with errors="replace"; the title is then not found, and nothing is raised."""
+    for body in [
+        "<title>x</title>".encode("utf-32-le"),
+        b"<title>a-\xe9</title>",
+        bytes(range(256)) * 2,
+        b"<title>ok</title>\xff\xfe\x00",
+    ]:
+        scanner = TitleScanner(charset)
+        for i in range(0, len(body), 3):
+            scanner.feed(body[i : i + 3])
+        scanner.title()
 
 
 def test_multibyte_characters_split_across_chunks_survive() -> None:

@@ -72,20 +72,29 @@ class TitleScanner:
     def feed(self, chunk: bytes) -> None:
         """Parse one more piece of the body (ignored once the title is known)."""
         if not self.done:
-            self._add(self._decoder.decode(chunk))
+            self._add(self._decode(chunk))
 
     def title(self) -> str | None:
         """The title with whitespace collapsed, cut to 300 characters; None if absent or blank."""
         if not self._ended:
             self._ended = True
             if not self.done:
-                self._add(self._decoder.decode(b"", final=True))
+                self._add(self._decode(b"", final=True))
             self._hand_over()
             # What close() would add is the end of a title cut short by the end of the body.
             if not self._parser.done and len(self._parser.rawdata) <= _SMALL_PENDING:
                 self._parser.close()
         text = " ".join("".join(self._parser.parts).split())
         return text[:MAX_TITLE_CHARS] or None
+
+    def _decode(self, data: bytes, final: bool = False) -> str:
+        """`data` as text; a charset the body does not fit ends the search (utf-32 without a BOM
+        raises even with errors="replace"): a title is a nicety, never a reason to fail a fetch."""
+        try:
+            return self._decoder.decode(data, final)
+        except UnicodeError:
+            self._room = 0
+            return ""
 
     def _add(self, text: str) -> None:
         """Keep `text` (up to the room left); hand it over now unless the parser holds a large
