@@ -158,6 +158,16 @@ async def test_redirect_to_another_scheme_is_refused(fetcher: Fetcher, site: str
     assert "only http and https" in caught.value.message
 
 
+@pytest.mark.parametrize("location", ["http://a..b/", "http://xn--a/"])
+async def test_redirect_to_a_host_dns_cannot_take_is_fetch_failed(
+    fetcher: Fetcher, site: str, location: str
+) -> None:
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(f"{site}/redirect-to?location={location}")
+    assert (caught.value.code, caught.value.http_status) == ("fetch_failed", 502)
+    assert "redirected to an invalid location" in caught.value.message
+
+
 async def test_too_many_redirects(fetcher: Fetcher, site: str) -> None:
     with pytest.raises(FetchError) as caught:
         await fetcher.fetch(f"{site}/redirect/5")
@@ -217,6 +227,10 @@ async def test_slow_target_times_out(site: str) -> None:
         ("http://", "has no host"),
         ("http://[::1/", "is not a valid URL"),
         ("http://x/" + "a" * 9000, "longer than 8192 characters"),
+        ("http://a..b/", "is not a valid URL"),
+        ("http://xn--a/", "is not a valid URL"),
+        ("http://xn--/", "is not a valid URL"),
+        (f"http://{'a' * 64}.example/", "is not a valid URL"),
     ],
 )
 async def test_malformed_urls_are_bad_requests(fetcher: Fetcher, raw: object, message: str) -> None:

@@ -24,6 +24,9 @@ FETCHER = web.AppKey("fetcher", Fetcher)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+INTERNAL_ERROR = "internal_error"
+_FAILED = "url-fetcher failed to answer this request (its log has the details)"
+
 
 def create_app(
     settings: UrlFetcherSettings,
@@ -81,7 +84,8 @@ def error_body(code: str, message: str) -> dict[str, object]:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer bad input and aiohttp's own errors (404, 405, 413) in JSON, one format for all."""
+    """Answer bad input, aiohttp's own errors (404, 405, 413) and a handler's failure in JSON,
+    one format for all (aiohttp would answer a failure in plain text)."""
     try:
         return await handler(request)
     except BadInput as exc:
@@ -95,6 +99,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k == "Allow"},
         )
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response(error_body(INTERNAL_ERROR, _FAILED), status=500)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -141,6 +148,9 @@ async def fetch_batch(request: web.Request) -> web.Response:
                 return (await fetcher.fetch(url)).to_json()
             except FetchError as exc:
                 return exc.to_json(url)
+            except Exception:
+                log.exception("fetch url=%r failed", url)
+                return {"url": url, **error_body(INTERNAL_ERROR, _FAILED)}
 
     results = await asyncio.gather(*(one(item) for item in items))
     return web.json_response({"results": results})

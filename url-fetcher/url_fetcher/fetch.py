@@ -101,7 +101,7 @@ def parse_target(value: object) -> URL:
     if len(value) > MAX_URL_CHARS:
         raise FetchError(BAD_REQUEST, f"the URL is longer than {MAX_URL_CHARS} characters")
     try:
-        url = URL(value.strip())
+        url = _checked(URL(value.strip()))
     except (ValueError, TypeError) as exc:
         raise FetchError(BAD_REQUEST, f"{value!r} is not a valid URL: {exc}") from None
     if url.scheme not in ALLOWED_SCHEMES:
@@ -109,6 +109,18 @@ def parse_target(value: object) -> URL:
     if not url.host:
         raise FetchError(BAD_REQUEST, f"{value!r} has no host")
     return url.with_fragment(None)
+
+
+def _checked(url: URL) -> URL:
+    """`url`, once its host is known to be one DNS can be asked about.
+
+    yarl decodes a host's punycode only when `.host` is first read (`xn--a` fails then), and
+    getaddrinfo() refuses an empty label or one over 63 characters (`a..b`): both raise
+    UnicodeError, a ValueError, which must not wait until the fetch.
+    """
+    if url.host is not None and url.raw_host:
+        url.raw_host.encode("idna")
+    return url
 
 
 def _json_type(value: object) -> str:
@@ -254,7 +266,7 @@ class Fetcher:
 def _next_hop(url: URL, location: str) -> URL:
     """Resolve a Location header against the URL that sent it."""
     try:
-        return url.join(URL(location)).with_fragment(None)
+        return _checked(url.join(URL(location)).with_fragment(None))
     except (ValueError, TypeError) as exc:
         raise FetchError(
             FETCH_FAILED, f"{url} redirected to an invalid location {location!r}: {exc}"

@@ -1,0 +1,90 @@
+"""The HTTP API in process: every answer JSON, one bad item failing only its own entry."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from shared.settings import load
+from url_fetcher.app import create_app
+from url_fetcher.fetch import Fetcher, FetchResult
+from url_fetcher.settings import UrlFetcherSettings
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def client(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Client]:
+    """url-fetcher allowed to fetch the local site, with the runner's PROXYMQ_* kept out."""
+    for name in list(os.environ):
+        if name.startswith("PROXYMQ_"):
+            monkeypatch.delenv(name)
+    settings = load(UrlFetcherSettings, ["--allow-private", "--fetch-timeout", "2"])
+    async with TestClient(TestServer(create_app(settings))) as test_client:
+        yield test_client
+
+
+async def post(client: Client, path: str, body: bytes) -> tuple[int, object]:
+    """Status and JSON answer; the answer must be strict JSON (no NaN, no Infinity)."""
+    async with client.post(path, data=body) as response:
+        assert response.content_type == "application/json"
+        text = await response.text()
+    return response.status, json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> object:
+    raise AssertionError(f"{name} is not JSON")
+
+
+def _code(answer: object) -> object:
+    assert isinstance(answer, dict)
+    return answer["error"]["code"]
+
+
+BAD_HOSTS = ["http://a..b/", "http://xn--a/", "http://xn--/", f"http://{'a' * 64}.example/"]
+
+
+@pytest.mark.parametrize("url", BAD_HOSTS)
+async def test_a_host_dns_cannot_take_is_a_bad_request(client: Client, url: str) -> None:
+    status, answer = await post(client, "/fetch", json.dumps({"url": url}).encode())
+    assert (status, _code(answer)) == (400, "bad_request")
+
+
+async def test_a_bad_host_fails_only_its_own_batch_entry(client: Client, site: str) -> None:
+    urls = [*BAD_HOSTS, f"{site}/redirect-to?location=http://a..b/", f"{site}/page"]
+    status, answer = await post(client, "/fetch/batch", json.dumps(urls).encode())
+    assert status == 200
+    assert isinstance(answer, dict)
+    results = answer["results"]
+    assert [r.get("error", {}).get("code") for r in results] == [
+        *["bad_request"] * len(BAD_HOSTS),
+        "fetch_failed",
+        None,
+    ]
+    assert results[-1]["title"] == "Caf\u00e9 au lait"
+
+
+async def test_a_failing_handler_answers_json(
+    client: Client, site: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails unforeseen is a JSON 500, and in a batch that entry's error alone."""
+    fetch = Fetcher.fetch
+
+    async def broken(fetcher: Fetcher, url: object) -> FetchResult:
+        if url == "http://broken.test/":
+            raise RuntimeError("unforeseen")
+        return await fetch(fetcher, url)
+
+    monkeypatch.setattr(Fetcher, "fetch", broken)
+    status, answer = await post(client, "/fetch", b'{"url": "http://broken.test/"}')
+    assert (status, _code(answer)) == (500, "internal_error")
+    body = json.dumps(["http://broken.test/", f"{site}/page"]).encode()
+    status, answer = await post(client, "/fetch/batch", body)
+    assert status == 200
+    assert isinstance(answer, dict)
+    assert [r.get("error", {}).get("code") for r in answer["results"]] == ["internal_error", None]
