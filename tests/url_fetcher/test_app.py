@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import AsyncIterator
@@ -88,3 +89,31 @@ async def test_a_failing_handler_answers_json(
     assert status == 200
     assert isinstance(answer, dict)
     assert [r.get("error", {}).get("code") for r in answer["results"]] == ["internal_error", None]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/fetch", b'{"url": NaN}'),
+        ("/fetch", b'{"url": Infinity}'),
+        ("/fetch", b'{"url": -Infinity}'),
+        ("/fetch", b'{"url": 1e999}'),
+        ("/fetch/batch", b'["http://x/", -1e999]'),
+    ],
+)
+async def test_nan_and_infinity_are_refused_not_echoed(
+    client: Client, path: str, body: bytes
+) -> None:
+    status, answer = await post(client, path, body)
+    assert (status, _code(answer)) == (400, "bad_request")
+    assert "not JSON" in answer["error"]["message"]  # type: ignore[index]
+
+
+async def test_a_batched_nan_is_refused_in_its_slot(client: Client) -> None:
+    item = {"method": "POST", "path": "/fetch", "body": base64.b64encode(b'{"url": NaN}').decode()}
+    status, answers = await post(client, "/batch", json.dumps([item]).encode())
+    assert status == 200
+    assert isinstance(answers, list)
+    assert answers[0]["status"] == 400
+    inner = json.loads(base64.b64decode(answers[0]["body"]), parse_constant=_no_constant)
+    assert _code(inner) == "bad_request"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -161,12 +162,27 @@ class BadInput(Exception):
 
 
 async def _json_body(request: web.Request) -> object:
-    """The parsed request body; BadInput if it is not JSON."""
+    """The parsed request body; BadInput if it is not JSON.
+
+    Python's json reads NaN, Infinity and 1e999 (as inf), which are no JSON: echoed in an error,
+    they would make the answer no JSON either.
+    """
     raw = await request.read()
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_a_number, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
         raise BadInput(f"the request body is not JSON: {exc}") from None
+
+
+def _not_a_number(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text} is too large a number")
+    return number
 
 
 def _bad_request(message: str) -> web.Response:
