@@ -117,3 +117,38 @@ async def test_a_batched_nan_is_refused_in_its_slot(client: Client) -> None:
     assert answers[0]["status"] == 400
     inner = json.loads(base64.b64decode(answers[0]["body"]), parse_constant=_no_constant)
     assert _code(inner) == "bad_request"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/batch",
+        "/%62atch",
+        "/%62%61tch",
+        "/%62%61%74%63%68",
+        "/fetch/batch",
+        "/fetch/%62atch",
+        "/%66etch/batch",
+        "//batch",
+        "/batch/",
+        "/./batch",
+        "/x/../batch",
+        "/%2Fbatch",
+        "/fetch%2Fbatch",
+        "/BATCH",
+    ],
+)
+async def test_no_spelling_of_a_batch_endpoint_runs_as_a_batch_item(
+    client: Client, path: str
+) -> None:
+    """A nested batch would multiply the work by --max-batch at each level; the router matches
+    the path with percent-escapes decoded, so every spelling it would match is refused, and
+    the others are not found."""
+    item = {"method": "POST", "path": path, "body": base64.b64encode(b"[]").decode()}
+    status, answers = await post(client, "/batch", json.dumps([item]).encode())
+    assert status == 200
+    assert isinstance(answers, list)
+    answer = json.loads(base64.b64decode(answers[0]["body"]))
+    assert (answers[0]["status"], _code(answer)) in {(400, "bad_request"), (404, "not_found")}
+    if answers[0]["status"] == 400:
+        assert "batches do not nest" in answer["error"]["message"]

@@ -43,7 +43,10 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/fetch", fetch_one)
     app.router.add_post("/fetch/batch", fetch_batch)
-    app.router.add_post("/batch", batch_handler(settings.batch_concurrency, settings.max_batch))
+    batch = batch_handler(
+        settings.batch_concurrency, settings.max_batch, frozenset({"/batch", "/fetch/batch"})
+    )
+    app.router.add_post("/batch", batch)
     return app
 
 

@@ -54,16 +54,19 @@ class ItemRequest:
     body: bytes
 
 
-def batch_handler(concurrency: int, max_items: int) -> Handler:
-    """The `POST /batch` handler: items run `concurrency` at a time, `max_items` at most."""
+def batch_handler(concurrency: int, max_items: int, batch_paths: frozenset[str]) -> Handler:
+    """The `POST /batch` handler: items run `concurrency` at a time, `max_items` at most, and
+    none may go to one of `batch_paths` (batches do not nest: each level multiplies the work)."""
 
     async def handle(request: web.Request) -> web.Response:
-        return await batch(request, concurrency, max_items)
+        return await batch(request, concurrency, max_items, batch_paths)
 
     return handle
 
 
-async def batch(request: web.Request, concurrency: int, max_items: int) -> web.Response:
+async def batch(
+    request: web.Request, concurrency: int, max_items: int, batch_paths: frozenset[str]
+) -> web.Response:
     """Answer every item of the batch, at most `concurrency` at a time, in the order given.
 
     Only a body that is not a JSON array at all, or one longer than `max_items`, fails the
@@ -86,16 +89,18 @@ async def batch(request: web.Request, concurrency: int, max_items: int) -> web.R
 
     async def one(item: object) -> dict[str, object]:
         async with slots:
-            return await answer_item(request, item)
+            return await answer_item(request, item, batch_paths)
 
     answers = await asyncio.gather(*(one(item) for item in items))
     return web.json_response(answers)
 
 
-async def answer_item(batch_request: web.Request, item: object) -> dict[str, object]:
+async def answer_item(
+    batch_request: web.Request, item: object, batch_paths: frozenset[str]
+) -> dict[str, object]:
     """One item's response envelope; nothing an item does can fail the batch."""
     try:
-        parsed = parse_item(item, batch_request.path)
+        parsed = parse_item(item, batch_paths)
     except BadItem as exc:
         return envelope_of(_error(400, "bad_request", f"malformed batch item: {exc}"))
     try:
@@ -116,7 +121,7 @@ async def answer_item(batch_request: web.Request, item: object) -> dict[str, obj
     return envelope_of(response)
 
 
-def parse_item(item: object, batch_path: str) -> ItemRequest:
+def parse_item(item: object, batch_paths: frozenset[str]) -> ItemRequest:
     """A request envelope from untrusted JSON, or BadItem saying what is wrong with it."""
     if not isinstance(item, dict):
         raise BadItem(f"expected a JSON object, got {type(item).__name__}")
@@ -126,8 +131,9 @@ def parse_item(item: object, batch_path: str) -> ItemRequest:
     path = item.get("path")
     if not isinstance(path, str) or not path.startswith("/") or _NOT_IN_PATH.search(path):
         raise BadItem(f'"path" must start with "/" and hold no query, not {path!r}'[:200])
-    if path == batch_path:
-        raise BadItem("batches do not nest")
+    # What the router matches: the path with percent-escapes decoded (`/%62atch` is `/batch`).
+    if URL.build(path=path, encoded=True).path_safe in batch_paths:
+        raise BadItem(f"{path!r} is a batch endpoint: batches do not nest"[:200])
     query = item.get("query", "")
     if not isinstance(query, str) or _NOT_IN_QUERY.search(query):
         raise BadItem('"query" must be a string without spaces or "#"')
