@@ -6,6 +6,7 @@ import base64
 import json
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
@@ -21,11 +22,19 @@ Client = TestClient[web.Request, web.Application]
 
 @pytest.fixture
 async def client(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Client]:
-    """url-fetcher allowed to fetch the local site, with the runner's PROXYMQ_* kept out."""
+    """url-fetcher with default limits, allowed to fetch the local site."""
+    async with serve(monkeypatch) as test_client:
+        yield test_client
+
+
+@asynccontextmanager
+async def serve(monkeypatch: pytest.MonkeyPatch, *flags: str) -> AsyncIterator[Client]:
+    """url-fetcher with `flags`, allowed to fetch the local site; the runner's PROXYMQ_* are
+    kept out."""
     for name in list(os.environ):
         if name.startswith("PROXYMQ_"):
             monkeypatch.delenv(name)
-    settings = load(UrlFetcherSettings, ["--allow-private", "--fetch-timeout", "2"])
+    settings = load(UrlFetcherSettings, ["--allow-private", "--fetch-timeout", "2", *flags])
     async with TestClient(TestServer(create_app(settings))) as test_client:
         yield test_client
 
@@ -152,3 +161,43 @@ async def test_no_spelling_of_a_batch_endpoint_runs_as_a_batch_item(
     assert (answers[0]["status"], _code(answer)) in {(400, "bad_request"), (404, "not_found")}
     if answers[0]["status"] == 400:
         assert "batches do not nest" in answer["error"]["message"]
+
+
+def padded(url: str, size: int) -> str:
+    """A /fetch item whose body is `size` bytes: the URL and padding."""
+    body = json.dumps({"url": url, "pad": ""}).encode()
+    body = json.dumps({"url": url, "pad": "x" * (size - len(body))}).encode()
+    return base64.b64encode(body).decode()
+
+
+async def test_a_batch_holds_bodies_each_of_which_passes_alone(client: Client, site: str) -> None:
+    """Four 400 KB requests, each fine alone, came to 2.1 MB as a batch: over aiohttp's default
+    1 MiB for any body, all four were refused (413) and dead-lettered by the dequeuer."""
+    item = {"method": "POST", "path": "/fetch", "body": padded(f"{site}/page", 400_000)}
+    status, _ = await post(client, "/fetch", base64.b64decode(item["body"]))
+    assert status == 200
+    items = [item] * 4
+    status, answers = await post(client, "/batch", json.dumps(items).encode())
+    assert status == 200
+    assert isinstance(answers, list)
+    assert [a["status"] for a in answers] == [200] * 4
+    assert json.loads(base64.b64decode(answers[0]["body"]))["title"] == "Caf\u00e9 au lait"
+
+
+async def test_a_body_over_max_body_is_413_alone_and_in_its_batch_slot(
+    monkeypatch: pytest.MonkeyPatch, site: str
+) -> None:
+    async with serve(monkeypatch, "--max-body", "16KiB", "--max-batch-body", "64KiB") as client:
+        large = padded(f"{site}/page", 16 * 1024 + 1)
+        status, answer = await post(client, "/fetch", base64.b64decode(large))
+        assert (status, _code(answer)) == (413, "request_entity_too_large")
+        items = [
+            {"method": "POST", "path": "/fetch", "body": large},
+            {"method": "POST", "path": "/fetch", "body": padded(f"{site}/page", 16 * 1024)},
+        ]
+        status, answers = await post(client, "/batch", json.dumps(items).encode())
+        assert status == 200
+        assert isinstance(answers, list)
+        assert [a["status"] for a in answers] == [413, 200]
+        status, answer = await post(client, "/batch", json.dumps(items * 2).encode())
+        assert (status, _code(answer)) == (413, "request_entity_too_large")

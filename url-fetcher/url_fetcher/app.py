@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
-from url_fetcher.batch_endpoint import batch_handler
+from url_fetcher.batch_endpoint import BatchLimits, batch_handler
 from url_fetcher.fetch import BAD_REQUEST, Fetcher, FetchError, FetchLimits, create_session
 from url_fetcher.guard import TargetGuard
 from url_fetcher.settings import UrlFetcherSettings
@@ -36,17 +36,20 @@ def create_app(
     resolver: AbstractResolver | None = None,
 ) -> web.Application:
     """Build the application; `guard` and `resolver` are seams for tests (defaults: real ones)."""
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_client_session(guard, resolver))
     app.on_startup.append(_announce)
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/fetch", fetch_one)
     app.router.add_post("/fetch/batch", fetch_batch)
-    batch = batch_handler(
-        settings.batch_concurrency, settings.max_batch, frozenset({"/batch", "/fetch/batch"})
+    batch = BatchLimits(
+        concurrency=settings.batch_concurrency,
+        max_items=settings.max_batch,
+        max_body=settings.max_batch_body,
+        batch_paths=frozenset({"/batch", "/fetch/batch"}),
     )
-    app.router.add_post("/batch", batch)
+    app.router.add_post("/batch", batch_handler(batch))
     return app
 
 

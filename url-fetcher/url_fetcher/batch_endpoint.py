@@ -54,42 +54,53 @@ class ItemRequest:
     body: bytes
 
 
-def batch_handler(concurrency: int, max_items: int, batch_paths: frozenset[str]) -> Handler:
-    """The `POST /batch` handler: items run `concurrency` at a time, `max_items` at most, and
-    none may go to one of `batch_paths` (batches do not nest: each level multiplies the work)."""
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """What one batch may ask for: at most `max_items` items in a body of at most `max_body`
+    bytes, run `concurrency` at a time, none of them for one of `batch_paths` (batches do not
+    nest: each level would multiply the work)."""
+
+    concurrency: int
+    max_items: int
+    max_body: int
+    batch_paths: frozenset[str]
+
+
+def batch_handler(limits: BatchLimits) -> Handler:
+    """The `POST /batch` handler."""
 
     async def handle(request: web.Request) -> web.Response:
-        return await batch(request, concurrency, max_items, batch_paths)
+        return await batch(request, limits)
 
     return handle
 
 
-async def batch(
-    request: web.Request, concurrency: int, max_items: int, batch_paths: frozenset[str]
-) -> web.Response:
+async def batch(request: web.Request, limits: BatchLimits) -> web.Response:
     """Answer every item of the batch, at most `concurrency` at a time, in the order given.
 
-    Only a body that is not a JSON array at all, or one longer than `max_items`, fails the
-    whole batch (400): then there is no item to answer individually.
+    Only a body that is not a JSON array at all, one longer than `max_items` (400) or larger than
+    `max_body` (413) fails the whole batch: then there is no item to answer individually.
     """
-    raw = await request.read()
+    # A batch holds many requests' bodies: its own limit, not the one each of them has.
+    raw = await request.clone(client_max_size=limits.max_body).read()
     try:
         items = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         return _error(400, "bad_request", f"the batch is not JSON: {exc}")
     if not isinstance(items, list):
         return _error(400, "bad_request", "a batch is a JSON array of request envelopes")
-    if len(items) > max_items:
+    if len(items) > limits.max_items:
         return _error(
             400,
             "bad_request",
-            f"{len(items)} requests in one batch; at most {max_items} are accepted (--max-batch)",
+            f"{len(items)} requests in one batch; at most {limits.max_items} are accepted "
+            "(--max-batch)",
         )
-    slots = asyncio.Semaphore(concurrency)
+    slots = asyncio.Semaphore(limits.concurrency)
 
     async def one(item: object) -> dict[str, object]:
         async with slots:
-            return await answer_item(request, item, batch_paths)
+            return await answer_item(request, item, limits.batch_paths)
 
     answers = await asyncio.gather(*(one(item) for item in items))
     return web.json_response(answers)

@@ -55,3 +55,14 @@ class UrlFetcherSettings(CommandSettings):
         ge=1,
         description="Most URLs (or items) accepted by one /fetch/batch or /batch request.",
     )
+    max_body: ByteSize = Field(
+        1024 * 1024,
+        description="Largest request body of /fetch and /fetch/batch, and of each /batch item; "
+        "larger gets 413.",
+    )
+    max_batch_body: ByteSize = Field(
+        16 * 1024 * 1024,
+        description="Largest body of one /batch request; larger gets 413. A batch carries its "
+        "requests' bodies in base64 (4/3 of their size) plus a few hundred bytes each: keep it "
+        "above the dequeuer's --batch-size times 4/3 of the largest body it may forward.",
+    )
