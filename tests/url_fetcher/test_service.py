@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -297,6 +298,30 @@ def test_sigterm_stops_cleanly_after_logging_each_fetch(tmp_path: Path) -> None:
     assert "url-fetcher starting on http://127.0.0.1:" in log
     assert "fetch url='http://10.0.0.1/' status=403 error=forbidden_target" in log
     assert "Traceback" not in log
+
+
+async def test_sigterm_lets_the_longest_batch_finish(tmp_path: Path, site: str) -> None:
+    """A batch may take ceil(--max-batch / --batch-concurrency) x --fetch-timeout: here 50
+    fetches cut at 0.05 s, one at a time, 2.5 s and more. SIGTERM used to give requests in flight
+    --fetch-timeout + 1 s (which aiohttp waits twice: 2.1 s here), then dropped the connection,
+    the last URLs never fetched."""
+    service = start_service(
+        tmp_path / "url-fetcher.log",
+        "--allow-private",
+        "--fetch-timeout=0.05",
+        "--batch-concurrency=1",
+        "--max-batch=50",
+    )
+    batch = asyncio.create_task(call(service, "/fetch/batch", [f"{site}/slow"] * 50))
+    async with asyncio.timeout(5):
+        while "fetch url=" not in service.log.read_text():  # the first fetch is done
+            await asyncio.sleep(0.02)
+    service.process.send_signal(signal.SIGTERM)
+    status, answer = await batch
+    assert status == 200
+    assert isinstance(answer, dict)
+    assert [r["error"]["code"] for r in answer["results"]] == ["fetch_timeout"] * 50
+    assert await asyncio.to_thread(service.process.wait, 10) == 0
 
 
 def test_invalid_configuration_exits_2() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 
 from aiohttp import web
@@ -28,12 +29,19 @@ def main(argv: list[str] | None = None) -> None:
             port=settings.port,
             print=None,
             access_log=None,  # one line per fetch is logged by the fetcher instead
-            shutdown_timeout=settings.fetch_timeout + 1,
+            shutdown_timeout=longest_request(settings) + 1,  # a second to write the answer
             loop=_event_loop(),
         )
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", settings.host, settings.port, exc)
         sys.exit(1)
+
+
+def longest_request(settings: UrlFetcherSettings) -> float:
+    """Seconds the longest request may legitimately take, so SIGTERM lets it finish: a batch of
+    --max-batch items run --batch-concurrency at a time, each a single fetch within
+    --fetch-timeout (batches do not nest)."""
+    return math.ceil(settings.max_batch / settings.batch_concurrency) * settings.fetch_timeout
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
