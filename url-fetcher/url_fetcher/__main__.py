@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
 def longest_request(settings: UrlFetcherSettings) -> float:
     """Seconds the longest request may legitimately take, so SIGTERM lets it finish: a batch of
     --max-batch items run --batch-concurrency at a time, each a single fetch within
-    --fetch-timeout (batches do not nest)."""
+    --fetch-timeout. (A `/fetch/batch` inside a `/batch` may take longer; through a dequeuer,
+    a call cut at exit is tried again.)"""
     return math.ceil(settings.max_batch / settings.batch_concurrency) * settings.fetch_timeout
 
 

@@ -47,7 +47,7 @@ def create_app(
         concurrency=settings.batch_concurrency,
         max_items=settings.max_batch,
         max_body=settings.max_batch_body,
-        batch_paths=frozenset({"/batch", "/fetch/batch"}),
+        batch_paths=frozenset({"/batch"}),
     )
     app.router.add_post("/batch", batch_handler(batch))
     return app
