@@ -94,7 +94,7 @@ class DequeuerSettings(SidecarSettings):
     ready_path: str | None = Field(
         None,
         description="the microservice's readiness path: nothing is consumed until it "
-        "answers 2xx (without it, any HTTP answer from the target counts as up)",
+        "answers 2xx (without it, any answer below 500 at / counts as up: a 503 says not yet)",
     )
     ready_timeout: float = Field(2.0, gt=0, description="seconds one readiness probe may take")
     ready_interval: float = Field(
