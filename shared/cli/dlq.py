@@ -21,7 +21,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractConnection
@@ -83,19 +84,24 @@ class Session:
             yield update
 
 
-def choose(selection: Selection, fate: Fate, only: set[tuple[str, ...]] | None = None) -> Decide:
-    """`fate` for letters that match, up to `--limit`, in queue order. With `only` (what a
-    preview showed and the operator confirmed), exactly those: letters that arrived after the
-    preview are not acted on behind the operator's back."""
+def choose(selection: Selection, fate: Fate, shown: Sequence[DeadLetter] | None = None) -> Decide:
+    """`fate` for letters that match, up to `--limit`, in queue order. With `shown` (what a
+    preview showed and the operator confirmed), exactly those, each once: letters that arrived
+    after the preview, or twins of a shown one, are not acted on behind the operator's back."""
     now = datetime.now(UTC)
     chosen = 0
+    left = None if shown is None else Counter(letter.identity for letter in shown)
 
     def decide(letter: DeadLetter) -> Fate:
         nonlocal chosen
         if selection.limit is not None and chosen >= selection.limit:
             return Fate.KEEP
-        wanted = letter.identity in only if only is not None else selection.matches(letter, now)
-        if not wanted:
+        if left is None:
+            if not selection.matches(letter, now):
+                return Fate.KEEP
+        elif left[letter.identity] > 0:
+            left[letter.identity] -= 1
+        else:
             return Fate.KEEP
         chosen += 1
         return fate
@@ -117,7 +123,19 @@ async def collect(
 
     with session.progress(what) as progress:
         result = await dlq.sweep(decide, progress=progress, stop=session.stop)
+    intact(result, dlq.name)
     return found, result
+
+
+def intact(result: PassResult, queue: str) -> None:
+    """A read-only pass that could not handle a letter kept it and all after it in place, but
+    what it read is incomplete: say so rather than show part of the queue."""
+    if result.refused is not None:
+        raise DlqError(
+            f"dead letter #{result.refused.position} (request "
+            f"{result.refused.request_id or '-'}) could not be read: {result.refusal}; every "
+            f"letter is still in {queue}, in order"
+        )
 
 
 # --- list ---------------------------------------------------------------------------------
@@ -183,6 +201,7 @@ async def show_action(
 
     with session.progress(f"reading {dlq.name}") as progress:
         result = await dlq.sweep(decide, progress=progress, stop=session.stop)
+    intact(result, dlq.name)
     found = exact or prefixed
     if result.stopped and not exact:
         session.err.print("stopped before the whole queue was read (the queue is intact)")
@@ -241,7 +260,7 @@ async def change(
     selection = selection_of(args)
     if await dlq.depth() == 0:
         return report_nothing(session, f"{dlq.name} is empty: nothing to {verb}", args)
-    only: set[tuple[str, ...]] | None = None
+    shown: list[DeadLetter] | None = None
     if args.dry_run or not args.yes:
         letters, result = await collect(dlq, session, selection, f"reading {dlq.name}")
         if result.stopped:
@@ -263,10 +282,10 @@ async def change(
         if not await asyncio.to_thread(confirm, question):
             session.err.print(f"nothing was changed in {dlq.name}")
             return 1
-        only = {letter.identity for letter in letters}
+        shown = letters
     with session.progress(f"{verb} {dlq.name}") as progress:
         result = await dlq.sweep(
-            choose(selection, fate, only),
+            choose(selection, fate, shown),
             keep_deadline=getattr(args, "keep_deadline", False),
             progress=progress,
             stop=session.stop,
@@ -352,8 +371,9 @@ def report_change(
     if result.refused is not None:
         session.err.print(
             Text(
-                f"{PROG} replay: request {result.refused.request_id} was not replayed: "
-                f"{result.refusal}. It and every later one are still in {queue}."
+                f"{PROG} {args.action}: request {result.refused.request_id or '-'} was not "
+                f"{verb}: {result.refusal}. It and every later one are still in {queue}, in "
+                "order."
             )
         )
         return 1
@@ -446,7 +466,8 @@ def duration_arg(value: str) -> float:
         return parse_duration(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not a duration: seconds, or a number with s, m, h or d"
+            f"{value!r} is not a duration: seconds, or a number with s, m, h or d, at most 100 "
+            "years"
         ) from None
 
 

@@ -13,13 +13,15 @@ partition), so no command has to care which kind it holds:
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import math
 import string
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import aio_pika
 from aio_pika.abc import AbstractMessage, HeadersType
@@ -45,6 +47,9 @@ BROKER_HEADERS = frozenset(
     }
 )
 PREVIEW_BYTES = 256
+MAX_ROUTING_KEY = 255  # bytes: an AMQP short string
+# Ages beyond this are no dead letter's (and `now - age` must stay a date).
+MAX_AGE_SECONDS = 100 * 365 * 86400
 Source = Literal["dequeuer", "broker", "unknown"]
 
 
@@ -145,16 +150,30 @@ def read(message: AbstractMessage, position: int) -> DeadLetter:
         http_headers=_http_headers(headers.get(envelope.H_HEADERS)),
         deadline=None if deadline_ms is None else _from_ms(deadline_ms),
         body_size=len(message.body),
-        # Not the message_id: the client library gives a copy of a message without one a
-        # random one, so it would change between the preview pass and the action pass.
-        identity=(
-            message.correlation_id or "",
-            str(dead_at_ms if dead_at_ms is not None else _iso(dead_at)),
-            reason,
-            _text(headers.get(envelope.H_KEY)) or "",
-            str(len(message.body)),
-        ),
+        identity=_identity(message, dead_at_ms, dead_at, reason, headers),
     )
+
+
+def _identity(
+    message: AbstractMessage,
+    dead_at_ms: int | None,
+    dead_at: datetime | None,
+    reason: str,
+    headers: Mapping[str, object],
+) -> tuple[str, ...]:
+    """What tells a letter apart from every other: its message_id, else one derived from its
+    content (which `kept_copy` then gives it, so the next pass sees the same), and its content.
+    Two letters alike in all of it are interchangeable; `choose` counts them."""
+    content = (
+        message.correlation_id or "",
+        str(dead_at_ms if dead_at_ms is not None else _iso(dead_at)),
+        reason,
+        _text(headers.get(envelope.H_KEY)) or "",
+        str(len(message.body)),
+        hashlib.sha256(message.body).hexdigest(),
+    )
+    derived = hashlib.sha256("\0".join(content).encode()).hexdigest()[:32]
+    return (message.message_id or derived, *content)
 
 
 @dataclass(frozen=True)
@@ -210,9 +229,13 @@ class Selection:
 
 def kept_copy(message: AbstractMessage) -> aio_pika.Message:
     """The same message for the tail of `S.dlq`: everything kept but the broker's
-    `x-delivery-count`, which describes this delivery, not the message."""
+    `x-delivery-count`, which describes this delivery, not the message. A message without a
+    message_id gets the one its identity derived (else the client would add a random one, and
+    the letter a preview showed would not be recognised by the pass that acts on it)."""
     headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
-    return _rebuild(message, headers)
+    copy = _rebuild(message, headers)
+    copy.message_id = read(message, 0).identity[0]
+    return copy
 
 
 def replay_of(letter: DeadLetter, *, keep_deadline: bool) -> tuple[aio_pika.Message, str]:
@@ -229,13 +252,18 @@ def replay_of(letter: DeadLetter, *, keep_deadline: bool) -> tuple[aio_pika.Mess
     message = letter.message
     headers = {k: v for k, v in (message.headers or {}).items() if k not in drop}
     routing_key = letter.partition_key or message.correlation_id or uuid.uuid4().hex
+    if len(routing_key.encode()) > MAX_ROUTING_KEY:
+        raise ValueError(
+            f"its partition key is {len(routing_key.encode())} bytes long, and AMQP routes by "
+            f"at most {MAX_ROUTING_KEY}"
+        )
     return _rebuild(message, headers), routing_key
 
 
 def _rebuild(message: AbstractMessage, headers: HeadersType) -> aio_pika.Message:
     return aio_pika.Message(
         message.body,
-        headers=headers,
+        headers=_writable(headers),
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -249,6 +277,18 @@ def _rebuild(message: AbstractMessage, headers: HeadersType) -> aio_pika.Message
         user_id=message.user_id,
         app_id=message.app_id,
     )
+
+
+def _writable(value: Any) -> Any:
+    """A header string that is not UTF-8 arrives as `bytes`, which pamqp cannot write: sent back
+    as a byte array (`x`), it keeps every byte."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: _writable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_writable(v) for v in value]
+    return value
 
 
 def properties(message: AbstractMessage) -> dict[str, object]:
@@ -296,9 +336,9 @@ def hex_preview(body: bytes, limit: int = PREVIEW_BYTES) -> str:
 
 
 def json_safe(value: object) -> object:
-    """AMQP table values (bytes, datetimes, nested tables) as JSON values."""
-    if isinstance(value, bytes):
-        text = body_text(value)
+    """AMQP table values (strings or byte arrays, datetimes, nested tables) as JSON values."""
+    if isinstance(value, bytes | bytearray):
+        text = body_text(bytes(value))
         return text if text is not None else {"base64": base64.b64encode(value).decode()}
     if isinstance(value, datetime):
         return _iso(value)
@@ -344,7 +384,10 @@ def parse_duration(value: str) -> float:
     number = float(text[:-1] if factor is not None else text)
     if number < 0:
         raise ValueError(f"{value!r} is negative")
-    return number * (factor or 1)
+    seconds = number * (factor or 1)
+    if not math.isfinite(seconds) or seconds > MAX_AGE_SECONDS:
+        raise ValueError(f"{value!r} is more than 100 years")
+    return seconds
 
 
 def _first_death(headers: Mapping[str, object]) -> Mapping[str, object]:
@@ -356,7 +399,8 @@ def _first_death(headers: Mapping[str, object]) -> Mapping[str, object]:
 
 
 def _text(value: object) -> str | None:
-    if isinstance(value, bytes):
+    """A header as text, whether sent as a string (bytes when not UTF-8) or a byte array."""
+    if isinstance(value, bytes | bytearray):
         return value.decode("utf-8", "replace")
     return value if isinstance(value, str) else None
 

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field, replace
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+)
 
 from shared import topology
 from shared.broker import BROKER_ERRORS
@@ -74,7 +79,8 @@ class PassResult:
     kept: int = 0
     replayed: list[DeadLetter] = field(default_factory=list)  # bodies left out: see `light`
     dropped: list[DeadLetter] = field(default_factory=list)
-    refused: DeadLetter | None = None  # the replay the broker refused; kept, and replay stopped
+    # The first letter that could not be replayed (or copied); it was kept, and every later one.
+    refused: DeadLetter | None = None
     refusal: str | None = None
     stopped: bool = False  # asked to stop (Ctrl-C): the rest was kept unchanged
 
@@ -123,9 +129,9 @@ class DeadLetterQueue:
         progress: Progress | None = None,
         stop: asyncio.Event | None = None,
     ) -> PassResult:
-        """Go once through the queue; `decide` gives each message's fate. A refused replay is
-        kept and turns the rest of the pass into keeps: a broker that refused one (no queue bound,
-        partition full) would refuse the next ones for the same reason."""
+        """Go once through the queue; `decide` gives each message's fate. A letter that cannot be
+        replayed is kept and turns the rest of the pass into keeps: a broker that refused one (no
+        queue bound, partition full) would refuse the next ones for the same reason."""
         async with self._locked():
             get_channel = await self.connection.channel()
             publish_channel = await self.connection.channel(
@@ -143,30 +149,18 @@ class DeadLetterQueue:
                     message = await queue.get(no_ack=False, fail=False, timeout=OPERATION_TIMEOUT)
                     if message is None:
                         break  # someone else took messages since the count
-                    letter = read(message, position)
                     if stop is not None and stop.is_set():
                         result.stopped = True
-                    fate = Fate.KEEP if result.stopped or result.refused else decide(letter)
-                    if fate is Fate.REPLAY:
-                        refusal = await self._replay(exchange, letter, keep_deadline)
-                        if refusal is None:
-                            await message.ack()
-                            result.replayed.append(light(letter))
-                        else:
-                            result.refused, result.refusal = light(letter), refusal
-                            fate = Fate.KEEP
-                    if fate is Fate.DROP:
+                    letter = read(message, position)
+                    fate = Fate.KEEP
+                    if not (result.stopped or result.refused):
+                        fate = await self._fate(decide, exchange, letter, keep_deadline, result)
+                    if fate is Fate.KEEP:
+                        await self._keep(publish_channel, message, letter, result)
+                    else:
                         await message.ack()
-                        result.dropped.append(light(letter))
-                    elif fate is Fate.KEEP:
-                        await publish_channel.default_exchange.publish(
-                            kept_copy(message),
-                            routing_key=self.name,
-                            mandatory=True,
-                            timeout=OPERATION_TIMEOUT,
-                        )
-                        await message.ack()
-                        result.kept += 1
+                        done = result.replayed if fate is Fate.REPLAY else result.dropped
+                        done.append(light(letter))
                     result.seen = position
                     if progress is not None:
                         progress(position, result.total)
@@ -177,11 +171,64 @@ class DeadLetterQueue:
                 await _close(publish_channel)
                 await _close(get_channel)
 
+    async def _fate(
+        self,
+        decide: Decide,
+        exchange: AbstractExchange,
+        letter: DeadLetter,
+        keep_deadline: bool,
+        result: PassResult,
+    ) -> Fate:
+        """What became of the letter: a replay that failed, for whatever reason, is a keep and
+        recorded as the pass's refusal. Only the broker going away ends a pass midway; anything
+        else about one letter must not leave the queue rotated."""
+        try:
+            fate = decide(letter)
+            refusal = (
+                await self._replay(exchange, letter, keep_deadline) if fate is Fate.REPLAY else None
+            )
+        except (*BROKER_ERRORS, TimeoutError):
+            raise
+        except Exception as exc:
+            refusal = f"it could not be handled ({_said(exc)})"
+        if refusal is None:
+            return fate
+        result.refused, result.refusal = light(letter), refusal
+        return Fate.KEEP
+
+    async def _keep(
+        self,
+        channel: AbstractChannel,
+        message: AbstractIncomingMessage,
+        letter: DeadLetter,
+        result: PassResult,
+    ) -> None:
+        """Copy to the tail, then ack. A message the client cannot write again is given back
+        instead: one nack puts it at the tail too (docs/dead-letters.md), where its copy would
+        have gone."""
+        result.kept += 1
+        try:
+            await channel.default_exchange.publish(
+                kept_copy(message), routing_key=self.name, mandatory=True, timeout=OPERATION_TIMEOUT
+            )
+        except (*BROKER_ERRORS, TimeoutError):
+            raise
+        except Exception as exc:
+            await message.nack(requeue=True)
+            if result.refused is None:
+                result.refused = light(letter)
+                result.refusal = f"it could not be copied ({_said(exc)}), so it was given back"
+            return
+        await message.ack()
+
     async def _replay(
         self, exchange: AbstractExchange, letter: DeadLetter, keep_deadline: bool
     ) -> str | None:
-        """Publish and wait for the confirm; why the broker refused it, or None."""
-        replay, routing_key = replay_of(letter, keep_deadline=keep_deadline)
+        """Publish and wait for the confirm; why it was not replayed, or None."""
+        try:
+            replay, routing_key = replay_of(letter, keep_deadline=keep_deadline)
+        except ValueError as exc:
+            return str(exc)
         try:
             await exchange.publish(
                 replay, routing_key=routing_key, mandatory=True, timeout=OPERATION_TIMEOUT
@@ -218,6 +265,10 @@ class DeadLetterQueue:
             with contextlib.suppress(Exception):
                 await channel.queue_delete(lock_name(self.service))
             await _close(channel)
+
+
+def _said(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 async def _close(channel: AbstractChannel) -> None:

@@ -16,13 +16,22 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractRobustConnection, HeadersType
 from aiohttp import web
 
 from shared import envelope, topology
 from shared.cli import dlq as dlq_command
-from shared.cli.dlq_letters import Selection, kept_copy, parse_duration, read, replay_of
+from shared.cli.dlq_letters import (
+    DeadLetter,
+    Selection,
+    kept_copy,
+    parse_duration,
+    read,
+    replay_of,
+)
+from shared.cli.dlq_pass import DeadLetterQueue, Fate
 from shared.cli.main import build_parser
 from shared.cli.status import passive
 from shared.processes import free_port, script
@@ -358,13 +367,50 @@ def test_selection() -> None:
 
 
 def test_identity_survives_a_copy() -> None:
-    """A preview pass copies every letter before the action pass reads it again; a message
-    published without a message_id gets a random one on the way, which must not make the
-    confirmed letter unrecognisable."""
+    """A preview pass copies every letter before the action pass reads it again: a message
+    published without a message_id is given the one its identity derived (not a random one
+    from the client), so the confirmed letter is recognised."""
     original = aio_pika.Message(b"x", headers={"x-proxymq-dead-reason": "503"})
     copy = kept_copy(original)
-    copy.message_id = "assigned-by-the-client"
+    assert copy.message_id == read(original, 1).identity[0]
     assert read(original, 1).identity == read(copy, 1).identity
+    other = aio_pika.Message(b"x", headers={"x-proxymq-dead-reason": "503"}, message_id="m2")
+    assert read(other, 1).identity != read(original, 1).identity
+
+
+def test_byte_array_headers_read_as_text() -> None:
+    """A client may send a header as an AMQP byte array (`x`): it reads as the same text."""
+    message = aio_pika.Message(
+        b"",
+        headers={envelope.H_METHOD: bytearray(b"PATCH"), "x-bin": bytearray(b"\xff")},
+    )
+    letter = read(message, 1)
+    assert letter.method == "PATCH"
+    headers = letter.to_full_json()["headers"]
+    assert isinstance(headers, dict)
+    assert headers == {envelope.H_METHOD: "PATCH", "x-bin": {"base64": "/w=="}}
+
+
+def test_header_bytes_that_are_no_utf8_can_be_written_back() -> None:
+    """pamqp reads such a string as `bytes` and cannot write `bytes`: copies carry a byte
+    array, every byte kept."""
+    headers: HeadersType = {"x-raw": b"\xff\xfe", "x-nested": {"a": [b"\xff"]}}
+    message = aio_pika.Message(b"", headers=headers)
+    for copy in (kept_copy(message), replay_of(read(message, 1), keep_deadline=False)[0]):
+        assert copy.headers == {
+            "x-raw": bytearray(b"\xff\xfe"),
+            "x-nested": {"a": [bytearray(b"\xff")]},
+        }
+        pamqp.encode.field_table(copy.headers)  # raised TypeError for bytes
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e20", "1e20d", "200000000m"])
+def test_a_duration_beyond_any_date_is_a_usage_error(value: str) -> None:
+    with pytest.raises(ValueError, match="100 years"):
+        parse_duration(value)
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["dlq", "list", "--service", "s", "--older-than", value])
+    assert exited.value.code == 2
 
 
 async def publish_dead_letter(amqp_url: str, service: str, request_id: str, reason: str) -> None:
@@ -404,3 +450,101 @@ async def test_confirmed_purge_acts_on_what_was_shown(
     assert await asyncio.to_thread(args.run, args) == 0
     assert questions == ["purge 2 of the 4 dead letters? This cannot be undone."]
     assert ids(await listed(amqp_url, service)) == ["m0", "m2", "late"]
+
+
+@pytest.mark.rabbit
+async def test_confirmed_purge_of_one_twin_purges_one(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Letters alike in everything the old identity looked at (no request id, same body) were
+    all purged when one was shown and confirmed."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel(publisher_confirms=True)
+    dlq_name = topology.dead_letter_queue(service)
+    for message_id in (None, None, "same", "same"):  # the client gives None a random id
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"twin", message_id=message_id), routing_key=dlq_name
+        )
+    first, second, third, fourth = [row["message_id"] for row in await listed(amqp_url, service)]
+    questions: list[str] = []
+
+    def confirm(question: str) -> bool:
+        questions.append(question)
+        return True
+
+    monkeypatch.setattr(dlq_command, "confirm", confirm)
+    for chosen in (["--id", first], ["--id", "same", "--limit", "1"]):
+        args = build_parser().parse_args(
+            ["dlq", "purge", "--service", service, *chosen, "--amqp-url", amqp_url]
+        )
+        assert await asyncio.to_thread(args.run, args) == 0
+    assert questions == [
+        "purge 1 of the 4 dead letters? This cannot be undone.",
+        "purge 1 of the 3 dead letters? This cannot be undone.",
+    ]
+    remaining = [row["message_id"] for row in await listed(amqp_url, service)]
+    assert remaining == [second, fourth]
+    assert third == "same"
+
+
+@pytest.mark.rabbit
+async def test_a_letter_that_cannot_be_handled_leaves_the_queue_in_order(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header that is no UTF-8, a partition key AMQP cannot route by, or any other failure
+    with one letter: every letter stays, in order, and the command says why in one line."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+
+    class Raw(bytes):
+        """Written as an AMQP string of bytes that are no UTF-8, as another client might."""
+
+    encode = pamqp.encode.encode_table_value
+
+    def raw_strings(value: Any) -> bytes:
+        if isinstance(value, Raw):
+            return b"S" + len(value).to_bytes(4, "big") + bytes(value)
+        return encode(value)
+
+    monkeypatch.setattr(pamqp.encode, "encode_table_value", raw_strings)
+    channel = await amqp.channel(publisher_confirms=True)
+    letters: list[tuple[str, HeadersType]] = [
+        ("a", {envelope.H_KEY: "ka"}),
+        ("raw", {envelope.H_KEY: "kr", "x-raw": Raw(b"\xff\xfeabc")}),
+        ("long", {envelope.H_KEY: "K" * 300}),
+        ("b", {envelope.H_KEY: "kb"}),
+    ]
+    for request_id, headers in letters:
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"body", headers=headers, correlation_id=request_id),
+            routing_key=topology.dead_letter_queue(service),
+        )
+    monkeypatch.undo()
+    everything = ["a", "raw", "long", "b"]
+    assert ids(await listed(amqp_url, service)) == everything
+    assert ids(await listed(amqp_url, service)) == everything
+    shown = await dlq(amqp_url, "show", "--service", service, "raw", "--json")
+    assert shown.code == 0, shown.err
+    assert shown.json()["headers"]["x-raw"] == {"base64": "//5hYmM="}
+
+    replay = await dlq(amqp_url, "replay", "--service", service, "--yes")
+    assert replay.code == 1
+    assert "Traceback" not in replay.err
+    assert "request long was not replayed: its partition key is 300 bytes long" in replay.err
+    assert ids(await listed(amqp_url, service)) == ["long", "b"]
+    partition = await channel.declare_queue(topology.partition_queue(service, 0), passive=True)
+    deliveries: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    await partition.consume(deliveries.put, no_ack=True)
+    replayed = [await asyncio.wait_for(deliveries.get(), 5) for _ in range(2)]
+    assert [m.correlation_id for m in replayed] == ["a", "raw"]
+    assert replayed[1].headers["x-raw"] == bytearray(b"\xff\xfeabc")
+
+    def broken(letter: DeadLetter) -> Fate:
+        if letter.request_id == "b":
+            raise KeyError("surprise")
+        return Fate.DROP
+
+    async with await aio_pika.connect(amqp_url) as connection:
+        result = await DeadLetterQueue(connection, service).sweep(broken)
+    assert result.refused is not None and result.refused.request_id == "b"
+    assert "KeyError" in (result.refusal or "")
+    assert ids(await listed(amqp_url, service)) == ["b"]  # "long" was dropped before it
