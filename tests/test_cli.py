@@ -85,6 +85,81 @@ def test_help_of_every_command(command: list[str]) -> None:
     assert "usage: proxymq" in done.stdout
 
 
+@pytest.mark.parametrize(
+    "environment",
+    [{"PROXYMQ_AMQP_URL": "amqp://[::1"}, {"PROXYMQ_AMQP_URL_FILE": "/nonexistent"}],
+    ids=["bad-url", "missing-file"],
+)
+def test_help_works_whatever_the_environment_holds(environment: dict[str, str]) -> None:
+    for command in ([], ["dlq", "list"]):
+        done = subprocess.run(
+            [script("proxymq"), *command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, **environment},
+        )
+        assert done.returncode == 0, done.stderr
+        assert "usage: proxymq" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("notaurl", "'notaurl' is not an AMQP URL"),
+        ("", "the AMQP URL is empty"),
+        ("http://127.0.0.1/", "is not an AMQP URL"),
+        ("amqp://127.0.0.1:99999/", "Port out of range"),
+        ("amqp://u:secret@[::1", "'amqp://u:***@[::1' is not a URL"),
+    ],
+)
+@pytest.mark.parametrize("command", [["topology", "show"], ["dlq", "list"], ["status"]])
+def test_a_malformed_amqp_url_is_a_usage_error(
+    url: str, said: str, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    for how in ("flag", "environment", "file"):
+        with pytest.MonkeyPatch.context() as patch:
+            argv = [*command, "--service", "s"]
+            if how == "flag":
+                argv += ["--amqp-url", url]
+            elif how == "environment":
+                patch.setenv("PROXYMQ_AMQP_URL", url)
+            else:
+                patch.setenv("PROXYMQ_AMQP_URL_FILE", "/nonexistent")
+                said = "cannot read amqp_url from /nonexistent: No such file or directory"
+            with pytest.raises(SystemExit) as exited:
+                build_parser().parse_args(argv)
+        assert exited.value.code == 2
+        assert said in capsys.readouterr().err
+
+
+async def test_a_refused_vhost_is_named(service: str) -> None:
+    url = AMQP_URL.rstrip("/") + "/no-such-vhost"
+    for command in (["topology", "show"], ["dlq", "list"], ["status"]):
+        done = await proxymq(*command, "--service", service, "--amqp-url", url)
+        assert done.code == 1, done.output
+        assert "refused vhost 'no-such-vhost'" in done.stderr
+        assert "Connection.OpenOk" not in done.stderr
+        assert "no partition queues" not in done.stderr
+
+
+async def test_a_cluster_node_list_is_tried_in_turn(service: str) -> None:
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
+    assert declared.code == 0, declared.output
+    with closed_port() as port:
+        nodes = {"PROXYMQ_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{port}/,{AMQP_URL}"}
+        for command in (["topology", "show"], ["dlq", "list"], ["status", "--json"]):
+            done = await proxymq(*command, "--service", service, env=nodes)
+            assert done.code == 0, done.output
+        down = await proxymq(
+            "status", "--service", service, "--amqp-url", f"amqp://127.0.0.1:{port}/"
+        )
+    assert done.code == 0 and json.loads(done.stdout)["partitions"], done.output
+    # An unusable URL is said to be one, also for a service the management API knows.
+    assert down.code == 1
+    assert "does not answer" in down.stderr
+
+
 async def test_topology_declare_show_delete(service: str) -> None:
     declared = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
     assert declared.code == 0, declared.output

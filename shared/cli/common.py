@@ -4,24 +4,71 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
-from shared.broker import redact
+from yarl import URL
+
+from shared.broker import split_urls
 from shared.settings import DEFAULT_AMQP_URL
+
+# The default of --amqp-url until parsing resolves it: the environment is read, and the URL
+# checked, only when the value is used, so that `--help` works whatever the environment holds.
+FROM_ENVIRONMENT = "$PROXYMQ_AMQP_URL"
 
 
 def env_default(name: str, default: str) -> str:
-    """Flags win over the environment, which wins over the default; `NAME_FILE` reads a file."""
+    """Flags win over the environment, which wins over the default; `NAME_FILE` reads a file.
+    `ValueError` says in one line why the file cannot be read, as the sidecars do."""
     path = os.environ.get(f"PROXYMQ_{name}_FILE")
     if path:
-        with open(path) as file:
-            return file.read().strip()
+        try:
+            with open(path) as file:
+                return file.read().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read {name.lower()} from {path}: {exc.strerror or exc}"
+            ) from None
     return os.environ.get(f"PROXYMQ_{name}", default)
 
 
+def amqp_url(value: str) -> str:
+    """argparse type of --amqp-url: one URL or a cluster's nodes, comma-separated. A value that
+    cannot be a broker's is a usage error (exit 2) before anything is contacted."""
+    try:
+        if value is FROM_ENVIRONMENT:
+            value = env_default("AMQP_URL", DEFAULT_AMQP_URL)
+        return check_amqp_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_amqp_url(value: str) -> str:
+    nodes = split_urls(value)
+    if not nodes:
+        raise ValueError("the AMQP URL is empty")
+    for node in nodes:
+        try:
+            parsed = URL(node)
+            port = parsed.port
+        except ValueError as exc:
+            raise ValueError(f"{masked(node)!r} is not a URL: {exc}") from None
+        if parsed.scheme not in ("amqp", "amqps") or not parsed.host or port is None:
+            raise ValueError(
+                f"{masked(node)!r} is not an AMQP URL (amqp://user:password@host:port/vhost)"
+            )
+    return value
+
+
+def masked(url: str) -> str:
+    """A URL that may not parse, its password hidden all the same."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
 def add_amqp_url(parser: argparse.ArgumentParser) -> None:
-    default = env_default("AMQP_URL", DEFAULT_AMQP_URL)
     parser.add_argument(
         "--amqp-url",
-        default=default,
-        help=f"RabbitMQ URL (env PROXYMQ_AMQP_URL; now {redact(default)})".replace("%", "%%"),
+        type=amqp_url,
+        default=FROM_ENVIRONMENT,
+        help="RabbitMQ URL, or a cluster's node URLs separated by commas (env PROXYMQ_AMQP_URL "
+        f"or PROXYMQ_AMQP_URL_FILE; default {DEFAULT_AMQP_URL})".replace("%", "%%"),
     )

@@ -41,9 +41,8 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from shared.broker import redact
-from shared.cli.common import env_default
-from shared.settings import DEFAULT_AMQP_URL
+from shared.broker import redact, split_urls
+from shared.cli.common import add_amqp_url
 
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
 NODE_PORT = 5672  # where `rabbitmq-server -detached` listens unless configured otherwise
@@ -128,19 +127,44 @@ async def connect(
     url: str, name: str, timeout: float = CONNECT_TIMEOUT
 ) -> aio_pika.abc.AbstractConnection:
     """A plain (not robust) connection for a command that runs once, or `BrokerProblem`
-    saying why the broker did not answer and what to run."""
+    saying why the broker did not answer and what to run. A cluster's nodes (`a,b,c`) are tried
+    in turn, as the sidecars do."""
     quiet_amqp_logs()
-    try:
-        return await aio_pika.connect(
-            url, timeout=timeout, client_properties={"connection_name": name}
-        )
-    except aiormq.exceptions.ProbableAuthenticationError as exc:
-        raise CredentialsRefused(
+    problems: list[BrokerProblem] = []
+    for node in split_urls(url):
+        try:
+            return await aio_pika.connect(
+                node, timeout=timeout, client_properties={"connection_name": name}
+            )
+        except Exception as exc:  # whatever the cause, it becomes the one-line reason
+            problems.append(_problem(node, exc))
+    if len(problems) == 1:
+        raise problems[0]
+    refused = [p for p in problems if isinstance(p, CredentialsRefused)]
+    if refused:
+        raise refused[0]
+    raise BrokerProblem("no node answers: " + "; ".join(p.message for p in problems))
+
+
+def _problem(url: str, exc: BaseException) -> BrokerProblem:
+    """Why `url` gave no connection: refused by a broker that answered, or no broker."""
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return CredentialsRefused(
             f"RabbitMQ at {redact(url)} refused the credentials ({_reason(exc)})",
             "fix the user and password in --amqp-url / PROXYMQ_AMQP_URL",
-        ) from None
-    except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
-        raise BrokerProblem(f"RabbitMQ does not answer at {redact(url)} ({_reason(exc)})") from None
+        )
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # The broker closed the connection when asked for the vhost; aiormq drops its reason.
+        parsed = URL(url)
+        vhost, user = parsed.path[1:] or "/", parsed.user or "guest"
+        return CredentialsRefused(
+            f"RabbitMQ at {redact(url)} refused vhost {vhost!r}: it does not exist, or user "
+            f"{user!r} has no access to it",
+            "fix the vhost in --amqp-url / PROXYMQ_AMQP_URL, or on the broker: "
+            f"rabbitmqctl add_vhost {vhost}; rabbitmqctl set_permissions -p {vhost} {user} "
+            "'.*' '.*' '.*'",
+        )
+    return BrokerProblem(f"RabbitMQ does not answer at {redact(url)} ({_reason(exc)})")
 
 
 async def answers(url: str, timeout: float = CONNECT_TIMEOUT) -> BrokerProblem | None:
@@ -355,11 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make sure RabbitMQ answers at the AMQP URL with the plugins ProxyMQ needs; "
         "start (or install) it when the URL is this machine.",
     )
-    parser.add_argument(
-        "--amqp-url",
-        default=None,
-        help="RabbitMQ URL (env PROXYMQ_AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/)",
-    )
+    add_amqp_url(parser)
     parser.add_argument(
         "--connect-timeout", type=float, default=CONNECT_TIMEOUT, help="seconds per attempt"
     )
@@ -374,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    url = args.amqp_url or env_default("AMQP_URL", DEFAULT_AMQP_URL)
+    url = args.amqp_url
     checker = Checker(url, args.connect_timeout, args.start_timeout)
     try:
         asyncio.run(checker.ensure())

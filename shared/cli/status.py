@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import aio_pika
 import aiohttp
 import aiormq
 from aio_pika.abc import AbstractConnection
@@ -92,6 +93,7 @@ class Management:
     def __init__(self, session: aiohttp.ClientSession, base: str, amqp_url: str) -> None:
         self.session = session
         self.base = base.rstrip("/")
+        self.url = amqp_url
         self.vhost = quote(vhost_of(amqp_url), safe="")
         self.headers = {"Authorization": basic_auth(amqp_url)}
 
@@ -166,6 +168,10 @@ def by_index(names: list[str]) -> list[str]:
 async def from_management(service: str, management: Management) -> ServiceStatus:
     pattern = topology.partition_pattern(service)
     names = by_index(await management.queue_names(pattern))
+    if not names and await management.get(f"vhosts/{management.vhost}") is None:
+        # Another broker's API (PROXYMQ_MANAGEMENT_URL): the vhost the AMQP URL opened is
+        # unknown there, which says nothing about the service.
+        raise ManagementUnavailable(f"{management.base} has no vhost {vhost_of(management.url)}")
     if not names:
         raise UnknownService(service)
     queues = await asyncio.gather(*(management.queue(name) for name in names))
@@ -240,18 +246,24 @@ async def from_amqp(service: str, connection: AbstractConnection, note: str) -> 
     )
 
 
-async def collect(service: str, amqp_url: str, management_base: str) -> ServiceStatus:
-    timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        try:
-            return await from_management(service, Management(session, management_base, amqp_url))
-        except ManagementUnavailable as exc:
-            note = (
-                f"management API unavailable ({exc}): depth and consumer counts from AMQP only; "
-                "`rabbitmq-plugins enable rabbitmq_management` shows the active consumers"
-            )
+async def collect(service: str, amqp_url: str, management_base: str | None) -> ServiceStatus:
+    """AMQP first: the management API on the URL's host says nothing about the URL's port,
+    vhost or credentials, and only a broker that answered can say a service has no queues. The
+    management API asked is the one of the node that answered."""
     connection = await connect(amqp_url, f"proxymq status {service}")
     try:
+        url = str(connection.url) if isinstance(connection, aio_pika.Connection) else amqp_url
+        timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            management = Management(session, management_base or management_url(url), url)
+            try:
+                return await from_management(service, management)
+            except ManagementUnavailable as exc:
+                note = (
+                    f"management API unavailable ({exc}): depth and consumer counts from AMQP "
+                    "only; `rabbitmq-plugins enable rabbitmq_management` shows the active "
+                    "consumers"
+                )
         return await from_amqp(service, connection, note)
     finally:
         await connection.close()
@@ -304,9 +316,7 @@ def render(status: ServiceStatus, console: Console) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         topology.check_service_name(args.service)
-        # The default depends on --amqp-url, so it is filled in after parsing.
-        base = args.management_url or management_url(args.amqp_url)
-        status = asyncio.run(collect(args.service, args.amqp_url, base))
+        status = asyncio.run(collect(args.service, args.amqp_url, args.management_url))
     except ValueError as exc:
         print(f"proxymq status: {exc}", file=sys.stderr)
         return 2
