@@ -92,6 +92,9 @@ def _amqp_args(args: QuorumQueueArgs) -> FieldTable:
     return {key.replace("_", "-"): value for key, value in args.items()}  # type: ignore[misc]
 
 
+MAX_PARTITIONS = 1024
+
+
 @dataclass(frozen=True)
 class Topology:
     """One service's layout. `delivery_limit` is generous on purpose: on RabbitMQ 3.10 every
@@ -104,8 +107,10 @@ class Topology:
 
     def __post_init__(self) -> None:
         check_service_name(self.service)
-        if not 1 <= self.partitions <= 1024:
-            raise ValueError(f"partitions must be between 1 and 1024, not {self.partitions}")
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValueError(
+                f"partitions must be between 1 and {MAX_PARTITIONS}, not {self.partitions}"
+            )
 
     @property
     def exchange(self) -> str:
@@ -204,9 +209,10 @@ async def check_layout(connection: AbstractConnection, topology: Topology) -> No
         if first == await queue_exists(connection, partition_queue(service, n - 1)):
             return
         await asyncio.sleep(LAYOUT_CHECK_PAUSE)
+    missing = partition_queue(service, n - 1 if first else 0)
     raise TopologyMismatch(
         f"service {service!r} already has fewer than {n} partitions "
-        f"({partition_queue(service, n - 1)} is missing); start with the same "
+        f"({missing} is missing); start with the same "
         "--partitions or delete the old layout first (proxymq topology delete)"
     )
 
@@ -259,19 +265,30 @@ async def declare_partition(
     )
 
 
-async def delete(connection: AbstractConnection, topology: Topology) -> None:
-    """Remove every partition found (whatever the count it was made with), the dead letters and
-    the exchange, messages included: for tests and `proxymq topology delete`."""
-    names = [topology.dead_letters, notify_queue(topology.service)]
+async def partitions_present(connection: AbstractConnection, service: str) -> list[str]:
+    """Every partition queue there, whatever count it was made with: a half-deleted layout may
+    miss some in between (up to DELETE_GAP in a row), p0 included."""
+    names: list[str] = []
     index, missing = 0, 0
-    while missing < DELETE_GAP:  # a half-deleted layout may miss some partitions in between
-        name = partition_queue(topology.service, index)
+    while missing < DELETE_GAP:
+        name = partition_queue(service, index)
         if await queue_exists(connection, name):
             names.append(name)
             missing = 0
         else:
             missing += 1
         index += 1
+    return names
+
+
+async def delete(connection: AbstractConnection, topology: Topology) -> None:
+    """Remove every partition found (whatever the count it was made with), the dead letters and
+    the exchange, messages included: for tests and `proxymq topology delete`."""
+    names = [
+        topology.dead_letters,
+        notify_queue(topology.service),
+        *await partitions_present(connection, topology.service),
+    ]
     channel = await connection.channel()
     try:
         for name in names:

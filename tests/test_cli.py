@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -158,6 +159,80 @@ async def test_a_cluster_node_list_is_tried_in_turn(service: str) -> None:
     # An unusable URL is said to be one, also for a service the management API knows.
     assert down.code == 1
     assert "does not answer" in down.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["topology", "declare", "--service", "s", "--delivery-limit", "99999999999999999999999"],
+        ["topology", "declare", "--service", "s", "--max-length", "0"],
+        ["topology", "declare", "--service", "s", "--partitions", "1025"],
+        ["topology", "show", "--service", "s", "--partitions", "2000"],
+        ["dlq", "list", "--service", "s", "--limit", "x"],
+        ["cluster", "start", "--nodes", "0"],
+        ["cluster", "start", "--nodes", "-1"],
+        ["cluster", "start", "--base-port", "70000"],
+    ],
+    ids=" ".join,
+)
+def test_numbers_out_of_range_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be between" in err or "is not a whole number" in err
+
+
+@pytest.mark.parametrize("argv", [["--base-port", "5672"], ["--base-port", "5671", "--nodes", "2"]])
+def test_cluster_start_refuses_the_shared_ports_before_anything(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(["cluster", "start", *argv, "--dir", str(tmp_path / "c")])
+    assert args.run(args) == 2
+    assert "collide with the shared broker" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("where", ["/nonexistent/dir/x.md", "{tmp}", "/proc/version"])
+def test_docs_config_to_an_unwritable_path_is_one_line(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(["docs-config", "--output", where.format(tmp=tmp_path)])
+    assert args.run(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("proxymq docs-config: cannot write ") and err.count("\n") == 1
+
+
+async def test_a_refused_declare_leaves_no_half_layout(service: str) -> None:
+    args = build_parser().parse_args(
+        ["topology", "declare", "--service", service, "--partitions", "1", "--amqp-url", AMQP_URL]
+    )
+    args.delivery_limit = 2**64  # more than AMQP carries: refused at the first partition
+    assert await asyncio.to_thread(args.run, args) == 1
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        assert not await topology.exchange_exists(connection, service)
+        assert not await topology.queue_exists(connection, topology.dead_letter_queue(service))
+    finally:
+        await connection.close()
+
+
+async def test_topology_counts_partitions_past_a_missing_p0(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
+    assert declared.code == 0, declared.output
+    channel = await amqp.channel()
+    await channel.queue_delete(topology.partition_queue(service, 0))
+    again = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
+    assert again.code == 1
+    assert f"({service}.p0 is missing)" in again.stderr
+    deleted = await proxymq("topology", "delete", "--service", service, "--yes")
+    assert deleted.code == 0, deleted.output
+    assert "4 queues" in deleted.stdout and "(3 partitions + dead letters)" in deleted.stdout
+    assert not await topology.queue_exists(amqp, topology.partition_queue(service, 3))
 
 
 async def test_topology_declare_show_delete(service: str) -> None:

@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from shared.cli.common import integer
+
 DEFAULT_DIR = Path("/tmp/proxymq-cluster")
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
 SHARED_NODE, SHARED_PORT = "rabbit@localhost", 5672
@@ -425,22 +427,30 @@ class LocalCluster:
 # -- the `proxymq cluster` command ---------------------------------------------------------------
 
 
+MAX_NODES = 9
+MAX_BASE_PORT = 65535 - 20000 - (MAX_NODES - 1)  # distribution ports are base + 20000 + i
+
+
 def _start(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
+    n, base = args.nodes, args.base_port
+    try:  # refused before anything runs or is written
+        cluster = LocalCluster.layout(
+            directory,
+            n,
+            prefix=args.prefix,
+            ports=[base + i for i in range(n)],
+            management_ports=[base + 10000 + i for i in range(n)],
+            dist_ports=[base + 20000 + i for i in range(n)],
+        )
+    except ClusterError as exc:
+        print(f"proxymq cluster start: {exc}: choose another --base-port", file=sys.stderr)
+        return 2
     if (directory / STATE_FILE).exists() and any(
         n.pid() for n in LocalCluster.load(directory).nodes
     ):
         print(f"a cluster already runs from {directory}: proxymq cluster stop --dir {directory}")
         return 1
-    n, base = args.nodes, args.base_port
-    cluster = LocalCluster.layout(
-        directory,
-        n,
-        prefix=args.prefix,
-        ports=[base + i for i in range(n)],
-        management_ports=[base + 10000 + i for i in range(n)],
-        dist_ports=[base + 20000 + i for i in range(n)],
-    )
     started = time.monotonic()
     try:
         cluster.start()
@@ -493,12 +503,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     start = actions.add_parser("start", help="start and cluster the nodes")
-    start.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    start.add_argument(
+        "--nodes",
+        type=integer(1, MAX_NODES),
+        default=3,
+        help=f"how many nodes, 1 to {MAX_NODES} (default 3)",
+    )
     start.add_argument(
         "--base-port",
-        type=int,
+        type=integer(1024, MAX_BASE_PORT),
         default=5681,
-        help="AMQP port of the first node (default 5681); management +10000, distribution +20000",
+        help="AMQP port of the first node (default 5681); management +10000, distribution "
+        f"+20000, so at most {MAX_BASE_PORT}",
     )
     start.add_argument("--prefix", default="rabbit", help="node names PREFIX1@localhost, ...")
     start.set_defaults(run=_start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable
 
 from yarl import URL
 
@@ -72,3 +73,22 @@ def add_amqp_url(parser: argparse.ArgumentParser) -> None:
         help="RabbitMQ URL, or a cluster's node URLs separated by commas (env PROXYMQ_AMQP_URL "
         f"or PROXYMQ_AMQP_URL_FILE; default {DEFAULT_AMQP_URL})".replace("%", "%%"),
     )
+
+
+INT64_MAX = 2**63 - 1  # the largest integer an AMQP table (a queue argument) carries
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number in [low, high]; anything else is a usage error (exit 2)
+    before anything is contacted or declared."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, not {number}")
+        return number
+
+    return parse

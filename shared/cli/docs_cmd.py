@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from shared import reference
@@ -23,5 +24,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None:
         print(text, end="")
     else:
-        args.output.write_text(text)
+        try:
+            args.output.write_text(text)
+        except OSError as exc:
+            print(
+                f"proxymq docs-config: cannot write {args.output}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 1
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -19,10 +20,9 @@ from rich.table import Table
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url
+from shared.cli.common import INT64_MAX, add_amqp_url, integer
 from shared.cli.ensure_broker import BrokerProblem, connect
 from shared.cli.status import passive
-from shared.errors import TopologyMismatch
 
 PROG = "proxymq topology"
 
@@ -35,11 +35,8 @@ def service_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
+positive = integer(1, INT64_MAX)
+partition_count = integer(1, topology.MAX_PARTITIONS)
 
 
 async def with_connection(
@@ -52,14 +49,6 @@ async def with_connection(
         await connection.close()
 
 
-async def existing_partitions(connection: AbstractConnection, service: str) -> list[str]:
-    """Counted up from p0, like `topology.delete`, whatever count the layout was made with."""
-    names: list[str] = []
-    while await topology.queue_exists(connection, topology.partition_queue(service, len(names))):
-        names.append(topology.partition_queue(service, len(names)))
-    return names
-
-
 def declare(args: argparse.Namespace) -> int:
     try:
         layout = topology.Topology(
@@ -70,10 +59,19 @@ def declare(args: argparse.Namespace) -> int:
         return 2
 
     async def action(connection: AbstractConnection) -> int:
+        fresh = not (
+            await topology.partitions_present(connection, args.service)
+            or await topology.exchange_exists(connection, layout.exchange)
+            or await topology.queue_exists(connection, layout.dead_letters)
+        )
         try:
             await topology.declare(connection, layout)
-        except TopologyMismatch as exc:
-            print(f"{PROG} declare: {exc}", file=sys.stderr)
+        except Exception as exc:
+            if fresh:  # a refused declaration leaves no half layout behind
+                with contextlib.suppress(Exception):
+                    await topology.delete(connection, layout)
+            left = " (nothing was left declared)" if fresh else ""
+            print(f"{PROG} declare: {exc}{left}", file=sys.stderr)
             return 1
         print(
             f"declared {layout.exchange} (x-consistent-hash), {layout.queues[0]}.."
@@ -91,7 +89,7 @@ def delete(args: argparse.Namespace) -> int:
     layout = topology.Topology(args.service)
 
     async def action(connection: AbstractConnection) -> int:
-        partitions = await existing_partitions(connection, args.service)
+        partitions = await topology.partitions_present(connection, args.service)
         queues = [*partitions, layout.dead_letters]
         depths = {name: await passive(connection, name) for name in queues}
         present = {name: found for name, found in depths.items() if found is not None}
@@ -129,7 +127,7 @@ def confirm(question: str) -> bool:
 
 def show(args: argparse.Namespace) -> int:
     async def action(connection: AbstractConnection) -> int:
-        partitions = await existing_partitions(connection, args.service)
+        partitions = await topology.partitions_present(connection, args.service)
         declared = bool(partitions)
         layout = topology.Topology(args.service, len(partitions) or args.partitions)
         dead = await passive(connection, layout.dead_letters)
@@ -144,7 +142,7 @@ def show(args: argparse.Namespace) -> int:
         table.add_column("what")
         table.add_column("value")
         table.add_row("exchange", f"{layout.exchange} (x-consistent-hash)" + _missing(exchange))
-        table.add_row("partition queues", ", ".join(layout.queues))
+        table.add_row("partition queues", ", ".join(partitions or layout.queues))
         table.add_row("queue arguments", _args(layout))
         table.add_row("dead letters", layout.dead_letters + _missing(dead is not None))
         table.add_row("KEDA pattern", topology.partition_pattern(args.service))
@@ -193,13 +191,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "declare", "declare the exchange, partition queues and dead letters (idempotent)"
     )
     declare_parser.add_argument(
-        "--partitions", type=positive, default=8, help="partition queues (default %(default)s)"
+        "--partitions",
+        type=partition_count,
+        default=8,
+        help=f"partition queues, 1 to {topology.MAX_PARTITIONS} (default %(default)s)",
     )
     declare_parser.add_argument(
         "--delivery-limit",
         type=positive,
         default=20,
-        help="quorum x-delivery-limit (default %(default)s)",
+        help="quorum x-delivery-limit, at most 2^63-1 (default %(default)s)",
     )
     declare_parser.add_argument(
         "--max-length", type=positive, default=None, help="x-max-length of each partition"
@@ -213,7 +214,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     show_parser = action("show", "show the names, queue arguments and the KEDA pattern")
     show_parser.add_argument(
         "--partitions",
-        type=positive,
+        type=partition_count,
         default=8,
         help="count shown when the service is not declared yet (default %(default)s)",
     )
