@@ -59,7 +59,8 @@ class Session:
     """What one command run shares: its consoles and the Ctrl-C state of the pass."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.out = Console()
+        # Not a terminal (a pipe, a CI log): rich would wrap at 80 columns, as in `status`.
+        self.out = Console() if sys.stdout.isatty() else Console(width=130)
         self.err = Console(stderr=True)
         self.stop = asyncio.Event()
         self.json = bool(getattr(args, "json", False))

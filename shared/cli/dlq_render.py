@@ -30,7 +30,7 @@ def letter_table(letters: Sequence[DeadLetter], title: str, rows: int | None = N
     now = datetime.now(UTC)
     table = Table(title=escape(title), title_justify="left")
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("request id", overflow="fold")
+    table.add_column("request id", no_wrap=True)  # copied from logs into `dlq show`: one piece
     table.add_column("request", overflow="fold")
     table.add_column("key", overflow="fold")
     table.add_column("reason", overflow="fold", max_width=48)

@@ -6,6 +6,7 @@ with their partition key, and the others stay in `S.dlq` in their order."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -20,6 +21,7 @@ import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractRobustConnection, HeadersType
 from aiohttp import web
+from rich.console import Console
 
 from shared import envelope, topology
 from shared.cli import dlq as dlq_command
@@ -32,6 +34,7 @@ from shared.cli.dlq_letters import (
     replay_of,
 )
 from shared.cli.dlq_pass import DeadLetterQueue, Fate
+from shared.cli.dlq_render import letter_table
 from shared.cli.main import build_parser
 from shared.cli.status import passive
 from shared.processes import free_port, script
@@ -548,3 +551,20 @@ async def test_a_letter_that_cannot_be_handled_leaves_the_queue_in_order(
     assert result.refused is not None and result.refused.request_id == "b"
     assert "KeyError" in (result.refusal or "")
     assert ids(await listed(amqp_url, service)) == ["b"]  # "long" was dropped before it
+
+
+def test_a_table_never_splits_a_request_id() -> None:
+    """Request ids are copied from a log into `dlq show`; in a narrow table they must stay whole."""
+    request_id = "5f0c4e2d9a7b4c1e8f3a6b2d1c0e9f8a"
+    letter = read(
+        aio_pika.Message(
+            b"x" * 2000,
+            headers={"x-proxymq-dead-reason": "connect: " + "refused " * 20, envelope.H_KEY: "k"},
+            correlation_id=request_id,
+        ),
+        1,
+    )
+    console = Console(width=80, file=io.StringIO())
+    console.print(letter_table([letter], "t"))
+    assert isinstance(console.file, io.StringIO)
+    assert request_id in console.file.getvalue()
