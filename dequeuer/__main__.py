@@ -66,7 +66,6 @@ async def serve(settings: DequeuerSettings) -> int:
             on_batch=metrics.batch_size.labels(settings.service).observe,
         )
     readiness = Readiness(
-        http.session,
         settings.target,
         settings.ready_path,
         timeout=settings.ready_timeout,

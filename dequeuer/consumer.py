@@ -295,7 +295,7 @@ class Consumer:
             started = time.perf_counter()
             try:
                 outcome = await self.transport.send(
-                    self.with_context(request, remaining, attempt, earlier), timeout
+                    self.with_context(request, timeout, attempt, earlier), timeout
                 )
                 label = status_class(outcome.status)
             except CallFailed as failure:
@@ -321,19 +321,19 @@ class Consumer:
         return outcome, attempt
 
     def with_context(
-        self, request: RequestEnvelope, remaining: float | None, attempt: int = 1, earlier: int = 0
+        self, request: RequestEnvelope, budget: float, attempt: int = 1, earlier: int = 0
     ) -> envelope.HttpRequest:
-        """Tell the microservice the request id, how long the caller still waits, which attempt
-        this is, and how often RabbitMQ delivered the request before (after a crash or a
-        handover it may have been processed already: an idempotent service can check)."""
+        """Tell the microservice the request id, how long this call may take (the caller's time
+        left, cut to --call-timeout), which attempt this is, and how often RabbitMQ delivered
+        the request before (after a crash or a handover it may have been processed already: an
+        idempotent service can check)."""
         http = request.request
         headers = [(n, v) for n, v in http.headers if n.lower() not in CONTEXT_HEADERS]
         headers.append((CORRELATION_HEADER, request.request_id))
         headers.append((ATTEMPT_HEADER, str(attempt)))
         if earlier:
             headers.append((DELIVERIES_HEADER, str(earlier)))
-        if remaining is not None:
-            headers.append((DEADLINE_HEADER, f"{remaining:.3f}"))
+        headers.append((DEADLINE_HEADER, f"{budget:.3f}"))
         return envelope.HttpRequest(http.method, http.path, http.query, tuple(headers), http.body)
 
     async def reply(self, request: RequestEnvelope, response: HttpResponse) -> None:

@@ -19,7 +19,6 @@ class Readiness:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         target: str,
         path: str | None,
         *,
@@ -28,7 +27,12 @@ class Readiness:
         failures_to_pause: int = 3,
         on_change: Callable[[bool], None] = lambda _: None,
     ) -> None:
-        self.session = session
+        # A session of its own: in the calls' pool, a probe waited behind --concurrency busy
+        # calls until it timed out, and a busy microservice was taken for a dead one (paused,
+        # its calls delivered again and run twice).
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), cookie_jar=aiohttp.DummyCookieJar()
+        )
         self.url = target.rstrip("/") + (path or "/")
         self.strict = path is not None
         self.timeout = timeout
@@ -80,3 +84,4 @@ class Readiness:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self.session.close()

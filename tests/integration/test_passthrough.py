@@ -358,3 +358,25 @@ async def test_a_request_target_in_absolute_form(
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     [seen] = [s for s in target.seen if s.path.startswith("/echo/abs")]
     assert (seen.path, seen.query) == ("/echo/abs%20x", "q=1")
+
+
+async def test_the_microservice_is_told_its_calls_budget(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """`X-Request-Timeout` tells the microservice how long this call may take: the caller's
+    time left cut to --call-timeout. It said the caller's time even where --call-timeout cut
+    the call sooner, and nothing at all for a request without a deadline."""
+    await stack.dequeuer(service, target.url, "--call-timeout", "2")
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/echo/a", headers={"X-Request-Timeout": "10"}) as r:
+        assert r.status == 200
+    async with http.get(f"{url}/{service}/echo/b", headers={"X-Request-Timeout": "1"}) as r:
+        assert r.status == 200
+    async with http.get(f"{url}/{service}/echo/c", headers={"Prefer": "respond-async"}) as r:
+        assert r.status == 202
+    async with asyncio.timeout(10):
+        while len(target.seen) < 3:
+            await asyncio.sleep(0.05)
+    budgets = {s.path: float(dict(s.headers)["X-Request-Timeout"]) for s in target.seen}
+    assert budgets["/echo/a"] == 2.0 and budgets["/echo/c"] == 2.0
+    assert 0.5 < budgets["/echo/b"] < 1.0

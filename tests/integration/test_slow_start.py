@@ -72,3 +72,33 @@ async def test_breaker_opens_and_requests_wait(
     ) as response:
         assert response.status == 200  # waited for the half-open probe, then served
     assert await metric(http, admin, "proxymq_dequeuer_breaker_open") == 0
+
+
+async def test_a_busy_microservice_is_not_taken_for_a_dead_one(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Readiness probes have a connection of their own. In the calls' pool a probe waited
+    behind --concurrency long calls until it timed out: three in a row paused the dequeuer,
+    and its calls in flight were delivered again and ran twice."""
+    await stack.dequeuer(
+        service,
+        target.url,
+        "--concurrency",
+        "2",
+        "--ready-interval",
+        "0.2",
+        "--ready-timeout",
+        "0.2",
+        "--shutdown-grace",
+        "1",
+    )
+    _, url = await stack.enqueuer()
+    calls = [
+        http.get(f"{url}/{service}/delay/2.5", headers={"X-Partition-Key": key})
+        for key in ("a", "b")
+    ]
+    responses = await asyncio.gather(*calls)
+    assert [r.status for r in responses] == [200, 200]
+    await asyncio.sleep(0.5)
+    assert [s.path for s in target.seen if s.path.startswith("/delay")] == ["/delay/2.5"] * 2
+    assert "stopped answering" not in stack.log_text()
