@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.settings import ByteSize, CommaList, SidecarSettings
+from shared.settings import ByteSize, CommaList, SidecarSettings, check_url
 from shared.topology import check_service_name
 
 
@@ -106,7 +106,7 @@ class DequeuerSettings(SidecarSettings):
     breaker_failures: int = Field(
         5,
         ge=1,
-        description="failed calls in a row that open the "
+        description="failed calls in a row (failures --retry-on names) that open the "
         "circuit breaker (requests then wait in RabbitMQ)",
     )
     breaker_reset: float = Field(
@@ -159,9 +159,30 @@ class DequeuerSettings(SidecarSettings):
             )
         return value
 
-    @field_validator("batch_path")
+    @field_validator("target")
     @classmethod
-    def _batch_path(cls, value: str) -> str:
-        if not value.startswith("/"):
+    def _target(cls, value: str) -> str:
+        """Refused at start: a target without scheme or host was never ready, silently."""
+        check_url(value, ("http", "https"))
+        return value
+
+    @field_validator("batch_path", "ready_path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
             raise ValueError(f"{value!r} must start with '/'")
+        return value
+
+    @field_validator("member_expiry")
+    @classmethod
+    def _expiry_spans_heartbeats(cls, value: float, info: ValidationInfo) -> float:
+        """A member must be heard from at least twice within its expiry: otherwise dequeuers
+        take each other for gone between heartbeats, and their partitions change hands for
+        ever (each handover counts against the requests' delivery limit)."""
+        interval = info.data.get("heartbeat_interval")
+        if isinstance(interval, float) and value < 2 * interval:
+            raise ValueError(
+                f"{value:g} s is less than two --heartbeat-interval ({interval:g} s); "
+                f"set it to at least {2 * interval:g}"
+            )
         return value

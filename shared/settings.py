@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -23,6 +23,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from yarl import URL
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -130,6 +131,29 @@ class SidecarSettings(CommandSettings):
     )
     log_level: str = Field("info", description="debug, info, warning or error")
     json_logs: bool = Field(False, description="one JSON object per log line")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        """Refused at start: a URL aio-pika cannot use failed every reconnect, once a second,
+        for ever (`foo://x`: `KeyError: 'foo'`)."""
+        for part in value.split(","):
+            check_url(part.strip(), ("amqp", "amqps"))
+        return value
+
+
+def check_url(value: str, schemes: tuple[str, ...]) -> URL:
+    """`value` as a URL of one of `schemes` with a host, or a ValueError saying what is wrong
+    (without the password)."""
+    try:
+        url = URL(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    shown = str(url.with_password("***")) if url.password else value
+    if url.scheme not in schemes or not url.host:
+        wanted = " or ".join(f"{scheme}://HOST" for scheme in schemes)
+        raise ValueError(f"{shown!r} is not a URL like {wanted}")
+    return url
 
 
 SettingsT = TypeVar("SettingsT", bound=CommandSettings)

@@ -185,3 +185,30 @@ def test_dequeuer_retry_on_refuses_non_5xx(value: str, capsys: pytest.CaptureFix
 def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_code(EnqueuerSettings, argv) == 2
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--target", "127.0.0.1:9"], "--target: Value error, '127.0.0.1:9' is not a URL like"),
+        (["--target", "ftp://127.0.0.1:9"], "is not a URL like http://HOST or https://HOST"),
+        (["--target", "http://"], "--target"),
+        (["--ready-path", "ready"], "--ready-path: Value error, 'ready' must start with '/'"),
+        (["--amqp-url", "foo://x"], "'foo://x' is not a URL like amqp://HOST or amqps://HOST"),
+        (["--amqp-url", "amqp://u:secret@a/,nodes"], "'nodes' is not a URL like"),
+        (
+            ["--heartbeat-interval", "3", "--member-expiry", "1"],
+            "less than two --heartbeat-interval (3 s); set it to at least 6",
+        ),
+    ],
+)
+def test_values_that_could_never_work_are_refused_at_start(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was accepted and then failed silently for ever: a target or ready path that was
+    never ready, a broker URL retried every second, dequeuers that took each other for gone
+    between heartbeats and handed partitions back and forth."""
+    assert exit_code(DequeuerSettings, ["--service", "s", *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "secret" not in err
+    assert load(EnqueuerSettings, ["--amqp-url", "amqps://a:1/,amqp://b/"]).amqp_url
