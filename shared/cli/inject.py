@@ -55,7 +55,64 @@ _SEQUENCE_ITEM = re.compile(r"^(\s*)- ")
 
 
 class InjectError(Exception):
-    """Input that cannot be injected: invalid YAML, a workload without a pod template."""
+    """Input that cannot be injected: invalid YAML, a workload without a pod template, a field
+    of the wrong shape."""
+
+
+@dataclass(frozen=True)
+class At:
+    """Where a node is in the input (`Deployment/web: spec.template.spec`), so that a field of
+    the wrong shape is named by its path instead of failing as a traceback further in."""
+
+    owner: str
+    path: str = ""
+
+    def child(self, key: str | int) -> At:
+        step = f"[{key}]" if isinstance(key, int) else f".{key}" if self.path else key
+        return At(self.owner, self.path + step)
+
+    def __str__(self) -> str:
+        return f"{self.owner}: {self.path}" if self.path else self.owner
+
+
+def mapping(node: CommentedMap, key: str, at: At) -> CommentedMap | None:
+    """`node[key]`, a mapping, or None when it is absent or null; else InjectError."""
+    from ruamel.yaml.comments import CommentedMap
+
+    value = node.get(key)
+    if value is None or isinstance(value, CommentedMap):
+        return value
+    raise InjectError(f"{at.child(key)} is {describe(value)}, not a mapping")
+
+
+def mappings(node: CommentedMap, key: str, at: At) -> CommentedSeq | None:
+    """`node[key]`, a list of mappings, or None when it is absent or null; else InjectError
+    naming the list or its first entry that is no mapping."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    value = node.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, CommentedSeq):
+        raise InjectError(f"{at.child(key)} is {describe(value)}, not a list")
+    for index, entry in enumerate(value):
+        if not isinstance(entry, CommentedMap):
+            raise InjectError(f"{at.child(key).child(index)} is {describe(entry)}, not a mapping")
+    return value
+
+
+def describe(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
 
 
 @dataclass(frozen=True)
@@ -98,44 +155,47 @@ def inject_text(text: str, injection: Injection) -> tuple[str, Report]:
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long strings
     try:
-        documents = [d for d in yaml.load_all(text) if d is not None]
+        loaded = list(yaml.load_all(text))
     except YAMLError as exc:
         problem = str(exc).replace('"<unicode string>"', "stdin")
         raise InjectError(f"stdin is not valid YAML: {problem}") from None
+    documents = [d for d in loaded if d is not None]
     report = Report([], [])
-    for document in documents:
-        for workload in workloads(document):
-            inject_workload(workload, injection, report)
-    mapping, offset = guess_indent(text)
-    yaml.indent(mapping=mapping, sequence=offset + 2, offset=offset)
+    for number, document in enumerate(loaded, 1):
+        for workload, at in workloads(document, At(f"document {number}")):
+            inject_workload(workload, at, injection, report)
+    indent, offset = guess_indent(text)
+    yaml.indent(mapping=indent, sequence=offset + 2, offset=offset)
     yaml.explicit_start = len(documents) > 1 or bool(re.search(r"(?m)^---", text))
     out = io.StringIO()
     yaml.dump_all(documents, out)
     return out.getvalue(), report
 
 
-def workloads(document: object) -> Iterator[CommentedMap]:
-    """The workloads of one document: itself, or the items of a `kind: List`."""
-    from ruamel.yaml.comments import CommentedMap
+def workloads(document: object, at: At) -> Iterator[tuple[CommentedMap, At]]:
+    """The workloads of one document, with where each is: itself, or the items of a
+    `kind: List`. Items that are no mapping are not workloads and pass through."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
     if not isinstance(document, CommentedMap):
         return
     kind = document.get("kind")
     if kind == "List" or str(kind).endswith("List"):
-        for item in document.get("items") or []:
-            yield from workloads(item)
+        items = document.get("items")
+        if items is not None and not isinstance(items, CommentedSeq):
+            raise InjectError(f"{at.child('items')} is {describe(items)}, not a list")
+        for index, item in enumerate(items or []):
+            yield from workloads(item, at.child("items").child(index))
     elif kind in WORKLOAD_KINDS:
-        yield document
+        yield document, at
 
 
-def inject_workload(workload: CommentedMap, injection: Injection, report: Report) -> None:
-    from ruamel.yaml.comments import CommentedMap
-
-    name = f"{workload['kind']}/{(workload.get('metadata') or {}).get('name', '?')}"
-    template = (workload.get("spec") or {}).get("template")
-    pod = template.get("spec") if isinstance(template, CommentedMap) else None
-    if not isinstance(pod, CommentedMap) or not isinstance(pod.get("containers"), list):
-        raise InjectError(f"{name} has no pod template with containers (spec.template.spec)")
+def inject_workload(workload: CommentedMap, at: At, injection: Injection, report: Report) -> None:
+    """Errors name the workload, and where it is in the input when it has no name."""
+    metadata = mapping(workload, "metadata", at)
+    given = metadata.get("name") if metadata is not None else None
+    name = f"{workload['kind']}/{given}" if given is not None else f"{workload['kind']}/? ({at})"
+    pod = pod_spec(workload, At(name))
     port = injection.target_port or first_container_port(pod) or DEFAULT_TARGET_PORT
     add_sidecar(pod, sidecar(injection, port))
     ensure_volume(pod, injection.amqp_secret)
@@ -150,6 +210,23 @@ def inject_workload(workload: CommentedMap, injection: Injection, report: Report
             "sidecar only after it, so requests the dequeuer still holds when it exits fail; "
             "give it a preStop that lets the dequeuer drain first (docs/deploy.md#draining)"
         )
+
+
+def pod_spec(workload: CommentedMap, at: At) -> CommentedMap:
+    """The pod template's spec, with every list this command reads or extends checked to be a
+    list of mappings, so the edits below need no checks of their own."""
+    spec = mapping(workload, "spec", at)
+    template = mapping(spec, "template", at.child("spec")) if spec is not None else None
+    pod = mapping(template, "spec", at.child("spec.template")) if template is not None else None
+    if pod is None or pod.get("containers") is None:
+        raise InjectError(f"{at} has no pod template with containers (spec.template.spec)")
+    at = at.child("spec.template.spec")
+    for key in ("containers", "initContainers"):
+        for index, container in enumerate(mappings(pod, key, at) or []):
+            mappings(container, "ports", at.child(key).child(index))
+            mapping(container, "lifecycle", at.child(key).child(index))
+    mappings(pod, "volumes", at)
+    return pod
 
 
 def first_container_port(pod: CommentedMap) -> int | None:
@@ -243,13 +320,12 @@ def add_sidecar(pod: CommentedMap, desired: CommentedMap) -> None:
     from ruamel.yaml.comments import CommentedSeq
 
     containers = pod["containers"]
+    init = pod.get("initContainers")
+    if init is None:  # pod_spec checked it is a list of mappings when present
+        init = pod["initContainers"] = CommentedSeq()
     old = [i for i, c in enumerate(containers) if c.get("name") == CONTAINER]
     if old and len(containers) > len(old):
-        moved = containers.pop(old[0])
-        pod.setdefault("initContainers", CommentedSeq()).append(moved)
-    init = pod.get("initContainers")
-    if not isinstance(init, list):
-        init = pod["initContainers"] = CommentedSeq()
+        init.append(containers.pop(old[0]))
     for container in init:
         if container.get("name") == CONTAINER:
             update(container, desired)
@@ -284,7 +360,7 @@ def ensure_volume(pod: CommentedMap, secret: str) -> None:
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
     volumes = pod.get("volumes")
-    if not isinstance(volumes, list):
+    if volumes is None:  # pod_spec checked it is a list of mappings when present
         volumes = pod["volumes"] = CommentedSeq()
     for volume in volumes:
         if volume.get("name") == AMQP_VOLUME:

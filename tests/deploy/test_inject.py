@@ -242,6 +242,71 @@ def test_refuses_invalid_yaml_and_workloads_without_a_pod_template() -> None:
         )
 
 
+def shaped(pod_spec: str) -> str:
+    return f"kind: Deployment\nmetadata: {{name: web}}\nspec: {{template: {{spec: {pod_spec}}}}}\n"
+
+
+POD = "spec.template.spec"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("kind: Deployment\nmetadata: foo\n", "document 1: metadata is a string, not a mapping"),
+        ("a: 1\n---\nkind: List\nitems: 5\n", "document 2: items is a number, not a list"),
+        (
+            "kind: List\nitems: [{kind: Deployment, metadata: [x]}]\n",
+            "document 1: items[0].metadata is a list, not a mapping",
+        ),
+        ("kind: Deployment\nmetadata: {name: web}\nspec: 5\n", "web: spec is a number, not"),
+        (shaped("{containers: 5}"), f"web: {POD}.containers is a number, not a list"),
+        (shaped('{containers: ["abc"]}'), f"web: {POD}.containers[0] is a string, not a mapping"),
+        (
+            shaped('{containers: [{name: a, ports: "x"}]}'),
+            f"web: {POD}.containers[0].ports is a string, not a list",
+        ),
+        (
+            shaped('{containers: [{name: a, ports: ["x"]}]}'),
+            f"web: {POD}.containers[0].ports[0] is a string, not a mapping",
+        ),
+        (
+            shaped('{containers: [{name: a, lifecycle: "x"}]}'),
+            f"web: {POD}.containers[0].lifecycle is a string, not a mapping",
+        ),
+        (
+            shaped('{containers: [{name: a}], initContainers: ["x"]}'),
+            f"web: {POD}.initContainers[0] is a string, not a mapping",
+        ),
+        (
+            shaped('{containers: [{name: a}], initContainers: "x"}'),
+            f"web: {POD}.initContainers is a string, not a list",
+        ),
+        (
+            shaped('{containers: [{name: a}], volumes: ["x"]}'),
+            f"web: {POD}.volumes[0] is a string, not a mapping",
+        ),
+        (
+            "kind: List\nitems: [{kind: Deployment, spec: {template: {spec: {containers: [1]}}}}]",
+            f"Deployment/? (document 1: items[0]): {POD}.containers[0] is a number, not a mapping",
+        ),
+    ],
+)
+def test_a_field_of_the_wrong_shape_is_named_by_its_path(text: str, problem: str) -> None:
+    with pytest.raises(InjectError) as raised:
+        inject_text(text, Injection("x"))
+    assert problem in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_null_lists_are_absent_ones_and_non_mappings_in_a_list_pass_through() -> None:
+    moved = shaped("{containers: [{name: a}, {name: proxymq-dequeuer}], initContainers: null}")
+    (deployment,) = documents(inject_text(moved, Injection("x"))[0])
+    assert [c["name"] for c in pod(deployment)["containers"]] == ["a"]
+    assert dequeuer(deployment)["image"] == inject.DEFAULT_IMAGE
+    listing = "kind: List\nitems: [3, null]\n"
+    assert documents(inject_text(listing, Injection("x"))[0]) == documents(listing)
+
+
 def test_cli_round_trip_as_a_user_runs_it() -> None:
     result = run_cli(
         SAMPLE, "--service", "url-fetcher", "--target-port", "8000", "--ready-path", "/healthz"
@@ -271,6 +336,12 @@ def test_cli_errors_are_clear() -> None:
     dotted = run_cli(SAMPLE, "--service", "a.b")
     assert dotted.returncode == 2
     assert "service name" in dotted.stderr
+    shape = run_cli(shaped('{containers: ["abc"]}'), "--service", "x")
+    assert shape.returncode == 1, "bad input, as invalid YAML"
+    assert shape.stderr == (
+        f"proxymq inject: Deployment/web: {POD}.containers[0] is a string, not a mapping\n"
+    )
+    assert not shape.stdout
     port = run_cli(SAMPLE, "--service", "x", "--target-port", "70000")
     assert port.returncode == 2
     assert "TCP port" in port.stderr
