@@ -17,12 +17,19 @@ Three choices keep pods from being scaled away while they hold work:
   so the page is RabbitMQ's largest and more than 500 partitions are refused here.
 - A scale-down stabilization window and a one-pod-a-minute policy: a short lull does not take
   pods away, and each removed pod gets its full termination grace to drain (docs/deploy.md).
+
+Every name and label it writes is one Kubernetes accepts: `--name` and `--management-secret` are
+checked, and a service name that is no DNS-1123 label (`My_Svc`, 100 characters) is mapped to
+one by `kubernetes_name`; the queue regex and the comments keep the real service name.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import re
+import shlex
 import sys
 from dataclasses import dataclass, fields
 from typing import Literal, TypeAlias
@@ -36,6 +43,35 @@ PAGE_SIZE = 500  # RabbitMQ management's MAX_PAGE_SIZE: page_size=501 is answere
 DEFAULT_MAX = 10
 MANAGEMENT_SECRET = "proxymq-rabbitmq-management"
 MANAGEMENT_SECRET_KEY = "host"
+MAX_STABILIZATION_WINDOW = 3600  # the HPA refuses a longer scale-down window
+# Object names and label values; KEDA also labels its HPA with the ScaledObject's name.
+NAME_LIMIT = 63
+SECRET_NAME_LIMIT = 253
+_DNS_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_LABEL = re.compile(_DNS_LABEL)
+DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+
+
+def check_kubernetes_name(value: str, option: str, limit: int) -> str:
+    """A DNS-1123 subdomain of at most `limit` characters; anything else would be refused by
+    the API server, or (a newline) break the YAML this command prints."""
+    if len(value) <= limit and DNS_SUBDOMAIN.fullmatch(value):
+        return value
+    raise ValueError(
+        f"{option} {value!r} is not a Kubernetes name: lowercase letters, digits, '-' and '.', "
+        f"starting and ending with a letter or digit, at most {limit} characters"
+    )
+
+
+def kubernetes_name(service: str) -> str:
+    """The service's name where Kubernetes needs one (object names, label values): the name
+    itself when it is a DNS-1123 label, else lowercased with '_' as '-', trimmed, and suffixed
+    with a hash of the real name, so that `My_Svc` and `my-svc` never share objects."""
+    if len(service) <= NAME_LIMIT and DNS_LABEL.fullmatch(service):
+        return service
+    digest = hashlib.sha256(service.encode()).hexdigest()[:8]
+    base = service.lower().replace("_", "-")[: NAME_LIMIT - len(digest) - 1].rstrip("-")
+    return f"{base}-{digest}"  # a service name starts with a letter or digit: base is not empty
 
 
 @dataclass(frozen=True)
@@ -58,7 +94,12 @@ class Scaling:
 
     def __post_init__(self) -> None:
         topology.check_service_name(self.service)
-        if not 1 <= self.partitions <= PAGE_SIZE:
+        if self.target_name is not None:
+            check_kubernetes_name(self.target_name, "--name", NAME_LIMIT)
+        check_kubernetes_name(self.management_secret, "--management-secret", SECRET_NAME_LIMIT)
+        if self.partitions < 1:
+            raise ValueError(f"--partitions must be at least 1, not {self.partitions}")
+        if self.partitions > PAGE_SIZE:
             raise ValueError(
                 f"--partitions {self.partitions}: KEDA reads one page of the management API's "
                 f"queue list, at most {PAGE_SIZE} queues, so at most {PAGE_SIZE} partitions"
@@ -71,6 +112,11 @@ class Scaling:
             raise ValueError("--queue-length must be at least 1 and --activation at least 0")
         if min(self.cooldown, self.scale_down_window, self.polling_interval) < 1:
             raise ValueError("--cooldown, --scale-down-window and --polling-interval must be >= 1")
+        if self.scale_down_window > MAX_STABILIZATION_WINDOW:
+            raise ValueError(
+                f"--scale-down-window must be at most {MAX_STABILIZATION_WINDOW} seconds "
+                "(the HPA's limit)"
+            )
 
     @property
     def max(self) -> int:
@@ -79,12 +125,17 @@ class Scaling:
         return min(DEFAULT_MAX, self.partitions)
 
     @property
+    def name(self) -> str:
+        """The service's name in Kubernetes; RabbitMQ names keep `service` itself."""
+        return kubernetes_name(self.service)
+
+    @property
     def target(self) -> str:
-        return self.target_name or self.service
+        return self.target_name or self.name
 
     @property
     def auth_name(self) -> str:
-        return f"{self.service}-rabbitmq"
+        return f"{self.name}-rabbitmq"
 
 
 OPTIONS = {
@@ -110,7 +161,7 @@ def command_line(spec: Scaling) -> str:
         value = getattr(spec, field.name)
         if field.name in OPTIONS and field.name != "partitions" and value != field.default:
             words += [OPTIONS[field.name], str(value)]
-    return " ".join(words)
+    return shlex.join(words)
 
 
 def labels(service: str) -> dict[str, Json]:
@@ -121,7 +172,7 @@ def trigger_authentication(spec: Scaling) -> dict[str, Json]:
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "TriggerAuthentication",
-        "metadata": {"name": spec.auth_name, "labels": labels(spec.service)},
+        "metadata": {"name": spec.auth_name, "labels": labels(spec.name)},
         "spec": {
             "secretTargetRef": [
                 {"parameter": "host", "name": spec.management_secret, "key": MANAGEMENT_SECRET_KEY}
@@ -153,7 +204,7 @@ def scaled_object(spec: Scaling) -> dict[str, Json]:
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": {"name": spec.target, "labels": labels(spec.service)},
+        "metadata": {"name": spec.target, "labels": labels(spec.name)},
         "spec": {
             "scaleTargetRef": {
                 "apiVersion": "apps/v1",
@@ -309,7 +360,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECONDS",
         type=int,
         default=300,
-        help="HPA scale-down stabilization window in seconds (300)",
+        help="HPA scale-down stabilization window in seconds (300, at most "
+        f"{MAX_STABILIZATION_WINDOW})",
     )
     parser.add_argument(
         "--polling-interval",
@@ -325,7 +377,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="kind of the scaled workload (Deployment)",
     )
     parser.add_argument(
-        "--name", metavar="NAME", help="name of the scaled workload (default: the service name)"
+        "--name",
+        metavar="NAME",
+        help="name of the scaled workload (default: the service name, made a Kubernetes name "
+        "when it is none)",
     )
     parser.add_argument(
         "--management-secret",
@@ -355,6 +410,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"proxymq keda: {exc}", file=sys.stderr)
         return 2
+    if spec.target_name is None and spec.name != spec.service:
+        print(
+            f"proxymq keda: note: {spec.service!r} is no Kubernetes name: the objects are named "
+            f"after {spec.name} and scale {spec.target_kind} {spec.name}; pass --name if yours "
+            "is named otherwise",
+            file=sys.stderr,
+        )
     if spec.max > spec.partitions:
         print(
             f"proxymq keda: note: --max {spec.max} exceeds {spec.partitions} partitions; each "
