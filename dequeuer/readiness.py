@@ -27,12 +27,7 @@ class Readiness:
         failures_to_pause: int = 3,
         on_change: Callable[[bool], None] = lambda _: None,
     ) -> None:
-        # A session of its own: in the calls' pool, a probe waited behind --concurrency busy
-        # calls until it timed out, and a busy microservice was taken for a dead one (paused,
-        # its calls delivered again and run twice).
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1), cookie_jar=aiohttp.DummyCookieJar()
-        )
+        self._session: aiohttp.ClientSession | None = None
         self.url = target.rstrip("/") + (path or "/")
         self.strict = path is not None
         self.timeout = timeout
@@ -41,6 +36,17 @@ class Readiness:
         self.on_change = on_change
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """A session of its own, made on first use: in the calls' pool a probe waited behind
+        --concurrency busy calls until it timed out, and a busy microservice was taken for a
+        dead one (paused, its calls delivered again and run twice)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1), cookie_jar=aiohttp.DummyCookieJar()
+            )
+        return self._session
 
     async def probe(self) -> bool:
         try:
@@ -84,4 +90,5 @@ class Readiness:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.session.close()
+        if self._session is not None:
+            await self._session.close()
