@@ -8,10 +8,11 @@ for are counted and dropped. Never a queue per request (4x slower, see docs/benc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, AbstractRobustQueue
 
 from shared import topology
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
@@ -19,6 +20,7 @@ from shared.errors import Backpressure, ServiceFailed
 
 log = logging.getLogger(__name__)
 REPLY_QUEUE_EXPIRES_MS = 60_000  # survives a reconnect, gone a minute after its enqueuer
+WATCH_INTERVAL = 2.0  # seconds between checks that the reply queue is there and consumed
 
 
 class ReplyWaiter:
@@ -27,6 +29,9 @@ class ReplyWaiter:
         self.capacity = capacity
         self._futures: dict[str, asyncio.Future[HttpResponse]] = {}
         self._on_late_reply = on_late_reply
+        self._queue: AbstractRobustQueue | None = None
+        self._consumer_tag: str | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._futures)
@@ -46,7 +51,31 @@ class ReplyWaiter:
         await topology.claim(
             queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
         )
-        await queue.consume(self._on_reply, no_ack=True)
+        self._queue = queue
+        self._consumer_tag = await queue.consume(self._on_reply, no_ack=True)
+        self._watch = asyncio.create_task(self._keep_consuming(), name="reply queue watch")
+
+    async def _keep_consuming(self) -> None:
+        """Declare the reply queue again, and consume it again, whenever it is gone. A
+        transient queue goes with its node, and when the cluster removed it only after the
+        enqueuer had reconnected and restored it elsewhere, the broker cancelled the restored
+        consumer and nothing declared the queue again: every reply after a node loss was
+        returned to its dequeuer and dropped, for good."""
+        assert self._queue is not None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await self._queue.declare()  # not passive: makes it again if it is gone
+                if not self._queue.declaration_result.consumer_count:
+                    log.warning(
+                        "reply queue %s had no consumer: consuming it again", self.queue_name
+                    )
+                    if self._consumer_tag is not None:  # out of aio-pika's restore list too
+                        with contextlib.suppress(Exception):
+                            await self._queue.cancel(self._consumer_tag)
+                    self._consumer_tag = await self._queue.consume(self._on_reply, no_ack=True)
+            except Exception as exc:  # a reconnect under way: the next turn looks again
+                log.debug("reply queue check failed: %s", exc)
 
     def expect(self, request_id: str) -> asyncio.Future[HttpResponse]:
         if len(self._futures) >= self.capacity:
@@ -73,6 +102,8 @@ class ReplyWaiter:
     async def stop(self, grace: float, error: Exception) -> None:
         """Give the replies awaited now `grace` seconds to come, then fail the rest with
         `error`."""
+        if self._watch is not None:
+            self._watch.cancel()
         if self._futures:
             await asyncio.wait(list(self._futures.values()), timeout=grace)
         for future in list(self._futures.values()):

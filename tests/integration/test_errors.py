@@ -19,7 +19,9 @@ import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection, HeadersType
+from aio_pika.robust_channel import RobustChannel
 
+from enqueuer.replies import ReplyWaiter
 from shared import envelope, topology
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
@@ -945,6 +947,39 @@ async def test_two_dequeuers_with_one_instance_id(
     await stack.dequeuer(service, target.url, "--instance-id", instance)
     async with http.get(f"{url}/{service}/echo/again") as response:
         assert response.status == 200
+
+
+async def test_a_reply_queue_lost_without_notice_comes_back(
+    amqp: AbstractRobustConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient reply queue goes with its node. In the cluster failover test the cluster
+    removed it after the enqueuer had restored it on another node, and no consumer cancel
+    reached the enqueuer (aio-pika recovers from one): every later reply was returned to its
+    dequeuer and dropped, every call got 504, for good. The waiter declares and consumes its
+    queue again. The lost notice is simulated by ignoring the broker's cancel."""
+    monkeypatch.setattr(RobustChannel, "_on_consumer_cancel", lambda self, frame: None)
+    monkeypatch.setattr("enqueuer.replies.WATCH_INTERVAL", 0.2, raising=False)
+    waiter = ReplyWaiter(f"lost-{uuid.uuid4().hex[:8]}", 10, lambda: None)
+    await waiter.start(amqp, linger=0)
+    channel = await amqp.channel(on_return_raises=True)
+    try:
+        await channel.queue_delete(waiter.queue_name)
+        future = waiter.expect("r-1")
+        reply = aio_pika.Message(b"back", correlation_id="r-1", headers={"x-proxymq-status": 200})
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await channel.default_exchange.publish(
+                        reply, routing_key=waiter.queue_name, mandatory=True
+                    )
+                    break
+                except aio_pika.exceptions.DeliveryError:
+                    await asyncio.sleep(0.1)  # not there yet
+            assert (await future).body == b"back"
+    finally:
+        await waiter.stop(0, RuntimeError("stopped"))
+        await channel.queue_delete(waiter.queue_name)
+        await channel.close()
 
 
 async def test_stopping_answers_the_callers_still_waiting(
