@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import logging
 import random
 import time
@@ -68,9 +69,26 @@ class RetryPolicy:
         kind = outcome.kind if isinstance(outcome, CallFailed) else str(outcome.status)
         return kind in self.retry_on
 
-    def delay(self, attempt: int) -> float:
-        """Exponential with full jitter in its upper half, so retries of many keys spread out."""
-        return float(min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+    def delay(self, attempt: int, outcome: HttpResponse | CallFailed | None = None) -> float:
+        """Exponential with full jitter in its upper half, so retries of many keys spread out;
+        at least what the answer's `Retry-After` asks (RFC 9110 10.2.3), up to the same cap."""
+        backoff = min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        asked = retry_after(outcome) if isinstance(outcome, HttpResponse) else None
+        return float(backoff if asked is None else max(backoff, min(MAX_BACKOFF, asked)))
+
+
+def retry_after(response: HttpResponse) -> float | None:
+    """The seconds a `Retry-After` header asks for: delay-seconds or an HTTP date."""
+    value = next((v for n, v in response.headers if n.lower() == "retry-after"), "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class Consumer:
@@ -311,7 +329,7 @@ class Consumer:
             if not retryable or attempt == self.policy.max_attempts:
                 break
             self.metrics.retries.labels(self.settings.service).inc()
-            delay = self.policy.delay(attempt)
+            delay = self.policy.delay(attempt, outcome)
             log.info("retrying in %.2f s after %s", delay, _describe(outcome))
             left = request.remaining()
             if left is not None and left <= delay:

@@ -66,7 +66,10 @@ class DequeuerSettings(SidecarSettings):
         "failure is dead-lettered (502 service_failed to the caller)",
     )
     retry_backoff_ms: int = Field(
-        200, ge=0, description="first retry delay; doubles per attempt, with jitter, up to 10 s"
+        200,
+        ge=0,
+        description="first retry delay; doubles per attempt, with jitter, up to 10 s; at "
+        "least what an answer's Retry-After asks (up to the same 10 s)",
     )
     retry_on: CommaList = Field(
         ["connect", "timeout", "502", "503", "504"],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
+
 import pytest
 
 from dequeuer import consumer
@@ -89,3 +92,32 @@ def test_real_jitter_stays_in_the_upper_half() -> None:
 
 def test_zero_backoff_retries_at_once() -> None:
     assert policy(backoff=0).delay(5) == 0.0
+
+
+def asking(value: str) -> HttpResponse:
+    return HttpResponse(503, (("Retry-After", value),), b"")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("2", 2.0), (" 7 ", 7.0), ("0", 0.0), ("soon", None), ("-1", None), ("1.5", None), ("", None)],
+)
+def test_retry_after_in_seconds(value: str, seconds: float | None) -> None:
+    assert consumer.retry_after(asking(value)) == seconds
+
+
+def test_retry_after_as_a_date() -> None:
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    asked = consumer.retry_after(asking(later))
+    assert asked is not None and 28 <= asked <= 30
+    assert consumer.retry_after(asking("Mon, 01 Jan 2001 00:00:00 GMT")) == 0.0
+
+
+def test_a_retry_waits_at_least_what_retry_after_asks() -> None:
+    """A 503 with `Retry-After: 2` was tried again 150 ms later."""
+    retry = policy(backoff=0.1)
+    assert retry.delay(1, asking("2")) == 2.0
+    assert retry.delay(1, asking("3600")) == MAX_BACKOFF  # the same cap as the backoff
+    assert 0.05 <= retry.delay(1, asking("soon")) <= 0.1
+    assert 0.05 <= retry.delay(1, CallFailed("connect", "refused")) <= 0.1
+    assert policy(backoff=8).delay(2, asking("1")) >= 5  # the backoff (5-10 s) when longer
