@@ -166,7 +166,7 @@ class DequeuerSettings(SidecarSettings):
     @classmethod
     def _target(cls, value: str) -> str:
         """Refused at start: a target without scheme or host was never ready, silently."""
-        check_url(value, ("http", "https"))
+        check_url(value, ("http", "https"), "a URL like http://HOST or https://HOST")
         return value
 
     @field_validator("batch_path", "ready_path")

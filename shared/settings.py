@@ -137,23 +137,36 @@ class SidecarSettings(CommandSettings):
     def _amqp_url(cls, value: str) -> str:
         """Refused at start: a URL aio-pika cannot use failed every reconnect, once a second,
         for ever (`foo://x`: `KeyError: 'foo'`)."""
-        for part in value.split(","):
-            check_url(part.strip(), ("amqp", "amqps"))
-        return value
+        return check_amqp_url(value)
 
 
-def check_url(value: str, schemes: tuple[str, ...]) -> URL:
-    """`value` as a URL of one of `schemes` with a host, or a ValueError saying what is wrong
-    (without the password)."""
+def check_amqp_url(value: str) -> str:
+    """One broker URL or a cluster's nodes, comma-separated, each amqp:// or amqps:// with a
+    host (the port may be left to the default); a ValueError says what is wrong."""
+    nodes = [node.strip() for node in value.split(",") if node.strip()]
+    if not nodes:
+        raise ValueError("the AMQP URL is empty")
+    for node in nodes:
+        check_url(node, ("amqp", "amqps"), "an AMQP URL (amqp://user:password@host:port/vhost)")
+    return value
+
+
+def check_url(value: str, schemes: tuple[str, ...], like: str) -> URL:
+    """`value` as a URL of one of `schemes` with a host, or a ValueError saying it is not
+    `like` that, its password hidden."""
     try:
         url = URL(value)
+        url.port  # noqa: B018  (an out-of-range port raises only when read)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"not a URL: {exc}") from None
-    shown = str(url.with_password("***")) if url.password else value
+        raise ValueError(f"{masked(value)!r} is not a URL: {exc}") from None
     if url.scheme not in schemes or not url.host:
-        wanted = " or ".join(f"{scheme}://HOST" for scheme in schemes)
-        raise ValueError(f"{shown!r} is not a URL like {wanted}")
+        raise ValueError(f"{masked(value)!r} is not {like}")
     return url
+
+
+def masked(url: str) -> str:
+    """A URL that may not parse, its password hidden all the same."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
 
 
 SettingsT = TypeVar("SettingsT", bound=CommandSettings)

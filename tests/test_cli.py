@@ -437,3 +437,10 @@ async def test_demo_without_a_broker_says_what_to_run() -> None:
     assert done.code == 1
     assert "does not answer" in done.stderr
     assert "make broker" in done.stderr
+
+
+def test_an_amqp_url_without_a_port_is_taken() -> None:
+    """The port defaults to 5672 (5671 for amqps), in the CLI as in the sidecars."""
+    for url in ("amqp://guest:guest@127.0.0.1/", "amqps://broker.example/vhost"):
+        args = build_parser().parse_args(["topology", "show", "--service", "s", "--amqp-url", url])
+        assert args.amqp_url == url

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Callable
 
-from yarl import URL
-
-from shared.broker import split_urls
-from shared.settings import DEFAULT_AMQP_URL
+from shared.settings import DEFAULT_AMQP_URL, check_amqp_url
 
 # The default of --amqp-url until parsing resolves it: the environment is read, and the URL
 # checked, only when the value is used, so that `--help` works whatever the environment holds.
@@ -41,28 +37,6 @@ def amqp_url(value: str) -> str:
         return check_amqp_url(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def check_amqp_url(value: str) -> str:
-    nodes = split_urls(value)
-    if not nodes:
-        raise ValueError("the AMQP URL is empty")
-    for node in nodes:
-        try:
-            parsed = URL(node)
-            port = parsed.port
-        except ValueError as exc:
-            raise ValueError(f"{masked(node)!r} is not a URL: {exc}") from None
-        if parsed.scheme not in ("amqp", "amqps") or not parsed.host or port is None:
-            raise ValueError(
-                f"{masked(node)!r} is not an AMQP URL (amqp://user:password@host:port/vhost)"
-            )
-    return value
-
-
-def masked(url: str) -> str:
-    """A URL that may not parse, its password hidden all the same."""
-    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
 
 
 def add_amqp_url(parser: argparse.ArgumentParser) -> None:

@@ -194,8 +194,8 @@ def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixt
         (["--target", "ftp://127.0.0.1:9"], "is not a URL like http://HOST or https://HOST"),
         (["--target", "http://"], "--target"),
         (["--ready-path", "ready"], "--ready-path: Value error, 'ready' must start with '/'"),
-        (["--amqp-url", "foo://x"], "'foo://x' is not a URL like amqp://HOST or amqps://HOST"),
-        (["--amqp-url", "amqp://u:secret@a/,nodes"], "'nodes' is not a URL like"),
+        (["--amqp-url", "foo://x"], "'foo://x' is not an AMQP URL"),
+        (["--amqp-url", "amqp://u:secret@a/,nodes"], "'nodes' is not an AMQP URL"),
         (
             ["--heartbeat-interval", "3", "--member-expiry", "1"],
             "less than two --heartbeat-interval (3 s); set it to at least 6",
@@ -212,3 +212,8 @@ def test_values_that_could_never_work_are_refused_at_start(
     err = capsys.readouterr().err
     assert says in err and "secret" not in err
     assert load(EnqueuerSettings, ["--amqp-url", "amqps://a:1/,amqp://b/"]).amqp_url
+
+
+def test_amqp_urls_without_a_port_are_taken() -> None:
+    url = "amqp://guest:guest@127.0.0.1/,amqps://other.example/vhost"
+    assert load(EnqueuerSettings, ["--amqp-url", url]).amqp_url == url
