@@ -111,7 +111,8 @@ class Consumer:
         self.policy = RetryPolicy(
             settings.max_attempts, settings.retry_backoff_ms / 1000, frozenset(settings.retry_on)
         )
-        self.lanes = Lanes(settings.concurrency)
+        self.lanes = Lanes()
+        self.slots = asyncio.Semaphore(settings.concurrency)  # calls to the microservice at once
         self._reply_channel: AbstractChannel | None = None
         self._gone_reply_queues: dict[str, float] = {}  # reply queue -> given up on at
 
@@ -187,10 +188,6 @@ class Consumer:
         try:
             if sub.releasing.is_set():
                 return  # not started: it goes back to its queue, first and in order
-            if request.sent_at is not None:
-                self.metrics.queue_wait.labels(self.settings.service).observe(
-                    max(0.0, time.time() - request.sent_at)
-                )
             deliveries = message.headers.get("x-delivery-count", 0)
             earlier = deliveries if isinstance(deliveries, int) else 0
             outcome, attempts = await self.call(request, sub.releasing, earlier)
@@ -289,9 +286,11 @@ class Consumer:
     ) -> tuple[Outcome, int]:
         """Call until an answer that is not retryable, the last attempt, or the deadline.
 
-        None means the deadline passed before a call; ABANDONED that the partition was given up
-        while waiting (for a retry, a paused microservice or an open breaker), so its next owner
-        goes on from there."""
+        A call holds one of the --concurrency slots only while it runs: a request waiting for
+        its retry, the breaker or a paused microservice leaves the slot to others, so failing
+        keys cannot keep healthy ones waiting. None means the deadline passed before a call;
+        ABANDONED that the partition was given up while waiting, so its next owner goes on
+        from there."""
         outcome: Outcome = None
         attempt = 0
         while attempt < self.policy.max_attempts:
@@ -300,30 +299,21 @@ class Consumer:
             probe = await self.breaker.wait_turn(abandon)
             if probe is None:
                 return ABANDONED, attempt
-            remaining = request.remaining()
-            if remaining is not None and remaining <= 0:
-                self.breaker.abandon_probe(probe)
-                return outcome, attempt
-            attempt += 1
-            timeout = (
-                self.settings.call_timeout
-                if remaining is None
-                else min(remaining, self.settings.call_timeout)
-            )
-            started = time.perf_counter()
             try:
-                outcome = await self.transport.send(
-                    self.with_context(request, timeout, attempt, earlier), timeout
-                )
-                label = status_class(outcome.status)
-            except CallFailed as failure:
-                outcome, label = failure, failure.kind
+                async with self.slots:
+                    remaining = request.remaining()
+                    if abandon.is_set() or (remaining is not None and remaining <= 0):
+                        self.breaker.abandon_probe(probe)
+                        return (ABANDONED if abandon.is_set() else outcome), attempt
+                    attempt += 1
+                    if attempt == 1 and request.sent_at is not None:
+                        self.metrics.queue_wait.labels(self.settings.service).observe(
+                            max(0.0, time.time() - request.sent_at)
+                        )
+                    outcome = await self.send(request, remaining, attempt, earlier)
             except BaseException:
                 self.breaker.abandon_probe(probe)
                 raise
-            self.metrics.forward_duration.labels(self.settings.service, label).observe(
-                time.perf_counter() - started
-            )
             retryable = self.policy.retryable(outcome)
             self.breaker.record(failed=retryable, probe=probe)
             if not retryable or attempt == self.policy.max_attempts:
@@ -337,6 +327,29 @@ class Consumer:
             if await _wait_for(abandon, None, timeout=delay):
                 return ABANDONED, attempt
         return outcome, attempt
+
+    async def send(
+        self, request: RequestEnvelope, remaining: float | None, attempt: int, earlier: int
+    ) -> HttpResponse | CallFailed:
+        """One call, within the caller's time left and --call-timeout."""
+        timeout = (
+            self.settings.call_timeout
+            if remaining is None
+            else min(remaining, self.settings.call_timeout)
+        )
+        started = time.perf_counter()
+        outcome: HttpResponse | CallFailed
+        try:
+            outcome = await self.transport.send(
+                self.with_context(request, timeout, attempt, earlier), timeout
+            )
+            label = status_class(outcome.status)
+        except CallFailed as failure:
+            outcome, label = failure, failure.kind
+        self.metrics.forward_duration.labels(self.settings.service, label).observe(
+            time.perf_counter() - started
+        )
+        return outcome
 
     def with_context(
         self, request: RequestEnvelope, budget: float, attempt: int = 1, earlier: int = 0

@@ -1,8 +1,9 @@
 """Per-key order with parallelism across keys.
 
 Each lane is a FIFO of jobs that share a key and run one after another; different lanes run at
-once, up to `concurrency` jobs in all. The three `--ordering` modes are the same mechanism with a
-different lane key: the partition key, the partition, or the request itself.
+once. The three `--ordering` modes are the same mechanism with a different lane key: the partition
+key, the partition, or the request itself. How many jobs exist is bounded by the partitions'
+prefetch; how many of them call the microservice at once is the consumer's `--concurrency`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ Job = Callable[[], Awaitable[None]]
 
 
 class Lanes:
-    def __init__(self, concurrency: int) -> None:
-        self._slots = asyncio.Semaphore(concurrency)
+    def __init__(self) -> None:
         self._lanes: dict[Hashable, deque[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -41,12 +41,10 @@ class Lanes:
         lane = self._lanes[key]
         try:
             while lane:
-                job = lane[0]
-                async with self._slots:
-                    try:
-                        await job()
-                    except Exception:
-                        log.exception("a job of lane %r failed", key)
+                try:
+                    await lane[0]()
+                except Exception:
+                    log.exception("a job of lane %r failed", key)
                 lane.popleft()
         finally:
             del self._lanes[key]

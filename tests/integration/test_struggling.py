@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
+import aio_pika
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from shared import topology
 from tests.conftest import Stack, metric
@@ -222,3 +224,63 @@ async def test_queue_depth_is_a_metric(
             )
             await asyncio.sleep(0.5)
     assert 1 <= depth <= 12
+
+
+async def partitions_of(
+    amqp: AbstractRobustConnection, layout: topology.Topology, keys: list[str]
+) -> dict[str, int]:
+    """Where RabbitMQ's consistent hash puts each key: a probe message each, read back."""
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(layout.service)
+    for key in keys:
+        await exchange.publish(aio_pika.Message(key.encode()), routing_key=key)
+    placed: dict[str, int] = {}
+    all_read = asyncio.Event()
+
+    def reader(index: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def read(probe: AbstractIncomingMessage) -> None:
+            placed[probe.body.decode()] = index
+            if len(placed) == len(keys):
+                all_read.set()
+
+        return read
+
+    for index, name in enumerate(layout.queues):
+        await (await channel.get_queue(name)).consume(reader(index), no_ack=True)
+    await asyncio.wait_for(all_read.wait(), 10)
+    await channel.close()
+    assert sorted(placed) == sorted(keys)
+    return placed
+
+
+async def test_failing_keys_do_not_hold_up_healthy_ones(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """Two keys that fail, each retried after 1-4 s, and --concurrency 2: the healthy key's
+    request is answered while they wait for their retries, not after they were dead-lettered
+    (the waits used to keep both calling slots)."""
+    layout = topology.Topology(service, partitions=2)
+    await topology.declare(amqp, layout)
+    placed = await partitions_of(amqp, layout, [f"key-{i}" for i in range(40)])
+    failing = [next(k for k, p in placed.items() if p == index) for index in (0, 1)]
+    await stack.dequeuer(
+        service, target.url, "--partitions", "2", "--concurrency", "2",
+        "--max-attempts", "3", "--retry-backoff-ms", "2000",
+    )  # fmt: skip
+    _, url = await stack.enqueuer()
+
+    async def call(path: str, key: str) -> int:
+        async with http.get(f"{url}/{service}{path}", headers={"X-Partition-Key": key}) as r:
+            return r.status
+
+    failures = [asyncio.create_task(call("/status/503", key)) for key in failing]
+    while len(target.seen) < 2:  # both failing keys made their first call
+        await asyncio.sleep(0.05)
+    assert await call("/echo/healthy", "healthy") == 200
+    assert not any(task.done() for task in failures)
+    assert await asyncio.gather(*failures) == [502, 502]
+    assert sorted(seen.path for seen in target.seen) == ["/echo/healthy"] + ["/status/503"] * 6

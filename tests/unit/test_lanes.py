@@ -1,4 +1,4 @@
-"""Per-key order with parallelism across keys, under one concurrency limit.
+"""Per-key order with parallelism across keys.
 
 Jobs block on events the test opens; progress is observed after yielding to the loop, never by
 measuring time.
@@ -57,7 +57,7 @@ class Probe:
 
 @pytest.fixture
 async def lanes() -> AsyncIterator[Lanes]:
-    made = Lanes(concurrency=3)
+    made = Lanes()
     yield made
     await made.cancel()
 
@@ -82,7 +82,7 @@ async def test_same_key_runs_one_at_a_time_in_submission_order(lanes: Lanes) -> 
 
 
 async def test_different_keys_run_in_parallel() -> None:
-    lanes = Lanes(concurrency=10)
+    lanes = Lanes()
     probe = Probe()
     submit_all(lanes, probe, [(f"key-{i}", f"j{i}") for i in range(4)])
     await settle()
@@ -90,26 +90,6 @@ async def test_different_keys_run_in_parallel() -> None:
     probe.open()
     assert await lanes.drain(timeout=5)
     assert sorted(probe.finished) == ["j0", "j1", "j2", "j3"]
-
-
-async def test_concurrency_limit_is_never_exceeded(lanes: Lanes) -> None:
-    probe = Probe()
-    names = [f"j{i}" for i in range(7)]
-    submit_all(lanes, probe, [(f"key-{i}", name) for i, name in enumerate(names)])
-    await settle()
-    assert probe.running == 3
-    assert len(probe.started) == 3
-
-    probe.open(probe.started[0])
-    await settle()
-    assert probe.running == 3
-    assert len(probe.started) == 4
-    assert len(probe.finished) == 1
-
-    probe.open()
-    assert await lanes.drain(timeout=5)
-    assert sorted(probe.finished) == sorted(names)
-    assert probe.peak == 3
 
 
 async def test_keys_interleave_but_each_keeps_its_order(lanes: Lanes) -> None:
@@ -129,7 +109,6 @@ async def test_keys_interleave_but_each_keeps_its_order(lanes: Lanes) -> None:
         started = [name for name in probe.started if name.startswith(prefix)]
         assert started == sorted(started)
     assert len(probe.finished) == 6
-    assert probe.peak <= 3
 
 
 async def test_failing_job_does_not_stop_its_lane(
@@ -177,7 +156,7 @@ async def test_busy_counts_running_and_queued_jobs(lanes: Lanes) -> None:
     assert lanes.busy == 4
     await settle()
     assert lanes.busy == 4
-    assert probe.running == 2
+    assert probe.running == 2  # a0 and b0; a1 and a2 queue behind a0
     probe.open("a0")
     await settle()
     assert lanes.busy == 3
@@ -187,7 +166,7 @@ async def test_busy_counts_running_and_queued_jobs(lanes: Lanes) -> None:
 
 
 async def test_cancel_stops_running_jobs() -> None:
-    lanes = Lanes(concurrency=2)
+    lanes = Lanes()
     probe = Probe()
     submit_all(lanes, probe, [("a", "a0"), ("b", "b0")])
     await settle()
@@ -198,7 +177,7 @@ async def test_cancel_stops_running_jobs() -> None:
 
 
 async def test_cancel_before_start_leaves_no_lane() -> None:
-    lanes = Lanes(concurrency=2)
+    lanes = Lanes()
     probe = Probe()
     lanes.submit("k", probe.job("never"))
     await lanes.cancel()
