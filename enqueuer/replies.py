@@ -87,7 +87,7 @@ class ReplyWaiter:
         future.add_done_callback(lambda _: self._futures.pop(request_id, None))
         return future
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._futures.get(message.correlation_id or "")
         if future is None or future.done():
             self._on_late_reply()

@@ -96,11 +96,9 @@ class RpcClient:
         replies = await connection.channel()
         await replies.set_qos(prefetch_count=0)
         self._reply_queue = await replies.declare_queue(exclusive=True, auto_delete=True)
-        # A plain function, as the enqueuer's reply waiter uses: aio-pika calls it with
-        # call_soon instead of creating a task per reply.
-        await self._reply_queue.consume(self._on_reply, no_ack=True)  # type: ignore[arg-type]
+        await self._reply_queue.consume(self._on_reply, no_ack=True)
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._futures.get(message.correlation_id or "")
         if future is not None and not future.done():
             future.set_result(message.body)
