@@ -44,6 +44,7 @@ DEFAULT_MAX = 10
 MANAGEMENT_SECRET = "proxymq-rabbitmq-management"
 MANAGEMENT_SECRET_KEY = "host"
 MAX_STABILIZATION_WINDOW = 3600  # the HPA refuses a longer scale-down window
+INT32_MAX = 2**31 - 1  # the ScaledObject's counts and periods are 32-bit integers
 # Object names and label values; KEDA also labels its HPA with the ScaledObject's name.
 NAME_LIMIT = 63
 SECRET_NAME_LIMIT = 253
@@ -103,6 +104,21 @@ class Scaling:
             raise ValueError(
                 f"--partitions {self.partitions}: KEDA reads one page of the management API's "
                 f"queue list, at most {PAGE_SIZE} queues, so at most {PAGE_SIZE} partitions"
+            )
+        too_large = [
+            f"{flag} {value}"
+            for flag, value in (
+                ("--min", self.min_replicas),
+                ("--max", self.max),
+                ("--cooldown", self.cooldown),
+                ("--polling-interval", self.polling_interval),
+            )
+            if value > INT32_MAX
+        ]
+        if too_large:
+            raise ValueError(
+                f"{', '.join(too_large)}: the ScaledObject holds at most {INT32_MAX} "
+                "(a 32-bit integer); Kubernetes would refuse it"
             )
         if self.min_replicas < 0 or self.max < max(1, self.min_replicas):
             raise ValueError(

@@ -175,3 +175,17 @@ def test_a_scale_down_window_the_hpa_refuses_is_a_usage_error() -> None:
     longer = run("--service", "x", "--scale-down-window", "3601")
     assert longer.returncode == 2
     assert "3600" in longer.stderr
+
+
+@pytest.mark.parametrize("flag", ["--min", "--max", "--cooldown", "--polling-interval"])
+def test_a_count_over_32_bits_is_a_usage_error(flag: str) -> None:
+    """Kubernetes refuses the whole ScaledObject when one of these is over 2**31 - 1."""
+    limit = str(2**31 - 1)
+    args = ["--min", "0"] if flag == "--max" else ["--max", limit]
+    assert run("--service", "x", *args, flag, limit).returncode == 0
+    refused = run("--service", "x", *args, flag, str(2**31))
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"proxymq keda: {flag} {2**31}: the ScaledObject holds at most {limit} (a 32-bit "
+        "integer); Kubernetes would refuse it\n"
+    )
