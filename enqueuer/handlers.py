@@ -18,7 +18,7 @@ from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from enqueuer.responses import PassThroughResponse
 from enqueuer.results import ResultStore
-from enqueuer.settings import EnqueuerSettings
+from enqueuer.settings import MAX_TIMEOUT, EnqueuerSettings
 from shared import envelope, logs, partition_key, tracing
 from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope
 from shared.errors import (
@@ -39,8 +39,6 @@ OWN_PATHS = "/_proxymq"
 REQUESTS_PATH = OWN_PATHS + "/requests/"
 # A blocked broker (memory alarm) must not hold a caller forever.
 PUBLISH_TIMEOUT = 10.0
-# An asynchronous request may wait a month; "inf" would not fit the message's deadline header.
-MAX_TIMEOUT = 30 * 86400.0
 
 
 @dataclass

@@ -6,6 +6,10 @@ from pydantic import Field
 
 from shared.settings import ByteSize, CommaList, SidecarSettings
 
+# The longest deadline, of --timeout and X-Request-Timeout alike: an asynchronous request may
+# wait a month, and `inf` (or 1e300 s) does not fit the message's deadline header.
+MAX_TIMEOUT = 30 * 86400.0
+
 
 class EnqueuerSettings(SidecarSettings):
     """Sidecar next to an API: takes HTTP calls to /{service}/{path}, publishes them to the
@@ -52,7 +56,9 @@ class EnqueuerSettings(SidecarSettings):
     timeout: float = Field(
         30.0,
         gt=0,
-        description="longest a caller waits, in seconds; X-Request-Timeout may ask for less",
+        le=MAX_TIMEOUT,  # a deadline must fit the message's header
+        description="longest a caller waits, in seconds (at most 30 days); X-Request-Timeout "
+        "may ask for less",
     )
     max_body: ByteSize = Field(
         1024 * 1024,

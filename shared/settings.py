@@ -98,6 +98,8 @@ class CommandSettings(BaseSettings):
         cli_hide_none_type=True,
         cli_avoid_json=True,
         extra="ignore",
+        # `inf` is no duration: an infinite --timeout failed every call with a plain 500.
+        allow_inf_nan=False,
     )
     prog: ClassVar[str] = "proxymq"
     summary: ClassVar[str] = ""

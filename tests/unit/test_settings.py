@@ -190,6 +190,24 @@ def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
+        (["--timeout", "inf"], "--timeout: Input should be a finite number"),
+        (["--timeout", "1e300"], "--timeout: Input should be less than or equal to 2592000"),
+        (["--breaker-reset", "inf"], "--breaker-reset: Input should be a finite number"),
+    ],
+)
+def test_durations_beyond_any_deadline_are_refused_at_start(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--timeout inf` or `1e300` was taken, and every call without X-Request-Timeout got
+    aiohttp's plain 500 (its deadline did not fit the message's header); an infinite
+    `--breaker-reset` made the 503 of an open breaker a 500 (its Retry-After)."""
+    assert exit_code(EnqueuerSettings, argv) == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
         (["--target", "127.0.0.1:9"], "--target: Value error, '127.0.0.1:9' is not a URL like"),
         (["--target", "ftp://127.0.0.1:9"], "is not a URL like http://HOST or https://HOST"),
         (["--target", "http://"], "--target"),
