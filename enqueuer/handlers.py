@@ -228,9 +228,12 @@ async def publish(
 
 
 def expire_at(future: asyncio.Future[HttpResponse], deadline: float | None) -> None:
+    """Cancel the future at the deadline. The timer goes once it is done: left, it held the
+    answer (its body) until the deadline, up to 30 days, past --max-result-bytes."""
     if deadline is not None:
         loop = asyncio.get_running_loop()
-        loop.call_at(loop.time() + max(0.0, deadline - time.time()), future.cancel)
+        timer = loop.call_at(loop.time() + max(0.0, deadline - time.time()), future.cancel)
+        future.add_done_callback(lambda _: timer.cancel())
 
 
 def accept(
