@@ -97,13 +97,16 @@ def _record(
 ) -> str:
     """Count and log one request's outcome; its id, which a repeated Idempotency-Key or a
     poll may have changed to the request it names."""
-    metrics = request.app[ENQUEUER].metrics
+    enqueuer = request.app[ENQUEUER]
+    metrics = enqueuer.metrics
     elapsed = time.perf_counter() - started
     service = request.get("service")
     if service is None and request.path.startswith(OWN_PATHS):
         label = OWN_PATHS_LABEL  # polls: never another count of the service's outcomes
-    else:
-        label = service if service and outcome != "unknown_service" else UNKNOWN_SERVICE
+    elif service and outcome != "unknown_service" and enqueuer.publisher.exists(service):
+        label = service
+    else:  # a name refused before it was looked up (400, 413, 429) may be made up
+        label = UNKNOWN_SERVICE
     metrics.requests.labels(label, outcome).inc()
     if service and response is not None and response.status != 202:
         metrics.duration.labels(label).observe(elapsed)

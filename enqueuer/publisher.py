@@ -118,6 +118,12 @@ class Publisher:
                 "(proxymq-dequeuer --service NAME) or declare it (proxymq topology declare)"
             )
 
+    def exists(self, service: str) -> bool:
+        """Whether the service was found on the broker: only then may it name a metrics label,
+        since callers choose the names."""
+        verdict = self._exchanges.get(service)
+        return verdict is not None and verdict[0]
+
     async def _lookup(self, service: str) -> bool:
         try:
             topology.check_service_name(service)
