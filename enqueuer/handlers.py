@@ -124,7 +124,14 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     idempotency_key = request.headers.get("Idempotency-Key")
     first = enqueuer.idempotency.get(service, idempotency_key) if idempotency_key else None
     if first is not None:
-        await first.wait_published()
+        try:  # the first's publish may take PUBLISH_TIMEOUT: this caller's deadline comes first
+            async with asyncio.timeout(_remaining(deadline, PUBLISH_TIMEOUT)):
+                await first.wait_published()
+        except TimeoutError:
+            raise GatewayTimeout(
+                "the deadline passed while RabbitMQ had not yet confirmed the first request "
+                "with this Idempotency-Key"
+            ) from None
         request["request_id"] = request_id = first.request_id
         future = first.future
     else:

@@ -9,10 +9,12 @@ import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from yarl import URL
 
 from shared import topology
 from tests.conftest import Stack, metric
 from tests.integration.test_async import poll
+from tests.reliability.proxy import FaultyProxy
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -164,6 +166,31 @@ async def test_repeats_of_a_refused_first_are_refused_too(
     assert retried == (200, "")
     paths = ["/echo/fill"] * filled.count(202) + ["/echo/pay"]
     assert [seen.path for seen in target.seen] == paths
+
+
+async def test_a_repeat_waits_for_its_first_no_longer_than_its_own_deadline(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """While RabbitMQ does not confirm the first request with a key (a silent broker), a
+    repeat with `X-Request-Timeout: 1` waited for the first's publish to give up, 10 s, and
+    got its 503: it now gets its 504 at its own deadline, as a request without the key does."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        await stack.dequeuer(service, target.url)
+        _, url = await stack.enqueuer(env={"PROXYMQ_AMQP_URL": proxy.url})
+        async with http.get(f"{url}/{service}/echo/warm") as warm:
+            assert warm.status == 200
+        assert proxy.blackhole() >= 1
+        key = {"Idempotency-Key": "stuck"}
+        first = asyncio.create_task(http.get(f"{url}/{service}/echo/first", headers=key))
+        await asyncio.sleep(1)  # the first is publishing (for up to 10 s)
+        repeat = await http.get(
+            f"{url}/{service}/echo/first", headers=key | {"X-Request-Timeout": "1"}
+        )
+        assert (repeat.status, repeat.headers["X-ProxyMQ-Error"]) == (504, "timeout")
+        assert (await first).status == 503
+    finally:
+        await proxy.stop()
 
 
 async def test_retry_after_timeout_sends_again(
