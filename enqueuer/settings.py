@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from shared.settings import ByteSize, CommaList, SidecarSettings
 
@@ -115,3 +115,12 @@ class EnqueuerSettings(SidecarSettings):
         description="name of this enqueuer (reply queue proxymq.replies.ID), one per "
         "enqueuer: a second one with the same id stops at startup; default: a random id",
     )
+
+    @field_validator("instance_id")
+    @classmethod
+    def _fits_a_queue_name(cls, value: str | None) -> str | None:
+        """A queue name is at most 255 bytes: a longer id stopped the enqueuer with a traceback
+        (`Max length exceeded for queue`) once it was already listening."""
+        if value is not None and len(f"proxymq.replies.{value}".encode()) > 255:
+            raise ValueError("at most 239 bytes: it names the reply queue proxymq.replies.ID")
+        return value

@@ -193,14 +193,16 @@ def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixt
         (["--timeout", "inf"], "--timeout: Input should be a finite number"),
         (["--timeout", "1e300"], "--timeout: Input should be less than or equal to 2592000"),
         (["--breaker-reset", "inf"], "--breaker-reset: Input should be a finite number"),
+        (["--instance-id", "x" * 240], "--instance-id: Value error, at most 239 bytes"),
     ],
 )
-def test_durations_beyond_any_deadline_are_refused_at_start(
+def test_values_that_fail_the_enqueuer_later_are_refused_at_start(
     argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--timeout inf` or `1e300` was taken, and every call without X-Request-Timeout got
     aiohttp's plain 500 (its deadline did not fit the message's header); an infinite
-    `--breaker-reset` made the 503 of an open breaker a 500 (its Retry-After)."""
+    `--breaker-reset` made the 503 of an open breaker a 500 (its Retry-After); an
+    `--instance-id` too long for a queue name stopped the enqueuer with a traceback."""
     assert exit_code(EnqueuerSettings, argv) == 2
     assert says in capsys.readouterr().err
 
