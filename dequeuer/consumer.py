@@ -135,7 +135,11 @@ class Consumer:
         partition = sub.queue
         try:
             request = envelope.decode_request(
-                message.headers, message.body, message.correlation_id, message.reply_to
+                message.headers,
+                message.body,
+                message.correlation_id,
+                message.reply_to,
+                message.routing_key,
             )
         except MalformedMessage as exc:
             await self.dead_letter(

@@ -209,9 +209,16 @@ def encode_request(envelope: RequestEnvelope) -> Outgoing:
 
 
 def decode_request(
-    headers: Mapping[str, object], body: bytes, correlation_id: str | None, reply_to: str | None
+    headers: Mapping[str, object],
+    body: bytes,
+    correlation_id: str | None,
+    reply_to: str | None,
+    routing_key: str | None = None,
 ) -> RequestEnvelope:
     """Validate everything a dequeuer relies on; a message from any AMQP client may be wrong.
+
+    The partition key is `x-proxymq-partition-key`, else the routing key: the format makes the
+    routing key the key, so a client that sends no such header still has its keys' order kept.
 
     Its hop-by-hop headers are dropped here too: sent on, a `Content-Length: 999` on a 2-byte
     body, or `Transfer-Encoding` beside the length the client computes, breaks the framing of
@@ -256,7 +263,7 @@ def decode_request(
         if isinstance(key, bytes)
         else key
         if isinstance(key, str)
-        else None,
+        else routing_key,
         deadline=None if deadline is None else deadline / 1000,
         reply_to=reply_to,
         sent_at=sent_at / 1000 if isinstance(sent_at, int) else None,

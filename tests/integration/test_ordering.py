@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from shared import topology
+from shared import envelope, topology
 from tests.conftest import Stack
 from tests.target import Target
 
@@ -71,3 +72,31 @@ async def test_ordering_none_runs_a_key_in_parallel(
     await send_keyed(http, f"{url}/{service}", sleep=0.05)
     await wait_all(target, KEYS * PER_KEY)
     assert target.max_in_flight_per_key > 1
+
+
+async def test_a_foreign_publishers_routing_key_is_its_partition_key(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """message-format.md: the routing key is the partition key, `x-proxymq-partition-key` is
+    only kept for replays. A client that sends no such header still gets one at a time per key;
+    its requests of one key used to run side by side, out of order."""
+    await topology.declare(amqp, topology.Topology(service, 2))
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(service)
+    for seq in range(PER_KEY):
+        await exchange.publish(
+            aio_pika.Message(
+                b"",
+                headers={envelope.H_PATH: f"/keyed/k/{seq}", envelope.H_QUERY: "sleep=0.05"},
+                correlation_id=f"r{seq}",
+            ),
+            routing_key="k",
+        )
+    await stack.dequeuer(service, target.url, "--partitions", "2")
+    await wait_all(target, PER_KEY)
+    assert target.order["k"] == list(range(PER_KEY))
+    assert target.max_in_flight_per_key == 1
+    await channel.close()
