@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import aiormq
 from aio_pika.abc import (
@@ -491,7 +492,7 @@ class Consumer:
         """Copy the request to `S.dlq` with why it failed, then ack the original: a broker-side
         reject could not carry the reason."""
         assert self._reply_channel is not None
-        headers = dict(message.headers)
+        headers: dict[str, Any] = envelope.writable(dict(message.headers))
         headers.update(
             {
                 envelope.H_DEAD_REASON: reason[:1000],

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel, HeadersType
@@ -247,7 +247,7 @@ def decode_request(
     deadline = headers.get(H_DEADLINE)
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int)):
         raise MalformedMessage(f"{H_DEADLINE} must be milliseconds since the epoch")
-    key = headers.get(H_KEY)
+    key = _str_or_none(headers.get(H_KEY))  # not UTF-8, it is `bytes`: no reason to refuse
     sent_at = headers.get(H_SENT_AT)
     return RequestEnvelope(
         request_id=correlation_id,
@@ -259,11 +259,7 @@ def decode_request(
             headers=end_to_end(_pairs(headers.get(H_HEADERS))),
             body=body,
         ),
-        partition_key=key.decode()
-        if isinstance(key, bytes)
-        else key
-        if isinstance(key, str)
-        else routing_key,
+        partition_key=routing_key if key is None else key,
         deadline=None if deadline is None else deadline / 1000,
         reply_to=reply_to,
         sent_at=sent_at / 1000 if isinstance(sent_at, int) else None,
@@ -297,6 +293,18 @@ def decode_response(headers: Mapping[str, object], body: bytes) -> HttpResponse:
         error=_str_or_none(error),
         error_message=_str_or_none(message),
     )
+
+
+def writable(value: Any) -> Any:
+    """A header string that is not UTF-8 arrives as `bytes`, which pamqp cannot write: sent back
+    (a dead letter's copy, a replay) as a byte array (`x`), it keeps every byte."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {k: writable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [writable(v) for v in value]
+    return value
 
 
 def valid_header(name: str, value: str) -> bool:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import aio_pika
 from aio_pika.abc import AbstractMessage, HeadersType
@@ -263,7 +263,7 @@ def replay_of(letter: DeadLetter, *, keep_deadline: bool) -> tuple[aio_pika.Mess
 def _rebuild(message: AbstractMessage, headers: HeadersType) -> aio_pika.Message:
     return aio_pika.Message(
         message.body,
-        headers=_writable(headers),
+        headers=envelope.writable(headers),
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -277,18 +277,6 @@ def _rebuild(message: AbstractMessage, headers: HeadersType) -> aio_pika.Message
         user_id=message.user_id,
         app_id=message.app_id,
     )
-
-
-def _writable(value: Any) -> Any:
-    """A header string that is not UTF-8 arrives as `bytes`, which pamqp cannot write: sent back
-    as a byte array (`x`), it keeps every byte."""
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, dict):
-        return {k: _writable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_writable(v) for v in value]
-    return value
 
 
 def properties(message: AbstractMessage) -> dict[str, object]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aio_pika
 import aiohttp
+import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractRobustConnection, HeadersType
 from aio_pika.robust_channel import RobustChannel
@@ -1044,3 +1045,55 @@ async def test_delete_removes_a_partial_layout(
     await topology.delete(amqp, layout)
     assert [q for q in layout.queues if await topology.queue_exists(amqp, q)] == []
     assert not await topology.exchange_exists(amqp, service)
+
+
+async def test_header_strings_that_are_no_utf8(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another AMQP client may send a string header whose bytes are no UTF-8 (pamqp reads it as
+    `bytes`). As the partition key it raised in the dequeuer before anything was decided, and
+    as any header of a request to dead-letter it made the copy unwritable: either way the
+    request stayed held on a live channel for good, never answered, never dead-lettered."""
+
+    def raw_strings(value: object) -> bytes:
+        if isinstance(value, bytes):  # pamqp writes no `bytes`; other clients do, as `S`
+            return b"S" + len(value).to_bytes(4, "big") + value
+        return encode_table_value(value)  # type: ignore[arg-type]
+
+    encode_table_value = pamqp.encode.encode_table_value
+    monkeypatch.setattr(pamqp.encode, "encode_table_value", raw_strings)
+    await stack.dequeuer(service, target.url)
+    channel = await amqp.channel(publisher_confirms=True)
+    replies = await channel.declare_queue(exclusive=True)
+    exchange = await channel.get_exchange(service)
+    requests: list[tuple[str, dict[str, object]]] = [
+        ("keyed", {envelope.H_PATH: "/echo", envelope.H_KEY: b"\xff"}),
+        ("malformed", {envelope.H_PATH: "no-slash", "x-note": b"caf\xe9"}),
+    ]
+    for correlation_id, headers in requests:
+        message = aio_pika.Message(
+            b"x",
+            headers=headers,  # type: ignore[arg-type]
+            correlation_id=correlation_id,
+            reply_to=replies.name,
+        )
+        await exchange.publish(message, routing_key="k")
+    async with asyncio.timeout(10):
+        while (reply := await replies.get(fail=False)) is None:
+            await asyncio.sleep(0.1)
+    await reply.ack()
+    assert reply.correlation_id == "keyed"
+    assert envelope.decode_response(reply.headers, reply.body).status == 200
+    dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
+    async with asyncio.timeout(10):
+        while (dead := await dlq.get(fail=False)) is None:
+            await asyncio.sleep(0.1)
+    await dead.ack()
+    assert dead.correlation_id == "malformed"
+    assert "does not start" in str(dead.headers[envelope.H_DEAD_REASON])
+    assert bytes(dead.headers["x-note"]) == b"caf\xe9"  # type: ignore[arg-type]
+    await channel.close()
