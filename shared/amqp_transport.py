@@ -1,4 +1,5 @@
-"""AMQP frames written in one pass of the event loop leave in one send.
+"""AMQP frames written in one pass of the event loop leave in one send; frames read with text
+that is no UTF-8 do not end the connection.
 
 aiormq writes every frame (a publish, an ack) with its own `write`, and the event loop sends each
 at once: a syscall per frame, and a TCP segment per frame for RabbitMQ to read. Under load a
@@ -17,9 +18,11 @@ buffer, and recovered the same way
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import Any
 
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
+from pamqp import common, decode
 from yarl import URL
 
 
@@ -67,3 +70,41 @@ class CoalescingTransportFactory(TransportFactory):
         inner = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
         reader, writer = await inner.create(url, **kwargs)
         return reader, CoalescingWriter(writer)  # type: ignore[return-value]
+
+
+def _short_str(value: bytes) -> tuple[int, str]:
+    """pamqp's `short_str`, with bytes that are no UTF-8 read as replacement characters."""
+    try:
+        length = common.Struct.byte.unpack(value[0:1])[0]
+    except (struct.error, TypeError) as err:
+        raise ValueError("Could not unpack short string value") from err
+    return length + 1, value[1 : length + 1].decode("utf-8", "replace")
+
+
+def _field_table(value: bytes) -> tuple[int, common.FieldTable]:
+    """pamqp's `field_table`, with keys that are no UTF-8 read as replacement characters."""
+    try:
+        length = common.Struct.integer.unpack(value[0:4])[0]
+        offset, end = 4, 4 + length
+        if end > len(value):
+            raise ValueError("Field table length exceeds available data")
+        data: common.FieldTable = {}
+        while offset < end:
+            size, key = _short_str(value[offset:end])
+            if offset + size > end:
+                raise ValueError("Field table key length exceeds data")
+            consumed, data[key] = decode.embedded_value(value[offset + size :])
+            offset += size + consumed
+        return end, data
+    except (struct.error, TypeError) as err:
+        raise ValueError("Could not unpack data") from err
+
+
+def read_text_leniently() -> None:
+    """Make pamqp read AMQP short strings (a message's correlation_id, message_id, reply_to, a
+    routing key) and header names that are no UTF-8, as long strings already are. Strict, one
+    message from another client with such bytes raised in aiormq's frame reader, which closed
+    the sidecar's whole connection, again at each redelivery: no partition was served until the
+    broker dead-lettered the message, with those held beside it, at the delivery limit."""
+    decode.METHODS["shortstr"] = _short_str
+    decode.METHODS["table"] = decode.TABLE_MAPPING[b"F"] = _field_table

@@ -17,11 +17,12 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.connection import make_url
 from yarl import URL
 
-from shared.amqp_transport import CoalescingTransportFactory
+from shared.amqp_transport import CoalescingTransportFactory, read_text_leniently
 from shared.errors import BrokerUnavailable
 from shared.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
+read_text_leniently()
 OnConnect = Callable[[AbstractRobustConnection], Awaitable[None]]
 # A connection attempt that gets no AMQP answer by then (a frozen node, a black-holed route:
 # the TCP connect succeeds, nothing comes back) is given up, and the next address tried. Without

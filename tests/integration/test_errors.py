@@ -1097,3 +1097,52 @@ async def test_header_strings_that_are_no_utf8(
     assert "does not start" in str(dead.headers[envelope.H_DEAD_REASON])
     assert bytes(dead.headers["x-note"]) == b"caf\xe9"  # type: ignore[arg-type]
     await channel.close()
+
+
+async def test_a_property_that_is_no_utf8(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another AMQP client may send a short string (correlation_id, message_id, a header's
+    name) whose bytes are no UTF-8. pamqp's strict decoding raised in aiormq's frame reader,
+    which closed the dequeuer's whole connection, again at every redelivery: no partition of
+    the service was served until the broker dead-lettered the message (and the others held
+    with it) at the delivery limit. Now the strings are read with replacement characters."""
+
+    def raw(value: str) -> bytes:
+        if value.startswith("raw:"):  # pamqp writes only UTF-8; other clients write bytes
+            data = bytes.fromhex(value[4:])
+            return len(data).to_bytes(1, "big") + data
+        return short_string(value)
+
+    short_string = pamqp.encode.METHODS["shortstr"]
+    monkeypatch.setitem(pamqp.encode.METHODS, "shortstr", raw)
+    await stack.dequeuer(service, target.url)
+    channel = await amqp.channel(publisher_confirms=True)
+    replies = await channel.declare_queue(exclusive=True)
+    exchange = await channel.get_exchange(service)
+    for correlation_id in ("raw:ff62616431", "good"):  # "\xffbad1", then a request behind it
+        message = aio_pika.Message(
+            b"x",
+            headers={envelope.H_PATH: "/echo"},
+            correlation_id=correlation_id,
+            message_id="raw:ff",
+            reply_to=replies.name,
+        )
+        await exchange.publish(message, routing_key="k")
+    answered: set[str | None] = set()
+    async with asyncio.timeout(10):
+        while len(answered) < 2:
+            reply = await replies.get(fail=False)
+            if reply is None:
+                await asyncio.sleep(0.1)
+                continue
+            await reply.ack()
+            assert envelope.decode_response(reply.headers, reply.body).status == 200
+            answered.add(reply.correlation_id)
+    assert answered == {"\ufffdbad1", "good"}
+    assert "InvalidFrameError" not in stack.log_text()
+    await channel.close()
