@@ -102,6 +102,13 @@ class HttpTransport:
                 skip_auto_headers=_SKIP_AUTO,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
+                if not 200 <= response.status <= 599:
+                    # aiohttp takes any three digits, and a 101 as the answer; the caller's
+                    # side could only refuse such a reply, and the request would be in no DLQ.
+                    response.close()
+                    raise CallFailed(
+                        "bad_answer", f"status {response.status} is no final HTTP status"
+                    )
                 body = await self._read(response)
                 headers = end_to_end(response.headers.items())
                 length = response.headers.get("Content-Length")

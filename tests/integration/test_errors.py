@@ -552,6 +552,36 @@ async def test_an_answer_that_is_not_http_is_dead_lettered(
         assert response.status == 200
 
 
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 600 Beyond", b"HTTP/1.1 099 Below", b"HTTP/1.1 101 Switching Protocols"],
+)
+async def test_an_answer_without_a_final_status_is_dead_lettered(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    status_line: bytes,
+) -> None:
+    """HTTP's final statuses are 200 to 599; aiohttp's client takes any three digits (and a
+    101 as an answer). Carried back, such a status became the caller's 502 `service_failed`
+    ("the reply could not be read") while the dequeuer counted the request as replied: it was
+    in no dead-letter queue, and no log said what the microservice had done. Now it is a
+    `bad_answer`, dead-lettered at once."""
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
+    _, url = await stack.enqueuer()
+    good = target.raw_response
+    target.raw_response = status_line + b"\r\nContent-Length: 2\r\n\r\nok"
+    async with http.get(f"{url}/{service}/odd", headers={"X-Request-Timeout": "10"}) as response:
+        assert "bad_answer" in await expect_error(response, 502, "service_failed")
+    [dead] = await dead_letters(amqp, service)
+    assert "no final HTTP status" in str(dead[envelope.H_DEAD_REASON])
+    target.raw_response = good
+    async with http.get(f"{url}/{service}/after") as response:
+        assert response.status == 200
+
+
 async def test_an_answers_headers_over_frame_max(
     stack: Stack,
     service: str,
