@@ -79,9 +79,10 @@ class RetryPolicy:
 
 
 def retry_after(response: HttpResponse) -> float | None:
-    """The seconds a `Retry-After` header asks for: delay-seconds or an HTTP date."""
+    """The seconds a `Retry-After` header asks for: delay-seconds (ASCII digits: `isdigit` also
+    takes a "²", which `float` refuses) or an HTTP date."""
     value = next((v for n, v in response.headers if n.lower() == "retry-after"), "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

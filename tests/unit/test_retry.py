@@ -100,7 +100,18 @@ def asking(value: str) -> HttpResponse:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("2", 2.0), (" 7 ", 7.0), ("0", 0.0), ("soon", None), ("-1", None), ("1.5", None), ("", None)],
+    [
+        ("2", 2.0),
+        (" 7 ", 7.0),
+        ("0", 0.0),
+        ("soon", None),
+        ("-1", None),
+        ("1.5", None),
+        ("", None),
+        # Digits that are no ASCII: "²" raised ValueError, and the 503 was rejected, not retried.
+        ("²", None),
+        ("١٢", None),
+    ],
 )
 def test_retry_after_in_seconds(value: str, seconds: float | None) -> None:
     assert consumer.retry_after(asking(value)) == seconds
