@@ -321,7 +321,10 @@ class Consumer:
                 self.breaker.abandon_probe(probe)
                 raise
             retryable = self.policy.retryable(outcome)
-            self.breaker.record(failed=retryable, probe=probe)
+            if retryable and self._cut_short(outcome, remaining):
+                self.breaker.abandon_probe(probe)
+            else:
+                self.breaker.record(failed=retryable, probe=probe)
             if not retryable or attempt == self.policy.max_attempts:
                 break
             self.metrics.retries.labels(self.settings.service).inc()
@@ -333,6 +336,17 @@ class Consumer:
             if await _wait_for(abandon, None, timeout=delay):
                 return ABANDONED, attempt
         return outcome, attempt
+
+    def _cut_short(self, outcome: HttpResponse | CallFailed, remaining: float | None) -> bool:
+        """A timeout of a call that its caller's deadline cut below --call-timeout says how
+        patient that caller was, not that the microservice failed: counted, five callers with
+        `X-Request-Timeout: 0.3` opened the breaker and every request waited --breaker-reset."""
+        return (
+            isinstance(outcome, CallFailed)
+            and outcome.kind == "timeout"
+            and remaining is not None
+            and remaining < self.settings.call_timeout
+        )
 
     async def send(
         self, request: RequestEnvelope, remaining: float | None, attempt: int, earlier: int

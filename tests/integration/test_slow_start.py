@@ -102,3 +102,30 @@ async def test_a_busy_microservice_is_not_taken_for_a_dead_one(
     await asyncio.sleep(0.5)
     assert [s.path for s in target.seen if s.path.startswith("/delay")] == ["/delay/2.5"] * 2
     assert "stopped answering" not in stack.log_text()
+
+
+async def test_callers_short_deadlines_do_not_open_the_breaker(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A call cut short by its caller's own deadline says nothing about the microservice. It
+    was counted as a timeout of the microservice: five callers with `X-Request-Timeout: 0.3`
+    to a call that takes a second opened the breaker, and every caller's request waited
+    --breaker-reset (10 s) in RabbitMQ."""
+    dequeuer = await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    hurried = [
+        http.get(
+            f"{url}/{service}/delay/1",
+            headers={"X-Partition-Key": f"k{i}", "X-Request-Timeout": "0.3"},
+        )
+        for i in range(5)
+    ]
+    assert [r.status for r in await asyncio.gather(*hurried)] == [504] * 5
+    labels = {"outcome": "dead_lettered"}
+    async with asyncio.timeout(10):
+        while await metric(http, admin, "proxymq_dequeuer_messages_total", labels) < 5:
+            await asyncio.sleep(0.1)
+    assert await metric(http, admin, "proxymq_dequeuer_breaker_open") == 0
+    async with http.get(f"{url}/{service}/echo/after", headers={"X-Request-Timeout": "5"}) as r:
+        assert r.status == 200
