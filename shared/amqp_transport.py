@@ -90,11 +90,13 @@ def _field_table(value: bytes) -> tuple[int, common.FieldTable]:
             raise ValueError("Field table length exceeds available data")
         data: common.FieldTable = {}
         while offset < end:
-            size, key = _short_str(value[offset:end])
-            if offset + size > end:
+            key_length = common.Struct.byte.unpack_from(value, offset)[0]
+            offset += 1
+            if offset + key_length > end:
                 raise ValueError("Field table key length exceeds data")
-            consumed, data[key] = decode.embedded_value(value[offset + size :])
-            offset += size + consumed
+            key = value[offset : offset + key_length].decode("utf-8", "replace")
+            consumed, data[key] = decode.embedded_value(value[offset + key_length :])
+            offset += key_length + consumed
         return end, data
     except (struct.error, TypeError) as err:
         raise ValueError("Could not unpack data") from err
