@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind
 from yarl import URL
 
 from shared import tracing
-from shared.envelope import HttpRequest, HttpResponse, end_to_end
+from shared.envelope import Headers, HttpRequest, HttpResponse, end_to_end
 
 FRAME_MAX = 128 * 1024  # RabbitMQ's default frame_max
 FailureKind = Literal["connect", "timeout", "too_large", "bad_answer"]
@@ -33,6 +33,13 @@ def traced(request: HttpRequest) -> HttpRequest:
     ]
     headers = tuple(kept + list(carrier.items()))
     return HttpRequest(request.method, request.path, request.query, headers, request.body)
+
+
+def one_spelling(headers: Headers) -> list[tuple[str, str]]:
+    """Repeats of a name go under its first spelling: aiohttp's client keeps only the last of
+    a name spelled two ways (`X-Tag: a` then `x-tag: b` was sent as `x-tag: b` alone)."""
+    first: dict[str, str] = {}
+    return [(first.setdefault(name.lower(), name), value) for name, value in headers]
 
 
 class CallFailed(Exception):
@@ -96,7 +103,7 @@ class HttpTransport:
             async with self.session.request(
                 request.method,
                 url,
-                headers=list(request.headers),
+                headers=one_spelling(request.headers),
                 data=request.body or None,
                 allow_redirects=False,
                 skip_auto_headers=_SKIP_AUTO,

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import gzip
 import json
+from dataclasses import dataclass
 
 import aio_pika
 import aiohttp
@@ -380,3 +381,55 @@ async def test_the_microservice_is_told_its_calls_budget(
     budgets = {s.path: float(dict(s.headers)["X-Request-Timeout"]) for s in target.seen}
     assert budgets["/echo/a"] == 2.0 and budgets["/echo/c"] == 2.0
     assert 0.5 < budgets["/echo/b"] < 1.0
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+async def raw_call(
+    method: str, url: str, headers: list[tuple[str, str]], body: bytes = b""
+) -> Answer:
+    """One HTTP/1.1 exchange written byte for byte, the target exactly as in `url`: aiohttp's
+    client would merge a name spelled two ways itself. The connection closes after the
+    answer, so its body ends there."""
+    address, _, path = url.removeprefix("http://").partition("/")
+    host, port = address.split(":")
+    target = "/" + path
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+    async with asyncio.timeout(20):
+        data = await reader.read()
+    writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode().split("\r\n")
+    pairs = [(name, value.strip()) for name, _, value in (f.partition(":") for f in fields)]
+    if any(n.lower() == "transfer-encoding" for n, _ in pairs):
+        body_out = b""
+        while (size := int(rest.split(b"\r\n", 1)[0], 16)) > 0:
+            chunk = rest.split(b"\r\n", 1)[1]
+            body_out, rest = body_out + chunk[:size], chunk[size + 2 :]
+        rest = body_out
+    return Answer(int(status_line.split()[1]), pairs, rest)
+
+
+def values(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for n, v in headers if n.lower() == name.lower()]
+
+
+async def test_a_name_repeated_in_another_case_keeps_every_value(pair: str, target: Target) -> None:
+    """Header names are case-insensitive: `X-Tag: a`, `x-tag: b`, `X-TAG: c` are three values
+    of one header. aiohttp's client kept only the last of a name spelled two ways, so the
+    microservice saw `X-TAG: c` alone."""
+    sent = [("X-Tag", "a"), ("x-tag", "b"), ("X-TAG", "c"), ("x-tag", "d")]
+    answer = await raw_call("GET", f"{pair}/echo/tag", sent)
+    assert answer.status == 200
+    [seen] = target.seen
+    assert values(seen.headers, "x-tag") == ["a", "b", "c", "d"]
