@@ -78,6 +78,9 @@ class HttpTransport:
             # large cookie or policy header as no HTTP at all.
             max_line_size=FRAME_MAX,
             max_field_size=FRAME_MAX,
+            # So is any number of them that fits (each takes over 8 bytes of the frame): past
+            # aiohttp's 128, an answer clearing 150 cookies was no HTTP, and its caller got 502.
+            max_headers=FRAME_MAX // 8,
         )
 
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:

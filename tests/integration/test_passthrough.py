@@ -433,3 +433,18 @@ async def test_a_name_repeated_in_another_case_keeps_every_value(pair: str, targ
     assert answer.status == 200
     [seen] = target.seen
     assert values(seen.headers, "x-tag") == ["a", "b", "c", "d"]
+
+
+async def test_an_answer_with_many_headers_passes(
+    stack: Stack, service: str, target: Target
+) -> None:
+    """An answer may carry more than 128 headers (here 150 cookies cleared at logout), as long
+    as they fit in the reply's AMQP frame. The dequeuer's client refused more than 128 as no
+    HTTP: the request was dead-lettered and its caller got 502 `service_failed`."""
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
+    _, url = await stack.enqueuer()
+    cookies = "".join(f"Set-Cookie: c{i}=; Max-Age=0\r\n" for i in range(150))
+    target.raw_response = f"HTTP/1.1 200 OK\r\n{cookies}Content-Length: 3\r\n\r\nbye".encode()
+    answer = await raw_call("GET", f"{url}/{service}/logout", [])
+    assert (answer.status, answer.body) == (200, b"bye")
+    assert values(answer.headers, "Set-Cookie") == [f"c{i}=; Max-Age=0" for i in range(150)]
