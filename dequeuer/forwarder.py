@@ -15,6 +15,7 @@ from shared import tracing
 from shared.envelope import Headers, HttpRequest, HttpResponse, end_to_end
 
 FRAME_MAX = 128 * 1024  # RabbitMQ's default frame_max
+MAX_ANSWER_HEADERS = 1024
 FailureKind = Literal["connect", "timeout", "too_large", "bad_answer"]
 # aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -78,9 +79,10 @@ class HttpTransport:
             # large cookie or policy header as no HTTP at all.
             max_line_size=FRAME_MAX,
             max_field_size=FRAME_MAX,
-            # So is any number of them that fits (each takes over 8 bytes of the frame): past
-            # aiohttp's 128, an answer clearing 150 cookies was no HTTP, and its caller got 502.
-            max_headers=FRAME_MAX // 8,
+            # And up to 1,024 of them: past aiohttp's 128, an answer clearing 150 cookies was
+            # no HTTP, and its caller got 502. Not more: nothing bounds their total size before
+            # the reply's frame check, and each may be a 128 KiB line.
+            max_headers=MAX_ANSWER_HEADERS,
         )
 
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:

@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractRobustConnection
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from dequeuer.forwarder import MAX_ANSWER_HEADERS
 from shared import envelope
 from tests.conftest import Stack, foreign_replier, reply_headers
 from tests.target import Target
@@ -449,8 +450,8 @@ async def test_a_name_repeated_in_another_case_keeps_every_value(pair: str, targ
 async def test_an_answer_with_many_headers_passes(
     stack: Stack, service: str, target: Target
 ) -> None:
-    """An answer may carry more than 128 headers (here 150 cookies cleared at logout), as long
-    as they fit in the reply's AMQP frame. The dequeuer's client refused more than 128 as no
+    """An answer may carry more than 128 headers (here 150 cookies cleared at logout), up to
+    1,024. The dequeuer's client refused more than 128 as no
     HTTP: the request was dead-lettered and its caller got 502 `service_failed`."""
     await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
     _, url = await stack.enqueuer()
@@ -459,6 +460,10 @@ async def test_an_answer_with_many_headers_passes(
     answer = await raw_call("GET", f"{url}/{service}/logout", [])
     assert (answer.status, answer.body) == (200, b"bye")
     assert values(answer.headers, "Set-Cookie") == [f"c{i}=; Max-Age=0" for i in range(150)]
+    many = "".join(f"X-H{i}: v\r\n" for i in range(MAX_ANSWER_HEADERS + 1))
+    target.raw_response = f"HTTP/1.1 200 OK\r\n{many}Content-Length: 0\r\n\r\n".encode()
+    refused = await raw_call("GET", f"{url}/{service}/too-many", [])
+    assert refused.status == 502  # the bound that keeps a broken answer's memory in check
 
 
 # The differential check: the same request sent to the microservice directly and through the
