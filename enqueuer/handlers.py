@@ -93,6 +93,24 @@ def wants_async(request: web.Request) -> bool:
     )
 
 
+def without_respond_async(headers: envelope.Headers) -> envelope.Headers:
+    """The enqueuer honours `respond-async` itself; passed on, a microservice that honours it
+    too answered 202 with a `Location` of its own, and that 202 became the polled result. The
+    other preferences (`return=minimal`, say) are the microservice's."""
+    kept = []
+    for name, value in headers:
+        if name.lower() == "prefer":
+            value = ", ".join(
+                part.strip()
+                for part in value.split(",")
+                if part.split(";")[0].strip().lower() not in ("respond-async", "")
+            )
+            if not value:
+                continue
+        kept.append((name, value))
+    return tuple(kept)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
@@ -136,13 +154,10 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         future = first.future
     else:
         request_id = request["request_id"]
-        http = HttpRequest(
-            request.method,
-            path,
-            query,
-            enqueuer.guard.forwarded(envelope.end_to_end(request.headers.items())),
-            body,
-        )
+        headers = enqueuer.guard.forwarded(envelope.end_to_end(request.headers.items()))
+        if asynchronous:
+            headers = without_respond_async(headers)
+        http = HttpRequest(request.method, path, query, headers, body)
         future = enqueuer.replies.expect(request_id)
         entry: First | None = None
         if idempotency_key:  # before publishing, so that concurrent repeats find it and wait
@@ -251,7 +266,9 @@ def accept(
         enqueuer.results.add(request_id)
         enqueuer.metrics.accepted_async.labels(service).inc()
         future.add_done_callback(partial(_store, enqueuer, request_id, service))
-    return pending(request_id)
+    accepted = pending(request_id)
+    accepted.headers["Preference-Applied"] = "respond-async"  # RFC 7240
+    return accepted
 
 
 def _store(

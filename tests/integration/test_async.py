@@ -58,6 +58,36 @@ async def test_accepted_now_answered_later(
     assert again.status == 200  # kept for --result-ttl, not consumed by the first read
 
 
+@pytest.mark.parametrize(
+    ("prefer", "passed_on"),
+    [
+        (["respond-async"], []),
+        (["respond-async, return=minimal"], ["return=minimal"]),
+        (["return=minimal; x=1", "RESPOND-ASYNC; wait=5"], ["return=minimal; x=1"]),
+    ],
+)
+async def test_the_microservice_is_not_asked_to_respond_async(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    prefer: list[str],
+    passed_on: list[str],
+) -> None:
+    """The enqueuer honours `respond-async` (and says so); a microservice asked too could
+    answer its own 202, which would become the polled result. Other preferences pass on."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    headers = [("Prefer", value) for value in prefer]
+    async with http.get(f"{url}/{service}/echo", headers=headers) as response:
+        assert response.status == 202
+        assert response.headers["Preference-Applied"] == "respond-async"
+        location = response.headers["Location"]
+    assert (await poll(http, url + location)).status == 200
+    seen = [v for n, v in target.seen[0].headers if n.lower() == "prefer"]
+    assert seen == passed_on
+
+
 async def test_async_deadline(
     stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
 ) -> None:
