@@ -13,7 +13,7 @@ was answered (or retried and settled).
 How a failed batch call reaches each caller, as if each had made a single call:
 
     no connection, answer cut short     -> CallFailed("connect", ...)     retried by default
-    no answer within the batch timeout  -> CallFailed("timeout", ...)     retried by default
+    no answer within the item's timeout -> CallFailed("timeout", ...)     retried by default
     answer too large, or not valid HTTP -> CallFailed("too_large" or      never retried
                                            "bad_answer", ...)
     batch answered 5xx                  -> that HttpResponse, per item    503 retried, 500 not
@@ -58,6 +58,7 @@ class _Item:
     deadline: float
     future: asyncio.Future[HttpResponse]
     batch: _Batch | None = None
+    expiry: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -72,7 +73,8 @@ class BatchingTransport:
     """Gathers `send()` calls into batches of up to `size`, flushed on size or after `wait` s.
 
     Every item's future is settled exactly once, whatever happens to its batch (an answer, a
-    failure, a cancellation, `close()`): a caller never waits past its own timeout plus `wait`.
+    failure, a cancellation, `close()`, its own timeout): a caller waits at most its own
+    timeout, and the timeout of another caller of its batch never cuts that short.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class BatchingTransport:
             raise CallFailed("connect", "the dequeuer is stopping: no more batch calls")
         loop = asyncio.get_running_loop()
         item = _Item(request, loop.time() + timeout, loop.create_future())
+        item.expiry = loop.call_at(item.deadline, self._expire, item)
         item.future.add_done_callback(lambda _: self._forget(item))
         self._pending.append(item)
         if len(self._pending) >= self.size:
@@ -123,17 +126,30 @@ class BatchingTransport:
             self._timer = loop.call_later(self.wait, self._flush)
         return await item.future
 
+    def _expire(self, item: _Item) -> None:
+        """The item's own timeout ends its wait, not its batch: the batch call goes on for the
+        others. (With the batch's timeout the smallest of its items', one caller's
+        `X-Request-Timeout: 1` timed out every item of its batch: they were retried and run
+        twice, and their timeouts counted against the breaker.)"""
+        _settle(item, CallFailed("timeout", f"no answer from {self.path} within its timeout"))
+        self._cancel_if_unwanted(item.batch)
+
     def _forget(self, item: _Item) -> None:
-        """A caller that gave up (cancelled) leaves its batch; a batch in flight that nobody
-        waits for any more is cancelled, so no call outlives all of its callers."""
-        if not item.future.cancelled():
-            return
-        if item in self._pending:
+        """A caller that gave up (cancelled or expired) leaves its batch; a batch in flight that
+        nobody waits for any more is cancelled, so no call outlives all of its callers."""
+        if item.expiry is not None:
+            item.expiry.cancel()
+        if item in self._pending:  # cancelled or expired before its batch was sent
             self._pending.remove(item)
             if not self._pending and self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-        batch = item.batch
+        if item.future.cancelled():
+            self._cancel_if_unwanted(item.batch)
+
+    @staticmethod
+    def _cancel_if_unwanted(batch: _Batch | None) -> None:
+        """Cancel a batch call in flight once none of its callers waits for it."""
         if (
             batch is not None
             and batch.task is not None
@@ -181,7 +197,8 @@ class BatchingTransport:
                 _settle(item, CallFailed("timeout", "no time left when its batch was sent"))
         if not live:
             return
-        timeout = min(item.deadline for item in live) - now
+        # Each item stops waiting at its own deadline (`_expire`); the call serves the last one.
+        timeout = max(item.deadline for item in live) - now
         if self.on_batch is not None:
             self.on_batch(len(live))
         batch = HttpRequest(

@@ -74,7 +74,8 @@ async def test_url_fetcher_answers_batches(
 @dataclass
 class BatchTarget:
     """A microservice implementing the batch protocol in a few lines: items `/keyed/KEY/SEQ`
-    record their arrival per key, `/flaky/N` fail N times per request with 503, `/fail` always."""
+    record their arrival per key, `/flaky/N` fail N times per request with 503, `/fail` always;
+    a batch holding a `/slow/...` item takes 2 s."""
 
     port: int = field(default_factory=free_port)
     batches: list[list[str]] = field(default_factory=list)
@@ -88,7 +89,8 @@ class BatchTarget:
     async def handle(self, request: web.Request) -> web.Response:
         items = await request.json()
         self.batches.append([item["path"] for item in items])
-        await asyncio.sleep(0.01)
+        slow = any(str(item["path"]).startswith("/slow/") for item in items)
+        await asyncio.sleep(2 if slow else 0.01)
         return web.json_response([self.answer(item) for item in items])
 
     def answer(self, item: dict[str, Any]) -> dict[str, object]:
@@ -198,3 +200,28 @@ async def test_a_failing_item_is_retried_or_dead_lettered_alone(
         await metric(http, admin, "proxymq_dequeuer_messages_total", {"outcome": "dead_lettered"})
         == 1
     )
+
+
+async def test_a_short_deadline_does_not_cut_its_batch_short(
+    stack: Stack, service: str, batch_target: BatchTarget, http: aiohttp.ClientSession
+) -> None:
+    """One caller willing to wait 1 s must not time out the others of its batch: they were
+    retried, so run twice by the microservice, and answered seconds later."""
+    await stack.dequeuer(service, batch_target.url, "--batch-size", "5", "--batch-wait-ms", "5000")
+    _, url = await stack.enqueuer()
+
+    async def call(i: int, timeout: str) -> tuple[int, str, str]:
+        async with http.post(
+            f"{url}/{service}/slow/{i}",
+            headers={"X-Partition-Key": f"k{i}", "X-Request-Timeout": timeout},
+        ) as response:
+            return response.status, response.headers["X-Correlation-ID"], await response.text()
+
+    async with asyncio.timeout(30):
+        answers = await asyncio.gather(call(0, "1"), *(call(i, "20") for i in range(1, 5)))
+    assert answers[0][0] == 504  # the impatient caller: its own deadline
+    for status, request_id, body in answers[1:]:
+        assert status == 200, body
+        assert json.loads(body)["attempt"] == 1
+        assert batch_target.attempts[request_id] == 1
+    assert [len(batch) for batch in batch_target.batches] == [5]

@@ -276,13 +276,52 @@ def test_decoding_is_lenient_only_where_documented() -> None:
     assert only == {"method": "GET", "path": "/", "query": "", "headers": [], "body": ""}
 
 
-async def test_the_batch_timeout_is_the_smallest_remaining(inner: FakeInner) -> None:
+async def test_the_batch_timeout_is_the_largest_remaining(inner: FakeInner) -> None:
     transport = batcher(inner, size=3)
     await asyncio.gather(
         transport.send(req("/a"), 5.0), transport.send(req("/b"), 2.0), transport.send(req("/c"), 9)
     )
     ((_, timeout),) = inner.calls
-    assert 1.9 < timeout <= 2.0
+    assert 8.9 < timeout <= 9.0
+
+
+async def test_each_item_times_out_alone(inner: FakeInner) -> None:
+    """An impatient caller gives up at its own timeout; the others of its batch get their
+    answers from the same call, not a timeout (and a retry, running them twice)."""
+    release = asyncio.Event()
+
+    async def slow(items: list[dict[str, object]]) -> HttpResponse:
+        await release.wait()
+        return await echo_paths(items)
+
+    inner.answer = slow
+    transport = batcher(inner, size=3)
+    short = asyncio.ensure_future(transport.send(req("/short"), 0.05))
+    others = asyncio.gather(transport.send(req("/a"), 5), transport.send(req("/b"), 5))
+    with pytest.raises(CallFailed) as caught:
+        async with asyncio.timeout(2):  # the fake ignores the call's timeout
+            await short
+    assert caught.value.kind == "timeout"
+    release.set()
+    assert [answer.body for answer in await others] == [b"/a", b"/b"]
+    assert inner.sizes == [3]
+    assert inner.cancelled == 0
+
+
+async def test_a_batch_whose_items_all_timed_out_is_cancelled(inner: FakeInner) -> None:
+    async def never(items: list[dict[str, object]]) -> HttpResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    inner.answer = never  # the fake ignores the call's timeout: only the items' own end it
+    transport = batcher(inner, size=2)
+    calls = [transport.send(req("/a"), 0.05), transport.send(req("/b"), 0.1)]
+    async with asyncio.timeout(2):
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert [o.kind for o in outcomes if isinstance(o, CallFailed)] == ["timeout", "timeout"]
+    await asyncio.sleep(0)
+    assert inner.cancelled == 1
+    assert transport.in_flight == 0
 
 
 async def test_time_spent_waiting_for_the_batch_counts(inner: FakeInner) -> None:
