@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import os
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -595,6 +597,43 @@ async def test_url_fetcher_batch_dispatches_to_its_own_routes(
     assert payload(answers[2])["error"]["code"] == "method_not_allowed"  # type: ignore[index]
     assert payload(answers[3])["error"]["code"] == "bad_request"  # type: ignore[index]
     assert "base64" in payload(answers[4])["error"]["message"]  # type: ignore[index]
+
+
+COMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress,
+    "deflate": zlib.compress,
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(COMPRESS))
+async def test_url_fetcher_decompresses_an_item_as_a_plain_request(
+    fetcher: tuple[TestClient[web.Request, web.Application], str], encoding: str
+) -> None:
+    """The dequeuer forwards a body as the caller sent it, compressed or not: a plain request's
+    body aiohttp decompresses, and a batched one's must be too (it was answered 400 not JSON).
+    Past --max-body once decompressed, both are 413."""
+    client, site = fetcher
+    compress = COMPRESS[encoding]
+    body = compress(json.dumps({"url": f"{site}/page"}).encode())
+    bomb = compress(b" " * (2 * 1024 * 1024))
+    headers = {"Content-Encoding": encoding}
+    plain = []
+    for data in (body, bomb):
+        async with client.post("/fetch", data=data, headers=headers) as response:
+            plain.append((response.status, await response.json()))
+    items = [
+        envelope("POST", "/fetch", data, headers=[["Content-Encoding", encoding]])
+        for data in (body, bomb, b"not compressed")
+    ]
+    async with client.post("/batch", json=items) as response:
+        answers = await response.json()
+    batched = [(a["status"], payload(a)) for a in answers]
+    assert plain[0][0] == 200
+    assert batched[0][0] == 200, batched[0]
+    assert batched[0][1]["title"] == plain[0][1]["title"] == "Café au lait"  # type: ignore[index]
+    assert batched[1] == plain[1] == (413, plain[1][1])
+    assert batched[2][0] == 400
+    assert encoding in payload(answers[2])["error"]["message"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
