@@ -225,3 +225,27 @@ async def test_a_short_deadline_does_not_cut_its_batch_short(
         assert json.loads(body)["attempt"] == 1
         assert batch_target.attempts[request_id] == 1
     assert [len(batch) for batch in batch_target.batches] == [5]
+
+
+async def test_a_header_byte_that_is_no_utf8_is_left_out_as_in_a_plain_call(
+    stack: Stack, service: str
+) -> None:
+    """A latin-1 `é` in a caller's header is left out of a plain call (docs/reliability.md,
+    known gaps); batched, it went into the batch's JSON as a lone surrogate (`\\udce9`), which no
+    strict JSON reader takes, and url-fetcher answered that request 500 with a traceback."""
+    port = free_port()
+    await stack.start("url-fetcher", "--port", str(port), ready_path="/healthz", admin_port=port)
+    await stack.dequeuer(service, f"http://127.0.0.1:{port}", *BATCH)
+    _, url = await stack.enqueuer()
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(
+        f"GET /{service}/healthz HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"X-Note: caf\xe9\r\nConnection: close\r\n\r\n"
+    )
+    async with asyncio.timeout(20):
+        answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"200", answer
+    assert rest.partition(b"\r\n\r\n")[2] == b'{"status": "ok"}'
+    assert "Traceback" not in stack.log_text()

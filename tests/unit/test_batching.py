@@ -278,6 +278,16 @@ def test_decoding_is_lenient_only_where_documented() -> None:
     assert only == {"method": "GET", "path": "/", "query": "", "headers": [], "body": ""}
 
 
+def test_a_header_byte_that_is_no_utf8_is_left_out() -> None:
+    """aiohttp keeps such a byte (a latin-1 `é`) as a lone surrogate and leaves it out of a plain
+    call; in a batch's JSON it was a `\\udce9` escape, which strict JSON readers refuse and
+    url-fetcher answered 500."""
+    body = encode_batch([HttpRequest("GET", "/", "", (("X-Note", "caf\udce9"),), b"")])
+    assert b"\\ud" not in body
+    (only,) = json.loads(body)
+    assert only["headers"] == [["X-Note", "caf"]]
+
+
 async def test_the_batch_timeout_is_the_largest_remaining(inner: FakeInner) -> None:
     transport = batcher(inner, size=3)
     await asyncio.gather(
