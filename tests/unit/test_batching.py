@@ -655,6 +655,7 @@ async def test_url_fetcher_decompresses_an_item_as_a_plain_request(
         {"method": "GET", "path": "/healthz?x=1"},
         {"method": "GET", "path": "/batch"},
         {"method": "GET", "path": "/healthz", "headers": [["X", "a\nb"]]},
+        {"method": "GET", "path": "/healthz", "headers": [["X", "caf\udce9"]]},  # was a 500
         {"method": "GET", "path": "/healthz", "headers": [["X"]]},
         {"method": "GET", "path": "/healthz", "query": 3},
     ],

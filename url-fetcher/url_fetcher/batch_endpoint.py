@@ -40,7 +40,8 @@ log = logging.getLogger("url_fetcher")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Control characters, and lone surrogates (JSON's `"\udce9"`), which no header can be written with.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 _NOT_IN_PATH = re.compile(r"[\x00-\x20\x7f?#]")
 _NOT_IN_QUERY = re.compile(r"[\x00-\x20\x7f#]")
 
