@@ -54,6 +54,33 @@ def test_body_is_decoded_with_the_response_charset(charset: str, encoded: bytes)
     assert extract_title(encoded, charset) == encoded.decode(charset)[7:-8]
 
 
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '<meta charset="windows-1251">',
+        "<META CHARSET=windows-1251 />",
+        "<meta http-equiv='Content-Type' content='text/html; charset=windows-1251'>",
+    ],
+)
+def test_without_a_response_charset_the_pages_meta_charset_is_used(meta: str) -> None:
+    """Pages in legacy encodings often declare theirs in a <meta> only: their titles came out
+    as U+FFFD, decoded as UTF-8."""
+    body = f"<html><head>{meta}<title>\u041f\u0440\u0438\u0432\u0435\u0442</title>".encode("cp1251")
+    assert extract_title(body) == "\u041f\u0440\u0438\u0432\u0435\u0442"
+    scanner = TitleScanner()
+    for i in range(len(body)):  # arriving a byte at a time
+        scanner.feed(body[i : i + 1])
+    assert scanner.title() == "\u041f\u0440\u0438\u0432\u0435\u0442"
+    assert extract_title(body.replace(b"windows-1251", b"utf-16")) == "\ufffd" * 6
+    past_1024 = b"<!--" + b"x" * 1024 + b"-->" + body  # browsers look no further either
+    assert extract_title(past_1024) == "\ufffd" * 6
+
+
+def test_the_response_charset_wins_over_the_meta() -> None:
+    body = '<meta charset="windows-1251"><title>Caf\u00e9</title>'.encode()
+    assert extract_title(body, "utf-8") == "Caf\u00e9"
+
+
 @pytest.mark.parametrize("charset", ["no-such-charset", "base64", "rot13", "idna", None])
 def test_unknown_or_non_text_charsets_fall_back_to_utf8(charset: str | None) -> None:
     assert extract_title("<title>Caf\u00e9</title>".encode(), charset) == "Caf\u00e9"
@@ -90,7 +117,7 @@ def test_multibyte_characters_split_across_chunks_survive() -> None:
 
 
 def test_scanner_stops_parsing_at_body() -> None:
-    scanner = TitleScanner()
+    scanner = TitleScanner("utf-8")  # without, the first 1024 bytes wait for a <meta charset>
     scanner.feed(b"<html><head></head><body>")
     assert scanner.done
     scanner.feed(b"<title>late</title>")

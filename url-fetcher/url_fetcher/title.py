@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import re
 from html.parser import HTMLParser
 
 MAX_TITLE_CHARS = 300
@@ -16,6 +17,10 @@ _MAX_RAW_TITLE_CHARS = 16 * MAX_TITLE_CHARS
 # HTMLParser re-scans the incomplete construct it holds (`rawdata`) on every feed, and its
 # close() takes time cubic in it on CPython 3.11 (13 ms for 1 KiB of "<x ", 2.7 s for 16 KiB).
 _SMALL_PENDING = 1024
+# Where a page without a charset in its Content-Type declares one: a <meta charset> or
+# http-equiv Content-Type in its first 1024 bytes (the HTML standard's prescan looks that far).
+_PRESCAN_BYTES = 1024
+_META_CHARSET = re.compile(rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([\w.:-]+)""", re.I)
 
 
 class _TitleParser(HTMLParser):
@@ -51,13 +56,16 @@ class _TitleParser(HTMLParser):
 class TitleScanner:
     """Feed body chunks as they arrive; stops parsing once the title is known.
 
-    Bytes are decoded with the response charset (UTF-8 if absent or unknown, bad bytes replaced),
-    incrementally, so multi-byte characters split across chunks survive. Only the first
+    Bytes are decoded with the response charset, else the one a `<meta>` in the first 1024 bytes
+    declares (UTF-8 if neither or unknown, bad bytes replaced), incrementally, so multi-byte
+    characters split across chunks survive. Only the first
     `MAX_HEAD_CHARS` of text are searched, so a crafted page costs the parser time linear in that.
     """
 
     def __init__(self, charset: str | None = None) -> None:
-        self._decoder = _text_decoder(charset)
+        # Without a response charset, the first bytes wait for `_prescan` to find the page's.
+        self._decoder = _text_decoder(charset) if charset else None
+        self._head = b""
         self._parser = _TitleParser()
         self._room = MAX_HEAD_CHARS
         self._waiting: list[str] = []
@@ -71,15 +79,22 @@ class TitleScanner:
 
     def feed(self, chunk: bytes) -> None:
         """Parse one more piece of the body (ignored once the title is known)."""
-        if not self.done:
-            self._add(self._decode(chunk))
+        if self.done:
+            return
+        if self._decoder is None:
+            self._head += chunk
+            if len(self._head) < _PRESCAN_BYTES:
+                return
+            chunk, self._head = self._head, b""
+        self._add(self._decode(chunk))
 
     def title(self) -> str | None:
         """The title with whitespace collapsed, cut to 300 characters; None if absent or blank."""
         if not self._ended:
             self._ended = True
             if not self.done:
-                self._add(self._decode(b"", final=True))
+                head, self._head = self._head, b""
+                self._add(self._decode(head, final=True))
             self._hand_over()
             # What close() would add is the end of a title cut short by the end of the body.
             if not self._parser.done and len(self._parser.rawdata) <= _SMALL_PENDING:
@@ -90,6 +105,8 @@ class TitleScanner:
     def _decode(self, data: bytes, final: bool = False) -> str:
         """`data` as text; a charset the body does not fit ends the search (utf-32 without a BOM
         raises even with errors="replace"): a title is a nicety, never a reason to fail a fetch."""
+        if self._decoder is None:
+            self._decoder = _text_decoder(_prescan(data[:_PRESCAN_BYTES]))
         try:
             return self._decoder.decode(data, final)
         except UnicodeError:
@@ -113,6 +130,16 @@ class TitleScanner:
             self._parser.feed("".join(self._waiting))
         self._waiting.clear()
         self._waiting_chars = 0
+
+
+def _prescan(head: bytes) -> str | None:
+    """The charset a page's `<meta>` declares; a UTF-16 or UTF-32 one means UTF-8 (a page that
+    can be read as ASCII to find its meta is neither, the HTML standard says)."""
+    found = _META_CHARSET.search(head)
+    if found is None:
+        return None
+    charset = found.group(1).decode("ascii", "replace")
+    return None if charset.lower().startswith(("utf-16", "utf-32")) else charset
 
 
 def _text_decoder(charset: str | None) -> codecs.IncrementalDecoder:
