@@ -4,6 +4,7 @@ the console script in this environment, a readiness probe, and a stop that waits
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,11 +18,37 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+# Below Linux's default ephemeral range (32768-60999), and below the ports `proxymq cluster`
+# picks for its nodes (20000-29999).
+LISTEN_PORTS = range(10_000, 20_000)
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free now, for a process to listen on. Not one the kernel hands out for outgoing
+    connections: such a port (what binding to port 0 gives) was at times taken by some
+    connection's source port before the process bound it, and the process exited with
+    "address already in use"."""
+    ephemeral = _ephemeral_ports()
+    for port in random.sample(LISTEN_PORTS, 200):
+        if port in ephemeral:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a machine with another ephemeral range, or all ports taken
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32_768, 61_000)
 
 
 def script(name: str) -> str:
