@@ -1,4 +1,4 @@
-"""Ports for the processes ProxyMQ starts (demo, bench, tests) stay clear of outgoing connections."""
+"""Ports for the processes ProxyMQ starts (demo, bench, tests) stay clear of outgoing ones."""
 
 from __future__ import annotations
 
