@@ -10,6 +10,9 @@ import argparse
 import asyncio
 import json
 import os
+import pty
+import select
+import signal
 import subprocess
 import time
 import uuid
@@ -444,3 +447,64 @@ def test_an_amqp_url_without_a_port_is_taken() -> None:
     for url in ("amqp://guest:guest@127.0.0.1/", "amqps://broker.example/vhost"):
         args = build_parser().parse_args(["topology", "show", "--service", "s", "--amqp-url", url])
         assert args.amqp_url == url
+
+
+def interrupted_at_the_question(*args: str) -> tuple[int, str]:
+    """Run `proxymq` on a terminal (a pty), wait for its [y/N] question, press Ctrl-C (SIGINT),
+    and give back its exit code and what it wrote. Not answering must not keep it running."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the console script, with the pty as its terminal
+        os.environ.update({"PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"})
+        os.execv(script("proxymq"), ["proxymq", *args])
+    said = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"[y/N]" not in said:
+            assert time.monotonic() < deadline, said.decode(errors="replace")
+            said += os.read(fd, 65536)
+        os.kill(pid, signal.SIGINT)
+        while time.monotonic() < deadline:  # until the child closes the terminal (it exited)
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            try:
+                chunk = os.read(fd, 65536) if ready else b""
+            except OSError:  # EIO: no process holds the terminal any more
+                break
+            if ready and not chunk:
+                break
+            said += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"still running after Ctrl-C: {said.decode(errors='replace')}")
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), said.decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "command", [["topology", "delete"], ["dlq", "purge"], ["dlq", "replay"]], ids=" ".join
+)
+async def test_ctrl_c_at_the_question_changes_nothing(
+    command: list[str], service: str, amqp: AbstractRobustConnection
+) -> None:
+    """A Ctrl-C at the confirmation went unnoticed until Enter (the answer was read by a worker
+    thread that `asyncio.run` waited for), then the dlq commands said a pass had been aborted
+    and `topology delete` printed a traceback."""
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "1")
+    assert declared.code == 0, declared.output
+    channel = await amqp.channel(publisher_confirms=True)
+    await channel.default_exchange.publish(
+        aio_pika.Message(b"x", correlation_id="r1"), routing_key=topology.dead_letter_queue(service)
+    )
+    code, said = await asyncio.to_thread(
+        interrupted_at_the_question, *command, "--service", service
+    )
+    assert code in (1, 130), said
+    assert "Traceback" not in said and "aborted" not in said
+    assert "nothing deleted" in said or "nothing was changed" in said
+    assert await topology.queue_exists(amqp, topology.partition_queue(service, 0))
+    dead = await amqp.channel()
+    queue = await dead.declare_queue(topology.dead_letter_queue(service), passive=True)
+    assert queue.declaration_result.message_count == 1
+    await dead.close()

@@ -63,7 +63,25 @@ class Session:
         self.out = Console() if sys.stdout.isatty() else Console(width=130)
         self.err = Console(stderr=True)
         self.stop = asyncio.Event()
+        self.asking = False  # a Ctrl-C now answers the question, before any pass
         self.json = bool(getattr(args, "json", False))
+
+    async def confirm(self, question: str) -> bool:
+        """The operator's answer; a Ctrl-C at the question is a no, since nothing has been
+        changed yet (it used to go unnoticed until Enter, then claim an aborted pass)."""
+        self.asking = True
+        answer = asyncio.ensure_future(confirm(question))
+        interrupted = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait((answer, interrupted), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.asking = False
+            interrupted.cancel()
+            answer.cancel()
+        if not answer.done() or answer.cancelled():
+            self.err.print()  # past the question's line
+            return False
+        return answer.result()
 
     @contextlib.contextmanager
     def progress(self, what: str) -> Iterator[OnProgress]:
@@ -280,7 +298,7 @@ async def change(
         question = f"{verb} {len(letters)} of the {result.seen} dead letters{target}?"
         if fate is Fate.DROP:
             question += " This cannot be undone."
-        if not await asyncio.to_thread(confirm, question):
+        if not await session.confirm(question):
             session.err.print(f"nothing was changed in {dlq.name}")
             return 1
         shown = letters
@@ -408,7 +426,8 @@ async def with_connection(args: argparse.Namespace, action: Action) -> int:
                 main_task.cancel()
             return
         session.stop.set()
-        session.err.print("stopping: keeping the rest in place (Ctrl-C again to abort)")
+        if not session.asking:
+            session.err.print("stopping: keeping the rest in place (Ctrl-C again to abort)")
 
     connection = await connect(args.amqp_url, f"proxymq dlq {args.action} {args.service}")
     with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -104,9 +105,13 @@ def delete(args: argparse.Namespace) -> int:
             f"({len(partitions)} partitions + dead letters) holding {messages} ready messages"
             + (f", with {consumers} consumers attached" if consumers else "")
         )
-        if not args.yes and not await asyncio.to_thread(confirm, f"delete {what}?"):
-            print("nothing deleted", file=sys.stderr)
-            return 1
+        try:
+            if not args.yes and not await confirm(f"delete {what}?"):
+                print("nothing deleted", file=sys.stderr)
+                return 1
+        except asyncio.CancelledError:  # Ctrl-C at the question
+            print("\nnothing deleted", file=sys.stderr)
+            raise
         await topology.delete(connection, layout)
         print(f"deleted {what}")
         return 0
@@ -114,15 +119,28 @@ def delete(args: argparse.Namespace) -> int:
     return _run(args, action)
 
 
-def confirm(question: str) -> bool:
-    """Ask on the terminal; no terminal (a script, CI) means no, and says to pass --yes."""
+async def confirm(question: str) -> bool:
+    """Ask on the terminal; no terminal (a script, CI) means no, and says to pass --yes. The
+    line is read by the event loop, not by `input()` in a worker thread: a Ctrl-C at the
+    question cancels the wait at once, where `asyncio.run` waited for that thread, so for Enter."""
     if not sys.stdin.isatty():
         print(f"{question}\nrefusing without a terminal to ask on: pass --yes", file=sys.stderr)
         return False
+    print(f"{question} [y/N] ", end="", flush=True)
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    line: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if not line.done():
+            line.set_result(os.read(fd, 4096))
+
+    loop.add_reader(fd, readable)
     try:
-        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-    except EOFError:
-        return False
+        answer = await line  # b"" at end of input (Ctrl-D): a no
+    finally:
+        loop.remove_reader(fd)
+    return answer.decode(errors="replace").strip().lower() in ("y", "yes")
 
 
 def show(args: argparse.Namespace) -> int:
@@ -170,6 +188,9 @@ def _run(args: argparse.Namespace, action: Callable[[AbstractConnection], Awaita
     except BrokerProblem as exc:
         print(f"{PROG} {args.action}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.action}: interrupted", file=sys.stderr)
+        return 130
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -441,9 +441,9 @@ async def test_confirmed_purge_acts_on_what_was_shown(
         await publish_dead_letter(amqp_url, service, f"m{index}", "odd" if index % 2 else "even")
     questions: list[str] = []
 
-    def confirm(question: str) -> bool:  # runs in a worker thread, as the real one does
+    async def confirm(question: str) -> bool:
         questions.append(question)
-        asyncio.run(publish_dead_letter(amqp_url, service, "late", "odd"))
+        await publish_dead_letter(amqp_url, service, "late", "odd")
         return True
 
     monkeypatch.setattr(dlq_command, "confirm", confirm)
@@ -471,7 +471,7 @@ async def test_confirmed_purge_of_one_twin_purges_one(
     first, second, third, fourth = [row["message_id"] for row in await listed(amqp_url, service)]
     questions: list[str] = []
 
-    def confirm(question: str) -> bool:
+    async def confirm(question: str) -> bool:
         questions.append(question)
         return True
 
