@@ -508,3 +508,23 @@ async def test_ctrl_c_at_the_question_changes_nothing(
     queue = await dead.declare_queue(topology.dead_letter_queue(service), passive=True)
     assert queue.declaration_result.message_count == 1
     await dead.close()
+
+
+async def test_status_without_management_finds_partitions_past_a_missing_p0(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    """Without the management API, `status` counted partitions from p0 on: with p0 deleted it
+    said the service had no partition queues (exit 1), and a gap hid every partition after it."""
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
+    assert declared.code == 0, declared.output
+    channel = await amqp.channel()
+    for index in (0, 2):
+        await channel.queue_delete(topology.partition_queue(service, index))
+    with closed_port() as port:
+        done = await proxymq(
+            "status", "--service", service, "--json", "--management-url", f"http://127.0.0.1:{port}"
+        )
+    assert done.code == 0, done.output
+    counted = json.loads(done.stdout)
+    assert counted["source"] == "amqp"
+    assert [p["name"] for p in counted["partitions"]] == [f"{service}.p1", f"{service}.p3"]

@@ -220,18 +220,17 @@ async def passive(connection: AbstractConnection, name: str) -> tuple[int, int] 
 
 
 async def from_amqp(service: str, connection: AbstractConnection, note: str) -> ServiceStatus:
-    """Partitions are found by counting up from p0, the way `topology.delete` finds them."""
+    """Partitions are found as `topology.delete` finds them, past missing ones (p0 included):
+    counting up from p0 to the first gap called a half-deleted service unknown."""
     partitions = []
-    index = 0
-    while (
-        found := await passive(connection, topology.partition_queue(service, index))
-    ) is not None:
+    for name in await topology.partitions_present(connection, service):
+        found = await passive(connection, name)
+        if found is None:
+            continue  # deleted meanwhile
         ready, consumers = found
-        name = topology.partition_queue(service, index)
         partitions.append(
             PartitionStatus(name=name, ready=ready, unacked=None, consumers=consumers)
         )
-        index += 1
     if not partitions:
         raise UnknownService(service)
     dead = await passive(connection, topology.dead_letter_queue(service))
