@@ -423,7 +423,7 @@ def _http_headers(raw: object) -> tuple[tuple[str, str], ...] | None:
         return None
     try:
         pairs = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[...": the dequeuer dead-letters it as malformed
         return None
     if not isinstance(pairs, list):
         return None

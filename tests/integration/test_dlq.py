@@ -568,3 +568,31 @@ def test_a_table_never_splits_a_request_id() -> None:
     console.print(letter_table([letter], "t"))
     assert isinstance(console.file, io.StringIO)
     assert request_id in console.file.getvalue()
+
+
+@pytest.mark.rabbit
+async def test_a_letter_with_deeply_nested_http_headers_is_listed_in_order(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str
+) -> None:
+    """The dequeuer dead-letters a request whose `x-proxymq-headers` is `[[[[...` as malformed;
+    reading it raised RecursionError, so every `dlq` command stopped at it and left the queue
+    rotated, again at each try."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel(publisher_confirms=True)
+    letters: list[tuple[str, HeadersType]] = [
+        ("a", {}),
+        ("deep", {envelope.H_HEADERS: "[" * 100_000, envelope.H_DEAD_REASON: "malformed: x"}),
+        ("b", {}),
+    ]
+    for request_id, headers in letters:
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"body", headers=headers, correlation_id=request_id),
+            routing_key=topology.dead_letter_queue(service),
+        )
+    assert ids(await listed(amqp_url, service)) == ["a", "deep", "b"]
+    shown = await dlq(amqp_url, "show", "--service", service, "deep", "--json")
+    assert shown.code == 0, shown.err
+    assert shown.json()["http_headers"] is None
+    purged = await dlq(amqp_url, "purge", "--service", service, "--id", "deep", "--yes")
+    assert purged.code == 0, purged.err
+    assert ids(await listed(amqp_url, service)) == ["a", "b"]
