@@ -27,7 +27,7 @@ import io
 import itertools
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -162,6 +162,8 @@ def inject_text(text: str, injection: Injection) -> tuple[str, Report]:
     documents = [d for d in loaded if d is not None]
     report = Report([], [])
     for number, document in enumerate(loaded, 1):
+        plain_keys(document, At(f"document {number}"))
+    for number, document in enumerate(loaded, 1):
         for workload, at in workloads(document, At(f"document {number}")):
             inject_workload(workload, at, injection, report)
     indent, offset = guess_indent(text)
@@ -170,6 +172,23 @@ def inject_text(text: str, injection: Injection) -> tuple[str, Report]:
     out = io.StringIO()
     yaml.dump_all(documents, out)
     return out.getvalue(), report
+
+
+def plain_keys(node: object, at: At) -> None:
+    """InjectError at the first key that is a mapping or a list. Kubernetes has none, but an
+    unrendered Helm template has one: `replicas: {{ .Values.n }}` is valid YAML, a mapping with
+    a mapping as its key, and would be written back as `{{.Values.n: null}: null}`."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if isinstance(key, Mapping | tuple | list):
+                raise InjectError(
+                    f"{at} has a key that is a mapping or a list, as an unquoted {{{{ ... }}}} "
+                    "makes: render templates first (helm template CHART | proxymq inject ...)"
+                )
+            plain_keys(value, at.child(str(key)))
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            plain_keys(item, at.child(index))
 
 
 def workloads(document: object, at: At) -> Iterator[tuple[CommentedMap, At]]:

@@ -367,3 +367,24 @@ def test_the_injected_sidecar_matches_the_checked_in_manifest() -> None:
         assert ours[key] == theirs[key], key
     shared = env(ours).keys() & env(theirs).keys()
     assert {k: env(ours)[k] for k in shared} == {k: env(theirs)[k] for k in shared}
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            SAMPLE.replace("replicas: 2", "replicas: {{ .Values.replicas }}"),
+            "document 1: spec.replicas",
+        ),
+        ("kind: ConfigMap\ndata:\n  x: {{ .Values.x }}\n", "document 1: data.x"),
+        ("a: 1\n---\nkind: List\nitems: [{{ x }}]\n", "document 2: items[0]"),
+    ],
+)
+def test_an_unrendered_helm_template_is_refused_not_rewritten(text: str, where: str) -> None:
+    """`replicas: {{ .Values.replicas }}` is valid YAML (a mapping as a mapping's key): it came
+    out as `{{.Values.replicas: null}: null}`, exit 0, a template that no longer renders."""
+    result = run_cli(text, "--service", "x")
+    assert result.returncode == 1
+    assert not result.stdout
+    assert result.stderr.startswith(f"proxymq inject: {where} has a key that is a mapping")
+    assert "helm template" in result.stderr and result.stderr.count("\n") == 1
