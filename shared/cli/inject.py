@@ -52,6 +52,7 @@ SIDECAR_UID = 10001
 # channels (5 s), the microservice's own stop afterwards (10 s) and slack (5 s).
 GRACE_MARGIN = 20
 _SEQUENCE_ITEM = re.compile(r"^(\s*)- ")
+TOO_DEEP = "stdin is nested too deeply to be read as YAML (no Kubernetes object is)"
 
 
 class InjectError(Exception):
@@ -159,6 +160,8 @@ def inject_text(text: str, injection: Injection) -> tuple[str, Report]:
     except YAMLError as exc:
         problem = str(exc).replace('"<unicode string>"', "stdin")
         raise InjectError(f"stdin is not valid YAML: {problem}") from None
+    except RecursionError:  # ruamel.yaml recurses per level: "[[[[..." 250 deep exhausts it
+        raise InjectError(TOO_DEEP) from None
     documents = [d for d in loaded if d is not None]
     report = Report([], [])
     for number, document in enumerate(loaded, 1):

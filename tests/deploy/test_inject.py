@@ -388,3 +388,12 @@ def test_an_unrendered_helm_template_is_refused_not_rewritten(text: str, where: 
     assert not result.stdout
     assert result.stderr.startswith(f"proxymq inject: {where} has a key that is a mapping")
     assert "helm template" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("depth", [300, 5000])
+def test_deeply_nested_yaml_is_one_line(depth: int) -> None:
+    """`a: [[[[...]]]]` a few hundred levels deep gave a RecursionError traceback."""
+    result = run_cli(f"a: {'[' * depth}{']' * depth}\n", "--service", "x")
+    assert result.returncode == 1
+    assert not result.stdout
+    assert result.stderr == f"proxymq inject: {inject.TOO_DEEP}\n"
