@@ -528,3 +528,35 @@ async def test_status_without_management_finds_partitions_past_a_missing_p0(
     counted = json.loads(done.stdout)
     assert counted["source"] == "amqp"
     assert [p["name"] for p in counted["partitions"]] == [f"{service}.p1", f"{service}.p3"]
+
+
+async def test_ctrl_c_while_waiting_is_one_line(service: str) -> None:
+    """SIGINT while `status` waited for a management API that does not answer printed a
+    KeyboardInterrupt traceback."""
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "1")
+    assert declared.code == 0, declared.output
+    asked = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.set()  # holds the connection open and never answers
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        script("proxymq"),
+        *("status", "--service", service, "--management-url", f"http://127.0.0.1:{port}"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL},
+    )
+    try:
+        await asyncio.wait_for(asked.wait(), 30)
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        server.close()
+    assert process.returncode == 130
+    assert stderr.decode() == "proxymq status: interrupted\n"

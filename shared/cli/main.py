@@ -27,8 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """A Ctrl-C a command does not handle itself (dlq, demo and bench do) is one line and the
+    shell's exit code for SIGINT, not a KeyboardInterrupt traceback."""
     args = build_parser().parse_args(argv)
-    sys.exit(args.run(args))
+    try:
+        code = args.run(args)
+    except KeyboardInterrupt:
+        print(f"proxymq {args.command}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":
