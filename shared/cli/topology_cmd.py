@@ -188,9 +188,6 @@ def _run(args: argparse.Namespace, action: Callable[[AbstractConnection], Awaita
     except BrokerProblem as exc:
         print(f"{PROG} {args.action}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.action}: interrupted", file=sys.stderr)
-        return 130
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
