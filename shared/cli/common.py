@@ -1,9 +1,12 @@
-"""Options shared by several `proxymq` subcommands, each also read from its PROXYMQ_ variable."""
+"""What several `proxymq` subcommands share: options (each also read from its PROXYMQ_ variable)
+and the [y/N] question before a destructive step."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import sys
 from collections.abc import Callable
 
 from shared.settings import DEFAULT_AMQP_URL, check_amqp_url
@@ -66,3 +69,27 @@ def integer(low: int, high: int) -> Callable[[str], int]:
         return number
 
     return parse
+
+
+async def confirm(question: str) -> bool:
+    """Ask on the terminal; no terminal (a script, CI) means no, and says to pass --yes. The
+    line is read by the event loop, not by `input()` in a worker thread: a Ctrl-C at the
+    question cancels the wait at once, where `asyncio.run` waited for that thread, so for Enter."""
+    if not sys.stdin.isatty():
+        print(f"{question}\nrefusing without a terminal to ask on: pass --yes", file=sys.stderr)
+        return False
+    print(f"{question} [y/N] ", end="", flush=True)
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    line: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if not line.done():
+            line.set_result(os.read(fd, 4096))
+
+    loop.add_reader(fd, readable)
+    try:
+        answer = await line  # b"" at end of input (Ctrl-D): a no
+    finally:
+        loop.remove_reader(fd)
+    return answer.decode(errors="replace").strip().lower() in ("y", "yes")

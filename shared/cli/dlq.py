@@ -33,7 +33,7 @@ from rich.text import Text
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url
+from shared.cli.common import add_amqp_url, confirm
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
     DeadLetterQueue,
@@ -48,7 +48,7 @@ from shared.cli.dlq_pass import (
 from shared.cli.dlq_pass import Progress as OnProgress  # rich has a Progress of its own
 from shared.cli.dlq_render import letter_table, render_letter
 from shared.cli.ensure_broker import BrokerProblem, connect
-from shared.cli.topology_cmd import confirm, positive, service_name
+from shared.cli.topology_cmd import positive, service_name
 
 PROG = "proxymq dlq"
 TABLE_ROWS = 50  # rows of a preview or summary table; --json always has them all

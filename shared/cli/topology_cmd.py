@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -21,7 +20,7 @@ from rich.table import Table
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import INT64_MAX, add_amqp_url, integer
+from shared.cli.common import INT64_MAX, add_amqp_url, confirm, integer
 from shared.cli.ensure_broker import BrokerProblem, connect
 from shared.cli.status import passive
 
@@ -117,30 +116,6 @@ def delete(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, action)
-
-
-async def confirm(question: str) -> bool:
-    """Ask on the terminal; no terminal (a script, CI) means no, and says to pass --yes. The
-    line is read by the event loop, not by `input()` in a worker thread: a Ctrl-C at the
-    question cancels the wait at once, where `asyncio.run` waited for that thread, so for Enter."""
-    if not sys.stdin.isatty():
-        print(f"{question}\nrefusing without a terminal to ask on: pass --yes", file=sys.stderr)
-        return False
-    print(f"{question} [y/N] ", end="", flush=True)
-    loop = asyncio.get_running_loop()
-    fd = sys.stdin.fileno()
-    line: asyncio.Future[bytes] = loop.create_future()
-
-    def readable() -> None:
-        if not line.done():
-            line.set_result(os.read(fd, 4096))
-
-    loop.add_reader(fd, readable)
-    try:
-        answer = await line  # b"" at end of input (Ctrl-D): a no
-    finally:
-        loop.remove_reader(fd)
-    return answer.decode(errors="replace").strip().lower() in ("y", "yes")
 
 
 def show(args: argparse.Namespace) -> int:
