@@ -196,9 +196,10 @@ class Consumer:
                 return  # not started: it goes back to its queue, first and in order
             deliveries = message.headers.get("x-delivery-count", 0)
             earlier = deliveries if isinstance(deliveries, int) else 0
-            outcome, attempts = await self.call(request, sub.releasing, earlier)
+            held = partial(_held, message)
+            outcome, attempts = await self.call(request, sub.releasing, earlier, held)
             if isinstance(outcome, _Abandoned):
-                log.info("handed over unfinished; the next owner takes it")
+                log.info("left unfinished; the broker delivers it again")
             elif outcome is None:
                 self.metrics.messages.labels(self.settings.service, partition, "expired").inc()
                 log.info("dropped: deadline passed before the call")
@@ -288,7 +289,11 @@ class Consumer:
         await self._while_held(message, lambda: self.reply(request, answer))
 
     async def call(
-        self, request: RequestEnvelope, abandon: asyncio.Event, earlier: int = 0
+        self,
+        request: RequestEnvelope,
+        abandon: asyncio.Event,
+        earlier: int = 0,
+        held: Callable[[], bool] = lambda: True,
     ) -> tuple[Outcome, int]:
         """Call until an answer that is not retryable, the last attempt, or the deadline.
 
@@ -296,7 +301,9 @@ class Consumer:
         its retry, the breaker or a paused microservice leaves the slot to others, so failing
         keys cannot keep healthy ones waiting. None means the deadline passed before a call;
         ABANDONED that the partition was given up while waiting, so its next owner goes on
-        from there."""
+        from there, or that the message is no longer `held`: its channel was lost, and the
+        broker delivers it again (a call now, waiting behind its key when the connection
+        dropped, made the microservice run it twice)."""
         outcome: Outcome = None
         attempt = 0
         while attempt < self.policy.max_attempts:
@@ -308,9 +315,12 @@ class Consumer:
             try:
                 async with self.slots:
                     remaining = request.remaining()
-                    if abandon.is_set() or (remaining is not None and remaining <= 0):
+                    if abandon.is_set() or not held():
                         self.breaker.abandon_probe(probe)
-                        return (ABANDONED if abandon.is_set() else outcome), attempt
+                        return ABANDONED, attempt
+                    if remaining is not None and remaining <= 0:
+                        self.breaker.abandon_probe(probe)
+                        return outcome, attempt
                     attempt += 1
                     if attempt == 1 and request.sent_at is not None:
                         self.metrics.queue_wait.labels(self.settings.service).observe(

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from yarl import URL
 
 from shared import topology
 from shared.processes import Process
 from tests.conftest import Stack, metric
+from tests.integration.test_async import poll
+from tests.reliability.proxy import FaultyProxy
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -311,3 +314,40 @@ async def test_redelivery_after_a_crash_is_marked(
     assert again["X-ProxyMQ-Earlier-Deliveries"] == "1"
     assert again["X-ProxyMQ-Attempt"] == "1"
     assert "X-ProxyMQ-Earlier-Deliveries" not in dict(target.seen[0].headers)
+
+
+async def test_requests_not_started_when_the_connection_drops_are_called_once(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The dequeuer's connection is reset while a key's first request runs and five more of
+    that key wait behind it. Those five were never started: the broker delivers them again,
+    and the microservice must see each once. It saw each twice: the dequeuer went on calling
+    it with the requests it no longer held, then again with their redeliveries."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        _, url = await stack.enqueuer()
+        dequeuer = await stack.dequeuer(
+            service, target.url, "--partitions", "1", env={"PROXYMQ_AMQP_URL": proxy.url}
+        )
+        locations = []
+        for seq in range(6):
+            async with http.post(
+                f"{url}/{service}/keyed/k/{seq}?sleep={2 if seq == 0 else 0.01}",
+                headers={"X-Partition-Key": "k", "Prefer": "respond-async"},
+            ) as response:
+                assert response.status == 202
+                locations.append(response.headers["Location"])
+        async with asyncio.timeout(10):
+            while not target.order["k"]:  # the first runs, the others wait behind it
+                await asyncio.sleep(0.05)
+        assert proxy.reset() == 1
+        for location in locations:
+            assert (await poll(http, url + location, timeout=30)).status == 200
+        admin, replied = dequeuer.admin_port, {"outcome": "replied"}  # type: ignore[attr-defined]
+        async with asyncio.timeout(30):  # each acked once: nothing is left to deliver
+            while await metric(http, admin, "proxymq_dequeuer_messages_total", replied) < 6:
+                await asyncio.sleep(0.1)
+        arrivals = target.order["k"]
+        assert [seq for seq in arrivals if seq > 0] == [1, 2, 3, 4, 5], arrivals
+    finally:
+        await proxy.stop()
