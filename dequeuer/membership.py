@@ -67,7 +67,11 @@ class Membership:
         would read half of its heartbeats and, taking itself for the other, claim the same
         partitions (single active consumer kept the order, but one of the two sat idle). It
         stops at startup instead (`claim`)."""
-        self._channel = await connection.channel()
+        # No publisher confirms: a lost heartbeat is replaced by the next one, and the leave
+        # notice of a SIGTERM must not wait for a confirm from a broker gone silent (it waited
+        # until the connection was given up, and its CancelledError ended the dequeuer with a
+        # traceback and exit code 1 before it had drained anything).
+        self._channel = await connection.channel(publisher_confirms=False)
         self._exchange = await self._channel.declare_exchange(
             members_exchange(self.service), aio_pika.ExchangeType.FANOUT, durable=True
         )

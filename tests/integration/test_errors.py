@@ -21,11 +21,13 @@ import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractRobustConnection, HeadersType
 from aio_pika.robust_channel import RobustChannel
+from yarl import URL
 
 from enqueuer.replies import ReplyWaiter
 from shared import envelope, topology
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
+from tests.reliability.proxy import FaultyProxy
 from tests.reliability.support import rss_mib
 from tests.target import Target
 
@@ -812,6 +814,33 @@ async def test_stopping_while_the_broker_does_not_answer(
     assert process.popen is not None
     process.signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.popen.wait, 15) == 0
+
+
+async def test_stopping_while_the_broker_has_gone_silent(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """SIGTERM while the connection is black-holed (a frozen node, a route gone): the dequeuer
+    hands its partitions over and exits 0. It waited for a confirm of its leave notice until
+    the heartbeats gave the connection up, then ended with a traceback and exit code 1,
+    skipping its drain and cleanup."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        dequeuer = await stack.dequeuer(
+            service, target.url, "--amqp-heartbeat", "1", env={"PROXYMQ_AMQP_URL": proxy.url}
+        )
+        assert dequeuer.popen is not None
+        admin = dequeuer.admin_port  # type: ignore[attr-defined]
+        async with asyncio.timeout(10):
+            while await metric(http, admin, "proxymq_dequeuer_partitions_owned") < 8:
+                await asyncio.sleep(0.1)
+        proxy.blackhole()
+        dequeuer.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(dequeuer.popen.wait, 30) == 0
+    finally:
+        await proxy.stop()
+    logged = stack.log_text()
+    assert "Traceback" not in logged and "Unclosed" not in logged
+    assert f"released {service}.p0" in logged
 
 
 async def test_broker_down_at_startup(
