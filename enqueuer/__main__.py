@@ -10,7 +10,7 @@ from enqueuer.guard import read_token
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, service, tracing
 from shared.admin import admin_app
-from shared.broker import warn_above_max_message_size
+from shared.broker import BROKER_ERRORS, warn_above_max_message_size
 from shared.errors import QueueInUse
 from shared.settings import load
 
@@ -51,7 +51,7 @@ async def serve(settings: EnqueuerSettings) -> int:
                 settings.admin_port,
             )
             await service.wait_for_stop(broker.task)
-    except QueueInUse as exc:
+    except (QueueInUse, *BROKER_ERRORS) as exc:  # the broker refused the set-up: one line
         log.error("cannot serve: %s", exc)
         return 1
     finally:

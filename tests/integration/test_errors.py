@@ -955,6 +955,28 @@ async def test_topology_mismatch_stops_the_dequeuer(
     assert "fewer than 8 partitions" in stack.log_text()
 
 
+async def test_a_reply_queue_the_broker_refuses_stops_the_enqueuer_in_one_line(
+    stack: Stack, amqp: AbstractRobustConnection
+) -> None:
+    """The broker refuses the enqueuer's reply queue (here: one of that name exists with other
+    arguments; a user without permission to declare it is refused alike): the enqueuer says
+    why in one line and exits 1, as the dequeuer does when it cannot serve. It ended in a
+    40-line traceback."""
+    instance = f"t{uuid.uuid4().hex[:10]}"
+    channel = await amqp.channel()
+    await channel.declare_queue(f"proxymq.replies.{instance}", durable=True)
+    try:
+        enqueuer, _ = await stack.enqueuer("--instance-id", instance, wait=False)
+        assert enqueuer.popen is not None
+        assert await asyncio.to_thread(enqueuer.popen.wait, 20) == 1
+    finally:
+        await channel.queue_delete(f"proxymq.replies.{instance}")
+        await channel.close()
+    logged = stack.log_text()
+    assert "cannot serve: " in logged and "PRECONDITION_FAILED" in logged
+    assert "Traceback" not in logged
+
+
 async def test_two_enqueuers_with_one_instance_id(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
