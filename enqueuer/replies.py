@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, AbstractRobustQueue
 
-from shared import topology
+from shared import logs, topology
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
 from shared.errors import Backpressure, ServiceFailed
 
@@ -96,7 +96,9 @@ class ReplyWaiter:
         try:
             future.set_result(decode_response(message.headers, message.body))
         except MalformedMessage as exc:
-            log.error("malformed reply for %s: %s", message.correlation_id, exc)
+            log.error(  # not in the request's task: its id is a field, as on its other lines
+                "malformed reply: %s", exc, extra=logs.fields(correlation_id=message.correlation_id)
+            )
             future.set_exception(ServiceFailed(f"the service's reply could not be read: {exc}"))
 
     async def stop(self, grace: float, error: Exception) -> None:

@@ -405,12 +405,20 @@ async def test_a_reply_that_is_no_answer_is_a_502(
     why: str,
 ) -> None:
     """A reply from any AMQP client that cannot be the caller's answer is `service_failed`, at
-    once and in the contract's shape (it was a plain 500, a 101, or a caller left waiting)."""
+    once and in the contract's shape (it was a plain 500, a 101, or a caller left waiting).
+    The error logged about it carries the request's correlation id as a field, as every line
+    about a request does (it had the id in its text only, unseen by a search on the field)."""
     channel = await foreign_replier(amqp, service, headers, b"body")
-    _, url = await stack.enqueuer()
+    _, url = await stack.enqueuer("--json-logs")
     async with http.get(f"{url}/{service}/x", headers={"X-Request-Timeout": "5"}) as response:
         message = await expect_error(response, 502, "service_failed")
     assert "reply could not be read" in message and why in message
+    errors = [
+        line
+        for line in map(json.loads, stack.log_text().splitlines())
+        if line["level"] == "error" and line["msg"].startswith("malformed reply")
+    ]
+    assert [line.get("correlation_id") for line in errors] == [response.headers["X-Correlation-ID"]]
     async with http.get(
         f"{url}/{service}/x", headers={"Prefer": "respond-async", "X-Request-Timeout": "5"}
     ) as accepted:
