@@ -82,7 +82,7 @@ async def soak(node: LocalCluster, seconds: float, logs: Path, *, seed: int = 7)
                         )
                 await asyncio.sleep((seconds - WARMUP) / (kills + 1))
             rss_end = {"enqueuer": rss_mib(enqueuer.pid), "dequeuer": rss_mib(steady.pid)}
-            verdict = await verify(traffic, target, http, settle=90)
+            verdict = await verify(traffic, target, http, settle=90, logs=stack.log_text)
         return {
             "seconds": round(time.monotonic() - started, 1),
             **verdict.figures,

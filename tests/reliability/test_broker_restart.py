@@ -97,7 +97,7 @@ async def test_stop_app_and_full_restart_under_load(
             backlog, recoveries[name] = await fault_cycle(name, down, up, traffic, client)
             backlogs += backlog
             await asyncio.sleep(1)
-    verdict = await verify(traffic, timed_target, client)
+    verdict = await verify(traffic, timed_target, client, logs=stack.log_text)
     after = [
         c
         for c in backlogs
@@ -147,7 +147,7 @@ async def test_replies_wait_for_a_reconnecting_enqueuer(
         await asyncio.to_thread(node.ctl, only, "start_app")
         await asyncio.sleep(4)
         proxy.heal()
-        verdict = await verify(traffic, timed_target, client, settle=30)
+        verdict = await verify(traffic, timed_target, client, settle=30, logs=stack.log_text)
         report("replies wait for a reconnecting enqueuer", verdict.figures)
         verdict.check()
     finally:

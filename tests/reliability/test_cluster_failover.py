@@ -115,7 +115,11 @@ async def test_kill_partition_leader_under_load(
     # A quorum queue nacks publishes while its leader is being elected; the enqueuer cannot
     # tell that nack from a full partition's and answers 429 (with Retry-After) for it.
     verdict = await verify(
-        traffic, timed_target, client, statuses=frozenset({200, 202, 429, 503, 504})
+        traffic,
+        timed_target,
+        client,
+        statuses=frozenset({200, 202, 429, 503, 504}),
+        logs=stack.log_text,
     )
     report(
         "cluster leader kill",
