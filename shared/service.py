@@ -59,7 +59,11 @@ async def start_site(
 
 async def wait_for_stop(*watched: asyncio.Task[Any]) -> None:
     """Return on SIGTERM or SIGINT; re-raise if a watched background task fails first, so a fatal
-    startup error (a topology mismatch, say) ends the process instead of leaving it half alive."""
+    startup error (a topology mismatch, say) ends the process instead of leaving it half alive.
+
+    A second signal, during the graceful stop that follows, stops the process at once (what an
+    operator pressing Ctrl-C again means): a second SIGINT used to be a traceback in the middle of
+    the stop, a second SIGTERM an exit without a word."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,4 +83,14 @@ async def wait_for_stop(*watched: asyncio.Task[Any]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await stopper
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+            loop.add_signal_handler(sig, _stop_now, sig)
+
+
+def _stop_now(sig: signal.Signals) -> None:
+    """Requests held unanswered go back to RabbitMQ with the connection; callers still waiting
+    on an enqueuer see their connection close."""
+    log.warning(
+        "second stop signal (%s): stopping now, without waiting for work in flight", sig.name
+    )
+    logging.shutdown()  # the gathered log lines, this one included
+    os._exit(128 + sig)

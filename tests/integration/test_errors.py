@@ -1098,6 +1098,31 @@ async def test_stopping_answers_the_callers_still_waiting(
     assert await asyncio.to_thread(enqueuer.popen.wait, 15) == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+async def test_a_second_signal_stops_at_once(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, sig: signal.Signals
+) -> None:
+    """The first signal starts a graceful stop that waits for the call in flight (up to
+    --shutdown-grace); a second one, as an operator pressing Ctrl-C again, ends the process at
+    once, with a line that says so. A second SIGINT was a traceback mid-stop, a second SIGTERM
+    an exit without a word."""
+    dequeuer = await stack.dequeuer(service, target.url, "--shutdown-grace", "60")
+    _, url = await stack.enqueuer()
+    assert dequeuer.popen is not None
+    call = asyncio.ensure_future(http.get(f"{url}/{service}/delay/8"))
+    while not target.seen:
+        await asyncio.sleep(0.05)
+    dequeuer.signal(sig)
+    while "stop signal received" not in stack.log_text():
+        await asyncio.sleep(0.05)
+    dequeuer.signal(sig)
+    assert await asyncio.to_thread(dequeuer.popen.wait, 20) == 128 + sig
+    log = stack.log_text()
+    assert f"second stop signal ({sig.name}): stopping now" in log
+    assert "Traceback" not in log
+    call.cancel()
+
+
 async def test_caller_disconnects(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
