@@ -19,7 +19,7 @@ from dequeuer.membership import Membership
 from dequeuer.partitions import Partitions
 from dequeuer.readiness import Readiness
 from dequeuer.settings import DequeuerSettings
-from shared import logs, service, topology, tracing
+from shared import hash_ring, logs, service, topology, tracing
 from shared.admin import admin_app
 from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import for_sidecar, warn_above_max_message_size
@@ -118,7 +118,21 @@ async def serve(settings: DequeuerSettings) -> int:
             )
         )
         readiness.start()
-        connection.reconnect_callbacks.add(lambda *_: metrics.reconnects.inc())
+        connection.reconnect_callbacks.add(lambda *_: reconnected(connection))
+
+    def reconnected(connection: AbstractRobustConnection) -> None:
+        metrics.reconnects.inc()
+        task = asyncio.create_task(settle_ring(connection))
+        background.append(task)
+        task.add_done_callback(background.remove)
+
+    async def settle_ring(connection: AbstractRobustConnection) -> None:
+        """The broker may have started again, with the ring in an order of its own: put it
+        back before clients other than our enqueuers publish much (they check it themselves)."""
+        try:
+            await hash_ring.ensure(connection, settings.service, consumer.topology.queues)
+        except Exception as exc:  # the next reconnect, or an enqueuer, tries again
+            log.warning("could not check the hash ring of %s: %s", settings.service, exc)
 
     background: list[asyncio.Task[None]] = []
     broker.on_connect(on_connect)

@@ -16,7 +16,7 @@ import time
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from shared import envelope, topology
+from shared import envelope, hash_ring, topology
 from shared.breaker import ServiceBreaker
 from shared.broker import BROKER_ERRORS, refused_for_size
 from shared.errors import (
@@ -41,7 +41,8 @@ class Publisher:
         self.breaker = breaker
         self._channel: AbstractChannel | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._exchanges: dict[str, tuple[bool, float]] = {}  # service -> exists, until
+        # service -> exists, until, and the connection that found its hash ring in order
+        self._exchanges: dict[str, tuple[bool, float, object]] = {}
         self._checks: dict[str, asyncio.Future[bool]] = {}
         self._lookup_turn = asyncio.Lock()
         self._renew_at = 0.0
@@ -93,7 +94,7 @@ class Publisher:
         if self.allowed and service not in self.allowed:
             raise UnknownService(f"service {service!r} is not in this enqueuer's --services")
         cached = self._exchanges.get(service)
-        if cached is not None and cached[1] > time.monotonic():
+        if cached is not None and cached[1] > time.monotonic() and cached[2] is self._transport():
             exists = cached[0]
         else:
             check = self._checks.get(service)
@@ -131,19 +132,27 @@ class Publisher:
             return False
         if self._connection is None or self._channel is None:
             raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
+        transport = self._transport()
         try:
             async with self._lookup_turn:
                 exists = await topology.exchange_exists(self._connection, service)
+                if exists:  # on every new connection: the broker may have started again
+                    await hash_ring.ensure(self._connection, service)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
         self._exchanges.pop(service, None)  # the newest verdict goes last, evicted last
         self._exchanges[service] = (
             exists,
             time.monotonic() + (KNOWN_FOR if exists else UNKNOWN_FOR),
+            transport,
         )
         while len(self._exchanges) > MAX_REMEMBERED:
             del self._exchanges[next(iter(self._exchanges))]
         return exists
+
+    def _transport(self) -> object:
+        """The connection's current AMQP transport: a new one after every reconnect."""
+        return None if self._connection is None else self._connection.transport
 
     async def publish(self, service: str, routing_key: str, message: envelope.Outgoing) -> None:
         await self.check(service)

@@ -2,8 +2,9 @@
 
 Per service `S`: exchange `S` (x-consistent-hash, the partition key is the routing key), quorum
 queues `S.p0..S.p{N-1}` (single active consumer, delivery limit, dead-letter to `S.dlq`) and the
-quorum queue `S.dlq`. Every name is built here, so that one anchored pattern (`partition_pattern`)
-matches a service's partitions and nothing else: not `S.dlq`, not another service's queues.
+quorum queue `S.dlq`; `hash_ring` keeps the exchange's ring in partition order. Every name is
+built here, so that one anchored pattern (`partition_pattern`) matches a service's partitions and
+nothing else: not `S.dlq`, not another service's queues.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from pamqp.common import FieldTable
 
+from shared import hash_ring
 from shared.errors import QueueInUse, TopologyMismatch
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,16 @@ def notify_queue(service: str) -> str:
 def members_exchange(service: str) -> str:
     """Fanout exchange of the dequeuers' membership heartbeats."""
     return f"{service}.members"
+
+
+def ring_marker(service: str) -> str:
+    """Transient exchange that exists while the hash ring is in partition order (`hash_ring`)."""
+    return f"{service}.ring"
+
+
+def ring_lock(service: str) -> str:
+    """Exclusive queue held by the one sidecar binding the partitions (`hash_ring`)."""
+    return f"{service}.ring-lock"
 
 
 def partition_pattern(service: str) -> str:
@@ -220,7 +232,8 @@ async def check_layout(connection: AbstractConnection, topology: Topology) -> No
 async def declare(connection: AbstractConnection, topology: Topology) -> None:
     """Declare the layout idempotently; any difference from what exists is a `TopologyMismatch`.
 
-    It runs on a channel of its own because a refused declaration closes the channel."""
+    It runs on a channel of its own because a refused declaration closes the channel. The
+    partitions are bound last, by `hash_ring.ensure`: in order, one sidecar at a time."""
     await check_layout(connection, topology)
     channel = await connection.channel()
     try:
@@ -235,12 +248,11 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
             notify_queue(topology.service), durable=True, arguments=NOTIFY_ARGS
         )
         await notify.bind(dead)
-        exchange = await channel.declare_exchange(
+        await channel.declare_exchange(
             topology.exchange, aio_pika.ExchangeType.X_CONSISTENT_HASH, durable=True
         )
         for name in topology.queues:
-            queue = await declare_partition(channel, topology, name)
-            await queue.bind(exchange, routing_key="1")
+            await declare_partition(channel, topology, name)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyMismatch(
             f"service {topology.service!r} exists with other settings than ours: {_reason(exc)}; "
@@ -254,6 +266,7 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
     finally:
         if not channel.is_closed:
             await channel.close()
+    await hash_ring.ensure(connection, topology.service, topology.queues)
 
 
 async def declare_partition(
@@ -295,6 +308,7 @@ async def delete(connection: AbstractConnection, topology: Topology) -> None:
             await channel.queue_delete(name)
         await channel.exchange_delete(topology.exchange)
         await channel.exchange_delete(members_exchange(topology.service))
+        await channel.exchange_delete(ring_marker(topology.service))
         await channel.exchange_delete(dead_letter_exchange(topology.service))
     finally:
         await channel.close()

@@ -31,7 +31,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from shared import topology
+from shared import hash_ring, topology
 from shared.broker import redact
 from shared.cli.common import add_amqp_url, confirm
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
@@ -261,6 +261,7 @@ async def replay_action(
             f"--service {args.service}"
         )
         return 1
+    await hash_ring.ensure(connection, args.service)  # each letter to its key's partition
     return await change(args, connection, session, Fate.REPLAY)
 
 

@@ -1,0 +1,146 @@
+"""A key keeps its partition when RabbitMQ rebuilt the consistent hash ring in its own order.
+
+A broker restart does two things the tests here do by hand: it binds the partitions again in
+an order of its own (here: p0 unbound and bound again, so it comes last) and it forgets the
+transient marker `S.ring`. Which partition a key reaches is read off the broker: one message
+per key published to the exchange, then fetched back from the partition queues. The restart
+itself, under load, is `tests/reliability/test_broker_restart.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from shared import hash_ring, topology
+from tests.conftest import AMQP_URL, Stack
+from tests.target import Target
+
+pytestmark = pytest.mark.rabbit
+PARTITIONS = 4
+KEYS = [f"key-{i}" for i in range(40)]
+
+
+async def partitions_of(connection: AbstractRobustConnection, service: str) -> dict[str, int]:
+    """Key -> the partition the exchange routes it to, as the broker does it right now: a
+    message per key, consumed back from the partitions (no basic.get on these queues)."""
+    channel = await connection.channel()
+    found: dict[str, int] = {}
+    complete = asyncio.Event()
+    try:
+        queues = [await channel.get_queue(name) for name in topology.Topology(service, PARTITIONS).queues]
+        for queue in queues:
+            await queue.purge()
+        for index, queue in enumerate(queues):
+
+            async def take(message: AbstractIncomingMessage, index: int = index) -> None:
+                await message.ack()
+                found[message.body.decode()] = index
+                if len(found) == len(KEYS):
+                    complete.set()
+
+            await queue.consume(take)
+        exchange = await channel.get_exchange(service)
+        for key in KEYS:
+            await exchange.publish(aio_pika.Message(key.encode()), routing_key=key)
+        await asyncio.wait_for(complete.wait(), 10)
+        return found
+    finally:
+        await channel.close()
+
+
+async def scramble(connection: AbstractRobustConnection, service: str) -> None:
+    """What a broker restart does: another order of the partitions, and no marker."""
+    channel = await connection.channel()
+    try:
+        first = await channel.get_queue(topology.partition_queue(service, 0))
+        await first.unbind(service, routing_key="1")
+        await first.bind(service, routing_key="1")
+        await channel.exchange_delete(topology.ring_marker(service))
+    finally:
+        await channel.close()
+
+
+@pytest.fixture
+async def moved(amqp: AbstractRobustConnection, service: str) -> dict[str, int]:
+    """A layout whose ring was scrambled; returns the key -> partition map from before."""
+    await topology.declare(amqp, topology.Topology(service, PARTITIONS))
+    before = await partitions_of(amqp, service)
+    await scramble(amqp, service)
+    after = await partitions_of(amqp, service)
+    assert after != before, "the scramble moved no key: the tests below would prove nothing"
+    return before
+
+
+async def test_the_enqueuer_puts_the_ring_back_before_it_publishes(
+    stack: Stack,
+    service: str,
+    amqp: AbstractRobustConnection,
+    http: aiohttp.ClientSession,
+    moved: dict[str, int],
+) -> None:
+    _, url = await stack.enqueuer()
+    async with http.post(
+        f"{url}/{service}/x", headers={"Prefer": "respond-async", "X-Partition-Key": KEYS[0]}
+    ) as response:
+        assert response.status == 202
+    assert await topology.exchange_exists(amqp, topology.ring_marker(service))
+    assert await partitions_of(amqp, service) == moved
+    assert f"bound the {PARTITIONS} partitions of service {service}" in stack.log_text()
+
+
+async def test_a_starting_dequeuer_puts_the_ring_back(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    moved: dict[str, int],
+) -> None:
+    await stack.dequeuer(service, target.url, "--partitions", str(PARTITIONS))
+    await asyncio.to_thread(stack.stop)  # it would consume the probes
+    assert await partitions_of(amqp, service) == moved
+
+
+async def test_the_ring_is_rebuilt_once_when_sidecars_find_it_together(
+    service: str, amqp: AbstractRobustConnection, moved: dict[str, int]
+) -> None:
+    """Four connections (four sidecars) find the marker missing at once: the broker's lock
+    lets one of them rebuild; the others wait for it and then find the marker."""
+    connections = [await aio_pika.connect(AMQP_URL) for _ in range(4)]
+    try:
+        rebuilt = await asyncio.gather(*(hash_ring.ensure(c, service) for c in connections))
+    finally:
+        for connection in connections:
+            await connection.close()
+    assert sorted(rebuilt) == [False, False, False, True]
+    assert await partitions_of(amqp, service) == moved
+    assert not await topology.queue_exists(amqp, topology.ring_lock(service))
+
+
+async def test_a_sidecar_not_allowed_to_bind_goes_on_without_the_ring(
+    service: str, amqp: AbstractRobustConnection, moved: dict[str, int]
+) -> None:
+    """Rebuilding needs the right to configure and bind; a user without it is told in the log
+    and keeps publishing (availability first) rather than failing every call."""
+    user, password = f"ring-{service}", "ring-test"
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_user", user, password], check=True, capture_output=True)
+    try:
+        subprocess.run(
+            [*ctl, "set_permissions", "-p", "/", user, "^$", "^$", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        connection = await aio_pika.connect(f"amqp://{user}:{password}@127.0.0.1:5672/")
+        try:
+            assert await hash_ring.ensure(connection, service) is False
+        finally:
+            await connection.close()
+    finally:
+        subprocess.run([*ctl, "delete_user", user], check=True, capture_output=True)
+    assert await partitions_of(amqp, service) != moved  # nothing was changed
