@@ -252,6 +252,7 @@ async def test_topology_declare_show_delete(service: str) -> None:
         assert name in shown.stdout
     assert f"{service}.p4" not in shown.stdout
     assert topology.partition_pattern(service) in shown.stdout
+    assert "in partition order" in shown.stdout
 
     refused = await proxymq("topology", "delete", "--service", service)
     assert refused.code == 1
@@ -261,8 +262,20 @@ async def test_topology_declare_show_delete(service: str) -> None:
     deleted = await proxymq("topology", "delete", "--service", service, "--yes")
     assert deleted.code == 0, deleted.output
     assert not await exists(service)
+    assert not await exists(service, topology.ring_marker(service), exchange=True)
     shown = await proxymq("topology", "show", "--service", service)
     assert "not declared" in shown.stdout
+
+
+async def test_topology_show_tells_a_ring_not_checked_since_a_restart(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
+    assert declared.code == 0, declared.output
+    channel = await amqp.channel()
+    await channel.exchange_delete(topology.ring_marker(service))  # as a restart forgets it
+    shown = await proxymq("topology", "show", "--service", service)
+    assert "in RabbitMQ's own order, maybe" in " ".join(shown.stdout.split())
 
 
 async def test_topology_mismatch_exits_1_with_the_reason(service: str) -> None:
@@ -413,10 +426,14 @@ async def ack(message: AbstractIncomingMessage) -> None:
     await message.ack()
 
 
-async def exists(service: str) -> bool:
+async def exists(service: str, name: str = "", *, exchange: bool = False) -> bool:
+    """Whether `name` (by default the service's first partition) is on the broker."""
     connection = await aio_pika.connect(AMQP_URL)
+    name = name or topology.partition_queue(service, 0)
     try:
-        return await topology.queue_exists(connection, topology.partition_queue(service, 0))
+        if exchange:
+            return await topology.exchange_exists(connection, name)
+        return await topology.queue_exists(connection, name)
     finally:
         await connection.close()
 

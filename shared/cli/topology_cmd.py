@@ -138,11 +138,23 @@ def show(args: argparse.Namespace) -> int:
         table.add_row("partition queues", ", ".join(partitions or layout.queues))
         table.add_row("queue arguments", _args(layout))
         table.add_row("dead letters", layout.dead_letters + _missing(dead is not None))
+        if exchange:
+            table.add_row("hash ring", await _ring_state(connection, args.service))
         table.add_row("KEDA pattern", topology.partition_pattern(args.service))
         console.print(table)
         return 0
 
     return _run(args, action)
+
+
+async def _ring_state(connection: AbstractConnection, service: str) -> str:
+    if await topology.exchange_exists(connection, topology.ring_marker(service)):
+        return f"in partition order ({topology.ring_marker(service)} is there)"
+    return (
+        "[yellow]in RabbitMQ's own order, maybe (no "
+        f"{topology.ring_marker(service)}): the next sidecar to connect binds the partitions "
+        "in order[/yellow]"
+    )
 
 
 def _missing(exists: bool) -> str:

@@ -33,7 +33,8 @@ async def partitions_of(connection: AbstractRobustConnection, service: str) -> d
     found: dict[str, int] = {}
     complete = asyncio.Event()
     try:
-        queues = [await channel.get_queue(name) for name in topology.Topology(service, PARTITIONS).queues]
+        names = topology.Topology(service, PARTITIONS).queues
+        queues = [await channel.get_queue(name) for name in names]
         for queue in queues:
             await queue.purge()
         for index, queue in enumerate(queues):
@@ -64,6 +65,10 @@ async def scramble(connection: AbstractRobustConnection, service: str) -> None:
         await channel.exchange_delete(topology.ring_marker(service))
     finally:
         await channel.close()
+
+
+async def ctl(*args: str) -> None:
+    await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "-q", *args], check=True)
 
 
 @pytest.fixture
@@ -128,19 +133,14 @@ async def test_a_sidecar_not_allowed_to_bind_goes_on_without_the_ring(
     """Rebuilding needs the right to configure and bind; a user without it is told in the log
     and keeps publishing (availability first) rather than failing every call."""
     user, password = f"ring-{service}", "ring-test"
-    ctl = ["rabbitmqctl", "-q"]
-    subprocess.run([*ctl, "add_user", user, password], check=True, capture_output=True)
+    await ctl("add_user", user, password)
     try:
-        subprocess.run(
-            [*ctl, "set_permissions", "-p", "/", user, "^$", "^$", ".*"],
-            check=True,
-            capture_output=True,
-        )
+        await ctl("set_permissions", "-p", "/", user, "^$", "^$", ".*")  # read only
         connection = await aio_pika.connect(f"amqp://{user}:{password}@127.0.0.1:5672/")
         try:
             assert await hash_ring.ensure(connection, service) is False
         finally:
             await connection.close()
     finally:
-        subprocess.run([*ctl, "delete_user", user], check=True, capture_output=True)
+        await ctl("delete_user", user)
     assert await partitions_of(amqp, service) != moved  # nothing was changed

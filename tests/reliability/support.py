@@ -275,7 +275,7 @@ async def verify(
             if (seen := target.arrivals.get((key, seq))) is not None
         )
         ids = {c.seq: c.request_id for c in traffic.calls if c.key == key}
-        used = {served_by.get(ids.get(seq) or "") for _, seq in first_seen} - {None}
+        used = {p for _, seq in first_seen if (p := served_by.get(ids.get(seq) or ""))}
         if len(used) > 1:
             moved_keys += 1
             problems.append(f"{key} was served from partitions {sorted(used)}")
