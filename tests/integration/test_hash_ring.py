@@ -144,3 +144,25 @@ async def test_a_sidecar_not_allowed_to_bind_goes_on_without_the_ring(
     finally:
         await ctl("delete_user", user)
     assert await partitions_of(amqp, service) != moved  # nothing was changed
+
+
+async def test_a_rebuild_cut_short_by_its_sidecars_death_is_finished_by_the_next(
+    service: str, amqp: AbstractRobustConnection, moved: dict[str, int]
+) -> None:
+    """A sidecar dies holding the lock, half way through unbinding: the broker drops the lock
+    with its connection, and the sidecar waiting for it rebuilds the whole ring."""
+    dying = await aio_pika.connect(AMQP_URL)
+    channel = await dying.channel()
+    await channel.declare_queue(topology.ring_lock(service), exclusive=True)
+    half = await channel.get_queue(topology.partition_queue(service, 1))
+    await half.unbind(service, routing_key="1")
+    waiting = await aio_pika.connect(AMQP_URL)
+    try:
+        ensured = asyncio.create_task(hash_ring.ensure(waiting, service))
+        await asyncio.sleep(1)
+        assert not ensured.done(), "it did not wait for the lock"
+        await dying.close()
+        assert await asyncio.wait_for(ensured, 10) is True
+    finally:
+        await waiting.close()
+    assert await partitions_of(amqp, service) == moved
