@@ -90,7 +90,10 @@ class Publisher:
         Each lookup is a passive declare on a channel of its own, and callers choose the names:
         lookups run one at a time, at most MAX_LOOKUPS wait, and MAX_REMEMBERED verdicts are
         kept. Without these bounds, callers naming 20,000 services that do not exist drove the
-        enqueuer to 375 MB and its broker connection past channel_max, for good."""
+        enqueuer to 375 MB and its broker connection past channel_max, for good.
+
+        A verdict holds for its connection only: on a new one, the lookup also makes sure the
+        service's hash ring is in partition order (`hash_ring`) before anything is published."""
         if self.allowed and service not in self.allowed:
             raise UnknownService(f"service {service!r} is not in this enqueuer's --services")
         cached = self._exchanges.get(service)
@@ -136,8 +139,10 @@ class Publisher:
         try:
             async with self._lookup_turn:
                 exists = await topology.exchange_exists(self._connection, service)
-                if exists:  # on every new connection: the broker may have started again
-                    await hash_ring.ensure(self._connection, service)
+            if exists:  # on every new connection: the broker may have started again
+                # Outside the turn: it may wait for another sidecar's rebuild, and lookups of
+                # other services must not wait with it.
+                await hash_ring.ensure(self._connection, service)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
         self._exchanges.pop(service, None)  # the newest verdict goes last, evicted last

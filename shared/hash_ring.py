@@ -35,8 +35,11 @@ LOCK_PAUSE = 0.1  # seconds between two tries for the lock another sidecar holds
 # The lock's holder finishes in well under a second, or its connection dies and the broker
 # drops the exclusive queue within two heartbeats.
 LOCK_WAIT = 60.0
-# The broker's lock keeps other connections out, not other tasks on the one that holds it.
-_turns: weakref.WeakKeyDictionary[AbstractConnection, asyncio.Lock] = weakref.WeakKeyDictionary()
+# The broker's lock keeps other connections out, not other tasks on the one that holds it:
+# a lock per connection and service does.
+_turns: weakref.WeakKeyDictionary[AbstractConnection, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def ensure(
@@ -51,7 +54,7 @@ async def ensure(
     marker = topology.ring_marker(service)
     if queues is None and await topology.exchange_exists(connection, marker):
         return False
-    async with _turns.setdefault(connection, asyncio.Lock()):
+    async with _turns.setdefault(connection, {}).setdefault(service, asyncio.Lock()):
         return await _ensure_in_turn(connection, service, queues)
 
 

@@ -166,3 +166,35 @@ async def test_a_rebuild_cut_short_by_its_sidecars_death_is_finished_by_the_next
     finally:
         await waiting.close()
     assert await partitions_of(amqp, service) == moved
+
+
+async def test_a_held_ring_lock_holds_up_its_service_only(
+    stack: Stack,
+    service: str,
+    amqp: AbstractRobustConnection,
+    http: aiohttp.ClientSession,
+    moved: dict[str, int],
+) -> None:
+    """While another sidecar rebuilds one service's ring, the enqueuer's calls to it wait; calls
+    to another service go on."""
+    other = f"{service}-b"
+    await topology.declare(amqp, topology.Topology(other, 2))
+    holder = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await holder.channel()
+        await channel.declare_queue(topology.ring_lock(service), exclusive=True)
+        _, url = await stack.enqueuer()
+        asynchronous = {"Prefer": "respond-async"}
+        waiting = asyncio.create_task(http.post(f"{url}/{service}/x", headers=asynchronous))
+        async with asyncio.timeout(5):
+            async with http.post(f"{url}/{other}/x", headers=asynchronous) as response:
+                assert response.status == 202
+        assert not waiting.done(), "the call did not wait for the ring"
+        await holder.close()
+        async with asyncio.timeout(10):
+            async with await waiting as response:
+                assert response.status == 202
+    finally:
+        await holder.close()
+        await topology.delete(amqp, topology.Topology(other, 2))
+    assert await partitions_of(amqp, service) == moved
