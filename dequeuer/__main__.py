@@ -117,23 +117,21 @@ async def serve(settings: DequeuerSettings) -> int:
                 )
             )
         )
+        # After a reconnect the broker may have started again with the ring in an order of its
+        # own: put it back at once for other clients (our enqueuers check before publishing).
+        background.append(
+            asyncio.create_task(
+                hash_ring.keep(connection, settings.service, consumer.topology.queues, ring_wake)
+            )
+        )
         readiness.start()
-        connection.reconnect_callbacks.add(lambda *_: reconnected(connection))
+        connection.reconnect_callbacks.add(lambda *_: reconnected())
 
-    def reconnected(connection: AbstractRobustConnection) -> None:
+    def reconnected() -> None:
         metrics.reconnects.inc()
-        task = asyncio.create_task(settle_ring(connection))
-        background.append(task)
-        task.add_done_callback(background.remove)
+        ring_wake.set()
 
-    async def settle_ring(connection: AbstractRobustConnection) -> None:
-        """The broker may have started again, with the ring in an order of its own: put it
-        back before clients other than our enqueuers publish much (they check it themselves)."""
-        try:
-            await hash_ring.ensure(connection, settings.service, consumer.topology.queues)
-        except Exception as exc:  # the next reconnect, or an enqueuer, tries again
-            log.warning("could not check the hash ring of %s: %s", settings.service, exc)
-
+    ring_wake = asyncio.Event()
     background: list[asyncio.Task[None]] = []
     broker.on_connect(on_connect)
     try:

@@ -119,9 +119,10 @@ class Partitions:
         name = self.topology.queues[index]
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.prefetch)
+        # Not bound here: a robust channel binds its queues again when it is restored, and a
+        # bind racing the ring's rebuild by another sidecar left a partition out of the ring
+        # or ahead of the others. Bindings are `hash_ring`'s alone.
         queue = await declare_partition(channel, self.topology, name)
-        # Bound here too, so the robust channel restores the binding with a deleted queue.
-        await queue.bind(self.topology.exchange, routing_key="1")
         subscription = Subscription(index, name, channel)
         await queue.consume(partial(self.on_message, subscription))
         self.subscriptions[index] = subscription

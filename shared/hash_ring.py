@@ -35,6 +35,7 @@ LOCK_PAUSE = 0.1  # seconds between two tries for the lock another sidecar holds
 # The lock's holder finishes in well under a second, or its connection dies and the broker
 # drops the exclusive queue within two heartbeats.
 LOCK_WAIT = 60.0
+KEEP_INTERVAL = 30.0  # seconds between two checks of a dequeuer's partitions, reconnects aside
 # The broker's lock keeps other connections out, not other tasks on the one that holds it:
 # a lock per connection and service does.
 _turns: weakref.WeakKeyDictionary[AbstractConnection, dict[str, asyncio.Lock]] = (
@@ -56,6 +57,27 @@ async def ensure(
         return False
     async with _turns.setdefault(connection, {}).setdefault(service, asyncio.Lock()):
         return await _ensure_in_turn(connection, service, queues)
+
+
+async def keep(
+    connection: AbstractConnection,
+    service: str,
+    queues: Sequence[str],
+    wake: asyncio.Event,
+    interval: float = KEEP_INTERVAL,
+) -> None:
+    """The dequeuer's watch: `ensure` whenever `wake` is set (a reconnect: the broker may have
+    started again) and every `interval` seconds, which binds a partition queue that was
+    deleted and declared again by its consumer's robust channel (at the end of the ring: its
+    keys move, as they did when it was deleted)."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        wake.clear()
+        try:
+            await ensure(connection, service, queues)
+        except Exception as exc:  # the next round tries again
+            log.warning("could not check the hash ring of service %s: %s", service, exc)
 
 
 async def _ensure_in_turn(
@@ -137,14 +159,19 @@ async def _settle(
 
 
 async def rebuild(channel: aiormq.abc.AbstractChannel, service: str, queues: Sequence[str]) -> None:
-    """Unbind every partition, then bind them again in order: bucket `i` is partition `i` again.
+    """Move each partition to the end of the ring in turn, p0 first: unbound, the ring closes
+    up behind it; bound again, it takes the last bucket. After the last one, bucket `i` is
+    partition `i`, whatever the order before.
 
-    Meanwhile a publish to the exchange may find fewer partitions or none (a return): the
+    One partition at a time, so that a bind by someone else cannot land in between: a
+    dequeuer's robust channel binds its partitions again when it reconnects, which is a no-op
+    for a bound queue and, for the one queue unbound at that moment, puts it where our bind
+    would (unbinding all first, such a bind put one partition ahead of the rest, for good).
+    Meanwhile a publish to the exchange may reach another partition or be returned: the
     sidecars publish only once the marker is there, other clients are told in the docs."""
     started = time.monotonic()
     for queue in queues:
         await channel.queue_unbind(queue, service, routing_key=WEIGHT)
-    for queue in queues:
         await channel.queue_bind(queue, service, routing_key=WEIGHT)
     log.info(
         "bound the %d partitions of service %s to its exchange in order, in %.0f ms: a new "

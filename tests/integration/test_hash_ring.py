@@ -10,7 +10,10 @@ itself, under load, is `tests/reliability/test_broker_restart.py`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
+from typing import Any
+from urllib.parse import quote
 
 import aio_pika
 import aiohttp
@@ -198,3 +201,85 @@ async def test_a_held_ring_lock_holds_up_its_service_only(
         await holder.close()
         await topology.delete(amqp, topology.Topology(other, 2))
     assert await partitions_of(amqp, service) == moved
+
+
+async def test_a_reconnecting_dequeuer_binds_only_under_the_ring_lock(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """A bind racing a rebuild can leave a partition out of the broker's ring (seen: three
+    buckets for four partitions), so a dequeuer's robust channels must not bind the queues
+    they restore after a reconnect; the dequeuer binds under the lock instead."""
+    await stack.dequeuer(service, target.url, "--partitions", str(PARTITIONS))
+    holder = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await holder.channel()
+        await channel.declare_queue(topology.ring_lock(service), exclusive=True)
+        first = await channel.get_queue(topology.partition_queue(service, 0))
+        await first.unbind(service, routing_key="1")
+        assert await close_connections(f"proxymq-dequeuer {service} ") == 1
+        await asyncio.sleep(3)  # reconnected (after 1 s) and restored its channels
+        assert not await bound(service, 0), "bound by a restored channel, outside the lock"
+        await holder.close()
+        async with asyncio.timeout(10):
+            while not await bound(service, 0):
+                await asyncio.sleep(0.2)
+    finally:
+        await holder.close()
+
+
+async def close_connections(prefix: str) -> int:
+    """Close, through the management API, the connections whose name starts with `prefix`
+    (listed there a few seconds after they open)."""
+    api = "http://127.0.0.1:15672/api/connections"
+    guest = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
+    names: list[str] = []
+    async with aiohttp.ClientSession(headers=guest) as http, asyncio.timeout(15):
+        while not names:
+            await asyncio.sleep(0.5)
+            async with http.get(api) as response:
+                listed = await response.json()
+            names = [c["name"] for c in listed if _name(c).startswith(prefix)]
+        for name in names:
+            async with http.delete(f"{api}/{quote(name, safe='')}") as response:
+                assert response.status == 204, await response.text()
+    return len(names)
+
+
+def _name(connection: dict[str, Any]) -> str:
+    return str((connection.get("client_properties") or {}).get("connection_name", ""))
+
+
+async def bound(service: str, index: int) -> bool:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_bindings", "source_name", "destination_name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return f"{service}\t{topology.partition_queue(service, index)}" in done.stdout
+
+
+async def test_the_dequeuers_watch_binds_a_partition_that_lost_its_binding(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    """A partition queue deleted and declared again by its consumer's robust channel comes
+    back unbound; the dequeuer's watch (`hash_ring.keep`) binds it at its next round."""
+    layout = topology.Topology(service, PARTITIONS)
+    await topology.declare(amqp, layout)
+    channel = await amqp.channel()
+    await channel.queue_delete(topology.partition_queue(service, 1))
+    await topology.declare_partition(channel, layout, topology.partition_queue(service, 1))
+    assert not await bound(service, 1)
+    watch = asyncio.create_task(
+        hash_ring.keep(amqp, service, layout.queues, asyncio.Event(), interval=0.2)
+    )
+    try:
+        async with asyncio.timeout(10):
+            while not await bound(service, 1):
+                await asyncio.sleep(0.2)
+    finally:
+        watch.cancel()

@@ -278,12 +278,22 @@ async def verify(
         used = {p for _, seq in first_seen if (p := served_by.get(ids.get(seq) or ""))}
         if len(used) > 1:
             moved_keys += 1
-            problems.append(f"{key} was served from partitions {sorted(used)}")
+            where = {
+                p: ranges(s for _, s in first_seen if served_by.get(ids.get(s) or "") == p)
+                for p in sorted(used)
+            }
+            problems.append(f"{key} was served from two partitions: {where}")
         order = [seq for _, seq in first_seen]
         if order != sorted(order):
             problems.append(f"{key} out of order: {order}")
-            problems += misordered(traffic, target, key, order)
+            problems += misordered(traffic, target, key, order, served_by)
         duplicates += sum(len(target.arrivals.get((key, s), [])) > 1 for s in range(count))
+    if moved_keys:  # when the sidecars put the ring back, against their reconnects
+        problems += [
+            f"  log: {line}"
+            for line in logs().splitlines()
+            if "hash_ring" in line or "reconnected" in line or "connected to" in line
+        ][:30]
     refused_late = [
         c.elapsed for c in traffic.calls if c.status == 503 and c.elapsed > ANSWER_AT_ONCE
     ]
@@ -318,7 +328,24 @@ def partitions_in(logs: str) -> dict[str, str]:
     return {match[1]: match[2] for match in SERVED.finditer(logs)}
 
 
-def misordered(traffic: Traffic, target: TimedTarget, key: str, order: list[int]) -> list[str]:
+def ranges(seqs: Iterable[int]) -> str:
+    """`0-46, 108-132`: a key's request numbers, shortly."""
+    runs: list[list[int]] = []
+    for seq in sorted(seqs):
+        if runs and seq == runs[-1][-1] + 1:
+            runs[-1].append(seq)
+        else:
+            runs.append([seq])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def misordered(
+    traffic: Traffic,
+    target: TimedTarget,
+    key: str,
+    order: list[int],
+    served_by: dict[str, str] | None = None,
+) -> list[str]:
     """For each request that reached the microservice after a later one of its key, and for its
     neighbours: what the caller got and every arrival, to tell a late publish from a late
     redelivery (times in seconds from the key's first request)."""
@@ -335,9 +362,11 @@ def misordered(traffic: Traffic, target: TimedTarget, key: str, order: list[int]
             f"attempt {a.attempt})"
             for a in target.arrivals.get((key, seq), [])
         ]
+        partition = (served_by or {}).get(call.request_id or "", "?")
         lines.append(
             f"  {key}/{seq} id={call.request_id} sent {call.started - origin:.2f}s, answered "
-            f"{call.status} {call.error or ''} after {call.elapsed:.2f}s; arrived {arrivals}"
+            f"{call.status} {call.error or ''} after {call.elapsed:.2f}s; arrived {arrivals} "
+            f"from {partition}"
         )
     return lines
 

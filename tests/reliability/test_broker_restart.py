@@ -8,6 +8,7 @@ confirmed before the outage is processed after it.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -46,6 +47,14 @@ async def start_pair(
     enqueuer, url = await stack.enqueuer("--timeout", "10")
     ports = [p.admin_port for p in (enqueuer, *started)]  # type: ignore[attr-defined]
     return f"{url}/{service}", ports
+
+
+def ring(node: LocalCluster, service: str) -> list[int]:
+    """The partition of each bucket of the service's hash ring, read off the broker itself."""
+    state = node.ctl(
+        node.nodes[0], "eval", "ets:tab2list(rabbit_exchange_type_consistent_hash_ring_state)."
+    )
+    return [int(p) for p in re.findall(rf"<<\"{re.escape(service)}\.p(\d+)\">>", state)]
 
 
 async def fault_cycle(
@@ -88,6 +97,7 @@ async def test_stop_app_and_full_restart_under_load(
     traffic = Traffic(url)
     backlogs: list[Call] = []
     recoveries: dict[str, dict[str, float]] = {}
+    rings: dict[str, list[int]] = {}
     async with running(traffic, client):
         await asyncio.sleep(2)
         for name, down, up in (
@@ -97,6 +107,7 @@ async def test_stop_app_and_full_restart_under_load(
             backlog, recoveries[name] = await fault_cycle(name, down, up, traffic, client)
             backlogs += backlog
             await asyncio.sleep(1)
+            rings[name] = await asyncio.to_thread(ring, node, service)
     verdict = await verify(traffic, timed_target, client, logs=stack.log_text)
     after = [
         c
@@ -114,9 +125,11 @@ async def test_stop_app_and_full_restart_under_load(
             "backlog_confirmed_before": len(backlogs),
             "backlog_processed_after_outage": len(after),
             "reconnects_per_sidecar": reconnects,
+            "hash_ring_after": rings,
         },
     )
     verdict.check()
+    assert all(r == [0, 1, 2, 3] for r in rings.values()), rings
     assert after, "no confirmed backlog was left for after the outage: the test proved nothing"
     assert all(r >= 2 for r in reconnects), reconnects
 
