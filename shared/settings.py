@@ -177,10 +177,7 @@ SettingsT = TypeVar("SettingsT", bound=CommandSettings)
 def load(cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
     """Parse flags (winning over `PROXYMQ_*` variables), or exit 2 with a readable message."""
     args = sys.argv[1:] if argv is None else argv
-    epilog = (
-        "Every flag is also an environment variable: --amqp-url is PROXYMQ_AMQP_URL, and "
-        "PROXYMQ_AMQP_URL_FILE reads it from a file. Flags win over the environment."
-    )
+    epilog = epilog_for(cls)
     try:
         return _parse(cls, args, epilog)
     except ValidationError as exc:
@@ -193,6 +190,17 @@ def load(cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
     except ValueError as exc:
         print(f"{cls.prog}: invalid configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def epilog_for(cls: type[CommandSettings]) -> str:
+    """The environment rule, told with the command's own first flag (url-fetcher has no
+    --amqp-url)."""
+    name = next(iter(cls.model_fields))
+    flag, env = "--" + name.replace("_", "-"), "PROXYMQ_" + name.upper()
+    return (
+        f"Every flag is also an environment variable: {flag} is {env}, and "
+        f"{env}_FILE reads it from a file. Flags win over the environment."
+    )
 
 
 def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:

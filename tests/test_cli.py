@@ -89,6 +89,18 @@ def test_help_of_every_command(command: list[str]) -> None:
     assert "usage: proxymq" in done.stdout
 
 
+def test_help_names_only_variables_there_are() -> None:
+    """`proxymq` options are no environment variables but for the broker's URLs; url-fetcher
+    has no --amqp-url."""
+    tool = subprocess.run([script("proxymq"), "--help"], capture_output=True, text=True, timeout=30)
+    assert "Every option" not in tool.stdout and "PROXYMQ_AMQP_URL" in tool.stdout
+    fetcher = subprocess.run(
+        [script("url-fetcher"), "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert "amqp" not in fetcher.stdout.lower()
+    assert "--host is PROXYMQ_HOST" in fetcher.stdout
+
+
 @pytest.mark.parametrize(
     "environment",
     [{"PROXYMQ_AMQP_URL": "amqp://[::1"}, {"PROXYMQ_AMQP_URL_FILE": "/nonexistent"}],

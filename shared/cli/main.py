@@ -18,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="proxymq",
         description="Operate ProxyMQ: run the demo, measure, look at a service's partitions.",
-        epilog="Every option is also an environment variable: --amqp-url is PROXYMQ_AMQP_URL.",
+        epilog=(
+            "--amqp-url is also PROXYMQ_AMQP_URL (PROXYMQ_AMQP_URL_FILE reads it from a file), "
+            "--management-url PROXYMQ_MANAGEMENT_URL; flags win over the environment."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in commands():
