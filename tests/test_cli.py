@@ -246,7 +246,8 @@ async def test_topology_counts_partitions_past_a_missing_p0(
     assert f"({service}.p0 is missing)" in again.stderr
     deleted = await proxymq("topology", "delete", "--service", service, "--yes")
     assert deleted.code == 0, deleted.output
-    assert "4 queues" in deleted.stdout and "(3 partitions + dead letters)" in deleted.stdout
+    assert "5 queues" in deleted.stdout
+    assert f"(3 partitions + dead letters + {service}.notify)" in deleted.stdout
     assert not await topology.queue_exists(amqp, topology.partition_queue(service, 3))
 
 
@@ -265,6 +266,9 @@ async def test_topology_declare_show_delete(service: str) -> None:
     assert f"{service}.p4" not in shown.stdout
     assert topology.partition_pattern(service) in shown.stdout
     assert "in partition order" in shown.stdout
+    for name in [f"{service}.dead", f"{service}.notify", f"{service}.members"]:
+        assert name in shown.stdout  # every object of the service's, as architecture.md lists
+    assert "(missing)" not in shown.stdout
 
     refused = await proxymq("topology", "delete", "--service", service)
     assert refused.code == 1
@@ -275,6 +279,8 @@ async def test_topology_declare_show_delete(service: str) -> None:
     assert deleted.code == 0, deleted.output
     assert not await exists(service)
     assert not await exists(service, topology.ring_marker(service), exchange=True)
+    assert not await exists(service, topology.dead_letter_exchange(service), exchange=True)
+    assert not await exists(service, topology.notify_queue(service))
     shown = await proxymq("topology", "show", "--service", service)
     assert "not declared" in shown.stdout
 

@@ -78,7 +78,9 @@ def declare(args: argparse.Namespace) -> int:
             f"{layout.queues[-1]} ({layout.partitions} quorum partitions, delivery limit "
             f"{layout.delivery_limit}"
             + (f", max length {layout.max_length}" if layout.max_length else "")
-            + f") and {layout.dead_letters}"
+            + f") and {layout.dead_letters}, with {topology.dead_letter_exchange(layout.service)} "
+            f"(fanout to it and {topology.notify_queue(layout.service)}) and "
+            f"{topology.ring_marker(layout.service)} (the hash ring is in partition order)"
         )
         return 0
 
@@ -90,7 +92,8 @@ def delete(args: argparse.Namespace) -> int:
 
     async def action(connection: AbstractConnection) -> int:
         partitions = await topology.partitions_present(connection, args.service)
-        queues = [*partitions, layout.dead_letters]
+        notify = topology.notify_queue(args.service)
+        queues = [*partitions, layout.dead_letters, notify]
         depths = {name: await passive(connection, name) for name in queues}
         present = {name: found for name, found in depths.items() if found is not None}
         has_exchange = await topology.exchange_exists(connection, layout.exchange)
@@ -100,9 +103,11 @@ def delete(args: argparse.Namespace) -> int:
         messages = sum(found[0] for found in present.values())
         consumers = sum(found[1] for found in present.values())
         what = (
-            f"exchange {layout.exchange} and {len(present)} queues of service {args.service!r} "
-            f"({len(partitions)} partitions + dead letters) holding {messages} ready messages"
+            f"{len(present)} queues of service {args.service!r} "
+            f"({len(partitions)} partitions + dead letters + {notify}) holding {messages} ready "
+            "messages"
             + (f", with {consumers} consumers attached" if consumers else "")
+            + f", and exchanges {', '.join(_other_exchanges(args.service))}"
         )
         try:
             if not args.yes and not await confirm(f"delete {what}?"):
@@ -138,8 +143,31 @@ def show(args: argparse.Namespace) -> int:
         table.add_row("partition queues", ", ".join(partitions or layout.queues))
         table.add_row("queue arguments", _args(layout))
         table.add_row("dead letters", layout.dead_letters + _missing(dead is not None))
+        service = args.service
+        dead_exchange = topology.dead_letter_exchange(service)
+        notify = topology.notify_queue(service)
+        table.add_row(
+            "dead-letter exchange",
+            f"{dead_exchange} (fanout to {layout.dead_letters} and {notify})"
+            + _missing(await topology.exchange_exists(connection, dead_exchange)),
+        )
+        table.add_row(
+            "notifications",
+            f"{notify} (the broker's dead letters, answered 502 by a dequeuer)"
+            + _missing(await topology.queue_exists(connection, notify)),
+        )
+        members = topology.members_exchange(service)
+        table.add_row(
+            "membership",
+            f"{members} (fanout; a queue {members}.ID per dequeuer)"
+            + (
+                ""
+                if await topology.exchange_exists(connection, members)
+                else " (no dequeuer has run yet)"
+            ),
+        )
         if exchange:
-            table.add_row("hash ring", await _ring_state(connection, args.service))
+            table.add_row("hash ring", await _ring_state(connection, service))
         table.add_row("KEDA pattern", topology.partition_pattern(args.service))
         console.print(table)
         return 0
@@ -155,6 +183,16 @@ async def _ring_state(connection: AbstractConnection, service: str) -> str:
         f"{topology.ring_marker(service)}): the next sidecar to connect binds the partitions "
         "in order[/yellow]"
     )
+
+
+def _other_exchanges(service: str) -> list[str]:
+    """What `topology.delete` deletes besides the queues and exchange `S`."""
+    return [
+        topology.exchange_name(service),
+        topology.dead_letter_exchange(service),
+        topology.members_exchange(service),
+        topology.ring_marker(service),
+    ]
 
 
 def _missing(exists: bool) -> str:
