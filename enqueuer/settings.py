@@ -46,7 +46,8 @@ class EnqueuerSettings(SidecarSettings):
     partition_key: CommaList = Field(
         ["header:X-Partition-Key"],
         description="where the partition key comes from, in order, first match wins: "
-        "header:NAME, json:/json/pointer, query:NAME (repeat the flag or separate by commas)",
+        "header:NAME, json:/json/pointer (in a body whose Content-Type names json, or has "
+        "none), query:NAME (repeat the flag or separate by commas)",
     )
     require_partition_key: bool = Field(
         False,
