@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from shared import hash_ring, topology
 from tests.conftest import AMQP_URL, Stack
 from tests.target import Target
+from tests.test_cli import proxymq
 
 pytestmark = pytest.mark.rabbit
 PARTITIONS = 4
@@ -283,3 +284,11 @@ async def test_the_dequeuers_watch_binds_a_partition_that_lost_its_binding(
                 await asyncio.sleep(0.2)
     finally:
         watch.cancel()
+
+
+async def test_a_dlq_replay_puts_the_ring_back_before_it_publishes(
+    service: str, amqp: AbstractRobustConnection, moved: dict[str, int]
+) -> None:
+    replay = await proxymq("dlq", "replay", "--service", service, "--yes")
+    assert replay.code == 0, replay.output
+    assert await partitions_of(amqp, service) == moved
