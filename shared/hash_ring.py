@@ -163,12 +163,12 @@ async def rebuild(channel: aiormq.abc.AbstractChannel, service: str, queues: Seq
     up behind it; bound again, it takes the last bucket. After the last one, bucket `i` is
     partition `i`, whatever the order before.
 
-    One partition at a time, so that a bind by someone else cannot land in between: a
-    dequeuer's robust channel binds its partitions again when it reconnects, which is a no-op
-    for a bound queue and, for the one queue unbound at that moment, puts it where our bind
-    would (unbinding all first, such a bind put one partition ahead of the rest, for good).
-    Meanwhile a publish to the exchange may reach another partition or be returned: the
-    sidecars publish only once the marker is there, other clients are told in the docs."""
+    One at a time, so that at most one partition is out of the ring: another client's publish
+    meanwhile reaches a neighbouring partition rather than being returned (the sidecars
+    publish only once the marker is there). No one else may bind these queues meanwhile: on
+    RabbitMQ 3.10 a bind racing the unbind of the same queue left it bound but out of the ring
+    (seen: three buckets for four queues, once none), hence the lock, and no robust channel of
+    ours binds a partition."""
     started = time.monotonic()
     for queue in queues:
         await channel.queue_unbind(queue, service, routing_key=WEIGHT)
