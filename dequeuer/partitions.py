@@ -109,22 +109,33 @@ class Partitions:
             for index in sorted(wanted - set(self.subscriptions)):
                 try:
                     await self._subscribe(index)
-                except Exception as exc:
-                    log.warning("could not subscribe to partition %d: %s; retrying", index, exc)
+                except (Exception, asyncio.CancelledError) as exc:
+                    if _cancelled():
+                        raise
+                    reason = str(exc) or "connection lost"
+                    log.warning("could not subscribe to partition %d: %s; retrying", index, reason)
                     await asyncio.sleep(1)
                     self._wake.set()
 
     async def _subscribe(self, index: int) -> None:
+        """A subscription cut off by a lost connection is closed, not left half made: aiormq
+        fails the pending step with CancelledError, and that used to end `_reconcile` for good
+        (no partition taken or given up again, and SIGTERM waited for ever on the handover)."""
         assert self._connection is not None
         name = self.topology.queues[index]
         channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=self.prefetch)
-        # Not bound here: a robust channel binds its queues again when it is restored, and a
-        # bind racing the ring's rebuild by another sidecar left a partition out of the ring
-        # or ahead of the others. Bindings are `hash_ring`'s alone.
-        queue = await declare_partition(channel, self.topology, name)
-        subscription = Subscription(index, name, channel)
-        await queue.consume(partial(self.on_message, subscription))
+        try:
+            await channel.set_qos(prefetch_count=self.prefetch)
+            # Not bound here: a robust channel binds its queues again when it is restored, and
+            # a bind racing the ring's rebuild by another sidecar left a partition out of the
+            # ring or ahead of the others. Bindings are `hash_ring`'s alone.
+            queue = await declare_partition(channel, self.topology, name)
+            subscription = Subscription(index, name, channel)
+            await queue.consume(partial(self.on_message, subscription))
+        except BaseException:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await channel.close()
+            raise
         self.subscriptions[index] = subscription
         log.info("subscribed to %s", name)
 
@@ -162,3 +173,10 @@ class Partitions:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _cancelled() -> bool:
+    """Whether this task is being cancelled, as opposed to aiormq failing a pending step with
+    CancelledError because it gave the connection up."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -351,3 +351,36 @@ async def test_requests_not_started_when_the_connection_drops_are_called_once(
         assert [seq for seq in arrivals if seq > 0] == [1, 2, 3, 4, 5], arrivals
     finally:
         await proxy.stop()
+
+
+async def test_a_rebalance_cut_by_a_lost_connection_is_finished_after_it(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A dequeuer whose connection goes silent takes its peer for gone and subscribes to the
+    peer's partitions, into the silence, until heartbeats give the connection up. Once it is
+    back it must still follow the membership: share with its peer, take every partition
+    when the peer dies, and stop at once on SIGTERM. It did none of these: the lost
+    connection failed the subscribe with CancelledError, which ended the task that moves
+    subscriptions for good."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        behind = await stack.dequeuer(
+            service,
+            target.url,
+            *("--instance-id", "behind", "--partitions", str(PARTITIONS)),
+            *("--amqp-heartbeat", "1"),
+            env={"PROXYMQ_AMQP_URL": proxy.url},
+        )
+        [peer] = await start_dequeuers(stack, service, target, "peer")
+        await wait_balanced(http, [behind, peer])
+        proxy.blackhole()
+        await asyncio.sleep(9)  # expiry 2.5 s, then given up after (1 + 1) x 3 s
+        proxy.heal()
+        await wait_balanced(http, [behind, peer])
+        peer.signal(signal.SIGKILL)
+        await wait_balanced(http, [behind])
+        started = time.monotonic()
+        assert await asyncio.to_thread(behind.stop, 20) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        await proxy.stop()
