@@ -104,6 +104,8 @@ class Membership:
         try:
             beat = json.loads(message.body)
             member, available, leaving = beat["id"], bool(beat["available"]), bool(beat["leaving"])
+            if not isinstance(member, str):  # a number among the names broke every sort of them
+                raise TypeError(f"member id {member!r} is no string")
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed heartbeat on %s", members_exchange(self.service))
             return

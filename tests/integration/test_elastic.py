@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import random
 import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
@@ -384,3 +386,26 @@ async def test_a_rebalance_cut_by_a_lost_connection_is_finished_after_it(
         assert time.monotonic() - started < 15
     finally:
         await proxy.stop()
+
+
+@pytest.mark.parametrize("member", [5, ["a"], None])
+async def test_a_heartbeat_naming_no_member_is_ignored(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    member: object,
+) -> None:
+    """A heartbeat whose `id` is no string (another client's message on `S.members`) is
+    ignored. One with a number made every dequeuer of the service stop heartbeating for good
+    (sorting the members failed in the heartbeat task), so none took over when another died."""
+    dequeuers = await start_dequeuers(stack, service, target, "m1", "m2")
+    await wait_balanced(http, dequeuers)
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(topology.members_exchange(service))
+    beat = {"id": member, "available": True, "leaving": False}
+    await exchange.publish(aio_pika.Message(json.dumps(beat).encode()), routing_key="")
+    await asyncio.sleep(1)
+    dequeuers.pop(0).signal(signal.SIGKILL)
+    await wait_balanced(http, dequeuers)
