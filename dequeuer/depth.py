@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import Gauge
 
 from shared import topology
-from shared.broker import BROKER_ERRORS
+from shared.broker import BROKER_ERRORS, being_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ async def watch_depth(
                 declared = await channel.queue_declare(name, passive=True)
                 gauge.labels(service, name).set(declared.message_count or 0)
                 shown.add(name)
-            except BROKER_ERRORS as exc:  # a closed channel is replaced on the next turn
-                log.debug("depth of %s unknown: %s", name, exc)
+            except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
+                # A closed channel is replaced on the next turn. A connection given up fails
+                # the declare with CancelledError, which used to end this task: the gauge then
+                # stayed as it was for good, whatever the partitions' backlog.
+                if being_cancelled():
+                    raise
+                log.debug("depth of %s unknown: %s", name, exc or "connection lost")
         await asyncio.sleep(interval)

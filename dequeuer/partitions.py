@@ -17,6 +17,7 @@ from functools import partial
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from shared.broker import being_cancelled
 from shared.topology import Topology, declare_partition
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Partitions:
                 try:
                     await self._subscribe(index)
                 except (Exception, asyncio.CancelledError) as exc:
-                    if _cancelled():
+                    if being_cancelled():
                         raise
                     reason = str(exc) or "connection lost"
                     log.warning("could not subscribe to partition %d: %s; retrying", index, reason)
@@ -173,10 +174,3 @@ class Partitions:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _cancelled() -> bool:
-    """Whether this task is being cancelled, as opposed to aiormq failing a pending step with
-    CancelledError because it gave the connection up."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

@@ -33,6 +33,14 @@ CONNECT_TIMEOUT = 10.0
 BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
+def being_cancelled() -> bool:
+    """Whether the current task is being cancelled. A `CancelledError` while it is not comes
+    from aiormq, which fails the steps pending on a connection it gives up (heartbeats missed)
+    with it: a broker error like the others, not a reason for a background task to end."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 # RabbitMQ's max_message_size unless rabbitmq.conf says otherwise; AMQP does not tell a client.
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 

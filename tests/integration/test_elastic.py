@@ -52,6 +52,14 @@ async def wait_balanced(
     raise AssertionError(f"not balanced: {counts} for {partitions} partitions")
 
 
+async def depths_shown(http: aiohttp.ClientSession, process: Process) -> int:
+    """How many partitions `proxymq_dequeuer_queue_depth` has a sample for."""
+    port = process.admin_port  # type: ignore[attr-defined]
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    return sum(line.startswith("proxymq_dequeuer_queue_depth{") for line in text.splitlines())
+
+
 @dataclass
 class Load:
     """Requests with many keys, each key's requests sent in order, paced, async (202)."""
@@ -381,6 +389,9 @@ async def test_a_rebalance_cut_by_a_lost_connection_is_finished_after_it(
         await wait_balanced(http, [behind, peer])
         peer.signal(signal.SIGKILL)
         await wait_balanced(http, [behind])
+        async with asyncio.timeout(20):  # its backlog gauge follows (one look every 5 s)
+            while await depths_shown(http, behind) < PARTITIONS:
+                await asyncio.sleep(0.5)
         started = time.monotonic()
         assert await asyncio.to_thread(behind.stop, 20) == 0
         assert time.monotonic() - started < 15
