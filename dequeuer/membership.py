@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 class Member:
     last_seen: float
     available: bool
+    expiry: float  # the member's own --member-expiry, which spans two of its heartbeats
 
 
 class Membership:
@@ -93,7 +95,7 @@ class Membership:
         alive = {
             member
             for member, state in self._peers.items()
-            if state.available and now - state.last_seen <= self.expiry
+            if state.available and now - state.last_seen <= state.expiry
         }
         alive.discard(self.instance_id)
         if self.available and not self.leaving:
@@ -106,6 +108,7 @@ class Membership:
             member, available, leaving = beat["id"], bool(beat["available"]), bool(beat["leaving"])
             if not isinstance(member, str):  # a number among the names broke every sort of them
                 raise TypeError(f"member id {member!r} is no string")
+            expiry = announced_expiry(beat.get("expiry"), self.expiry)
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed heartbeat on %s", members_exchange(self.service))
             return
@@ -114,7 +117,7 @@ class Membership:
         if leaving:
             self._peers.pop(member, None)
         else:
-            self._peers[member] = Member(time.monotonic(), available)
+            self._peers[member] = Member(time.monotonic(), available, expiry)
         self._check_change()
 
     def _check_change(self) -> None:
@@ -132,6 +135,7 @@ class Membership:
                 "id": self.instance_id,
                 "available": self.available,
                 "leaving": self.leaving,
+                "expiry": self.expiry,
                 "at": time.time(),
             }
         ).encode()
@@ -160,3 +164,14 @@ class Membership:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
+
+
+def announced_expiry(value: object, default: float) -> float:
+    """How long a member may go unheard: what it announces, since only it knows how often it
+    beats. Judged by the reader's own expiry, a member beating every 3 s among dequeuers with
+    the default 2.5 s (a rollout changing `--heartbeat-interval`) was taken for gone between
+    its heartbeats, and partitions changed hands for ever. A member that announces nothing
+    (an older dequeuer) or something unusable gets the reader's own."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return float(value) if 0 < value < math.inf else default

@@ -131,8 +131,8 @@ class DequeuerSettings(SidecarSettings):
     member_expiry: float = Field(
         2.5,
         gt=0,
-        description="a dequeuer not heard from for this long "
-        "is gone and its partitions are taken over",
+        description="this dequeuer, not heard from for this long, is gone and its "
+        "partitions are taken over (it tells the others in its heartbeats)",
     )
 
     @field_validator("service")

@@ -420,3 +420,24 @@ async def test_a_heartbeat_naming_no_member_is_ignored(
     await asyncio.sleep(1)
     dequeuers.pop(0).signal(signal.SIGKILL)
     await wait_balanced(http, dequeuers)
+
+
+async def test_dequeuers_with_other_heartbeat_settings_agree_on_the_members(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """During a rollout that changes `--heartbeat-interval`, old and new dequeuers run side by
+    side. Each member is judged by the expiry it announces: judged by the reader's own 2.5 s,
+    a dequeuer beating every 3 s was taken for gone between its heartbeats, and partitions
+    changed hands every few seconds (each handover counting against the held requests'
+    delivery limit)."""
+    [usual] = await start_dequeuers(stack, service, target, "usual")
+    [slow] = await start_dequeuers(
+        stack, service, target, "slow", args=("--heartbeat-interval", "3", "--member-expiry", "7")
+    )
+    await wait_balanced(http, [usual, slow])
+    await asyncio.sleep(4)  # the slow one's first heartbeat may have come late
+    port = usual.admin_port  # type: ignore[attr-defined]
+    before = await metric(http, port, "proxymq_dequeuer_rebalances_total")
+    await asyncio.sleep(10)
+    assert await metric(http, port, "proxymq_dequeuer_rebalances_total") == before
+    await wait_balanced(http, [usual, slow])
