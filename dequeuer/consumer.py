@@ -35,7 +35,7 @@ from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
 from shared import envelope, logs, topology, tracing
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS, refused_for_size
+from shared.broker import BROKER_ERRORS, refused_for_size, unless_closed
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
 from shared.errors import ServiceFailed
 from shared.metrics import DequeuerMetrics, status_class
@@ -203,7 +203,7 @@ class Consumer:
             elif outcome is None:
                 self.metrics.messages.labels(self.settings.service, partition, "expired").inc()
                 log.info("dropped: deadline passed before the call")
-                await message.ack()
+                await _ack(message)
             elif isinstance(outcome, HttpResponse) and not self.policy.retryable(outcome):
                 response = outcome
                 try:
@@ -212,7 +212,7 @@ class Consumer:
                     refused = CallFailed("too_large", str(exc))
                     await self.give_up(partition, message, request, refused, attempts)
                     return
-                await message.ack()
+                await _ack(message)
                 self.metrics.messages.labels(self.settings.service, partition, "replied").inc()
                 log.info(
                     "replied",
@@ -541,7 +541,7 @@ class Consumer:
         await self._while_held(
             message, lambda: envelope.publish(channel, copy, "", queue, mandatory=True)
         )
-        await message.ack()
+        await _ack(message)
         self.metrics.messages.labels(self.settings.service, partition, outcome).inc()
         log.warning(
             "dead-lettered: %s",
@@ -576,6 +576,12 @@ async def _wait_for(
         for waiter in waiters:
             waiter.cancel()
     return event.is_set() and not (abandon is not None and abandon.is_set())
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    """An ack that a connection dying under it cannot leave waiting for ever (`unless_closed`):
+    the broker delivers the message again."""
+    await unless_closed(message.channel, message.ack())
 
 
 def _held(message: AbstractIncomingMessage) -> bool:

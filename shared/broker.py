@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import aiormq
 from aio_pika import RobustConnection
@@ -23,6 +23,7 @@ from shared.settings import SidecarSettings
 
 log = logging.getLogger(__name__)
 read_text_leniently()
+T = TypeVar("T")
 OnConnect = Callable[[AbstractRobustConnection], Awaitable[None]]
 # A connection attempt that gets no AMQP answer by then (a frozen node, a black-holed route:
 # the TCP connect succeeds, nothing comes back) is given up, and the next address tried. Without
@@ -31,6 +32,37 @@ CONNECT_TIMEOUT = 10.0
 # What aio-pika and aiormq raise when the broker is gone, refuses, or a channel was closed under
 # us (aiormq's ChannelInvalidStateError is a RuntimeError).
 BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+
+
+async def unless_closed(channel: aiormq.abc.AbstractChannel, step: Awaitable[T]) -> T:
+    """`step` (a publish, an ack), given up with `ChannelInvalidStateError` if `channel` closes
+    first. aiormq hands frames to its writer through a bounded queue: when a connection dies
+    while that queue is full (its socket had stopped taking data), a publish or an ack waiting
+    for room is never woken, and the request's lane, with every later request of its key,
+    stayed stuck for good."""
+    if channel.is_closed:
+        if isinstance(step, Coroutine):
+            step.close()  # never started
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    closing = channel.closing  # an observer of the close, ours to cancel
+    bound = asyncio.timeout(None)
+    inside = True
+
+    def closed(_: object) -> None:
+        if inside:
+            bound.reschedule(-1)  # in the past: cancels `step` at once
+
+    try:
+        async with bound:
+            closing.add_done_callback(closed)
+            return await step
+    except TimeoutError:
+        if not bound.expired():
+            raise
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed") from None
+    finally:
+        inside = False
+        closing.cancel()
 
 
 def being_cancelled() -> bool:

@@ -20,6 +20,8 @@ from aio_pika.abc import AbstractChannel, HeadersType
 from pamqp.commands import Basic
 from pamqp.common import FieldTable
 
+from shared.broker import unless_closed
+
 VERSION = 1
 H_VERSION = "x-proxymq-version"
 H_SERVICE = "x-proxymq-service"
@@ -143,7 +145,7 @@ async def publish(
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     _check_frame(message.properties, underlay.max_content_size)
-    await underlay.basic_publish(
+    publishing = underlay.basic_publish(
         message.body,
         exchange=exchange,
         routing_key=routing_key,
@@ -151,6 +153,7 @@ async def publish(
         mandatory=mandatory,
         wait=False,
     )
+    await unless_closed(underlay, publishing)
 
 
 def _check_frame(properties: Basic.Properties, limit: int) -> None:

@@ -441,3 +441,52 @@ async def test_dequeuers_with_other_heartbeat_settings_agree_on_the_members(
     await asyncio.sleep(10)
     assert await metric(http, port, "proxymq_dequeuer_rebalances_total") == before
     await wait_balanced(http, [usual, slow])
+
+
+async def test_a_connection_dying_with_its_writes_blocked_leaves_no_key_stuck(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The path to the broker stops taking data while the dequeuer publishes large replies:
+    its socket fills, and aiormq's queue of frames for the writer too. When heartbeats give the
+    connection up, the publishes and acks waiting for room there were never woken: their keys'
+    lanes stayed stuck for good, and every later request of those keys got 504 (6 of 24 keys
+    in the first run). They are given up with the connection, and delivered again."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        _, url = await stack.enqueuer()
+        dequeuer = await stack.dequeuer(
+            service,
+            target.url,
+            *("--partitions", "1", "--amqp-heartbeat", "1"),
+            env={"PROXYMQ_AMQP_URL": proxy.url},
+        )
+        await wait_balanced(http, [dequeuer], partitions=1)
+        keys = [f"w{i}" for i in range(24)]
+
+        async def large(key: str) -> None:  # 4 MB answers, streamed, so still being read
+            async with http.get(
+                f"{url}/{service}/bytes/4000000?chunked=1",
+                headers={"X-Partition-Key": key, "Prefer": "respond-async"},
+            ) as response:
+                assert response.status == 202
+
+        await asyncio.gather(*(large(key) for key in keys))
+        async with asyncio.timeout(10):
+            while not target.seen:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # stalled while the replies go out (the bug showed 1 run in 2)
+        assert proxy.stall() == 1
+        await asyncio.sleep(9)  # given up after (1 + 1) x 3 s
+        proxy.heal()
+        answers = await asyncio.gather(
+            *(
+                http.get(
+                    f"{url}/{service}/echo/{key}",
+                    headers={"X-Partition-Key": key, "X-Request-Timeout": "40"},
+                )
+                for key in keys
+            )
+        )
+        assert [a.status for a in answers] == [200] * len(keys)
+    finally:
+        await proxy.stop()

@@ -24,6 +24,7 @@ class _Pair:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     silent: bool = False
+    stalled: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def writers(self) -> list[asyncio.StreamWriter]:
@@ -77,6 +78,15 @@ class FaultyProxy:
             pair.silent = True
         return len(self._pairs)
 
+    def stall(self) -> int:
+        """Stop reading from every connection, now and new ones, until `heal()`: the senders'
+        buffers fill and their writes block, as on a path that drops everything without a word
+        (a black hole whose TCP stops acknowledging); returns how many."""
+        self.blocking = True
+        for pair in self._pairs:
+            pair.silent = pair.stalled = True
+        return len(self._pairs)
+
     def refuse(self) -> None:
         """Reset new connections at once, until `heal()`."""
         self.refusing = True
@@ -115,6 +125,8 @@ class FaultyProxy:
     ) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await reader.read(CHUNK):
+                if pair.stalled:  # read no more, and keep the socket open
+                    await asyncio.get_running_loop().create_future()
                 if pair.silent:
                     continue
                 writer.write(data)
