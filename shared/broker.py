@@ -35,11 +35,11 @@ BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
 async def unless_closed(channel: aiormq.abc.AbstractChannel, step: Awaitable[T]) -> T:
-    """`step` (a publish, an ack), given up with `ChannelInvalidStateError` if `channel` closes
-    first. aiormq hands frames to its writer through a bounded queue: when a connection dies
-    while that queue is full (its socket had stopped taking data), a publish or an ack waiting
-    for room is never woken, and the request's lane, with every later request of its key,
-    stayed stuck for good."""
+    """`step` (a publish, an ack), given up with the channel's close reason (else
+    `ChannelInvalidStateError`) if `channel` closes first. aiormq hands frames to its writer
+    through a bounded queue: when a connection dies while that queue is full (its socket had
+    stopped taking data), a publish or an ack waiting for room is never woken, and the
+    request's lane, with every later request of its key, stayed stuck for good."""
     if channel.is_closed:
         if isinstance(step, Coroutine):
             step.close()  # never started
@@ -59,6 +59,9 @@ async def unless_closed(channel: aiormq.abc.AbstractChannel, step: Awaitable[T])
     except TimeoutError:
         if not bound.expired():
             raise
+        reason = None if closing.cancelled() else closing.exception()
+        if isinstance(reason, Exception):  # the broker's, as `refused_for_size` reads it
+            raise reason from None
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed") from None
     finally:
         inside = False

@@ -3,9 +3,10 @@
 A broker that stops closes its connections cleanly; a network does not. `reset()` aborts every
 connection with an RST (a crashed host, a firewall reset); `blackhole()` keeps every socket open
 but forwards nothing more, and new connections are accepted into the same silence (a frozen VM,
-a route gone without a word): only heartbeats and timeouts can tell. `refuse()` resets every
+a route gone without a word): only heartbeats and timeouts can tell. `stall()` does the same
+but stops reading too, so the senders' buffers fill and their writes block. `refuse()` resets every
 new connection at once (a host that is up but not serving). `heal()` lets new connections
-through again; the black-holed ones stay dead, as a half-open TCP connection does.
+through again; the black-holed and stalled ones stay dead, as a half-open TCP connection does.
 """
 
 from __future__ import annotations
