@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -34,6 +35,30 @@ CONNECT_TIMEOUT = 10.0
 BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
+class _Watch:
+    """The tasks inside an `unless_closed` step on one channel, cancelled when it closes: one
+    observer per channel, a set entry per step (an observer and a timeout per step cost 18 µs,
+    4 % of each sidecar's CPU per request)."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.inside: set[asyncio.Task[Any]] = set()
+        self.cancelled: set[asyncio.Task[Any]] = set()
+        self.reason: BaseException | None = None
+        self.closing = channel.closing  # an observer of the close, held as long as the watch
+        self.closing.add_done_callback(self._closed)
+
+    def _closed(self, closing: asyncio.Future[Any]) -> None:
+        self.reason = None if closing.cancelled() else closing.exception()
+        for task in self.inside:  # each waits inside its step: the cancel lands there
+            task.cancel()
+            self.cancelled.add(task)
+
+
+_watches: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _Watch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def unless_closed(channel: aiormq.abc.AbstractChannel, step: Awaitable[T]) -> T:
     """`step` (a publish, an ack), given up with the channel's close reason (else
     `ChannelInvalidStateError`) if `channel` closes first. aiormq hands frames to its writer
@@ -44,28 +69,23 @@ async def unless_closed(channel: aiormq.abc.AbstractChannel, step: Awaitable[T])
         if isinstance(step, Coroutine):
             step.close()  # never started
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    closing = channel.closing  # an observer of the close, ours to cancel
-    bound = asyncio.timeout(None)
-    inside = True
-
-    def closed(_: object) -> None:
-        if inside:
-            bound.reschedule(-1)  # in the past: cancels `step` at once
-
+    watch = _watches.get(channel)
+    if watch is None:
+        watch = _watches[channel] = _Watch(channel)
+    task = asyncio.current_task()
+    assert task is not None
+    watch.inside.add(task)
     try:
-        async with bound:
-            closing.add_done_callback(closed)
-            return await step
-    except TimeoutError:
-        if not bound.expired():
-            raise
-        reason = None if closing.cancelled() else closing.exception()
-        if isinstance(reason, Exception):  # the broker's, as `refused_for_size` reads it
-            raise reason from None
+        return await step
+    except asyncio.CancelledError:
+        if task not in watch.cancelled or task.uncancel() > 0:
+            raise  # not ours, or someone else cancels the task too
+        if isinstance(watch.reason, Exception):  # the broker's, as `refused_for_size` reads it
+            raise watch.reason from None
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed") from None
     finally:
-        inside = False
-        closing.cancel()
+        watch.inside.discard(task)
+        watch.cancelled.discard(task)
 
 
 def being_cancelled() -> bool:
