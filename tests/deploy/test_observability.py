@@ -207,3 +207,11 @@ def test_every_docs_link_of_the_deploy_files_has_its_section() -> None:
         r"runbook: (docs/operations\.md#[a-z-]+)", (PROMETHEUS / "alerts.yml").read_text()
     )
     assert len(runbooks) >= 8
+
+
+def test_every_exported_metric_is_documented() -> None:
+    documented = (ROOT / "docs" / "operations.md").read_text()
+    for metrics in (EnqueuerMetrics(), DequeuerMetrics()):
+        for family in metrics.registry.collect():
+            name = family.name + ("_total" if family.type == "counter" else "")
+            assert f"`{name}`" in documented, f"{name} is not in docs/operations.md, Metrics"
