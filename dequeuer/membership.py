@@ -29,6 +29,7 @@ from shared import topology
 from shared.topology import members_exchange
 
 log = logging.getLogger(__name__)
+FORGET_AFTER = 60.0  # seconds: as long as the broker keeps a gone member's heartbeat queue
 
 
 @dataclass
@@ -90,8 +91,16 @@ class Membership:
         self._task = asyncio.create_task(self._beat(), name="membership heartbeat")
 
     def view(self) -> frozenset[str]:
-        """Available members, this one included when it is available."""
+        """Available members, this one included when it is available. Members unheard for
+        long are forgotten: a dequeuer killed under a random id never says it leaves, and each
+        one stayed, scanned at every heartbeat, for the life of the others."""
         now = time.monotonic()
+        for member in [
+            member
+            for member, state in self._peers.items()
+            if now - state.last_seen > max(FORGET_AFTER, 2 * state.expiry)
+        ]:
+            del self._peers[member]
         alive = {
             member
             for member, state in self._peers.items()
