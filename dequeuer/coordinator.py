@@ -42,9 +42,17 @@ class Coordinator:
         if mine != self._mine:
             log.info(
                 "partitions of this dequeuer: %s (members: %d)",
-                ",".join(map(str, sorted(mine))) or "none (standby)",
+                ",".join(map(str, sorted(mine))) or self._why_none(),
                 len(view),
             )
             self._mine = mine
             self.on_rebalance()
             self.partitions.want(mine)
+
+    def _why_none(self) -> str:
+        """Standby (more dequeuers than partitions) and a pause are told apart in the log."""
+        if self.membership.leaving:
+            return "none (leaving)"
+        if not self.membership.available:
+            return "none (paused: the microservice is not ready)"
+        return "none (standby: the other dequeuers hold every partition)"

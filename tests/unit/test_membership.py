@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import pytest
 
 from dequeuer import membership
+from dequeuer.coordinator import Coordinator
 from dequeuer.membership import Membership
 
 
@@ -34,3 +36,31 @@ async def test_members_killed_without_a_word_are_forgotten(
     await members._on_heartbeat(beat("alive"))  # type: ignore[arg-type]
     assert members.view() == frozenset({"alive"})
     assert set(members._peers) == {"alive"}
+
+
+class Wants:
+    """Stands in for `Partitions`: records what the coordinator asks for."""
+
+    def __init__(self) -> None:
+        self.asked: list[frozenset[int]] = []
+
+    def want(self, indexes: frozenset[int]) -> None:
+        self.asked.append(indexes)
+
+
+async def test_the_log_tells_a_paused_dequeuer_from_a_standby_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    members = Membership("svc", "me", expiry=2.5)
+    wants = Wants()
+    coordinator = Coordinator(members, wants, 1)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="dequeuer.coordinator"):
+        coordinator.set_available(True)  # alone: partition 0
+        coordinator.set_available(False)
+        paused = caplog.records[-1].getMessage()
+        coordinator.set_available(True)
+        await members._on_heartbeat(beat("bbb"))  # type: ignore[arg-type]  # takes partition 0
+        standby = caplog.records[-1].getMessage()
+    assert wants.asked == [frozenset({0}), frozenset(), frozenset({0}), frozenset()]
+    assert "none (paused: the microservice is not ready)" in paused
+    assert "none (standby: the other dequeuers hold every partition)" in standby
