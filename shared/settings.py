@@ -218,4 +218,18 @@ def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:
         cli_avoid_json=True,
         cli_hide_none_type=True,
     )
+    _name_values(parser, cls)
     return cls(_cli_settings_source=source(args=args))  # type: ignore[call-arg]
+
+
+METAVARS = {parse_size: "SIZE", split_commas: "A,B"}  # what --help shows instead of int, list
+
+
+def _name_values(parser: argparse.ArgumentParser, cls: type[CommandSettings]) -> None:
+    """`--max-body SIZE`, not `--max-body int`: the type a flag parses to is not what it takes
+    (`1MiB`, `a,b`)."""
+    for action in parser._actions:
+        field = cls.model_fields.get(action.dest)
+        for rule in field.metadata if field is not None else ():
+            if isinstance(rule, BeforeValidator) and rule.func in METAVARS:
+                action.metavar = METAVARS[rule.func]

@@ -237,3 +237,10 @@ def test_values_that_could_never_work_are_refused_at_start(
 def test_amqp_urls_without_a_port_are_taken() -> None:
     url = "amqp://guest:guest@127.0.0.1/,amqps://other.example/vhost"
     assert load(EnqueuerSettings, ["--amqp-url", url]).amqp_url == url
+
+
+def test_help_names_what_size_and_list_flags_take(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(EnqueuerSettings, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--max-body SIZE" in out and "--services A,B" in out
+    assert "--max-body int" not in out and "list[str]" not in out
