@@ -26,6 +26,7 @@ from aio_pika.abc import (
 )
 
 from shared import topology
+from shared.broker import closed_within
 from shared.topology import members_exchange
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class Membership:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+            await closed_within(self._channel.close())
 
 
 def announced_expiry(value: object, default: float) -> float:

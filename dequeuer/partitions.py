@@ -17,7 +17,7 @@ from functools import partial
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from shared.broker import being_cancelled
+from shared.broker import being_cancelled, closed_within
 from shared.topology import Topology, declare_partition
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Partitions:
         self.prefetch = prefetch
         self.on_message = on_message
         self.grace = grace
+        self._stopping = False
         self.on_handover = on_handover
         self.subscriptions: dict[int, Subscription] = {}
         self._releasing: dict[int, asyncio.Task[None]] = {}
@@ -151,8 +152,11 @@ class Partitions:
                     subscription.pending,
                     self.grace,
                 )
-            with contextlib.suppress(Exception):
-                await subscription.channel.close()
+            if self._stopping:
+                await closed_within(subscription.channel.close())
+            else:
+                with contextlib.suppress(Exception):
+                    await subscription.channel.close()
             log.info("released %s", subscription.queue)
             self.on_handover()
         finally:
@@ -162,6 +166,7 @@ class Partitions:
 
     async def release_all(self) -> None:
         """For a graceful stop: every partition given up in parallel, each after its drain."""
+        self._stopping = True
         self.want(frozenset())
         await asyncio.sleep(0)
         while self.subscriptions or self._releasing:

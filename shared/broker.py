@@ -88,6 +88,19 @@ async def unless_closed(channel: aiormq.abc.AbstractChannel, step: Awaitable[T])
         watch.cancelled.discard(task)
 
 
+CLOSE_WAIT = 2.0  # seconds a channel or connection close may take once the sidecar stops
+
+
+async def closed_within(closing: Awaitable[object], wait: float = CLOSE_WAIT) -> None:
+    """A close at exit that a silent broker cannot hold up: aiormq waits for the broker's
+    close-ok until heartbeats give the connection up (two of them: 30 s by default), and a
+    dequeuer stopping with its broker black-holed took 32 s, past Kubernetes' 30 s grace.
+    Not for rebalances: a channel given up without its close-ok may stay open on the broker,
+    holding its partition."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(closing, wait)
+
+
 def being_cancelled() -> bool:
     """Whether the current task is being cancelled. A `CancelledError` while it is not comes
     from aiormq, which fails the steps pending on a connection it gives up (heartbeats missed)
@@ -285,4 +298,4 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._connection is not None:
-            await self._connection.close()
+            await closed_within(self._connection.close())

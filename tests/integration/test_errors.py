@@ -852,6 +852,27 @@ async def test_stopping_while_the_broker_has_gone_silent(
     assert f"released {service}.p0" in logged
 
 
+async def test_stopping_while_the_broker_is_silent_ends_within_kubernetes_grace(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The same with the default heartbeat (15 s): each close waited for the broker's
+    close-ok until heartbeats gave the connection up, and the dequeuer took 32 s to exit, past
+    Kubernetes' 30 s grace (the pod was killed before it had closed anything)."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        dequeuer = await stack.dequeuer(service, target.url, env={"PROXYMQ_AMQP_URL": proxy.url})
+        assert dequeuer.popen is not None
+        admin = dequeuer.admin_port  # type: ignore[attr-defined]
+        async with asyncio.timeout(10):
+            while await metric(http, admin, "proxymq_dequeuer_partitions_owned") < 8:
+                await asyncio.sleep(0.1)
+        proxy.blackhole()
+        dequeuer.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(dequeuer.popen.wait, 25) == 0
+    finally:
+        await proxy.stop()
+
+
 async def test_broker_down_at_startup(
     stack: Stack, service: str, http: aiohttp.ClientSession
 ) -> None:
