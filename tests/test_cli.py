@@ -484,12 +484,20 @@ def test_an_amqp_url_without_a_port_is_taken() -> None:
         assert args.amqp_url == url
 
 
+def interruptible() -> None:
+    """A child that hears Ctrl-C, as one started from a terminal does. A suite run in the
+    background (`make test &`) ignores SIGINT, its children inherit that, and a program started
+    so keeps ignoring it, as it should: these tests then waited for nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted_at_the_question(*args: str) -> tuple[int, str]:
     """Run `proxymq` on a terminal (a pty), wait for its [y/N] question, press Ctrl-C (SIGINT),
     and give back its exit code and what it wrote. Not answering must not keep it running."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the console script, with the pty as its terminal
         os.environ.update({"PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"})
+        interruptible()
         os.execv(script("proxymq"), ["proxymq", *args])
     said = b""
     try:
@@ -586,6 +594,7 @@ async def test_ctrl_c_while_waiting_is_one_line(service: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL},
+        preexec_fn=interruptible,
     )
     try:
         await asyncio.wait_for(asked.wait(), 30)
