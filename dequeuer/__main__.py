@@ -142,6 +142,8 @@ async def serve(settings: DequeuerSettings) -> int:
                     "microservice_ready": readiness.ready.is_set(),
                     "breaker_closed": breaker.state != OPEN,
                     "member": membership.available,
+                    # From SIGTERM on it finishes what it holds and takes nothing new.
+                    "not_stopping": not membership.leaving,
                 },
                 metrics.registry,
             ),

@@ -858,6 +858,34 @@ async def test_stopping_while_the_broker_has_gone_silent(
     assert f"released {service}.p0" in logged
 
 
+async def test_a_draining_dequeuer_is_not_ready(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """After SIGTERM the dequeuer finishes the call in flight before it exits; meanwhile its
+    `/readyz` said 200, as if it would take more work (a rollout counted it as a ready pod)."""
+    _, url = await stack.enqueuer()
+    dequeuer = await stack.dequeuer(service, target.url)
+    assert dequeuer.popen is not None
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    call = asyncio.create_task(http.get(f"{url}/{service}/delay/3"))
+    async with asyncio.timeout(10):
+        while not any(seen.path == "/delay/3" for seen in target.seen):
+            await asyncio.sleep(0.05)
+    dequeuer.signal(signal.SIGTERM)
+    async with asyncio.timeout(2):
+        while True:
+            async with http.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                if response.status == 503:
+                    checks = (await response.json())["checks"]
+                    break
+            await asyncio.sleep(0.05)
+    assert checks["not_stopping"] is False, checks
+    async with await call as response:  # and the call in flight still gets its answer
+        assert response.status == 200
+        assert await response.text() == "late"
+    assert await asyncio.to_thread(dequeuer.popen.wait, 15) == 0
+
+
 async def test_broker_down_at_startup(
     stack: Stack, service: str, http: aiohttp.ClientSession
 ) -> None:
