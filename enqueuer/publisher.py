@@ -208,8 +208,11 @@ class Publisher:
             ) from exc
         except aiormq.exceptions.DeliveryError as exc:
             self._renew_channel()
+            # RabbitMQ's nack does not say why; a quorum queue electing a leader nacks too.
             raise Backpressure(
-                f"the partition of service {service!r} for this key is full", retry_after=1
+                f"the partition of service {service!r} for this key refused the request: it "
+                "is full, or it is electing a new leader after a RabbitMQ node went down",
+                retry_after=1,
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             self._exchanges.pop(service, None)

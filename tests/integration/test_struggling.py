@@ -41,6 +41,8 @@ async def test_full_partition_is_backpressure_and_loses_nothing(
                 assert response.status == 429
                 assert response.headers["X-ProxyMQ-Error"] == "backpressure"
                 assert int(response.headers["Retry-After"]) >= 1
+                message = (await response.json())["error"]["message"]
+                assert "is full, or it is electing a new leader" in message  # a nack says no why
                 refused += 1
     assert 5 <= len(accepted) <= 6 and refused == 10 - len(accepted)  # may overshoot by one
     admin = enqueuer.admin_port  # type: ignore[attr-defined]
