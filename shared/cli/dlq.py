@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -41,6 +42,7 @@ from shared.cli.dlq_pass import (
     DlqError,
     Fate,
     NoDeadLetterQueue,
+    Pace,
     PassInterrupted,
     PassResult,
     light,
@@ -299,6 +301,9 @@ async def change(
         question = f"{verb} {len(letters)} of the {result.seen} dead letters{target}?"
         if fate is Fate.DROP:
             question += " This cannot be undone."
+        rate = getattr(args, "rate", None)
+        if rate is not None:
+            question += f" (at most {rate:g} a second: {len(letters) / rate:.0f} s or more)"
         if not await session.confirm(question):
             session.err.print(f"nothing was changed in {dlq.name}")
             return 1
@@ -309,6 +314,7 @@ async def change(
             keep_deadline=getattr(args, "keep_deadline", False),
             progress=progress,
             stop=session.stop,
+            pace=Pace(getattr(args, "rate", None)),
         )
     return report_change(session, args, dlq.name, result, fate)
 
@@ -492,6 +498,20 @@ def duration_arg(value: str) -> float:
         ) from None
 
 
+def rate_arg(value: str) -> float:
+    """Replays a second. At least 0.1: each wait holds one letter unacked, and RabbitMQ gives
+    up a delivery unacked for 30 minutes (`consumer_timeout`)."""
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not 0.1 <= rate <= 100_000:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a rate: replays a second, from 0.1 to 100000"
+        )
+    return rate
+
+
 def add_filters(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("which dead letters (all given filters must match)")
     group.add_argument(
@@ -555,6 +575,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="keep x-proxymq-deadline (by default it is removed: a past deadline would make "
         "the dequeuer drop the request as expired)",
+    )
+    replay.add_argument(
+        "--rate",
+        type=rate_arg,
+        metavar="PER_SECOND",
+        help="replay at most this many a second, evenly spaced (0.1 to 100000; default: as "
+        "fast as the broker confirms), so a service that just recovered serves its live "
+        "requests in between",
     )
 
     purge = action("purge", "delete dead letters (no filter: all of them)", purge_action)

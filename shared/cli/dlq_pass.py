@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import aio_pika
 import aiormq
@@ -52,6 +53,33 @@ class Fate(enum.Enum):
 
 Decide = Callable[[DeadLetter], Fate]
 Progress = Callable[[int, int], None]  # (messages handled, messages in the pass)
+
+
+class Pace:
+    """At most `rate` replays a second, evenly spaced: a service that just recovered gets its
+    dead letters as a trickle among its live requests, not as a block at the head of its
+    partitions that every newer request waits behind. None replays as fast as the broker
+    confirms."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 0.0 if rate is None else 1.0 / rate
+        self._next = 0.0
+
+    async def turn(self, stop: asyncio.Event | None) -> bool:
+        """Wait for the next replay's turn; False when `stop` was set meanwhile (a Ctrl-C
+        changes nothing more, so the letter is kept)."""
+        if not self.interval:
+            return True
+        now = asyncio.get_running_loop().time()
+        wait = self._next - now
+        self._next = max(now, self._next) + self.interval
+        if wait > 0:
+            if stop is None:
+                await asyncio.sleep(wait)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+        return stop is None or not stop.is_set()
 
 
 class DlqError(Exception):
@@ -128,6 +156,7 @@ class DeadLetterQueue:
         keep_deadline: bool = False,
         progress: Progress | None = None,
         stop: asyncio.Event | None = None,
+        pace: Pace | None = None,
     ) -> PassResult:
         """Go once through the queue; `decide` gives each message's fate. A letter that cannot be
         replayed is kept and turns the rest of the pass into keeps: a broker that refused one (no
@@ -145,6 +174,7 @@ class DeadLetterQueue:
                     raise NoDeadLetterQueue(self.name) from None
                 result.total = int(queue.declaration_result.message_count or 0)
                 exchange = await publish_channel.get_exchange(self.service, ensure=False)
+                turn = partial((pace or Pace(None)).turn, stop)
                 for position in range(1, result.total + 1):
                     message = await queue.get(no_ack=False, fail=False, timeout=OPERATION_TIMEOUT)
                     if message is None:
@@ -154,7 +184,11 @@ class DeadLetterQueue:
                     letter = read(message, position)
                     fate = Fate.KEEP
                     if not (result.stopped or result.refused):
-                        fate = await self._fate(decide, exchange, letter, keep_deadline, result)
+                        fate = await self._fate(
+                            decide, exchange, letter, keep_deadline, result, turn
+                        )
+                        if stop is not None and stop.is_set():
+                            result.stopped = True
                     if fate is Fate.KEEP:
                         await self._keep(publish_channel, message, letter, result)
                     else:
@@ -178,12 +212,15 @@ class DeadLetterQueue:
         letter: DeadLetter,
         keep_deadline: bool,
         result: PassResult,
+        turn: Callable[[], Awaitable[bool]],
     ) -> Fate:
         """What became of the letter: a replay that failed, for whatever reason, is a keep and
         recorded as the pass's refusal. Only the broker going away ends a pass midway; anything
         else about one letter must not leave the queue rotated."""
         try:
             fate = decide(letter)
+            if fate is Fate.REPLAY and not await turn():
+                return Fate.KEEP
             refusal = (
                 await self._replay(exchange, letter, keep_deadline) if fate is Fate.REPLAY else None
             )

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from shared.cli.status import passive
 from shared.processes import free_port, script
 from tests.conftest import Stack
 from tests.target import Seen, Target
+from tests.test_cli import interruptible
 
 
 @pytest.fixture
@@ -596,3 +599,81 @@ async def test_a_letter_with_deeply_nested_http_headers_is_listed_in_order(
     purged = await dlq(amqp_url, "purge", "--service", service, "--id", "deep", "--yes")
     assert purged.code == 0, purged.err
     assert ids(await listed(amqp_url, service)) == ["a", "b"]
+
+
+@pytest.mark.rabbit
+async def test_replay_at_a_rate_spaces_the_letters(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str
+) -> None:
+    """`--rate 10` replays six letters over half a second or more, each after the one before:
+    a service that just recovered serves its live requests in between. Only a lower bound is
+    asserted (a busy machine only spaces them more)."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel(publisher_confirms=True)
+    for index in range(6):
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                b"", headers={"x-proxymq-dead-reason": "x"}, correlation_id=f"r{index}"
+            ),
+            routing_key=topology.dead_letter_queue(service),
+        )
+    arrivals: list[tuple[str, float]] = []
+    partition = await channel.declare_queue(f"{service}.p0", passive=True)
+
+    async def arrived(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        arrivals.append((message.correlation_id or "", time.monotonic()))
+
+    await partition.consume(arrived, no_ack=True)
+    replay = await dlq(amqp_url, "replay", "--service", service, "--yes", "--rate", "10")
+    assert replay.code == 0, replay.err
+    async with asyncio.timeout(10):
+        while len(arrivals) < 6:
+            await asyncio.sleep(0.02)
+    assert [request_id for request_id, _ in arrivals] == [f"r{i}" for i in range(6)]
+    gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(arrivals)]
+    assert min(gaps) > 0.07, gaps  # 0.1 s apart, less the broker's jitter
+    assert arrivals[-1][1] - arrivals[0][1] >= 0.45
+
+
+@pytest.mark.rabbit
+async def test_ctrl_c_during_a_paced_replay_keeps_the_rest_at_once(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str
+) -> None:
+    """A Ctrl-C while the replay waits for its next turn ends the pass without waiting out the
+    turn: what was replayed stays replayed, the rest is kept in order."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel(publisher_confirms=True)
+    for index in range(6):
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                b"", headers={"x-proxymq-dead-reason": "x"}, correlation_id=f"r{index}"
+            ),
+            routing_key=topology.dead_letter_queue(service),
+        )
+    process = await asyncio.create_subprocess_exec(
+        script("proxymq"),
+        *("dlq", "replay", "--service", service, "--yes", "--json", "--rate", "0.1"),
+        env={**os.environ, "PROXYMQ_AMQP_URL": amqp_url},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=interruptible,
+    )
+    await wait_depth(amqp, f"{service}.p0", 1)  # the first went at once; the next in 10 s
+    process.send_signal(signal.SIGINT)
+    out, _ = await asyncio.wait_for(process.communicate(), 8)
+    assert process.returncode == 1
+    outcome = json.loads(out)
+    assert outcome["stopped"] is True
+    assert [row["request_id"] for row in outcome["replayed"]] == ["r0"]
+    assert ids(await listed(amqp_url, service)) == [f"r{i}" for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("value", ["0", "0.05", "-1", "nan", "fast", "1e9"])
+def test_a_replay_rate_out_of_range_is_a_usage_error(value: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["dlq", "replay", "--service", "s", "--rate", value])
+    assert exited.value.code == 2
+    for good in ("0.1", "100000"):
+        args = build_parser().parse_args(["dlq", "replay", "--service", "s", "--rate", good])
+        assert args.rate == float(good)
