@@ -16,6 +16,8 @@ from typing import Any
 from opentelemetry import context, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from shared.errors import ProxyMQError
+
 _enabled = False
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -63,7 +65,11 @@ def span(
     attributes: Mapping[str, str | int] | None = None,
 ) -> Iterator[Span | None]:
     """A span, child of the context in `carrier` (HTTP or AMQP headers) when given, else of the
-    current one. Yields None when tracing is off."""
+    current one. Yields None when tracing is off.
+
+    A ProxyMQ error raised through a SERVER span is an HTTP answer like any other
+    (`record_status`): left to OpenTelemetry, a caller's 404 or 429 made a failed span with no
+    status code."""
     if not _enabled:
         yield None
         return
@@ -79,7 +85,16 @@ def span(
     with _tracer().start_as_current_span(
         name, context=parent, kind=kind, attributes=dict(attributes or {})
     ) as current:
-        yield current
+        try:
+            yield current
+        except ProxyMQError as error:
+            if kind is not SpanKind.SERVER:
+                raise  # a refused publish is that operation's failure
+            answered = error
+            record_status(current, error.status)
+        else:
+            return
+    raise answered
 
 
 def inject(carrier: MutableMapping[str, Any]) -> None:

@@ -189,3 +189,44 @@ async def test_json_logs_one_line_per_outcome(
     assert "duration_ms" in replied[0]
     assert "secret-body" not in stack.log_text()
     assert "hidden" not in stack.log_text()
+
+
+async def test_server_spans_of_proxymq_errors_carry_their_status(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """A ProxyMQ error is the enqueuer's answer like any other: its SERVER span has the status
+    code, and only a 5xx makes it an error (HTTP semantic conventions). Raised through the span,
+    a caller's 404 showed as a failed span without a status code, and a 504 had none either."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer(env=env)
+    answers = {}
+    for path, headers in (
+        (f"/not-{service}/x", {}),
+        (f"/{service}/delay/3", {"X-Request-Timeout": "0.5"}),
+    ):
+        async with http.get(url + path, headers=headers) as response:
+            answers[response.headers["X-Correlation-ID"]] = response.status
+    assert sorted(answers.values()) == [404, 504]
+
+    def servers() -> dict[str, Span]:
+        found = {}
+        for _, s in spans:
+            attributes = {a.key: a.value for a in s.attributes}
+            if s.kind == Span.SPAN_KIND_SERVER:
+                found[attributes["messaging.message.conversation_id"].string_value] = s
+        return found
+
+    async with asyncio.timeout(10):
+        while len(servers()) < 2:
+            await asyncio.sleep(0.1)
+    for request_id, s in servers().items():
+        attributes = {a.key: a.value for a in s.attributes}
+        assert attributes["http.response.status_code"].int_value == answers[request_id]
+        failed = s.status.code == s.status.STATUS_CODE_ERROR
+        assert failed == (answers[request_id] >= 500), (answers[request_id], s.status)
