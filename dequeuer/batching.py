@@ -32,13 +32,17 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
 import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from dequeuer.forwarder import CallFailed, ClosableTransport, FailureKind
+from opentelemetry.trace import SpanContext, SpanKind
+
+from dequeuer.forwarder import CallFailed, ClosableTransport, FailureKind, traced
+from shared import tracing
 from shared.envelope import HttpRequest, HttpResponse, end_to_end, valid_header
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ class _Item:
     future: asyncio.Future[HttpResponse]
     batch: _Batch | None = None
     expiry: asyncio.TimerHandle | None = None
+    span: SpanContext | None = None  # its call span, which the batch call's span links to
 
 
 @dataclass(eq=False, slots=True)
@@ -113,10 +118,25 @@ class BatchingTransport:
         return len(self._calls)
 
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
+        """With tracing, each request has a call span of its own, whose context it carries to
+        the microservice in its envelope, as a plain call does: the items carried the caller's
+        `traceparent` as sent, and the microservice's work hung under no span of ours."""
+        if not tracing.enabled():
+            return await self._send(request, timeout, None)
+        attributes = {"http.request.method": request.method, "url.path": request.path}
+        with tracing.span(request.method, SpanKind.CLIENT, attributes=attributes) as current:
+            assert current is not None
+            response = await self._send(traced(request), timeout, current.get_span_context())
+            tracing.record_status(current, response.status)
+            return response
+
+    async def _send(
+        self, request: HttpRequest, timeout: float, span: SpanContext | None
+    ) -> HttpResponse:
         if self._closed:
             raise CallFailed("connect", "the dequeuer is stopping: no more batch calls")
         loop = asyncio.get_running_loop()
-        item = _Item(request, loop.time() + timeout, loop.create_future())
+        item = _Item(request, loop.time() + timeout, loop.create_future(), span=span)
         item.expiry = loop.call_at(item.deadline, self._expire, item)
         item.future.add_done_callback(lambda _: self._forget(item))
         self._pending.append(item)
@@ -169,7 +189,11 @@ class BatchingTransport:
         batch = _Batch(items)
         for item in items:
             item.batch = batch
-        batch.task = asyncio.get_running_loop().create_task(self._call(items))
+        # In a context of its own: the batch call is no part of the request whose turn sent it
+        # (its span was that request's child, its log lines had that request's id).
+        batch.task = asyncio.get_running_loop().create_task(
+            self._call(items), context=contextvars.Context()
+        )
         self._calls.add(batch.task)
         batch.task.add_done_callback(partial(self._call_done, items))
 
@@ -204,8 +228,10 @@ class BatchingTransport:
         batch = HttpRequest(
             "POST", self.path, "", JSON_HEADERS, encode_batch([item.request for item in live])
         )
+        links = [item.span for item in live if item.span is not None]
         try:
-            answer = await self.inner.send(batch, timeout)
+            with tracing.span(f"POST {self.path}", SpanKind.INTERNAL, links=links):
+                answer = await self.inner.send(batch, timeout)
         except CallFailed as failure:
             detail = f"batch of {len(live)} to {self.path}: {failure}"
             for item in live:

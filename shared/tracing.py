@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from opentelemetry import context, propagate, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 
 from shared.errors import ProxyMQError
 
@@ -63,6 +63,7 @@ def span(
     kind: SpanKind,
     carrier: Mapping[str, object] | None = None,
     attributes: Mapping[str, str | int] | None = None,
+    links: Sequence[SpanContext] = (),
 ) -> Iterator[Span | None]:
     """A span, child of the context in `carrier` (HTTP or AMQP headers) when given, else of the
     current one. Yields None when tracing is off.
@@ -83,7 +84,11 @@ def span(
             }
         )
     with _tracer().start_as_current_span(
-        name, context=parent, kind=kind, attributes=dict(attributes or {})
+        name,
+        context=parent,
+        kind=kind,
+        attributes=dict(attributes or {}),
+        links=[Link(link) for link in links],
     ) as current:
         try:
             yield current

@@ -230,3 +230,74 @@ async def test_server_spans_of_proxymq_errors_carry_their_status(
         assert attributes["http.response.status_code"].int_value == answers[request_id]
         failed = s.status.code == s.status.STATUS_CODE_ERROR
         assert failed == (answers[request_id] >= 500), (answers[request_id], s.status)
+
+
+async def test_each_batched_request_carries_its_own_trace(
+    stack: Stack,
+    service: str,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """With --batch-size, each request of a batch reaches the microservice with the trace
+    context of its own call span, as a plain call does (docs/message-format.md): the items
+    carried the caller's `traceparent` as sent (none when the caller sent none), so the
+    microservice's work hung under no span of the dequeuer's."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    items: list[dict[str, Any]] = []
+
+    async def batch(request: web.Request) -> web.Response:
+        got = await request.json()
+        items.extend(got)
+        return web.json_response([{"status": 200} for _ in got])
+
+    async def up(_: web.Request) -> web.Response:
+        return web.Response(text="up")  # the dequeuer's readiness probe
+
+    app = web.Application()
+    app.router.add_post("/batch", batch)
+    app.router.add_get("/", up)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await stack.dequeuer(
+            service,
+            f"http://127.0.0.1:{port}",
+            "--batch-size",
+            "4",
+            "--batch-wait-ms",
+            "300",
+            env=env,
+        )
+        _, url = await stack.enqueuer(env=env)
+        callers = {f"{n:032x}": f"{n:016x}" for n in range(1, 4)}  # trace id -> caller's span
+
+        async def call(trace_id: str, span_id: str) -> None:
+            async with http.get(
+                f"{url}/{service}/x",
+                headers={"traceparent": f"00-{trace_id}-{span_id}-01", "X-Partition-Key": span_id},
+            ) as response:
+                assert response.status == 200
+
+        await asyncio.gather(*(call(t, s) for t, s in callers.items()))
+    finally:
+        await runner.cleanup()
+    assert len(items) == 3
+    dequeuer_spans = [s for name, s in spans if name == "proxymq-dequeuer"]
+    async with asyncio.timeout(10):
+        while sum(s.kind == Span.SPAN_KIND_CONSUMER for s in dequeuer_spans) < 3:
+            await asyncio.sleep(0.1)
+            dequeuer_spans = [s for name, s in spans if name == "proxymq-dequeuer"]
+    for item in items:
+        _, trace_id, span_id, _ = dict(item["headers"])["traceparent"].split("-")
+        assert trace_id in callers
+        sent_under = [s for s in dequeuer_spans if s.span_id.hex() == span_id]
+        assert sent_under, f"the item's traceparent names no span of the dequeuer: {span_id}"
+        consumer = [
+            s
+            for s in dequeuer_spans
+            if s.trace_id.hex() == trace_id and s.kind == Span.SPAN_KIND_CONSUMER
+        ]
+        assert sent_under[0].parent_span_id == consumer[0].span_id
