@@ -117,4 +117,6 @@ def record_status(current: Span | None, status: int) -> None:
 
 
 def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """An AMQP string that is no UTF-8 comes as `bytes`: no valid trace context, so ignored.
+    Decoded strictly it raised before the request was handled, which then stayed unacked."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

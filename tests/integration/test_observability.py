@@ -8,12 +8,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aio_pika
 import aiohttp
+import pamqp.encode
 import pytest
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from shared import envelope
 from shared.processes import free_port
 from tests.conftest import Stack, metric
 from tests.target import Target
@@ -301,3 +305,59 @@ async def test_each_batched_request_carries_its_own_trace(
             if s.trace_id.hex() == trace_id and s.kind == Span.SPAN_KIND_CONSUMER
         ]
         assert sent_under[0].parent_span_id == consumer[0].span_id
+
+
+class Raw(bytes):
+    """Written as an AMQP string of bytes that are no UTF-8, as another client might."""
+
+
+async def published_by_another_client(
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    service: str,
+    headers: dict[str, Any],
+) -> AbstractQueue:
+    """Publish one request as any AMQP client may (docs/message-format.md), `Raw` values as
+    strings that are no UTF-8; returns the queue its reply goes to."""
+    encode = pamqp.encode.encode_table_value
+
+    def raw_strings(value: Any) -> bytes:
+        if isinstance(value, Raw):
+            return b"S" + len(value).to_bytes(4, "big") + bytes(value)
+        return encode(value)
+
+    channel = await amqp.channel(publisher_confirms=True)
+    replies = await channel.declare_queue(exclusive=True)
+    monkeypatch.setattr(pamqp.encode, "encode_table_value", raw_strings)
+    try:
+        exchange = await channel.get_exchange(service)
+        message = aio_pika.Message(
+            b"", headers=headers, correlation_id="from-another-client", reply_to=replies.name
+        )
+        await exchange.publish(message, routing_key="k")
+    finally:
+        monkeypatch.undo()
+    return replies
+
+
+async def test_a_trace_context_that_is_no_utf8_is_ignored(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """A `traceparent` AMQP header of bytes that are no UTF-8 (pamqp reads it as `bytes`) made
+    the tracing dequeuer's span fail before the request was handled: never called, never
+    answered, held unacked on a live channel for good. It is no trace context: ignored."""
+    endpoint, _ = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url, "--partitions", "1", env=env)
+    headers = {envelope.H_METHOD: "GET", envelope.H_PATH: "/x", "traceparent": Raw(b"\xff\xfe")}
+    replies = await published_by_another_client(amqp, monkeypatch, service, headers)
+    async with asyncio.timeout(10):
+        async with replies.iterator() as answers:
+            reply = await anext(answers)
+    assert reply.headers[envelope.H_STATUS] == 200
+    assert [seen.path for seen in target.seen] == ["/x"]
