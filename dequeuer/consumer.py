@@ -15,7 +15,7 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -178,8 +178,13 @@ class Consumer:
             "messaging.destination.name": partition,
             "messaging.message.conversation_id": request.request_id,
         }
+        carrier: Mapping[str, object] = message.headers
+        if tracing.TRACEPARENT not in carrier:
+            # No context in the message (an enqueuer that does not trace, another client):
+            # the caller's, as sent. A new trace here cut the caller's off at the queue.
+            carrier = dict(request.request.headers)
         with tracing.span(
-            f"process {self.settings.service}", SpanKind.CONSUMER, message.headers, attributes
+            f"process {self.settings.service}", SpanKind.CONSUMER, carrier, attributes
         ):
             await self._settle(sub, partition, message, request)
 

@@ -361,3 +361,35 @@ async def test_a_trace_context_that_is_no_utf8_is_ignored(
             reply = await anext(answers)
     assert reply.headers[envelope.H_STATUS] == 200
     assert [seen.path for seen in target.seen] == ["/x"]
+
+
+async def test_the_callers_trace_goes_on_when_only_the_dequeuer_traces(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """A request whose trace context is in its HTTP headers only (an enqueuer without tracing,
+    or another AMQP client) is processed in the caller's trace: the tracing dequeuer began a
+    new one and sent the microservice its `traceparent` in place of the caller's, so the
+    caller's trace ended at the queue."""
+    endpoint, _ = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url, "--partitions", "1", env=env)
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+    headers = {
+        envelope.H_METHOD: "GET",
+        envelope.H_PATH: "/x",
+        envelope.H_HEADERS: json.dumps([["traceparent", traceparent]]),
+    }
+    replies = await published_by_another_client(amqp, monkeypatch, service, headers)
+    async with asyncio.timeout(10):
+        async with replies.iterator() as answers:
+            reply = await anext(answers)
+    assert reply.headers[envelope.H_STATUS] == 200
+    received = dict(target.seen[0].headers)["traceparent"]
+    assert received.split("-")[1] == trace_id
+    assert received != traceparent  # the dequeuer's call span, child of the caller's
