@@ -67,12 +67,19 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = {**getattr(record, "ctx", {}), **getattr(record, "fields", {})}
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        extra = " ".join(f"{k}={_escaped(v)}" for k, v in fields.items())
         text = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: "
         text += record.getMessage() + (f" {extra}" if extra else "")
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
+
+
+def _escaped(value: object) -> object:
+    """A field as its repr when it holds a line break or another control character: a request
+    id from another AMQP client is any string, and its line breaks wrote log lines of the
+    publisher's choosing (a forged ERROR) into the text log. One `isprintable` per field."""
+    return repr(value) if isinstance(value, str) and not value.isprintable() else value
 
 
 class GatheringHandler(logging.StreamHandler):  # type: ignore[type-arg]

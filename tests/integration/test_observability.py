@@ -316,6 +316,7 @@ async def published_by_another_client(
     monkeypatch: pytest.MonkeyPatch,
     service: str,
     headers: dict[str, Any],
+    correlation_id: str = "from-another-client",
 ) -> AbstractQueue:
     """Publish one request as any AMQP client may (docs/message-format.md), `Raw` values as
     strings that are no UTF-8; returns the queue its reply goes to."""
@@ -332,7 +333,7 @@ async def published_by_another_client(
     try:
         exchange = await channel.get_exchange(service)
         message = aio_pika.Message(
-            b"", headers=headers, correlation_id="from-another-client", reply_to=replies.name
+            b"", headers=headers, correlation_id=correlation_id, reply_to=replies.name
         )
         await exchange.publish(message, routing_key="k")
     finally:
@@ -393,3 +394,27 @@ async def test_the_callers_trace_goes_on_when_only_the_dequeuer_traces(
     received = dict(target.seen[0].headers)["traceparent"]
     assert received.split("-")[1] == trace_id
     assert received != traceparent  # the dequeuer's call span, child of the caller's
+
+
+async def test_a_request_id_cannot_write_log_lines_of_its_own(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request id of a message from another AMQP client is any string: with line breaks in
+    it, each line the dequeuer logged about the request wrote lines the publisher chose (a
+    forged ERROR here) into the text log. Fields are written escaped when they hold any."""
+    await stack.dequeuer(service, target.url, "--partitions", "1")
+    forged = "x\n00:00:00 ERROR   forged: the publisher wrote this line"
+    headers = {envelope.H_METHOD: "GET", envelope.H_PATH: "/x"}
+    replies = await published_by_another_client(amqp, monkeypatch, service, headers, forged)
+    async with asyncio.timeout(10):
+        async with replies.iterator() as answers:
+            await anext(answers)
+        while "forged" not in stack.log_text():
+            await asyncio.sleep(0.05)
+    lines = stack.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("00:00:00")]
+    assert any("correlation_id='x\\n00:00:00 ERROR" in line for line in lines)
