@@ -145,6 +145,11 @@ def test_legacy_forms_match_what_inet_aton_accepts() -> None:
         "http://[0:0:0:0:0:ffff:7f00:1]/",
         "http://[::ffff:a00:1]/",
         "http://[fe80::1%25eth0]/",
+        # An empty zone id: yarl's .host is "::1%", no address to ipaddress, but aiohttp
+        # connects to the raw host "::1%25", which getaddrinfo() reads as ::1 on interface 25.
+        "http://[::1%25]/",
+        "http://[::ffff:127.0.0.1%25]/",
+        "http://[::1%25%25]/",  # no address getaddrinfo() takes either: refused, not guessed
         "http://[64:ff9b::7f00:1]/",
         "http://10.0.0.1/",
         "http://192.168.0.1/",

@@ -4,7 +4,7 @@ Two checks, because aiohttp only calls the resolver for host *names*:
 
 * `TargetGuard.check_url` runs before every request and every redirect hop. It refuses other
   schemes, `localhost` names and IP literals in any spelling (`127.1`, `0x7f000001`,
-  `2130706433`, `[::ffff:127.0.0.1]`, ...).
+  `2130706433`, `[::ffff:127.0.0.1]`, `[::1%25]`, ...), read as aiohttp connects to them.
 * `GuardedResolver` wraps the real resolver and drops refused addresses from what DNS returns, so
   the address checked is the address connected to (DNS rebinding cannot swap it afterwards).
 """
@@ -164,15 +164,23 @@ class TargetGuard:
                 f"only http and https URLs are fetched, not {url.scheme or 'scheme-less'} ones",
                 private=False,
             )
-        host = url.host
+        # The host aiohttp connects to: `.host` decodes a zone id's escapes (`[::1%25]` is
+        # "::1%", no address), while the socket API gets "::1%25" and connects to ::1.
+        host = url.raw_host
         if not host:
             raise ForbiddenTarget("the URL has no host", private=False)
+        if self.allow_private:
+            return
         literal = parse_ip_literal(host)
         if literal is not None:
             reason = self.refusal(literal)
             if reason is not None:
                 raise ForbiddenTarget(f"{host} is {reason}")
-        elif _is_localhost_name(host) and not self.allow_private:
+        elif ":" in host:
+            # aiohttp hands a host with a colon to the socket API as an address, never to the
+            # resolver: one the guard cannot read is one it cannot vouch for.
+            raise ForbiddenTarget(f"{host} is not an IPv6 address the guard can judge")
+        elif _is_localhost_name(host):
             raise ForbiddenTarget(f"{host} is a loopback name")
 
     def filter(self, host: str, results: list[ResolveResult]) -> list[ResolveResult]:
