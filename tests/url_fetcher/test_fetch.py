@@ -107,6 +107,20 @@ async def test_refused_addresses_of_a_name_are_skipped(fetcher: Fetcher, site: s
     assert result.status == 200
 
 
+@pytest.mark.parametrize(
+    "host", ["2130706433", "127.1", "0x7f.1", "0177.0.0.1", "127.000.0.1", "127.0.0.1."]
+)
+async def test_legacy_ipv4_spellings_are_fetched_as_their_dotted_quad(
+    fetcher: Fetcher, site: str, host: str
+) -> None:
+    # What browsers do (the URL standard); aiohttp refuses to connect to most of these as written.
+    result = await fetcher.fetch(f"http://{host}:{_port(site)}/page")
+    assert (result.status, result.final_url) == (200, f"{site}/page")
+    hop = f"http://{host}:{_port(site)}/page"
+    result = await fetcher.fetch(f"{site}/redirect-to?location={hop}")
+    assert (result.status, result.final_url) == (200, f"{site}/page")
+
+
 async def test_redirects_are_followed_and_counted(fetcher: Fetcher, site: str) -> None:
     result = await fetcher.fetch(f"{site}/redirect/2")
     assert (result.status, result.redirects) == (200, 3)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 import aiohttp
 from aiohttp import hdrs
@@ -13,7 +14,13 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from url_fetcher.guard import ALLOWED_SCHEMES, ForbiddenTarget, GuardedResolver, TargetGuard
+from url_fetcher.guard import (
+    ALLOWED_SCHEMES,
+    ForbiddenTarget,
+    GuardedResolver,
+    TargetGuard,
+    parse_ip_literal,
+)
 from url_fetcher.title import HTML_TYPES, TitleScanner
 
 log = logging.getLogger("url_fetcher")
@@ -112,14 +119,20 @@ def parse_target(value: object) -> URL:
 
 
 def _checked(url: URL) -> URL:
-    """`url`, once its host is known to be one DNS can be asked about.
+    """`url`, once its host is known to be one DNS can be asked about, an IPv4 address written
+    as a dotted quad.
 
     yarl decodes a host's punycode only when `.host` is first read (`xn--a` fails then), and
     getaddrinfo() refuses an empty label or one over 63 characters (`a..b`): both raise
-    UnicodeError, a ValueError, which must not wait until the fetch.
+    UnicodeError, a ValueError, which must not wait until the fetch. aiohttp refuses to connect
+    to the legacy spellings of IPv4 (`2130706433`, `127.1`, `0177.0.0.1`, `127.0.0.1.`), which
+    browsers fetch as the address they stand for (the URL standard): so do we.
     """
     if url.host is not None and url.raw_host:
         url.raw_host.encode("idna")
+        literal = parse_ip_literal(url.raw_host)
+        if isinstance(literal, IPv4Address) and url.raw_host != str(literal):
+            return url.with_host(str(literal))
     return url
 
 
