@@ -29,6 +29,13 @@ from url_fetcher.title import (
         (b"<head><title>First</title><title>Second</title></head>", "First"),
         (b"<body><svg><title>icon</title></svg></body>", None),
         (b"<title>never closed", "never closed"),
+        # A title's text is everything up to </title> (RCDATA), as browsers show it: a tag in it
+        # is text, not a tag to drop or, for <body>, the end of the search.
+        (b"<title>List<String> in Java</title>", "List<String> in Java"),
+        (b"<title>Use <b>bold</b> &amp; </i>more</title>", "Use <b>bold</b> & </i>more"),
+        (b"<title>a <body> b</title><body>", "a <body> b"),
+        (b"<title>no <!-- comment --></title>", "no <!-- comment -->"),
+        (b"<title>never closed <p>text", "never closed <p>text"),
         (b"", None),
         (b"\xff\xfe<title>ok \xff</title>", "ok \ufffd"),
     ],
@@ -165,3 +172,31 @@ def test_text_past_max_head_chars_is_not_searched() -> None:
 
 def test_a_title_cut_short_by_the_end_of_the_body_is_kept() -> None:
     assert extract_title(b"<title>Fish &amp") == "Fish &"
+
+
+def test_title_text_split_across_chunks_is_read_as_one() -> None:
+    body = b"<head><title>Fish &amp; <chips> &#8212; </b>ok</title></head><body>"
+    scanner = TitleScanner("utf-8")
+    for i in range(len(body)):
+        scanner.feed(body[i : i + 1])
+    assert scanner.done
+    assert scanner.title() == "Fish & <chips> \u2014 </b>ok"
+
+
+def test_an_unclosed_title_costs_linear_work_and_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parser holds a title's text until its </title> comes: a page that never sends it
+    must not make every feed scan all of it again."""
+    scanned = [0]
+    goahead = _TitleParser.goahead
+
+    def counting(parser: _TitleParser, end: bool) -> None:
+        scanned[0] += len(parser.rawdata)
+        assert scanned[0] <= 3 * MAX_HEAD_CHARS
+        goahead(parser, end)
+
+    monkeypatch.setattr(_TitleParser, "goahead", counting)
+    scanner = TitleScanner("utf-8")
+    scanner.feed(b"<title>")
+    for _ in range(100_000):
+        scanner.feed(b"</ti")
+    assert scanner.title() == "</ti" * (MAX_TITLE_CHARS // 4)

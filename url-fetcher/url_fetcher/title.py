@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from html import unescape
 from html.parser import HTMLParser
 
 MAX_TITLE_CHARS = 300
@@ -21,10 +22,17 @@ _SMALL_PENDING = 1024
 # http-equiv Content-Type in its first 1024 bytes (the HTML standard's prescan looks that far).
 _PRESCAN_BYTES = 1024
 _META_CHARSET = re.compile(rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([\w.:-]+)""", re.I)
+# A title's text runs to </title>, tags and all (RCDATA: `List<String>` is text). Pythons from
+# mid-2025 on parse it so, unescaping its character references; older ones must be told.
+_NATIVE_RCDATA = "title" in getattr(HTMLParser, "RCDATA_CONTENT_ELEMENTS", ())
 
 
 class _TitleParser(HTMLParser):
-    """Collects the text of the first `<title>`; `done` once it closed or `<body>` began."""
+    """Collects the text of the first `<title>`; `done` once it closed or `<body>` began.
+
+    Until its `</title>` comes, the title's text waits in `rawdata`: `TitleScanner.title` takes
+    it from there when the body ends first.
+    """
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -38,6 +46,8 @@ class _TitleParser(HTMLParser):
             return
         if tag == "title" and not self.in_title:
             self.in_title = True
+            if not _NATIVE_RCDATA:
+                self.set_cdata_mode(tag)
         elif tag == "body":
             # A title belongs in <head>; past it, further parsing is wasted work.
             self.done = True
@@ -48,9 +58,13 @@ class _TitleParser(HTMLParser):
             self.done = True
 
     def handle_data(self, data: str) -> None:
-        if self.in_title and not self.done and self.collected < _MAX_RAW_TITLE_CHARS:
-            self.parts.append(data)
-            self.collected += len(data)
+        if self.in_title and not self.done:
+            self.add(data if _NATIVE_RCDATA else unescape(data))
+
+    def add(self, text: str) -> None:
+        if self.collected < _MAX_RAW_TITLE_CHARS:
+            self.parts.append(text[:_MAX_RAW_TITLE_CHARS])
+            self.collected += len(text)
 
 
 class TitleScanner:
@@ -96,9 +110,10 @@ class TitleScanner:
                 head, self._head = self._head, b""
                 self._add(self._decode(head, final=True))
             self._hand_over()
-            # What close() would add is the end of a title cut short by the end of the body.
-            if not self._parser.done and len(self._parser.rawdata) <= _SMALL_PENDING:
-                self._parser.close()
+            # A title cut short by the end of the body: the text it has (close() would scan
+            # all that the parser holds again, in cubic time on CPython 3.11).
+            if self._parser.in_title and not self._parser.done:
+                self._parser.add(unescape(self._parser.rawdata[:_MAX_RAW_TITLE_CHARS]))
         text = " ".join("".join(self._parser.parts).split())
         return text[:MAX_TITLE_CHARS] or None
 
