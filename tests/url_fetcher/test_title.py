@@ -37,7 +37,7 @@ from url_fetcher.title import (
         (b"<title>no <!-- comment --></title>", "no <!-- comment -->"),
         (b"<title>never closed <p>text", "never closed <p>text"),
         (b"", None),
-        (b"\xff\xfe<title>ok \xff</title>", "ok \ufffd"),
+        (b"\xff\xff<title>ok \xff</title>", "ok \ufffd"),
     ],
 )
 def test_extract_title(body: bytes, title: str | None) -> None:
@@ -81,6 +81,30 @@ def test_without_a_response_charset_the_pages_meta_charset_is_used(meta: str) ->
     assert extract_title(body.replace(b"windows-1251", b"utf-16")) == "\ufffd" * 6
     past_1024 = b"<!--" + b"x" * 1024 + b"-->" + body  # browsers look no further either
     assert extract_title(past_1024) == "\ufffd" * 6
+
+
+@pytest.mark.parametrize(
+    ("body", "charset"),
+    [
+        ("\ufeff<title>\u041f\u0440\u0438\u0432\u0435\u0442</title>".encode("utf-16-le"), None),
+        ("\ufeff<title>\u041f\u0440\u0438\u0432\u0435\u0442</title>".encode("utf-16-be"), None),
+        ("\ufeff<title>\u041f\u0440\u0438\u0432\u0435\u0442</title>".encode(), "iso-8859-1"),
+        (
+            '\ufeff<meta charset="windows-1251">'.encode()
+            + "<title>\u041f\u0440\u0438\u0432\u0435\u0442</title>".encode(),
+            None,
+        ),
+    ],
+    ids=["utf-16-le", "utf-16-be", "utf-8 served as latin-1", "utf-8 with a meta charset"],
+)
+def test_a_byte_order_mark_wins_over_any_declared_charset(body: bytes, charset: str | None) -> None:
+    """As in browsers (the HTML standard's encoding sniffing): a UTF-16 page came out without
+    a title, a UTF-8 one served as Latin-1 in mojibake."""
+    assert extract_title(body, charset) == "\u041f\u0440\u0438\u0432\u0435\u0442"
+    scanner = TitleScanner(charset)
+    for i in range(len(body)):  # arriving a byte at a time
+        scanner.feed(body[i : i + 1])
+    assert scanner.title() == "\u041f\u0440\u0438\u0432\u0435\u0442"
 
 
 def test_the_response_charset_wins_over_the_meta() -> None:

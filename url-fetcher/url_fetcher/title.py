@@ -70,15 +70,17 @@ class _TitleParser(HTMLParser):
 class TitleScanner:
     """Feed body chunks as they arrive; stops parsing once the title is known.
 
-    Bytes are decoded with the response charset, else the one a `<meta>` in the first 1024 bytes
-    declares (UTF-8 if neither or unknown, bad bytes replaced), incrementally, so multi-byte
+    Bytes are decoded as a byte order mark says, else with the response charset, else the one a
+    `<meta>` in the first 1024 bytes declares (UTF-8 if none or unknown, bad bytes replaced): the
+    order browsers follow. Decoding is incremental, so multi-byte
     characters split across chunks survive. Only the first
     `MAX_HEAD_CHARS` of text are searched, so a crafted page costs the parser time linear in that.
     """
 
     def __init__(self, charset: str | None = None) -> None:
-        # Without a response charset, the first bytes wait for `_prescan` to find the page's.
-        self._decoder = _text_decoder(charset) if charset else None
+        # The first bytes wait for the charset to be known: a BOM's three, else a <meta>'s 1024.
+        self._charset = charset
+        self._decoder: codecs.IncrementalDecoder | None = None
         self._head = b""
         self._parser = _TitleParser()
         self._room = MAX_HEAD_CHARS
@@ -97,7 +99,7 @@ class TitleScanner:
             return
         if self._decoder is None:
             self._head += chunk
-            if len(self._head) < _PRESCAN_BYTES:
+            if len(self._head) < (len(codecs.BOM_UTF8) if self._charset else _PRESCAN_BYTES):
                 return
             chunk, self._head = self._head, b""
         self._add(self._decode(chunk))
@@ -121,7 +123,8 @@ class TitleScanner:
         """`data` as text; a charset the body does not fit ends the search (utf-32 without a BOM
         raises even with errors="replace"): a title is a nicety, never a reason to fail a fetch."""
         if self._decoder is None:
-            self._decoder = _text_decoder(_prescan(data[:_PRESCAN_BYTES]))
+            charset = _bom_charset(data) or self._charset or _prescan(data[:_PRESCAN_BYTES])
+            self._decoder = _text_decoder(charset)
         try:
             return self._decoder.decode(data, final)
         except UnicodeError:
@@ -145,6 +148,15 @@ class TitleScanner:
             self._parser.feed("".join(self._waiting))
         self._waiting.clear()
         self._waiting_chars = 0
+
+
+def _bom_charset(head: bytes) -> str | None:
+    """The charset a byte order mark at the start of the body names; the decoders named drop it."""
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
 
 
 def _prescan(head: bytes) -> str | None:
