@@ -233,6 +233,9 @@ def decode_request(
         )
     if not correlation_id:
         raise MalformedMessage("message has no correlation_id")
+    if _FORBIDDEN_IN_VALUE.search(correlation_id):
+        # It goes to the microservice as X-Correlation-ID, which no HTTP header can carry.
+        raise MalformedMessage(f"correlation_id holds a line break or NUL: {correlation_id[:60]!r}")
     method = _text(headers, H_METHOD, "POST")
     if not _TOKEN.match(method) or len(method) > 32:
         raise MalformedMessage(f"{H_METHOD} {method!r} is not an HTTP method")

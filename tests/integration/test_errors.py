@@ -946,13 +946,20 @@ async def test_expired_request_is_not_forwarded(
 
 
 @pytest.mark.parametrize(
-    ("headers", "reason"),
+    ("headers", "reason", "correlation_id"),
     [
-        ({envelope.H_VERSION: 99}, "unsupported"),
-        ({envelope.H_HEADERS: "not json"}, "JSON list"),
-        ({envelope.H_PATH: "no-slash"}, "does not start"),
-        ({envelope.H_METHOD: "GE T"}, "not an HTTP method"),
-        ({envelope.H_HEADERS: json.dumps([["X-A", "a\r\nInjected: 1"]])}, "invalid HTTP header"),
+        ({envelope.H_VERSION: 99}, "unsupported", "bad-1"),
+        ({envelope.H_HEADERS: "not json"}, "JSON list", "bad-1"),
+        ({envelope.H_PATH: "no-slash"}, "does not start", "bad-1"),
+        ({envelope.H_METHOD: "GE T"}, "not an HTTP method", "bad-1"),
+        (
+            {envelope.H_HEADERS: json.dumps([["X-A", "a\r\nInjected: 1"]])},
+            "invalid HTTP header",
+            "bad-1",
+        ),
+        # Sent on as X-Correlation-ID, which aiohttp refused: a traceback, and the broker's
+        # dead letter without a reason of ours.
+        ({}, "correlation_id holds a line break", "bad\r\nInjected: 1"),
     ],
 )
 async def test_malformed_message_is_dead_lettered(
@@ -963,6 +970,7 @@ async def test_malformed_message_is_dead_lettered(
     amqp: AbstractRobustConnection,
     headers: dict[str, object],
     reason: str,
+    correlation_id: str,
 ) -> None:
     await stack.dequeuer(service, target.url)
     channel = await amqp.channel(publisher_confirms=True)
@@ -971,7 +979,7 @@ async def test_malformed_message_is_dead_lettered(
         aio_pika.Message(
             b"x",
             headers=headers,  # type: ignore[arg-type]
-            correlation_id="bad-1",
+            correlation_id=correlation_id,
         ),
         routing_key="k",
     )
@@ -985,6 +993,7 @@ async def test_malformed_message_is_dead_lettered(
     await dead.ack()
     assert reason in str(dead.headers["x-proxymq-dead-reason"])
     assert target.seen == []
+    assert "Traceback" not in stack.log_text()
 
 
 async def test_topology_mismatch_stops_the_dequeuer(

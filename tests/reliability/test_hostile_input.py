@@ -112,6 +112,9 @@ def test_decode_request_raises_only_malformed(
     except MalformedMessage:
         return
     assert request.request_id == correlation_id
+    assert envelope.valid_header(
+        "X-Correlation-ID", request.request_id
+    )  # sent on to the microservice
     assert request.request.path.startswith("/")
     assert all(0x21 <= ord(c) <= 0x7E for c in request.request.path + request.request.query)
     assert request.request.body == body
