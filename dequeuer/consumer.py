@@ -491,7 +491,11 @@ class Consumer:
                 reason,
                 extra=logs.fields(correlation_id=message.correlation_id),
             )
-            self.metrics.messages.labels(self.settings.service, "", "dead_lettered").inc()
+            # The partition it died in, as for the dequeuer's own dead letters (a name of ours
+            # only: the header is the publisher's to write, and each value is a new series).
+            queue = message.headers.get("x-first-death-queue")
+            partition = queue if queue in self.topology.queues else ""
+            self.metrics.messages.labels(self.settings.service, partition, "dead_lettered").inc()
             await self.publish_reply(
                 message.reply_to,
                 message.correlation_id or "",

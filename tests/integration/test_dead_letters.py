@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from shared import topology
-from tests.conftest import Stack
+from tests.conftest import Stack, metric
 
 pytestmark = pytest.mark.rabbit
 
@@ -29,15 +30,19 @@ async def test_delivery_limit_answers_the_caller(
         for name in topology.Topology(service).queues
     ]
     deliveries: list[int] = []
+    crashed_in: set[str] = set()
 
-    async def crash(message: AbstractIncomingMessage) -> None:
+    async def crash(queue: str, message: AbstractIncomingMessage) -> None:
         deliveries.append(int(message.headers.get("x-delivery-count", 0) or 0))  # type: ignore[arg-type]
+        crashed_in.add(queue)
         await message.nack(requeue=True)
 
     for queue in queues:
-        await queue.consume(crash)
+        await queue.consume(partial(crash, queue.name))
     # The real dequeuer's microservice never gets ready: it only answers dead-letter notices.
-    await stack.dequeuer(service, "http://127.0.0.1:1", "--delivery-limit", "2", wait=False)
+    dequeuer = await stack.dequeuer(
+        service, "http://127.0.0.1:1", "--delivery-limit", "2", wait=False
+    )
     started = time.monotonic()
     async with http.get(
         f"{url}/{service}/poison", headers={"X-Partition-Key": "p", "X-Request-Timeout": "20"}
@@ -47,6 +52,10 @@ async def test_delivery_limit_answers_the_caller(
         assert "delivery_limit" in (await resp.json())["error"]["message"]
     assert time.monotonic() - started < 10
     assert len(deliveries) == 3
+    [partition] = crashed_in  # counted against the partition it died in, as the others are
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    counted = {"outcome": "dead_lettered", "partition": partition}
+    assert await metric(http, admin, "proxymq_dequeuer_messages_total", counted) == 1
     dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
     for _ in range(20):
         dead = await dlq.get(fail=False)
