@@ -246,7 +246,8 @@ class BatchingTransport:
             return [answer] * count
         if answer.status != 200:
             reason = f"batch endpoint {self.path} answered {answer.status}, not 200"
-            log.warning("%s: %s", reason, answer.body[:200].decode("utf-8", "replace"))
+            # Not its body: it may echo the callers' requests, and bodies are never logged.
+            log.warning("%s (%d bytes)", reason, len(answer.body))
             return [CallFailed("connect", reason) for _ in range(count)]
         try:
             return decode_batch(answer.body, count)
