@@ -6,6 +6,7 @@ else by the real rules, and a stub resolver stands in for DNS.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -219,6 +220,22 @@ async def test_connection_refused_and_unknown_names_are_fetch_failed(fetcher: Fe
         with pytest.raises(FetchError) as caught:
             await fetcher.fetch(url)
         assert (caught.value.code, caught.value.http_status) == ("fetch_failed", 502)
+
+
+async def test_passwords_in_urls_are_not_logged(
+    fetcher: Fetcher, site: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The per-fetch log line named the caller's URL whole, credentials included."""
+    caplog.set_level(logging.INFO)
+    host = site.removeprefix("http://")
+    result = await fetcher.fetch(f"http://user:s3cret@{host}/page")
+    assert result.status == 200
+    with pytest.raises(FetchError):
+        await fetcher.fetch(f"http://user:s3cret@127.0.0.1:{free_port()}/")
+    with pytest.raises(FetchError):
+        await fetcher.fetch("http://user:s3cret@[::1")  # not even a URL
+    assert caplog.text.count("user:***@") >= 3
+    assert "s3cret" not in caplog.text
 
 
 async def test_slow_target_times_out(site: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -181,17 +182,17 @@ class Fetcher:
             result = await self._fetch(raw_url, started)
         except FetchError as exc:
             log.info(
-                "fetch url=%r status=%d error=%s elapsed_ms=%.1f message=%s",
-                raw_url,
+                "fetch url=%s status=%d error=%s elapsed_ms=%.1f message=%s",
+                _redacted(repr(raw_url)),
                 exc.http_status,
                 exc.code,
                 _elapsed_ms(started),
-                _one_line(exc.message),
+                _redacted(_one_line(exc.message)),
             )
             raise
         log.info(
-            "fetch url=%r status=%d elapsed_ms=%.1f size=%d redirects=%d%s",
-            raw_url,
+            "fetch url=%s status=%d elapsed_ms=%.1f size=%d redirects=%d%s",
+            _redacted(repr(raw_url)),
             result.status,
             result.elapsed_ms,
             result.size,
@@ -295,6 +296,15 @@ def _describe(exc: aiohttp.ClientError) -> str:
         reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
         return f"cannot connect to {exc.host}:{exc.port}: {reason}"
     return str(exc) or type(exc).__name__
+
+
+_PASSWORD = re.compile(r"(//[^/?#@:\s]*:)[^/?#@\s]*@")
+
+
+def _redacted(text: str) -> str:
+    """Without the password of any URL in it (`//user:***@host`): a caller's credentials for
+    the page stay out of the log. Text, not parsed URLs: what is logged may be no URL at all."""
+    return _PASSWORD.sub(r"\1***@", text)
 
 
 def _one_line(text: str) -> str:
