@@ -409,10 +409,10 @@ async def test_a_request_id_cannot_write_log_lines_of_its_own(
     await stack.dequeuer(service, target.url, "--partitions", "1")
     forged = "x\n00:00:00 ERROR   forged: the publisher wrote this line"
     headers = {envelope.H_METHOD: "GET", envelope.H_PATH: "/x"}
-    replies = await published_by_another_client(amqp, monkeypatch, service, headers, forged)
+    # Such a request is malformed (no HTTP header can carry the id): it is dead-lettered and
+    # the line that says so names it.
+    await published_by_another_client(amqp, monkeypatch, service, headers, forged)
     async with asyncio.timeout(10):
-        async with replies.iterator() as answers:
-            await anext(answers)
         while "forged" not in stack.log_text():
             await asyncio.sleep(0.05)
     lines = stack.log_text().splitlines()
