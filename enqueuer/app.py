@@ -167,7 +167,13 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         with tracing.span(
             f"{request.method} /{{service}}", SpanKind.SERVER, request.headers, attributes
         ) as current:
-            response = await proxy(request, enqueuer)
+            try:
+                response = await proxy(request, enqueuer)
+            finally:  # a repeated Idempotency-Key is answered under the first request's id
+                if current is not None:
+                    current.set_attribute(
+                        "messaging.message.conversation_id", request["request_id"]
+                    )
             tracing.record_status(current, response.status)
             return response
 

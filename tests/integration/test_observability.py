@@ -418,3 +418,42 @@ async def test_a_request_id_cannot_write_log_lines_of_its_own(
     lines = stack.log_text().splitlines()
     assert not [line for line in lines if line.startswith("00:00:00")]
     assert any("correlation_id='x\\n00:00:00 ERROR" in line for line in lines)
+
+
+async def test_a_repeated_request_is_traced_under_the_first_ones_id(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """A repeat of an Idempotency-Key is answered with the first request's id, as its log line
+    says; its SERVER span named an id minted for it and then dropped, found nowhere else."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer(env=env)
+    ids = []
+    for _ in range(2):
+        async with http.post(
+            f"{url}/{service}/echo/once", headers={"Idempotency-Key": "order-7"}
+        ) as response:
+            assert response.status == 200
+            ids.append(response.headers["X-Correlation-ID"])
+    assert ids[0] == ids[1]
+
+    def server_ids() -> list[str]:
+        return [
+            next(
+                a.value.string_value
+                for a in s.attributes
+                if a.key == "messaging.message.conversation_id"
+            )
+            for _, s in spans
+            if s.kind == Span.SPAN_KIND_SERVER
+        ]
+
+    async with asyncio.timeout(10):
+        while len(server_ids()) < 2:
+            await asyncio.sleep(0.1)
+    assert server_ids() == ids
