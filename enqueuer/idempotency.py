@@ -1,7 +1,8 @@
 """`Idempotency-Key`: a repeated key within the window gets the first request's id and result
-instead of a second message. Kept per enqueuer, in memory, bounded by count and by the bytes of
-the answers kept (the newest entry whatever its size); a key whose request ran out of time is
-forgotten, so a retry after a 504 really tries again."""
+instead of a second message. Kept per enqueuer, in memory; the answers kept are bounded by count
+and by their bytes (the newest whatever its size), the requests still running by the reply
+waiter's cap; a key whose request ran out of time is forgotten, so a retry after a 504 really
+tries again."""
 
 from __future__ import annotations
 
@@ -44,12 +45,17 @@ class First:
 
 
 class IdempotencyStore:
+    """Running firsts apart from answered ones: only answers are dropped for count and bytes
+    (oldest answer first). A running first holds no answer, and its reply slot is bounded by
+    --max-in-flight; dropped for others' answers, its repeat was a second message."""
+
     def __init__(self, window: float, capacity: int, max_bytes: int) -> None:
         self.window = window
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0  # of the answers of the entries kept
-        self._entries: OrderedDict[bytes, First] = OrderedDict()
+        self._running: dict[bytes, First] = {}  # in the order remembered: of their expiry
+        self._answered: OrderedDict[bytes, First] = OrderedDict()  # in the order answered
 
     @staticmethod
     def _slot(service: str, key: str) -> bytes:
@@ -61,8 +67,8 @@ class IdempotencyStore:
     def get(self, service: str, key: str) -> First | None:
         self._evict()
         slot = self._slot(service, key)
-        first = self._entries.get(slot)
-        if first is None or first.future.cancelled():
+        first = self._running.get(slot) or self._answered.get(slot)
+        if first is None or first.future.cancelled() or first.expires <= time.monotonic():
             self._drop(slot)
             return None
         return first
@@ -73,34 +79,45 @@ class IdempotencyStore:
         slot = self._slot(service, key)
         self._drop(slot)
         first = First(request_id, future, time.monotonic() + self.window)
-        self._entries[slot] = first
-        future.add_done_callback(partial(self._answered, slot, first))
+        self._running[slot] = first
+        future.add_done_callback(partial(self._answered_now, slot, first))
         self._evict()
         return first
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._running) + len(self._answered)
 
-    def _answered(self, slot: bytes, first: First, _: object) -> None:
-        if self._entries.get(slot) is first:
-            first.counted = _size(first)
-            self.bytes += first.counted
-            self._evict()
+    def _answered_now(self, slot: bytes, first: First, _: object) -> None:
+        if self._running.get(slot) is not first:
+            return  # dropped meanwhile, or its key remembered again
+        del self._running[slot]
+        if first.future.cancelled():  # ran out of time or was never queued: forgotten
+            return
+        first.counted = _size(first)
+        self.bytes += first.counted
+        self._answered[slot] = first
+        self._evict()
 
     def _evict(self) -> None:
         now = time.monotonic()
-        while self._entries:
-            slot, oldest = next(iter(self._entries.items()))
-            within = len(self._entries) <= self.capacity and (
-                self.bytes <= self.max_bytes or len(self._entries) == 1
+        while self._running:
+            slot, oldest = next(iter(self._running.items()))
+            if oldest.expires > now:
+                break
+            del self._running[slot]
+        while self._answered:
+            slot, oldest = next(iter(self._answered.items()))
+            within = len(self._answered) <= self.capacity and (
+                self.bytes <= self.max_bytes or len(self._answered) == 1
             )
             if oldest.expires > now and within:
                 break
             self._drop(slot)
 
     def _drop(self, slot: bytes) -> None:
-        gone = self._entries.pop(slot, None)
-        if gone is not None:  # only what was counted: its answer may have come this moment
+        self._running.pop(slot, None)
+        gone = self._answered.pop(slot, None)
+        if gone is not None:
             self.bytes -= gone.counted
 
 

@@ -15,6 +15,7 @@ from shared import topology
 from tests.conftest import Stack, metric
 from tests.integration.test_async import poll
 from tests.reliability.proxy import FaultyProxy
+from tests.reliability.support import rss_mib
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -117,6 +118,28 @@ async def test_idempotency_keys_within_max_result_bytes(
     assert len(target.seen) == 3
 
 
+async def test_a_running_first_is_not_forgotten_for_the_answers_of_others(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Past --max-result-bytes the oldest key went first, also one whose request was still
+    running and held no answer: its repeat was a second message. Only answers are dropped for
+    space; a running first holds a reply slot, bounded by --max-in-flight."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--max-result-bytes", "1KiB")
+    running = {"Idempotency-Key": "running", "Prefer": "respond-async"}
+    async with http.get(f"{url}/{service}/delay/2", headers=running) as response:
+        first_id = response.headers["X-Correlation-ID"]
+    for key in ("b", "c"):
+        async with http.get(
+            f"{url}/{service}/bytes/600", headers={"Idempotency-Key": key}
+        ) as response:
+            assert response.status == 200
+    async with http.get(f"{url}/{service}/delay/2", headers=running) as response:
+        assert response.headers["X-Correlation-ID"] == first_id
+        assert (await poll(http, url + response.headers["Location"])).status == 200
+    assert [seen.path for seen in target.seen].count("/delay/2") == 1
+
+
 async def test_concurrent_repeats_share_one_request(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
@@ -168,6 +191,27 @@ async def test_repeats_of_a_refused_first_are_refused_too(
     assert retried == (200, "")
     paths = ["/echo/fill"] * filled.count(202) + ["/echo/pay"]
     assert [seen.path for seen in target.seen] == paths
+
+
+async def test_refused_firsts_are_not_kept(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    """A key whose request was refused (429 here) stayed in the store for its whole window
+    with the refusal, whose traceback held the request and its body: 100 refused requests of
+    1 MB with keys of their own grew the enqueuer by 195 MiB, for 300 s, up to --max-results
+    of them (10,000 by default)."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1, max_length=1))
+    enqueuer, url = await stack.enqueuer()
+    for _ in range(3):  # a quorum queue may take one beyond its max-length
+        async with http.post(f"{url}/{service}/fill", headers={"Prefer": "respond-async"}):
+            pass
+    before = rss_mib(enqueuer.pid)
+    for i in range(100):
+        async with http.post(
+            f"{url}/{service}/pay", data=b"x" * 1_000_000, headers={"Idempotency-Key": f"k{i}"}
+        ) as response:
+            assert response.status == 429
+    assert rss_mib(enqueuer.pid) - before < 80
 
 
 async def test_a_repeat_waits_for_its_first_no_longer_than_its_own_deadline(

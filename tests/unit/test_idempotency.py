@@ -35,7 +35,10 @@ async def test_window_and_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
     store = IdempotencyStore(window=10, capacity=2, max_bytes=1 << 20)
     loop = asyncio.get_running_loop()
     for key in ("a", "b", "c"):
-        store.remember("svc", key, key, loop.create_future())
+        future: asyncio.Future[HttpResponse] = loop.create_future()
+        store.remember("svc", key, key, future)
+        future.set_result(answer(1))
+        await asyncio.sleep(0)  # the done callback
     assert store.get("svc", "a") is None  # over capacity: oldest out
     assert store.get("svc", "c") is not None
     now[0] += 11
@@ -45,6 +48,26 @@ async def test_window_and_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def answer(size: int) -> HttpResponse:
     return HttpResponse(200, (), b"x" * size)
+
+
+async def test_running_firsts_are_not_dropped_for_the_answers_of_others() -> None:
+    """They hold no answer: dropped, their repeat would be a second message."""
+    store = IdempotencyStore(window=60, capacity=1, max_bytes=1000)
+    loop = asyncio.get_running_loop()
+    running: asyncio.Future[HttpResponse] = loop.create_future()
+    store.remember("svc", "running", "id-0", running)
+    for key in ("a", "b"):
+        future: asyncio.Future[HttpResponse] = loop.create_future()
+        store.remember("svc", key, key, future)
+        future.set_result(answer(800))
+        await asyncio.sleep(0)
+    assert store.get("svc", "a") is None and store.get("svc", "b") is not None
+    first = store.get("svc", "running")
+    assert first is not None and first.request_id == "id-0"
+    running.set_result(answer(300))
+    await asyncio.sleep(0)
+    assert store.get("svc", "b") is None  # now the oldest answer
+    assert store.get("svc", "running") is not None and store.bytes == 300
 
 
 async def test_answers_beyond_max_bytes_evict_the_oldest() -> None:
