@@ -229,14 +229,17 @@ async def _broker_context(app: web.Application) -> AsyncIterator[None]:
 
 async def _answer_waiting_callers(app: web.Application) -> None:
     """On SIGTERM, once the port is closed: replies still awaited get a few seconds to come,
-    then their callers a 503 they can act on. They got a dropped connection."""
-    await app[ENQUEUER].replies.stop(
+    then their callers a 503 they can act on. They got a dropped connection. Pending
+    asynchronous results get no grace: nobody waits for them, and they go with the process."""
+    enqueuer = app[ENQUEUER]
+    await enqueuer.replies.stop(
         STOP_GRACE,
         BrokerUnavailable(
             "the enqueuer is stopping: the request was published and may still be processed, "
             "but its reply will not come here",
             retry_after=1,
         ),
+        unawaited=enqueuer.results.pending_ids(),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, AbstractRobustQueue
 
@@ -101,13 +101,15 @@ class ReplyWaiter:
             )
             future.set_exception(ServiceFailed(f"the service's reply could not be read: {exc}"))
 
-    async def stop(self, grace: float, error: Exception) -> None:
+    async def stop(self, grace: float, error: Exception, unawaited: Container[str] = ()) -> None:
         """Give the replies awaited now `grace` seconds to come, then fail the rest with
-        `error`."""
+        `error`. Not those of `unawaited` (pending asynchronous results): nobody waits for
+        them, and they go with the process anyway; one made every stop `grace` longer."""
         if self._watch is not None:
             self._watch.cancel()
-        if self._futures:
-            await asyncio.wait(list(self._futures.values()), timeout=grace)
+        awaited = [f for request_id, f in self._futures.items() if request_id not in unawaited]
+        if awaited:
+            await asyncio.wait(awaited, timeout=grace)
         for future in list(self._futures.values()):
             if not future.done():
                 future.set_exception(error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass
 
 from shared.envelope import HttpResponse
@@ -54,6 +55,9 @@ class ResultStore:
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._finished)
+
+    def pending_ids(self) -> Container[str]:
+        return self._pending.keys()
 
     def _evict(self) -> None:
         horizon = time.monotonic() - self.ttl
