@@ -1,12 +1,13 @@
-"""`Idempotency-Key`: a repeated key within the window gets the first request's id and result
-instead of a second message. Kept per enqueuer, in memory; the answers kept are bounded by count
-and by their bytes (the newest whatever its size), the requests still running by the reply
-waiter's cap; a key whose request ran out of time is forgotten, so a retry after a 504 really
-tries again."""
+"""`Idempotency-Key`: a repeated key gets the first request's id and result instead of a second
+message while the first runs and within the window from its arrival. Kept per enqueuer, in
+memory; the answers kept are bounded by count and by their bytes (the newest whatever its size),
+the requests still running by the reply waiter's cap; a key whose request ran out of time is
+forgotten, so a retry after a 504 really tries again."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import time
 from collections import OrderedDict
@@ -36,7 +37,7 @@ class First:
         or a wait for a request that was never queued would end in a made-up 504."""
         await self.published.wait()
         if isinstance(self.refused, ProxyMQError):
-            raise self.refused
+            raise copy.copy(self.refused)  # a raise adds this repeat's frames to the error
         if self.refused is not None:
             raise BrokerUnavailable(
                 "the first request with this Idempotency-Key was not confirmed by RabbitMQ",
@@ -45,16 +46,18 @@ class First:
 
 
 class IdempotencyStore:
-    """Running firsts apart from answered ones: only answers are dropped for count and bytes
-    (oldest answer first). A running first holds no answer, and its reply slot is bounded by
-    --max-in-flight; dropped for others' answers, its repeat was a second message."""
+    """Running firsts apart from answered ones: only answers are dropped, for count, bytes and
+    the window (oldest answer first). A running first holds no answer, and its reply slot is
+    bounded by --max-in-flight; dropped for others' answers, or at the end of the window while
+    it waited in a backlog (an asynchronous request has no deadline), its repeat was a second
+    message."""
 
     def __init__(self, window: float, capacity: int, max_bytes: int) -> None:
         self.window = window
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0  # of the answers of the entries kept
-        self._running: dict[bytes, First] = {}  # in the order remembered: of their expiry
+        self._running: dict[bytes, First] = {}
         self._answered: OrderedDict[bytes, First] = OrderedDict()  # in the order answered
 
     @staticmethod
@@ -68,7 +71,11 @@ class IdempotencyStore:
         self._evict()
         slot = self._slot(service, key)
         first = self._running.get(slot) or self._answered.get(slot)
-        if first is None or first.future.cancelled() or first.expires <= time.monotonic():
+        if (
+            first is None
+            or first.future.cancelled()
+            or (first.future.done() and first.expires <= time.monotonic())
+        ):
             self._drop(slot)
             return None
         return first
@@ -91,8 +98,8 @@ class IdempotencyStore:
         if self._running.get(slot) is not first:
             return  # dropped meanwhile, or its key remembered again
         del self._running[slot]
-        if first.future.cancelled():  # ran out of time or was never queued: forgotten
-            return
+        if first.future.cancelled() or first.expires <= time.monotonic():
+            return  # ran out of time or was never queued, or answered past its window
         first.counted = _size(first)
         self.bytes += first.counted
         self._answered[slot] = first
@@ -100,11 +107,6 @@ class IdempotencyStore:
 
     def _evict(self) -> None:
         now = time.monotonic()
-        while self._running:
-            slot, oldest = next(iter(self._running.items()))
-            if oldest.expires > now:
-                break
-            del self._running[slot]
         while self._answered:
             slot, oldest = next(iter(self._answered.items()))
             within = len(self._answered) <= self.capacity and (

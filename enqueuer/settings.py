@@ -96,7 +96,8 @@ class EnqueuerSettings(SidecarSettings):
         gt=0,
         description="seconds a repeated "
         "Idempotency-Key gets the first request's id and result "
-        "instead of a second message",
+        "instead of a second message, counted from the first's arrival; "
+        "and for as long as the first still runs",
     )
     breaker_failures: int = Field(
         5,
