@@ -5,7 +5,10 @@
 GETs http://127.0.0.1:PORT/PATH and exits 0 on a 2xx answer, 1 otherwise (a 503 from `/readyz`
 included), so Docker's HEALTHCHECK, compose's `service_healthy` and a Kubernetes exec probe all
 read the same answer. The port follows the container's own `PROXYMQ_*` variable when it is set,
-so moving a port in the environment does not silently break the check.
+so moving a port in the environment does not silently break the check. It never goes through
+an HTTP proxy: `http_proxy` in the container (Docker's client proxy settings put it there,
+usually with `no_proxy=localhost`, which does not cover 127.0.0.1) would send the check of
+this container's own port to the proxy, and fail it.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     port = int(os.environ.get(args.port_env, args.port)) if args.port_env else args.port
     url = f"http://127.0.0.1:{port}{args.path}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+        with direct.open(url, timeout=args.timeout) as response:
             status = int(response.status)
     except urllib.error.HTTPError as exc:
         print(f"{url}: {exc.code} {exc.read()[:200]!r}", file=sys.stderr)

@@ -14,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.deploy.support import ROOT
+from tests.deploy.support import ROOT, dockerfile_lines
 
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
 DRAIN = ROOT / "deploy" / "docker" / "drain.py"
@@ -66,6 +67,45 @@ def test_healthcheck_follows_the_containers_port_variable(server: int) -> None:
 
 def test_healthcheck_fails_when_nothing_listens() -> None:
     assert healthcheck("/healthz", "--port", "1", "--timeout", "1") == 1
+
+
+# What Docker's client proxy settings (~/.docker/config.json "proxies") or a cluster's proxy
+# policy put in every container: a proxy, with localhost (not 127.0.0.1) exempted.
+PROXY_ENV = {
+    "http_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "localhost",
+    "NO_PROXY": "localhost",
+}
+
+
+def test_healthcheck_never_asks_a_proxy(server: int) -> None:
+    """The check is of this container's own port: sent to a proxy, it fails however healthy
+    the sidecar is (and compose never starts what depends on it)."""
+    assert healthcheck("/healthz", "--port", str(server), env=PROXY_ENV) == 0
+
+
+def example_api_checks() -> list[tuple[str, list[str]]]:
+    """The example API's health checks (its image carries no healthcheck.py)."""
+    dockerfile = ROOT / "examples" / "api" / "Dockerfile"
+    (line,) = [x for x in dockerfile_lines(dockerfile) if x.startswith("HEALTHCHECK ")]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return [
+        ("examples/api/Dockerfile", yaml.safe_load(line.split(" CMD ", 1)[1])),
+        ("docker-compose.yml api", compose["services"]["api"]["healthcheck"]["test"][1:]),
+    ]
+
+
+@pytest.mark.parametrize(("where", "command"), example_api_checks())
+def test_example_api_checks_follow_its_port_and_never_ask_a_proxy(
+    server: int, where: str, command: list[str]
+) -> None:
+    assert command[0] == "python", where
+    env = {**os.environ, **PROXY_ENV, "API_PORT": str(server)}
+    result = subprocess.run(
+        [sys.executable, *command[1:]], capture_output=True, timeout=30, check=False, env=env
+    )
+    assert result.returncode == 0, f"{where}: {result.stderr.decode()[-300:]}"
 
 
 FAKE_DEQUEUER = """\
