@@ -1,0 +1,105 @@
+"""The RabbitMQ user docs/deploy.md gives KEDA can make the request KEDA's rabbitmq scaler
+makes with the trigger `proxymq keda` prints, and the sum it reads is the service's backlog.
+
+KEDA (protocol http, useRegex) asks the management API for one page of the vhost's queues:
+`GET /api/queues/%2F?page=1&use_regex=true&pagination=false&name=REGEX&page_size=N`, with the
+credentials of the TriggerAuthentication's `host` URL. The user is made for the test, exactly
+as the docs' `rabbitmqctl` lines make it, and removed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import quote, urlsplit
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from shared import topology
+from shared.cli import keda
+from tests.deploy.support import ROOT, by_kind
+
+pytestmark = pytest.mark.rabbit
+DOCS = ROOT / "docs" / "deploy.md"
+MANAGEMENT = "127.0.0.1:15672"
+
+
+def documented_keda_user() -> list[list[str]]:
+    """The `rabbitmqctl` lines of docs/deploy.md for user `proxymq-keda`, as argument lists."""
+    lines = re.findall(r"(?m)^rabbitmqctl (\S+) (?:-p / )?proxymq-keda\b(.*)$", DOCS.read_text())
+    assert any(verb == "add_user" for verb, _ in lines), f"no add_user proxymq-keda in {DOCS}"
+    return [[verb, *words(rest)] for verb, rest in lines]
+
+
+def words(rest: str) -> list[str]:
+    """Shell words, as far as the docs' lines use them: plain, or in single quotes ('')."""
+    return [quoted or plain for quoted, plain in re.findall(r"'([^']*)'|(\S+)", rest)]
+
+
+async def ctl(*args: str) -> None:
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", *args], check=True, capture_output=True
+    )
+
+
+@pytest.fixture
+async def keda_user() -> AsyncIterator[Callable[[], Awaitable[tuple[str, str]]]]:
+    made: list[str] = []
+
+    async def make() -> tuple[str, str]:
+        name, password = f"proxymq-keda-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        for verb, *rest in documented_keda_user():
+            args = [password] if verb == "add_user" else rest
+            vhost = ["-p", "/"] if verb == "set_permissions" else []
+            await ctl(verb, *vhost, name, *args)
+            made.append(name)
+        return name, password
+
+    yield make
+    for name in set(made):
+        await ctl("delete_user", name)
+
+
+async def test_the_documented_keda_user_reads_the_summed_partition_depth(
+    amqp: AbstractRobustConnection,
+    service: str,
+    keda_user: Callable[[], Awaitable[tuple[str, str]]],
+) -> None:
+    await topology.declare(amqp, topology.Topology(service, partitions=3))
+    channel = await amqp.channel()
+    for queue, count in ((f"{service}.p0", 2), (f"{service}.p2", 1), (f"{service}.dlq", 4)):
+        for _ in range(count):
+            await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue)
+    await channel.close()
+
+    name, password = await keda_user()
+    # The TriggerAuthentication's host, as secrets.yaml writes it, for this broker and user.
+    (auth,) = by_kind("TriggerAuthentication")
+    (ref,) = auth["spec"]["secretTargetRef"]
+    secret = next(s for s in by_kind("Secret") if s["metadata"]["name"] == ref["name"])
+    host = urlsplit(secret["stringData"][ref["key"]])
+    assert host.path == "/", "the final / is vhost /"
+    meta = keda.trigger_metadata(keda.Scaling(service))
+    url = (
+        f"http://{MANAGEMENT}/api/queues/%2F?page=1&use_regex=true&pagination=false"
+        f"&name={quote(str(meta['queueName']), safe='')}&page_size={meta['pageSize']}"
+    )
+    total = None
+    basic = base64.b64encode(f"{name}:{password}".encode()).decode()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Basic {basic}"}) as http:
+        for _ in range(40):  # the management API's numbers lag by up to 5 s
+            async with http.get(url) as response:
+                assert response.status == 200, f"KEDA's request: {await response.text()}"
+                queues = (await response.json())["items"]
+            total = sum(q.get("messages", 0) for q in queues)
+            if total == 3:
+                break
+            await asyncio.sleep(0.5)
+    assert sorted(q["name"] for q in queues) == [f"{service}.p{i}" for i in range(3)]
+    assert total == 3, "ready + unacked over the partitions, never the dead letters"
