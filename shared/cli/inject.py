@@ -17,14 +17,17 @@ environment or on a command line), the pod name as instance id, and probes on ad
 `/healthz` for startup and liveness, `/readyz` for readiness. The startup probe must not be
 `/readyz`: a native sidecar's startup probe gates the main containers, and the dequeuer is only
 ready once the microservice answers, so waiting for `/readyz` would never start it.
-`terminationGracePeriodSeconds` is raised to what the dequeuer's drain needs.
+`terminationGracePeriodSeconds` is raised to what the dequeuer's drain needs: its
+PROXYMQ_SHUTDOWN_GRACE (a user's own value included) plus GRACE_MARGIN.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
+import math
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -133,10 +136,18 @@ class Injection:
             raise ValueError(f"--partitions must be between 1 and 1024, not {self.partitions}")
 
 
-def required_grace() -> int:
-    """Seconds a pod needs to stop cleanly; follows the dequeuer's own shutdown grace."""
-    grace = DequeuerSettings.model_fields["shutdown_grace"].default
-    return int(grace) + GRACE_MARGIN
+def required_grace(sidecar: Mapping[str, object] | None = None) -> int:
+    """Seconds a pod needs to stop cleanly; follows the dequeuer's own shutdown grace: the
+    sidecar's PROXYMQ_SHUTDOWN_GRACE when it sets one (a user's, kept on re-injection), else
+    the default."""
+    grace = float(DequeuerSettings.model_fields["shutdown_grace"].default)
+    for entry in (sidecar or {}).get("env") or []:  # type: ignore[attr-defined]
+        if isinstance(entry, Mapping) and entry.get("name") == "PROXYMQ_SHUTDOWN_GRACE":
+            with contextlib.suppress(ValueError):  # not a number: the dequeuer refuses it
+                grace = float(str(entry.get("value")))
+    if not 0 <= grace < math.inf:
+        grace = float(DequeuerSettings.model_fields["shutdown_grace"].default)
+    return math.ceil(grace) + GRACE_MARGIN
 
 
 @dataclass
@@ -219,11 +230,11 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
     name = f"{workload['kind']}/{given}" if given is not None else f"{workload['kind']}/? ({at})"
     pod = pod_spec(workload, At(name))
     port = injection.target_port or first_container_port(pod) or DEFAULT_TARGET_PORT
-    add_sidecar(pod, sidecar(injection, port))
+    added = add_sidecar(pod, sidecar(injection, port))
     ensure_volume(pod, injection.amqp_secret)
     grace = pod.get("terminationGracePeriodSeconds")
-    if not isinstance(grace, int) or grace < required_grace():
-        pod["terminationGracePeriodSeconds"] = required_grace()
+    if not isinstance(grace, int) or grace < required_grace(added):
+        pod["terminationGracePeriodSeconds"] = required_grace(added)
     report.injected.append(name)
     main = target_container(pod, port)
     if main is not None and not (main.get("lifecycle") or {}).get("preStop"):
@@ -334,11 +345,11 @@ MERGED_BY_NAME = ("env", "ports", "volumeMounts")
 KEPT_WHEN_SET = ("resources", "securityContext")
 
 
-def add_sidecar(pod: CommentedMap, desired: CommentedMap) -> None:
+def add_sidecar(pod: CommentedMap, desired: CommentedMap) -> CommentedMap:
     """Append the sidecar after any existing init containers (migrations and the like finish
     first; a mesh proxy injected earlier starts before it and stops after it), or update the
     one already there. A `proxymq-dequeuer` in `containers` (an older, non-native injection)
-    is moved."""
+    is moved. Returns the sidecar as it now is."""
     from ruamel.yaml.comments import CommentedSeq
 
     containers = pod["containers"]
@@ -351,8 +362,9 @@ def add_sidecar(pod: CommentedMap, desired: CommentedMap) -> None:
     for container in init:
         if container.get("name") == CONTAINER:
             update(container, desired)
-            return
+            return container  # type: ignore[no-any-return]
     init.append(desired)
+    return desired
 
 
 def update(existing: CommentedMap, desired: CommentedMap) -> None:

@@ -212,6 +212,23 @@ def test_grace_period_is_raised_never_lowered() -> None:
     assert pod(deployment)["terminationGracePeriodSeconds"] == inject.required_grace()
 
 
+def test_grace_period_follows_the_sidecars_own_shutdown_grace() -> None:
+    """A user's PROXYMQ_SHUTDOWN_GRACE is kept on re-injection; the pod's grace must cover that
+    drain (docs/operations.md: raise both together, grace + 20 s), not the default one."""
+    first, _ = inject_text(SAMPLE, Injection("url-fetcher"))
+    tuned = first.replace(
+        "            - name: PROXYMQ_SERVICE\n",
+        "            - name: PROXYMQ_SHUTDOWN_GRACE\n              value: '60'\n"
+        "            - name: PROXYMQ_SERVICE\n",
+    )
+    (deployment, _) = documents(inject_text(tuned, Injection("url-fetcher"))[0])
+    assert env(dequeuer(deployment))["PROXYMQ_SHUTDOWN_GRACE"] == "60"
+    assert pod(deployment)["terminationGracePeriodSeconds"] == 60 + inject.GRACE_MARGIN
+    fractional = tuned.replace("value: '60'", "value: '60.5'")
+    (deployment, _) = documents(inject_text(fractional, Injection("url-fetcher"))[0])
+    assert pod(deployment)["terminationGracePeriodSeconds"] == 61 + inject.GRACE_MARGIN
+
+
 def test_moves_an_old_regular_container_sidecar_into_init_containers() -> None:
     legacy = SAMPLE.replace(
         "      containers:\n",
