@@ -3,6 +3,7 @@ and exec probe, and the preStop hook that drains the dequeuer before its microse
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from dequeuer.settings import DequeuerSettings
 from tests.deploy.support import ROOT, dockerfile_lines
 
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
@@ -145,6 +148,46 @@ def test_drain_signals_the_dequeuer_and_waits_until_it_is_gone(tmp_path: Path) -
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def load_drain() -> Any:
+    spec = importlib.util.spec_from_file_location("drain", DRAIN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "wait"),
+    [
+        ({}, [], 25 + 10),  # the dequeuer's default grace
+        ({"PROXYMQ_SHUTDOWN_GRACE": "60"}, [], 60 + 10),  # raised as operations.md says
+        ({"PROXYMQ_SHUTDOWN_GRACE": "60"}, ["--shutdown-grace", "90"], 90 + 10),  # flag wins
+        ({}, ["--shutdown-grace=5.5"], 5.5 + 10),
+        ({"PROXYMQ_SHUTDOWN_GRACE": "soon"}, [], 25 + 10),  # unreadable: the default
+    ],
+)
+def test_drain_waits_as_long_as_the_dequeuers_own_grace(
+    env: dict[str, str], args: list[str], wait: float
+) -> None:
+    """Without --timeout the hook outwaits the drain the dequeuer was given: a fixed 35 s in the
+    manifest cut a drain raised to 60 s short, and url-fetcher stopped under its calls."""
+    drain = load_drain()
+    assert DequeuerSettings.model_fields["shutdown_grace"].default == drain.DEFAULT_GRACE
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", *args],
+        env={k: v for k, v in os.environ.items() if k != "PROXYMQ_SHUTDOWN_GRACE"} | env,
+    )
+    try:
+        for _ in range(100):  # until the exec is done and /proc shows the child's own command
+            if b"sleep(30)" in Path(f"/proc/{child.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.02)
+        assert drain.drain_wait([child.pid]) == wait
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_drain_returns_at_once_when_no_dequeuer_is_visible() -> None:
