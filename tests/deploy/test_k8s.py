@@ -161,6 +161,16 @@ def test_api_reaches_its_enqueuer_on_localhost_and_is_served() -> None:
     assert spec["terminationGracePeriodSeconds"] > float(env["API_TIMEOUT"]) + 5
 
 
+def test_pods_hold_no_api_token_and_trace_only_when_asked() -> None:
+    """Nothing in these pods calls the Kubernetes API, so none holds a token for it. Tracing
+    was on in every pod, exporting to a collector that a cluster may not have (each pod then
+    logged the exporter's errors): the shared settings name none."""
+    for name, spec in pod_specs():
+        assert spec.get("automountServiceAccountToken") is False, name
+    for name, data in config_maps().items():
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in data, name
+
+
 def test_disruption_budgets_select_their_deployments() -> None:
     deployments = {d["metadata"]["name"]: d for d in by_kind("Deployment")}
     budgets = {b["metadata"]["name"]: b for b in by_kind("PodDisruptionBudget")}
