@@ -112,15 +112,26 @@ def without_respond_async(headers: envelope.Headers) -> envelope.Headers:
     return tuple(kept)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, within: float) -> bytes:
+    """The body, which must arrive within `within` seconds: a body that stalled held its
+    handler, its connection and what had come of it (up to --max-body) for good, since no
+    deadline ran before the body was read. A body already received is read without a timer."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
             f"the body is {request.content_length} bytes; at most {limit} are allowed"
         )
     try:
-        return await request.read()
+        if request.content.is_eof():
+            return await request.read()
+        async with asyncio.timeout(within):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"the body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise GatewayTimeout(
+            f"the request's body did not arrive within {within:.3g} s (its deadline, at most "
+            "--timeout); nothing was published"
+        ) from None
 
 
 async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
@@ -129,7 +140,12 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         raise UnknownService(f"no service in the path: {CALL}")
     request["service"] = service
     logs.bind(service=service)
-    body = await read_body(request, enqueuer.settings.max_body)
+    asynchronous = wants_async(request)
+    deadline = deadline_of(request, None if asynchronous else enqueuer.settings.timeout)
+    timeout = enqueuer.settings.timeout
+    body = await read_body(
+        request, enqueuer.settings.max_body, min(_remaining(deadline, timeout), timeout)
+    )
     key = partition_key.extract(
         enqueuer.sources,
         request.headers,
@@ -138,8 +154,6 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         request.headers.get("Content-Type", ""),
         required=enqueuer.settings.require_partition_key,
     )
-    asynchronous = wants_async(request)
-    deadline = deadline_of(request, None if asynchronous else enqueuer.settings.timeout)
     idempotency_key = request.headers.get("Idempotency-Key")
     first = enqueuer.idempotency.get(service, idempotency_key) if idempotency_key else None
     if first is not None:

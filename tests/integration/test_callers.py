@@ -3,6 +3,7 @@ ProxyMQ's own message headers."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -83,3 +84,27 @@ async def test_callers_cannot_set_internal_headers(
         echoed = await response.json()
     assert echoed["path"] == "/echo/x"
     assert ["x-proxymq-path", "/status/500"] in [[k.lower(), v] for k, v in echoed["headers"]]
+
+
+async def test_a_body_that_stalls_is_answered_at_the_deadline(
+    stack: Stack, service: str, target: Target
+) -> None:
+    """A body must arrive within the request's deadline (at most --timeout, asynchronous
+    requests too). One that stalled after its first byte held its handler, its connection and
+    what it had sent, up to --max-body, for good: no deadline ran before the body was read."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--timeout", "1")
+    host, port = url.removeprefix("http://").split(":")
+    for extra in (b"", b"Prefer: respond-async\r\n", b"X-Request-Timeout: 0.5\r\n"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /%s/echo/stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n%s\r\nA"
+            % (service.encode(), extra)
+        )
+        async with asyncio.timeout(20):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 504 "), head
+        assert b"X-ProxyMQ-Error: timeout\r\n" in head
+        assert b"X-Correlation-ID: " in head
+    assert target.seen == []
