@@ -36,6 +36,8 @@ async def serve(settings: EnqueuerSettings) -> int:
                 # keep aiohttp's 8 KiB: a head is held whole while it arrives, and 128 lines
                 # of 64 KiB held by each of 20 slow connections took 280 MB.
                 max_headers=max(128, 2 * settings.max_headers),
+                # aiohttp's 3,630 s let a caller trickling a head in hold it for an hour.
+                keepalive_timeout=settings.idle_timeout,
             )
             sites.push_async_callback(api.cleanup)
             admin = await service.start_site(

@@ -61,6 +61,13 @@ class EnqueuerSettings(SidecarSettings):
         description="longest a caller waits, in seconds (at most 30 days); X-Request-Timeout "
         "may ask for less",
     )
+    idle_timeout: float = Field(
+        75.0,
+        gt=0,
+        le=MAX_TIMEOUT,
+        description="seconds a caller's connection may stay idle between requests, or take to "
+        "send a request's head, before it is closed",
+    )
     max_body: ByteSize = Field(
         1024 * 1024,
         description="largest request body (e.g. 1MiB); larger gets 413 body_too_large, as does "

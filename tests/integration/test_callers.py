@@ -108,3 +108,29 @@ async def test_a_body_that_stalls_is_answered_at_the_deadline(
         assert b"X-ProxyMQ-Error: timeout\r\n" in head
         assert b"X-Correlation-ID: " in head
     assert target.seen == []
+
+
+async def test_a_head_that_trickles_in_is_closed_at_the_idle_timeout(
+    stack: Stack, service: str
+) -> None:
+    """aiohttp closes a connection with no complete request head only at its keep-alive
+    timeout, 3,630 s by default: a caller sending a header line now and then held its
+    connection and its growing head (up to 8 KiB a line) for an hour. `--idle-timeout`
+    bounds a head's arrival and a keep-alive connection's idle time alike."""
+    _, url = await stack.enqueuer("--idle-timeout", "1")
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /%s/echo/x HTTP/1.1\r\nHost: x\r\n" % service.encode())
+
+    async def trickle() -> None:
+        for i in range(200):
+            writer.write(b"X-Slow-%d: v\r\n" % i)
+            await asyncio.sleep(0.1)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        async with asyncio.timeout(20):
+            assert await reader.read() == b""  # closed by the enqueuer, nothing answered
+    finally:
+        trickling.cancel()
+        writer.close()
