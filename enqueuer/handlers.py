@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 CALL = "call /{service}/{path}"
 OWN_PATHS = "/_proxymq"
 REQUESTS_PATH = OWN_PATHS + "/requests/"
+# One preference: up to a comma outside a quoted string (an unclosed quote runs to the end).
+_PREFERENCE = re.compile(r'(?:[^,"]|"(?:\\.|[^"\\])*(?:"|$))+')
 # A blocked broker (memory alarm) must not hold a caller forever.
 PUBLISH_TIMEOUT = 10.0
 
@@ -85,12 +88,18 @@ def deadline_of(request: web.Request, cap: float | None) -> float | None:
     return None if seconds is None else time.time() + seconds
 
 
+def preferences(value: str) -> list[str]:
+    """The comma-separated preferences of a `Prefer` value. A value may be a quoted string
+    (RFC 7240), whose commas separate nothing: `note="a, respond-async, b"` made a call
+    asynchronous, and `note="a,b"` reached the microservice as `note="a, b"`."""
+    return _PREFERENCE.findall(value) if '"' in value else value.split(",")
+
+
 def wants_async(request: web.Request) -> bool:
-    prefer = ",".join(request.headers.getall("Prefer", []))
     return any(
-        token.strip().lower() == "respond-async"
-        for part in prefer.split(",")
-        for token in part.split(";")[:1]
+        part.split(";", 1)[0].strip().lower() == "respond-async"
+        for value in request.headers.getall("Prefer", ())
+        for part in preferences(value)
     )
 
 
@@ -103,8 +112,8 @@ def without_respond_async(headers: envelope.Headers) -> envelope.Headers:
         if name.lower() == "prefer":
             value = ", ".join(
                 part.strip()
-                for part in value.split(",")
-                if part.split(";")[0].strip().lower() not in ("respond-async", "")
+                for part in preferences(value)
+                if part.split(";", 1)[0].strip().lower() not in ("respond-async", "")
             )
             if not value:
                 continue

@@ -65,6 +65,7 @@ async def test_accepted_now_answered_later(
         (["respond-async"], []),
         (["respond-async, return=minimal"], ["return=minimal"]),
         (["return=minimal; x=1", "RESPOND-ASYNC; wait=5"], ["return=minimal; x=1"]),
+        (['note="a,b", respond-async'], ['note="a,b"']),
     ],
 )
 async def test_the_microservice_is_not_asked_to_respond_async(
@@ -87,6 +88,20 @@ async def test_the_microservice_is_not_asked_to_respond_async(
     assert (await poll(http, url + location)).status == 200
     seen = [v for n, v in target.seen[0].headers if n.lower() == "prefer"]
     assert seen == passed_on
+
+
+async def test_respond_async_in_a_quoted_preference_value_is_data(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A preference's value may be a quoted string (RFC 7240), in which a comma separates
+    nothing: `note="a, respond-async, b"` asked for no asynchronous answer, yet got a 202."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    prefer = 'note="a, respond-async, b", return=minimal'
+    async with http.get(f"{url}/{service}/echo", headers={"Prefer": prefer}) as response:
+        assert response.status == 200
+        assert "Preference-Applied" not in response.headers
+    assert [v for n, v in target.seen[0].headers if n.lower() == "prefer"] == [prefer]
 
 
 async def test_async_deadline(

@@ -64,7 +64,15 @@ def test_wants_async(prefer: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "prefer",
-    [[], ["return=minimal"], ["respond-asynchronously"], ["wait=10"], ["return=respond-async"]],
+    [
+        [],
+        ["return=minimal"],
+        ["respond-asynchronously"],
+        ["wait=10"],
+        ["return=respond-async"],
+        ['note="a, respond-async, b"'],
+        ['note="a,respond-async,b"; x=1'],
+    ],
 )
 def test_does_not_want_async(prefer: list[str]) -> None:
     assert not wants_async(request_with(*(("Prefer", value) for value in prefer)))
