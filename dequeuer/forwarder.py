@@ -66,6 +66,7 @@ class ClosableTransport(Transport, Protocol):
 class HttpTransport:
     def __init__(self, target: str, connections: int, max_body: int) -> None:
         self.target = target.rstrip("/")
+        self._base = URL(self.target)
         self.max_body = max_body
         # No cookie jar: a session's jar sent one caller's cookies (a `Set-Cookie` answered to
         # them) with every later caller's request. Headers pass through; nothing is kept.
@@ -86,10 +87,7 @@ class HttpTransport:
         )
 
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
-        url = URL(
-            self.target + request.path + (f"?{request.query}" if request.query else ""),
-            encoded=True,
-        )
+        url = self.url(request.path, request.query)
         if not tracing.enabled():
             return await self._send(url, request, timeout)
         attributes: dict[str, str | int] = {
@@ -102,6 +100,21 @@ class HttpTransport:
             response = await self._send(url, traced(request), timeout)
             tracing.record_status(current, response.status)
             return response
+
+    def url(self, path: str, query: str) -> URL:
+        """The target's URL with the path and query as sent. A `#` in them is no fragment (a
+        request target has none): parsed from a string, `/a#b?c=1` was sent as `/a`, its query
+        dropped, where a direct call sends it whole."""
+        if "#" not in path and "#" not in query:
+            return URL(self.target + path + (f"?{query}" if query else ""), encoded=True)
+        base = self._base
+        return URL.build(
+            scheme=base.scheme,
+            authority=base.raw_authority,
+            path=base.raw_path.rstrip("/") + path,
+            query_string=query,
+            encoded=True,
+        )
 
     async def _send(self, url: URL, request: HttpRequest, timeout: float) -> HttpResponse:
         try:

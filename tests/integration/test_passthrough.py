@@ -436,6 +436,21 @@ def values(headers: list[tuple[str, str]], name: str) -> list[str]:
     return [v for n, v in headers if n.lower() == name.lower()]
 
 
+async def test_a_hash_in_the_request_target_reaches_the_microservice(
+    pair: str, target: Target
+) -> None:
+    """A `#` in a request target (no fragment there: a target has none, but the parsers on
+    both ends take it) reaches the microservice as a direct call sends it. The dequeuer's
+    client took it for the start of a fragment: `/a#b?c=1` arrived as `/a`, its query lost."""
+    for sent in ("/echo/a#b?c=1", "/echo/x?c=1#d&e=%23"):
+        target.seen.clear()
+        direct = await raw_call("GET", target.url + sent, [])
+        via = await raw_call("GET", pair + sent, [])
+        assert (via.status, direct.status) == (200, 200)
+        [there, here] = target.seen
+        assert (here.path, here.query) == (there.path, there.query)
+
+
 async def test_a_name_repeated_in_another_case_keeps_every_value(pair: str, target: Target) -> None:
     """Header names are case-insensitive: `X-Tag: a`, `x-tag: b`, `X-TAG: c` are three values
     of one header. aiohttp's client kept only the last of a name spelled two ways, so the
