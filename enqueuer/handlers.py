@@ -41,6 +41,7 @@ OWN_PATHS = "/_proxymq"
 REQUESTS_PATH = OWN_PATHS + "/requests/"
 # One preference: up to a comma outside a quoted string (an unclosed quote runs to the end).
 _PREFERENCE = re.compile(r'(?:[^,"]|"(?:\\.|[^"\\])*(?:"|$))+')
+NAN = float("nan")
 # A blocked broker (memory alarm) must not hold a caller forever.
 PUBLISH_TIMEOUT = 10.0
 
@@ -79,10 +80,13 @@ def deadline_of(request: web.Request, cap: float | None) -> float | None:
     asked = request.headers.get("X-Request-Timeout")
     seconds: float | None = cap
     if asked is not None:
+        # Repeats folded into one line count as repeats: the first. Python's float() also
+        # reads `1_0` and other scripts' digits, which no caller means as seconds.
+        asked = asked.partition(",")[0]
         try:
-            value = min(float(asked), MAX_TIMEOUT)
+            value = min(float(asked), MAX_TIMEOUT) if asked.isascii() and "_" not in asked else NAN
         except ValueError:
-            value = float("nan")
+            value = NAN
         if value > 0:  # NaN, zero and negative values are ignored
             seconds = value if cap is None else min(value, cap)
     return None if seconds is None else time.time() + seconds

@@ -110,10 +110,14 @@ def timeout_request(value: str | None) -> web.Request:
         ("nan", 30.0, 30.0),
         ("inf", 30.0, 30.0),
         ("", 30.0, 30.0),
+        ("1_0", 30.0, 30.0),  # Python's float() reads these; no HTTP client means them
+        ("\u0663", 30.0, 30.0),  # an Arabic-Indic three
+        ("3, 7", 30.0, 3.0),  # repeats folded into one line: the first, as for two lines
     ],
 )
 def test_deadline_of(header: str | None, cap: float | None, seconds: float) -> None:
-    assert deadline_of(timeout_request(header), cap) == pytest.approx(NOW + seconds)
+    # Seconds from now: pytest.approx(NOW + seconds) allowed 1,700 s either way (1e-6 of NOW).
+    assert deadline_of(timeout_request(header), cap) == NOW + seconds
 
 
 @pytest.mark.usefixtures("frozen")
