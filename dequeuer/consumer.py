@@ -285,9 +285,10 @@ class Consumer:
             f"service {self.settings.service!r} failed {attempts} time(s), last: {last}; "
             f"the request is in {self.topology.dead_letters}"
         )
-        await self.dead_letter(
+        if not await self.dead_letter(
             partition, message, reason=last, attempts=attempts, outcome="dead_lettered"
-        )
+        ):
+            return  # the broker dead-letters it, and S.notify answers its caller
         answer = HttpResponse(
             error.status, (), error.body(), error=error.code, error_message=error.message
         )
@@ -522,9 +523,16 @@ class Consumer:
         reason: str,
         outcome: str,
         attempts: int = 0,
-    ) -> None:
+    ) -> bool:
         """Copy the request to `S.dlq` with why it failed, then ack the original: a broker-side
-        reject could not carry the reason."""
+        reject could not carry the reason.
+
+        False when `S.dlq` refused the copy for as long as `_while_held` tries (full under a
+        `reject-publish` cap, or deleted): the request is then rejected, and the broker
+        dead-letters it itself, to `S.dlq` once it takes it (at-least-once) and to `S.notify`,
+        which answers its caller. Left held on its live channel, it was never delivered again:
+        its caller waited for the deadline, the key's next request went first, and it kept one
+        of its partition's prefetch until RabbitMQ's consumer_timeout."""
         assert self._reply_channel is not None
         headers: dict[str, Any] = envelope.writable(dict(message.headers))
         headers.update(
@@ -547,9 +555,22 @@ class Consumer:
             ),
         )
         channel, queue = self._reply_channel, self.topology.dead_letters
-        await self._while_held(
-            message, lambda: envelope.publish(channel, copy, "", queue, mandatory=True)
-        )
+        try:
+            await self._while_held(
+                message, lambda: envelope.publish(channel, copy, "", queue, mandatory=True)
+            )
+        except aiormq.exceptions.DeliveryError as exc:
+            if not _held(message):
+                raise
+            await unless_closed(message.channel, message.reject(requeue=False))
+            log.warning(
+                "the dead letter queue refused the request (%s); rejected for the broker to "
+                "dead-letter: %s",
+                exc,
+                reason,
+                extra=logs.fields(correlation_id=message.correlation_id, attempts=attempts),
+            )
+            return False
         await _ack(message)
         self.metrics.messages.labels(self.settings.service, partition, outcome).inc()
         log.warning(
@@ -557,6 +578,7 @@ class Consumer:
             reason,
             extra=logs.fields(correlation_id=message.correlation_id, attempts=attempts),
         )
+        return True
 
     async def stop(self) -> None:
         await self.lanes.cancel()

@@ -4,15 +4,20 @@ RabbitMQ at the delivery limit, and its caller gets 502 service_failed at once."
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 
+import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from shared import topology
 from tests.conftest import Stack, metric
+from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
 
@@ -65,3 +70,69 @@ async def test_delivery_limit_answers_the_caller(
     assert dead is not None
     assert dead.headers["x-first-death-reason"] == "delivery_limit"
     await dead.ack()
+
+
+@contextlib.asynccontextmanager
+async def dead_letter_queue_refusing(
+    service: str, amqp: AbstractRobustConnection
+) -> AsyncIterator[None]:
+    """S.dlq full: a policy of this service's alone caps it at 1 message, `reject-publish`
+    (an operator's cap on dead-letter queues), and it holds 2."""
+    api = "http://127.0.0.1:15672/api"
+    policy = f"{api}/policies/%2F/{service}-dlq-cap"
+    definition = {
+        "pattern": f"^{service}\\.dlq$",
+        "definition": {"max-length": 1, "overflow": "reject-publish"},
+        "apply-to": "queues",
+        "priority": 999,
+    }
+    auth = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
+    async with aiohttp.ClientSession(headers=auth) as management:
+        async with management.put(policy, json=definition) as response:
+            assert response.status in (201, 204)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    async with management.get(f"{api}/queues/%2F/{service}.dlq") as response:
+                        if (await response.json()).get("effective_policy_definition"):
+                            break
+                    await asyncio.sleep(0.2)
+            channel = await amqp.channel()  # with confirms: a refused publish raises
+            for _ in range(2):
+                with contextlib.suppress(aio_pika.exceptions.DeliveryError):
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(b"filler"), f"{service}.dlq"
+                    )
+            await channel.close()
+            yield
+        finally:
+            async with management.delete(policy):
+                pass
+
+
+async def test_a_dead_letter_the_dead_letter_queue_refuses_is_handed_to_the_broker(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """When S.dlq refuses the dequeuer's copy (full under a `reject-publish` cap), the request
+    is rejected and the broker dead-letters it itself: its caller gets 502 at once through
+    S.notify, and the key's next request comes after it. The request stayed held on its live
+    channel: its caller waited for the deadline (504), the key's next request went first, and
+    each such request took one of its partition's prefetch for good (until consumer_timeout)."""
+    await stack.dequeuer(service, target.url, "--max-attempts", "1")
+    _, url = await stack.enqueuer()
+    key = {"X-Partition-Key": "k", "X-Request-Timeout": "40"}
+    async with dead_letter_queue_refusing(service, amqp):
+        first = asyncio.ensure_future(http.get(f"{url}/{service}/status/503", headers=key))
+        while not target.seen:
+            await asyncio.sleep(0.05)
+        async with http.get(f"{url}/{service}/echo/second", headers=key) as second:
+            assert second.status == 200
+        async with await first as response:
+            assert response.status == 502
+            assert response.headers["X-ProxyMQ-Error"] == "service_failed"
+    assert [s.path for s in target.seen] == ["/status/503", "/echo/second"]
+    assert "the dead letter queue refused the request" in stack.log_text()
