@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import email.utils
 import logging
 import random
@@ -80,7 +81,8 @@ class RetryPolicy:
 
 def retry_after(response: HttpResponse) -> float | None:
     """The seconds a `Retry-After` header asks for: delay-seconds (ASCII digits: `isdigit` also
-    takes a "²", which `float` refuses) or an HTTP date."""
+    takes a "²", which `float` refuses) or an HTTP date, in any of its three formats. Every
+    HTTP date is GMT: the asctime format says so by saying nothing (RFC 9110 5.6.7)."""
     value = next((v for n, v in response.headers if n.lower() == "retry-after"), "").strip()
     if value.isascii() and value.isdigit():
         return float(value)
@@ -89,7 +91,7 @@ def retry_after(response: HttpResponse) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        return None
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - time.time())
 
 

@@ -124,6 +124,15 @@ def test_retry_after_as_a_date() -> None:
     assert consumer.retry_after(asking("Mon, 01 Jan 2001 00:00:00 GMT")) == 0.0
 
 
+def test_retry_after_in_each_http_date_format() -> None:
+    """RFC 9110 5.6.7: a recipient accepts all three HTTP-date formats. The asctime one has no
+    zone (it is GMT), and parsed as a local time it was ignored: the retry came at once."""
+    later = time.gmtime(time.time() + 30)
+    for form in ("%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"):
+        asked = consumer.retry_after(asking(time.strftime(form, later)))
+        assert asked is not None and 28 <= asked <= 30, form
+
+
 def test_a_retry_waits_at_least_what_retry_after_asks() -> None:
     """A 503 with `Retry-After: 2` was tried again 150 ms later."""
     retry = policy(backoff=0.1)
