@@ -85,6 +85,11 @@ class HttpTransport:
             # the reply's frame check, and each may be a 128 KiB line.
             max_headers=MAX_ANSWER_HEADERS,
         )
+        # Every call is an attempt of the consumer's, counted, backed off and within
+        # --max-attempts and --retry-on. aiohttp sends a GET, PUT or DELETE again at once when
+        # the connection closes without an answer, which is also how a worker killed mid-request
+        # looks: each attempt ran twice, as the same `X-ProxyMQ-Attempt`.
+        self.session._retry_connection = False
 
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
         url = self.url(request.path, request.query)

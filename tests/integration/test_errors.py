@@ -473,6 +473,23 @@ async def test_microservice_fails(
     assert await metric(http, port, "proxymq_dequeuer_retries_total") == 2
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_a_dropped_idempotent_call_is_made_once_per_attempt(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, method: str
+) -> None:
+    """A connection the microservice closes without an answer (a worker killed mid-request by
+    its server's timeout) may have done the work: it is one attempt, counted, backed off and
+    limited by --max-attempts. aiohttp's client sent a GET, PUT or DELETE again at once on its
+    own: each attempt reached the microservice twice, both as `X-ProxyMQ-Attempt: 1`, with
+    --max-attempts 1 as well."""
+    await stack.dequeuer(service, target.url, "--retry-backoff-ms", "10", "--max-attempts", "2")
+    _, url = await stack.enqueuer()
+    async with http.request(method, f"{url}/{service}/drop") as response:
+        assert "2 time(s)" in await expect_error(response, 502, "service_failed")
+    attempts = [dict(seen.headers)["X-ProxyMQ-Attempt"] for seen in target.seen]
+    assert attempts == ["1", "2"]
+
+
 async def test_retryable_status_is_dead_lettered(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
