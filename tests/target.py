@@ -38,6 +38,7 @@ class Target:
     max_in_flight_per_key: int = 0
     max_in_flight: int = 0
     failures_left: dict[str, int] = field(default_factory=dict)
+    ready: bool = True  # what /ready answers: 200, or 503 when False
 
     @property
     def url(self) -> str:
@@ -53,6 +54,7 @@ class Target:
         app.router.add_route("*", "/keyed/{key}/{seq}", self.keyed)
         app.router.add_route("*", "/flaky/{times}", self.flaky)
         app.router.add_route("*", "/drop", self.drop)
+        app.router.add_route("GET", "/ready", self.readiness)
         app.router.add_route("*", "/bytes/{size}", self.sized)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self._runner = web.AppRunner(app, access_log=None)
@@ -152,6 +154,9 @@ class Target:
             await response.write(b"x" * min(1024, size - start))
         await response.write_eof()
         return response
+
+    async def readiness(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.ready else 503)
 
     async def drop(self, request: web.Request) -> web.Response:
         """Closes the connection without an answer: a microservice that crashed mid-call."""

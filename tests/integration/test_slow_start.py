@@ -129,3 +129,52 @@ async def test_callers_short_deadlines_do_not_open_the_breaker(
     assert await metric(http, admin, "proxymq_dequeuer_breaker_open") == 0
     async with http.get(f"{url}/{service}/echo/after", headers={"X-Request-Timeout": "5"}) as r:
         assert r.status == 200
+
+
+async def test_a_flapping_microservice_costs_its_held_requests_no_deliveries(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A pause with no other dequeuer available keeps the partitions: giving them up only
+    returned the held requests to their queues, each return counted against their delivery
+    limit, with nobody to take them. A microservice failing its readiness probe now and then
+    (CPU throttling, a long GC) got requests it had never been called for dead-lettered by
+    the broker (`delivery_limit`), and their callers 502."""
+    dequeuer = await stack.dequeuer(
+        service,
+        target.url,
+        *("--ready-path", "/ready", "--ready-interval", "0.2", "--ready-timeout", "0.5"),
+        *("--delivery-limit", "2", "--max-attempts", "1"),
+        *("--breaker-failures", "1", "--breaker-reset", "600"),
+    )
+    _, url = await stack.enqueuer()
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    async with http.get(f"{url}/{service}/status/503") as response:
+        assert response.status == 502  # and the breaker is open: requests wait, held
+    async with http.post(
+        f"{url}/{service}/echo/held", headers={"Prefer": "respond-async"}
+    ) as response:
+        assert response.status == 202
+        location = url + response.headers["Location"]
+
+    async def ready_and_holding(ready: bool) -> None:
+        async with asyncio.timeout(20):
+            while True:
+                async with http.get(f"http://127.0.0.1:{admin}/readyz") as probe:
+                    checks = (await probe.json())["checks"]
+                held = await metric(http, admin, "proxymq_dequeuer_in_flight_requests")
+                if checks["microservice_ready"] is ready and (held == 1 or not ready):
+                    return
+                async with http.get(location) as result:
+                    if result.status != 202:
+                        return  # no longer held: the assertion below says what it became
+                await asyncio.sleep(0.1)
+
+    for _ in range(4):
+        await ready_and_holding(True)
+        target.ready = False
+        await ready_and_holding(False)
+        target.ready = True
+    await ready_and_holding(True)
+    async with http.get(location) as result:
+        assert result.status == 202  # still waiting for the breaker, not dead-lettered
+    assert [s.path for s in target.seen] == ["/status/503"]

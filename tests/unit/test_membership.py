@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from dequeuer import coordinator as coordinator_module
 from dequeuer import membership
 from dequeuer.coordinator import Coordinator
 from dequeuer.membership import Membership
@@ -53,14 +54,46 @@ async def test_the_log_tells_a_paused_dequeuer_from_a_standby_one(
 ) -> None:
     members = Membership("svc", "me", expiry=2.5)
     wants = Wants()
-    coordinator = Coordinator(members, wants, 1)  # type: ignore[arg-type]
+    coordinator = Coordinator(members, wants, 2)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="dequeuer.coordinator"):
-        coordinator.set_available(True)  # alone: partition 0
-        coordinator.set_available(False)
+        coordinator.set_available(True)  # alone: partitions 0 and 1
+        await members._on_heartbeat(beat("bbb"))  # type: ignore[arg-type]  # takes 0
+        coordinator.set_available(False)  # bbb takes 1 as well
         paused = caplog.records[-1].getMessage()
-        coordinator.set_available(True)
-        await members._on_heartbeat(beat("bbb"))  # type: ignore[arg-type]  # takes partition 0
+        coordinator.set_available(True)  # 1 back
+        await members._on_heartbeat(beat("ccc"))  # type: ignore[arg-type]  # takes 1
         standby = caplog.records[-1].getMessage()
-    assert wants.asked == [frozenset({0}), frozenset(), frozenset({0}), frozenset()]
+    assert wants.asked == [
+        frozenset({0, 1}),
+        frozenset({1}),
+        frozenset(),
+        frozenset({1}),
+        frozenset(),
+    ]
     assert "none (paused: the microservice is not ready)" in paused
     assert "none (standby: the other dequeuers hold every partition)" in standby
+
+
+async def test_a_pause_keeps_the_partitions_while_nobody_can_take_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given up, they went back to their queues for nobody, each held request's return
+    counted against its delivery limit; past PAUSE_HOLD, or when leaving, they go."""
+    now = [1000.0]
+    monkeypatch.setattr("dequeuer.coordinator.time.monotonic", lambda: now[0])
+    members = Membership("svc", "me", expiry=2.5)
+    wants = Wants()
+    coordinator = Coordinator(members, wants, 2)  # type: ignore[arg-type]
+    coordinator.set_available(True)
+    coordinator.set_available(False)
+    coordinator.set_available(True)
+    coordinator.set_available(False)
+    assert wants.asked == [frozenset({0, 1})]  # kept through both pauses
+    now[0] += coordinator_module.PAUSE_HOLD
+    coordinator.rebalance()  # what the pause's timer does
+    assert wants.asked == [frozenset({0, 1}), frozenset()]
+    coordinator.set_available(True)
+    coordinator.set_available(False)
+    await members.leave()  # no broker: its heartbeat is not sent
+    coordinator.rebalance()  # at a stop, `release_all` gives them up in any case
+    assert wants.asked == [frozenset({0, 1}), frozenset(), frozenset({0, 1}), frozenset()]
