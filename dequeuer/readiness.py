@@ -49,6 +49,10 @@ class Readiness:
         return self._session
 
     async def probe(self) -> bool:
+        """The status decides; the body is not waited for. Read, an endless one (a `/` that is
+        an event stream) timed every probe out, and the microservice was never ready; a large
+        one was read into memory at each probe. Left unread, a body that has all arrived keeps
+        the connection for the next probe; a longer one closes it."""
         try:
             async with self.session.get(
                 self.url,
@@ -56,7 +60,6 @@ class Readiness:
                 headers=PROBE_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as r:
-                await r.read()
                 return 200 <= r.status < 300 if self.strict else r.status < 500
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False

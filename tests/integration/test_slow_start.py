@@ -6,7 +6,9 @@ import asyncio
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from shared.processes import free_port
 from tests.conftest import Stack, metric
 from tests.integration.test_async import poll
 from tests.target import Target
@@ -178,3 +180,37 @@ async def test_a_flapping_microservice_costs_its_held_requests_no_deliveries(
     async with http.get(location) as result:
         assert result.status == 202  # still waiting for the breaker, not dead-lettered
     assert [s.path for s in target.seen] == ["/status/503"]
+
+
+async def test_a_microservice_whose_root_streams_is_ready(
+    stack: Stack, service: str, http: aiohttp.ClientSession
+) -> None:
+    """Without --ready-path, the probe's verdict is the status of `GET /`; its body is not
+    waited for. A microservice whose `/` is an event stream (or any answer longer than
+    --ready-timeout) was never ready: the probe read the body until it timed out, and nothing
+    was ever consumed. (A large `/` was read into memory at every probe, too.)"""
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        while True:
+            await response.write(b"data: tick\n\n")
+            await asyncio.sleep(0.1)
+
+    async def work(request: web.Request) -> web.Response:
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/", events)
+    app.router.add_post("/work", work)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await stack.dequeuer(service, f"http://127.0.0.1:{port}", "--ready-timeout", "1")
+        _, url = await stack.enqueuer()
+        async with http.post(f"{url}/{service}/work", headers={"X-Request-Timeout": "10"}) as r:
+            assert r.status == 200 and await r.text() == "done"
+    finally:
+        await runner.cleanup()
