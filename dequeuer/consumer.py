@@ -474,21 +474,22 @@ class Consumer:
         """RabbitMQ dead-lettered a request itself (it exceeded the delivery limit: it may be
         crashing its dequeuer): its caller gets 502 now rather than a timeout later."""
         async with message.process(requeue=True, ignore_processed=True):
-            deaths = message.headers.get("x-death")
-            count = 0
-            if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-                value = deaths[0].get("count", 0)
-                count = value if isinstance(value, int) else 0
             reason = message.headers.get("x-first-death-reason", "rejected")
             reason = reason.decode() if isinstance(reason, bytes) else str(reason)
-            error = ServiceFailed(
-                f"a dequeuer could not handle the request (its log says why); it is in "
-                f"{self.topology.dead_letters}"
-                if reason == "rejected"
-                else f"RabbitMQ dead-lettered the request ({reason}) after {count or 'several'} "
-                f"deliveries: it may crash the microservice or its dequeuer; it is in "
-                f"{self.topology.dead_letters}"
-            )
+            where = f"it is in {self.topology.dead_letters}"
+            if reason == "rejected":
+                text = f"a dequeuer could not handle the request (its log says why); {where}"
+            elif reason == "delivery_limit":
+                # Deliveries past the partitions' limit; x-death's count is how often the
+                # message was dead-lettered (1), which this once named as its deliveries.
+                text = (
+                    f"RabbitMQ dead-lettered the request ({reason}) after "
+                    f"{self.topology.delivery_limit + 1} deliveries: it may crash the "
+                    f"microservice or its dequeuer; {where}"
+                )
+            else:
+                text = f"RabbitMQ dead-lettered the request ({reason}); {where}"
+            error = ServiceFailed(text)
             log.warning(
                 "caller told of a broker dead letter: %s",
                 reason,
