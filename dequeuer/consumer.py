@@ -330,7 +330,9 @@ class Consumer:
                         self.breaker.abandon_probe(probe)
                         return outcome, attempt
                     attempt += 1
-                    if attempt == 1 and request.sent_at is not None:
+                    if attempt > 1:  # counted once made: a retry given up before is no call
+                        self.metrics.retries.labels(self.settings.service).inc()
+                    elif request.sent_at is not None:
                         self.metrics.queue_wait.labels(self.settings.service).observe(
                             max(0.0, time.time() - request.sent_at)
                         )
@@ -345,12 +347,11 @@ class Consumer:
                 self.breaker.record(failed=retryable, probe=probe)
             if not retryable or attempt == self.policy.max_attempts:
                 break
-            self.metrics.retries.labels(self.settings.service).inc()
             delay = self.policy.delay(attempt, outcome)
-            log.info("retrying in %.2f s after %s", delay, _describe(outcome))
             left = request.remaining()
             if left is not None and left <= delay:
                 return outcome, attempt
+            log.info("retrying in %.2f s after %s", delay, _describe(outcome))
             if await _wait_for(abandon, None, timeout=delay):
                 return ABANDONED, attempt
         return outcome, attempt

@@ -473,6 +473,21 @@ async def test_microservice_fails(
     assert await metric(http, port, "proxymq_dequeuer_retries_total") == 2
 
 
+async def test_only_retries_made_are_counted(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A retry the deadline leaves no time for, or one its partition is given up before, is
+    no call: proxymq_dequeuer_retries_total ("calls attempted again") counted each of them."""
+    dequeuer = await stack.dequeuer(service, target.url, "--retry-backoff-ms", "4000")
+    _, url = await stack.enqueuer()
+    hurried = {"X-Request-Timeout": "1.5"}
+    async with http.get(f"{url}/{service}/status/503", headers=hurried) as response:
+        assert "1 time(s)" in await expect_error(response, 502, "service_failed")
+    assert len(target.seen) == 1
+    port = dequeuer.admin_port  # type: ignore[attr-defined]
+    assert await metric(http, port, "proxymq_dequeuer_retries_total") == 0
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 async def test_a_dropped_idempotent_call_is_made_once_per_attempt(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, method: str
