@@ -107,8 +107,11 @@ class ServiceBreaker(pybreaker.CircuitBreakerListener):
             self._probing = False
         if not failed and not probe and self._breaker.fail_counter == 0 and self.state == CLOSED:
             return  # the common case: nothing to count, skip pybreaker's lock and state machine
-        if self.state == OPEN:
-            return  # a call that started before the breaker opened says nothing new
+        if self.state == OPEN or (self.state == HALF_OPEN and self._probing and not probe):
+            # A call that started before the breaker opened says nothing new; while the probe
+            # runs, it alone decides (a stale failure re-opened the breaker, and the probe's
+            # success, recorded against an open breaker, was dropped).
+            return
         with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError):
             self._breaker.call(_outcome, failed)
 

@@ -72,3 +72,31 @@ async def test_reset_closes_an_open_breaker_at_once() -> None:
     breaker.record(failed=True, probe=False)
     assert breaker.state == OPEN
     assert states == [OPEN, CLOSED, OPEN]
+
+
+@pytest.mark.parametrize("failed", [True, False])
+async def test_only_the_probe_decides_a_half_open_breaker(failed: bool) -> None:
+    """A call begun before the breaker opened (a slow one) ending while the probe runs says
+    nothing of now. Its failure re-opened the breaker, and the probe's success, then recorded
+    against an open breaker, was dropped: every request waited one more --breaker-reset."""
+    breaker = ServiceBreaker(1, 0.01)
+    breaker.record(failed=True, probe=False)
+    await asyncio.sleep(0.02)
+    assert await breaker.wait_turn(asyncio.Event()) is True
+    breaker.record(failed=failed, probe=False)
+    assert breaker.state == HALF_OPEN
+    breaker.record(failed=False, probe=True)
+    assert breaker.state == CLOSED
+
+
+async def test_a_failure_after_an_abandoned_probe_reopens() -> None:
+    """The enqueuer's probe cut off by its publish deadline: abandoned, then reported as a
+    timeout of no probe's, which re-opens the breaker."""
+    breaker = ServiceBreaker(1, 0.01)
+    breaker.record(failed=True, probe=False)
+    await asyncio.sleep(0.02)
+    probe = breaker.admit_now()
+    assert probe is True
+    breaker.abandon_probe(probe)
+    breaker.record(failed=True, probe=False)
+    assert breaker.state == OPEN
