@@ -23,6 +23,7 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiohttp import web
 
 from shared import topology
 from shared.cli.main import build_parser
@@ -604,3 +605,46 @@ async def test_ctrl_c_while_waiting_is_one_line(service: str) -> None:
         server.close()
     assert process.returncode == 130
     assert stderr.decode() == "proxymq status: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[1, 2, 3]",
+        '"maintenance"',
+        '{"items": [{"nam": "SERVICE.p0"}], "page_count": 1}',
+        '{"items": [{"name": "SERVICE.p0"}], "page_count": "many"}',
+        '{"items": [{"name": "SERVICE.p0"}], "page_count": 1, "messages_ready": "lots"}',
+        '{"items": [{"name": "SERVICE.p0"}], "page_count": 1, "consumer_details": [1]}',
+    ],
+)
+async def test_status_falls_back_to_amqp_when_management_answers_garbage(
+    service: str, body: str
+) -> None:
+    """A management URL answering 200 with something that is not RabbitMQ's API (a proxy's
+    page, another service) gave a traceback, a usage error (exit 2), or "service has no
+    partition queues" (exit 1) for a declared service."""
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
+    assert declared.code == 0, declared.output
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=body.replace("SERVICE", service), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        done = await proxymq(
+            "status", "--service", service, "--json", "--management-url", f"http://127.0.0.1:{port}"
+        )
+    finally:
+        await runner.cleanup()
+    assert done.code == 0, done.output
+    counted = json.loads(done.stdout)
+    assert counted["source"] == "amqp"
+    assert [p["name"] for p in counted["partitions"]] == [f"{service}.p0", f"{service}.p1"]
+    assert "management API unavailable" in counted["note"]

@@ -132,8 +132,10 @@ class Management:
         while page <= pages:
             query = f"page={page}&page_size=500&use_regex=true&name={quote(pattern, safe='')}"
             found = await self.get(f"queues/{self.vhost}?{query}&columns=name")
-            if not isinstance(found, dict):
+            if found is None:
                 break
+            if not isinstance(found, dict):
+                raise ManagementUnavailable(f"{self.base} answered no list of queues")
             names += [str(item["name"]) for item in found.get("items", [])]
             pages = int(found.get("page_count") or 1)
             page += 1
@@ -168,7 +170,7 @@ def by_index(names: list[str]) -> list[str]:
 async def from_management(service: str, management: Management) -> ServiceStatus:
     pattern = topology.partition_pattern(service)
     names = by_index(await management.queue_names(pattern))
-    if not names and await management.get(f"vhosts/{management.vhost}") is None:
+    if not names and not isinstance(await management.get(f"vhosts/{management.vhost}"), dict):
         # Another broker's API (PROXYMQ_MANAGEMENT_URL): the vhost the AMQP URL opened is
         # unknown there, which says nothing about the service.
         raise ManagementUnavailable(f"{management.base} has no vhost {vhost_of(management.url)}")
@@ -257,12 +259,16 @@ async def collect(service: str, amqp_url: str, management_base: str | None) -> S
             management = Management(session, management_base or management_url(url), url)
             try:
                 return await from_management(service, management)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # A 200 that is no RabbitMQ answer (a proxy's page, another service's JSON).
+                problem = f"{management.base} answered in another shape: {exc!r}"
             except ManagementUnavailable as exc:
-                note = (
-                    f"management API unavailable ({exc}): depth and consumer counts from AMQP "
-                    "only; `rabbitmq-plugins enable rabbitmq_management` shows the active "
-                    "consumers"
-                )
+                problem = str(exc)
+            note = (
+                f"management API unavailable ({problem}): depth and consumer counts from AMQP "
+                "only; `rabbitmq-plugins enable rabbitmq_management` shows the active "
+                "consumers"
+            )
         return await from_amqp(service, connection, note)
     finally:
         await connection.close()
@@ -315,10 +321,11 @@ def render(status: ServiceStatus, console: Console) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         topology.check_service_name(args.service)
-        status = asyncio.run(collect(args.service, args.amqp_url, args.management_url))
     except ValueError as exc:
         print(f"proxymq status: {exc}", file=sys.stderr)
         return 2
+    try:
+        status = asyncio.run(collect(args.service, args.amqp_url, args.management_url))
     except BrokerProblem as exc:
         print(f"proxymq status: {exc}", file=sys.stderr)
         return 1
