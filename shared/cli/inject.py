@@ -230,6 +230,7 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
     name = f"{workload['kind']}/{given}" if given is not None else f"{workload['kind']}/? ({at})"
     pod = pod_spec(workload, At(name))
     port = injection.target_port or first_container_port(pod) or DEFAULT_TARGET_PORT
+    check_admin_port(pod, port, name)
     added = add_sidecar(pod, sidecar(injection, port))
     ensure_volume(pod, injection.amqp_secret)
     grace = pod.get("terminationGracePeriodSeconds")
@@ -260,6 +261,25 @@ def pod_spec(workload: CommentedMap, at: At) -> CommentedMap:
             mapping(container, "lifecycle", at.child(key).child(index))
     mappings(pod, "volumes", at)
     return pod
+
+
+def check_admin_port(pod: CommentedMap, target: int, name: str) -> None:
+    """The pod's containers share one network: a container already on the dequeuer's admin
+    port keeps the dequeuer from binding it (or answers its probes), and a target on it makes
+    the dequeuer call itself."""
+    problem = "is the dequeuer's admin port, and a pod's containers share one network"
+    if target == ADMIN_PORT:
+        raise InjectError(f"{name}: the microservice's port {target} {problem}")
+    for key in ("containers", "initContainers"):
+        for container in pod.get(key) or []:
+            if container.get("name") == CONTAINER:
+                continue
+            for port in container.get("ports") or []:
+                if port.get("containerPort") == ADMIN_PORT:
+                    raise InjectError(
+                        f"{name}: container {container.get('name')!r} declares port "
+                        f"{ADMIN_PORT}, which {problem}"
+                    )
 
 
 def first_container_port(pod: CommentedMap) -> int | None:

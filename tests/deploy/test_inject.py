@@ -414,3 +414,27 @@ def test_deeply_nested_yaml_is_one_line(depth: int) -> None:
     assert result.returncode == 1
     assert not result.stdout
     assert result.stderr == f"proxymq inject: {inject.TOO_DEEP}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "options"),
+    [
+        (SAMPLE.replace("containerPort: 8000", "containerPort: 9081"), []),
+        (SAMPLE, ["--target-port", "9081"]),
+        (
+            SAMPLE.replace(
+                "            - containerPort: 8000",
+                "            - containerPort: 8000\n            - containerPort: 9081",
+            ),
+            [],
+        ),
+    ],
+)
+def test_a_container_on_the_dequeuers_admin_port_is_refused(text: str, options: list[str]) -> None:
+    """A microservice listening on 9081 (or --target-port 9081) got a sidecar whose admin port
+    is 9081 too: the dequeuer could not bind it, or called itself as the microservice, and its
+    probes asked the microservice; inject wrote that pod out with exit 0."""
+    result = run_cli(text, "--service", "url-fetcher", *options)
+    assert result.returncode == 1, result.stderr
+    assert "9081" in result.stderr and "admin port" in result.stderr
+    assert not result.stdout
