@@ -297,6 +297,28 @@ async def test_topology_show_tells_a_ring_not_checked_since_a_restart(
     assert "in RabbitMQ's own order, maybe" in " ".join(shown.stdout.split())
 
 
+async def test_topology_show_gives_the_declared_queue_arguments(service: str) -> None:
+    """`show` printed the defaults (x-delivery-limit=20, no x-max-length) for a service declared
+    with other settings: the very mismatch an operator looks there for was hidden."""
+    declared = await proxymq(
+        "topology", "declare", "--service", service, "--partitions", "2",
+        "--delivery-limit", "5", "--max-length", "10",
+    )  # fmt: skip
+    assert declared.code == 0, declared.output
+    shown = await proxymq("topology", "show", "--service", service)
+    assert shown.code == 0, shown.output
+    text = " ".join(shown.stdout.split())
+    assert "x-delivery-limit=5" in text and "x-max-length=10" in text
+    assert "x-delivery-limit=20" not in text
+    with closed_port() as port:
+        blind = await proxymq(
+            "topology", "show", "--service", service,
+            env={"PROXYMQ_MANAGEMENT_URL": f"http://127.0.0.1:{port}"},
+        )  # fmt: skip
+    assert blind.code == 0, blind.output
+    assert "ProxyMQ's defaults" in " ".join(blind.stdout.split())
+
+
 async def test_topology_mismatch_exits_1_with_the_reason(service: str) -> None:
     first = await proxymq("topology", "declare", "--service", service, "--partitions", "4")
     assert first.code == 0, first.output

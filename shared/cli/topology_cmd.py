@@ -14,15 +14,18 @@ import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 
+import aio_pika
+import aiohttp
 from aio_pika.abc import AbstractConnection
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared import topology
 from shared.broker import redact
 from shared.cli.common import INT64_MAX, add_amqp_url, confirm, integer
-from shared.cli.ensure_broker import BrokerProblem, connect
-from shared.cli.status import passive
+from shared.cli.ensure_broker import BrokerProblem, connect, management_url
+from shared.cli.status import MANAGEMENT_TIMEOUT, Management, ManagementUnavailable, passive
 
 PROG = "proxymq topology"
 
@@ -141,7 +144,13 @@ def show(args: argparse.Namespace) -> int:
         table.add_column("value")
         table.add_row("exchange", f"{layout.exchange} (x-consistent-hash)" + _missing(exchange))
         table.add_row("partition queues", ", ".join(partitions or layout.queues))
-        table.add_row("queue arguments", _args(layout))
+        arguments = _args(layout)
+        if declared:
+            arguments = await _declared_args(connection, partitions[0]) or (
+                arguments + " [yellow](ProxyMQ's defaults: only the management API can tell "
+                "the queues' own, and it did not answer)[/yellow]"
+            )
+        table.add_row("queue arguments", arguments)
         table.add_row("dead letters", layout.dead_letters + _missing(dead is not None))
         service = args.service
         dead_exchange = topology.dead_letter_exchange(service)
@@ -182,6 +191,30 @@ async def _ring_state(connection: AbstractConnection, service: str) -> str:
         "[yellow]in RabbitMQ's own order, maybe (no "
         f"{topology.ring_marker(service)}): the next sidecar to connect binds the partitions "
         "in order[/yellow]"
+    )
+
+
+async def _declared_args(connection: AbstractConnection, queue: str) -> str | None:
+    """The arguments the partition was declared with, which may not be today's defaults (a
+    layout made with another --delivery-limit); AMQP cannot read them, the management API of
+    the node that answered can. None when it cannot be asked."""
+    url = str(connection.url) if isinstance(connection, aio_pika.Connection) else None
+    if url is None:
+        return None
+    timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            found = await Management(session, management_url(url), url).queue(queue)
+    except ManagementUnavailable:
+        return None
+    arguments = found.get("arguments") if found is not None else None
+    if not isinstance(arguments, dict):
+        return None
+    return escape(
+        ", ".join(
+            f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in arguments.items()
+        )
     )
 
 
