@@ -281,7 +281,7 @@ async def change(
     dlq = DeadLetterQueue(connection, args.service)
     selection = selection_of(args)
     if await dlq.depth() == 0:
-        return report_nothing(session, f"{dlq.name} is empty: nothing to {verb}", args)
+        return report_nothing(session, f"{dlq.name} is empty: nothing to {verb}", args, verb, 0)
     shown: list[DeadLetter] | None = None
     if args.dry_run or not args.yes:
         letters, result = await collect(dlq, session, selection, f"reading {dlq.name}")
@@ -292,7 +292,11 @@ async def change(
             return report_dry_run(session, args, letters, result, verb)
         if not letters:
             return report_nothing(
-                session, f"no dead letter in {dlq.name} matches: {selection.describe()}", args
+                session,
+                f"no dead letter in {dlq.name} matches: {selection.describe()}",
+                args,
+                verb,
+                result.seen,
             )
         target = f" to exchange {args.service}" if fate is Fate.REPLAY else ""
         session.out.print(
@@ -319,9 +323,41 @@ async def change(
     return report_change(session, args, dlq.name, result, fate)
 
 
-def report_nothing(session: Session, message: str, args: argparse.Namespace) -> int:
-    if session.json:
-        print(json.dumps({"service": args.service, "changed": 0, "message": message}))
+def report_nothing(
+    session: Session, message: str, args: argparse.Namespace, verb: str, total: int
+) -> int:
+    """`--json` has the shape the same command has when letters match (a dry run's, or a
+    pass's), so that a script reads an empty list rather than missing keys."""
+    if session.json and args.dry_run:
+        print(
+            json.dumps(
+                {
+                    "service": args.service,
+                    "dry_run": True,
+                    "total": total,
+                    "selection": selection_of(args).describe(),
+                    f"would_{verb}": [],
+                    "message": message,
+                },
+                indent=2,
+            )
+        )
+    elif session.json:
+        print(
+            json.dumps(
+                {
+                    "service": args.service,
+                    "total": total,
+                    "replayed" if verb == "replay" else "purged": [],
+                    "kept": total,
+                    "refused": None,
+                    "refusal": None,
+                    "stopped": False,
+                    "message": message,
+                },
+                indent=2,
+            )
+        )
     else:
         session.out.print(Text(message))
     return 0

@@ -677,3 +677,36 @@ def test_a_replay_rate_out_of_range_is_a_usage_error(value: str) -> None:
     for good in ("0.1", "100000"):
         args = build_parser().parse_args(["dlq", "replay", "--service", "s", "--rate", good])
         assert args.rate == float(good)
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["replay", "--dry-run"], "would_replay"),
+        (["purge", "--dry-run"], "would_purge"),
+        (["replay", "--yes"], "replayed"),
+        (["purge", "--yes"], "purged"),
+        (["purge"], "purged"),  # no match after the preview: nothing to ask
+    ],
+)
+async def test_json_of_an_empty_or_unmatched_pass_has_the_usual_shape(
+    amqp_url: str, amqp: AbstractRobustConnection, service: str, args: list[str], key: str
+) -> None:
+    """`replay`/`purge --json` on an empty S.dlq, or with no letter matching without --yes,
+    printed {"service", "changed", "message"}: a script reading `.purged[]` or
+    `.would_replay | length` failed exactly when there was nothing to do."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    empty = await dlq(amqp_url, *args, "--service", service, "--key", "nobody", "--json")
+    assert empty.code == 0, empty.err
+    assert empty.json()[key] == []
+    assert empty.json()["total"] == 0
+    channel = await amqp.channel(publisher_confirms=True)
+    await channel.default_exchange.publish(
+        aio_pika.Message(b"", headers={"x-proxymq-partition-key": "k"}, correlation_id="c1"),
+        routing_key=topology.dead_letter_queue(service),
+    )
+    unmatched = await dlq(amqp_url, *args, "--service", service, "--key", "nobody", "--json")
+    assert unmatched.code == 0, unmatched.err
+    assert unmatched.json()[key] == []
+    assert unmatched.json()["total"] == 1
+    assert await depth(amqp, topology.dead_letter_queue(service)) == 1
