@@ -102,23 +102,39 @@ class Stack:
         admin_port: int | None = None,
         wait: bool = True,
         env: dict[str, str] | None = None,
+        api_port: bool = False,
     ) -> Process:
-        port = admin_port or free_port()
-        ready = None if ready_path is None else f"http://127.0.0.1:{port}{ready_path}"
-        log = (self.logs / f"{name}-{len(self.processes)}.log").open("ab")
-        extra = ["--admin-port", str(port)] if name.startswith("proxymq-") else []
-        process = Process(
-            name,
-            [*args, *extra],
-            ready_url=ready,
-            log=log,
-            env={"PROXYMQ_AMQP_URL": self.amqp_url, **(env or {})},
-        )
-        process.admin_port = port  # type: ignore[attr-defined]
-        self.processes.append(process.start())
-        if wait:
-            await asyncio.to_thread(process.wait_ready, 30)
-        return process
+        """`api_port`: also a `--port` of its own (`process.api_port`). A port found free may
+        be taken by another test's process before this one binds it (two workers, and anything
+        else on the machine, pick from the same range): started again on others, up to 3 times."""
+        for attempt in range(3):
+            port = admin_port or free_port()
+            ready = None if ready_path is None else f"http://127.0.0.1:{port}{ready_path}"
+            path = self.logs / f"{name}-{len(self.processes)}.log"
+            extra = ["--admin-port", str(port)] if name.startswith("proxymq-") else []
+            api = free_port() if api_port else None
+            first = [] if api is None else ["--port", str(api)]  # a `--port` in `args` wins
+            process = Process(
+                name,
+                [*first, *args, *extra],
+                ready_url=ready,
+                log=path.open("ab"),
+                env={"PROXYMQ_AMQP_URL": self.amqp_url, **(env or {})},
+            )
+            process.admin_port = port  # type: ignore[attr-defined]
+            process.api_port = api  # type: ignore[attr-defined]
+            self.processes.append(process.start())
+            if not wait:
+                return process
+            try:
+                return await asyncio.to_thread(process.wait_ready, 30)
+            except RuntimeError:
+                taken = "address already in use" in path.read_text(errors="replace")
+                if not taken or attempt == 2 or admin_port is not None:
+                    raise
+                self.processes.remove(process)
+                path.unlink()
+        raise AssertionError("unreachable")
 
     async def dequeuer(
         self,
@@ -139,17 +155,10 @@ class Stack:
         ready_path: str | None = "/readyz",
         env: dict[str, str] | None = None,
     ) -> tuple[Process, str]:
-        port = free_port()
         process = await self.start(
-            "proxymq-enqueuer",
-            "--port",
-            str(port),
-            *args,
-            wait=wait,
-            ready_path=ready_path,
-            env=env,
+            "proxymq-enqueuer", *args, wait=wait, ready_path=ready_path, env=env, api_port=True
         )
-        return process, f"http://127.0.0.1:{port}"
+        return process, f"http://127.0.0.1:{process.api_port}"  # type: ignore[attr-defined]
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
