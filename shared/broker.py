@@ -44,6 +44,7 @@ class _Watch:
         self.inside: set[asyncio.Task[Any]] = set()
         self.cancelled: set[asyncio.Task[Any]] = set()
         self.reason: BaseException | None = None
+        self.channel = weakref.ref(channel)
         self.closing = channel.closing  # an observer of the close, held as long as the watch
         self.closing.add_done_callback(self._closed)
 
@@ -52,6 +53,11 @@ class _Watch:
         for task in self.inside:  # each waits inside its step: the cancel lands there
             task.cancel()
             self.cancelled.add(task)
+        # The reason's traceback holds the channel: left in the map, neither went, and every
+        # reconnect kept each lost channel (and what its frames held) for good.
+        channel = self.channel()
+        if channel is not None:
+            _watches.pop(channel, None)
 
 
 _watches: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _Watch] = (

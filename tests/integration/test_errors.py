@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import signal
 import socket
 import subprocess
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from yarl import URL
 
 from enqueuer.replies import ReplyWaiter
 from shared import envelope, topology
+from shared.broker import BROKER_ERRORS, unless_closed
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
 from tests.reliability.proxy import FaultyProxy
@@ -1113,6 +1117,40 @@ async def test_two_dequeuers_with_one_instance_id(
     await stack.dequeuer(service, target.url, "--instance-id", instance)
     async with http.get(f"{url}/{service}/echo/again") as response:
         assert response.status == 200
+
+
+async def test_channels_lost_with_their_connection_are_not_kept(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every reconnect kept the lost channel of each step watched by `unless_closed` (the
+    enqueuer's publishing channel, each partition's channel in the dequeuer) for good: its
+    watch held the close reason, whose traceback holds the channel, in a map meant to forget
+    it. 30 connection resets left 30 channels, and what their frames held, in the enqueuer."""
+    caplog.set_level(logging.CRITICAL)  # a captured record's traceback would hold them
+    proxy = await FaultyProxy(URL(amqp_url).port or 5672).start()
+    connection = await aio_pika.connect_robust(proxy.url, reconnect_interval=0.1)
+    try:
+        channel = await connection.channel()
+        lost: list[weakref.ref[object]] = []
+        for _ in range(3):
+            async with asyncio.timeout(10):
+                while True:  # the channel restored after the last reset
+                    with contextlib.suppress(*BROKER_ERRORS):
+                        underlay = await channel.get_underlay_channel()
+                        if not underlay.is_closed and all(r() is not underlay for r in lost):
+                            break
+                    await asyncio.sleep(0.05)
+            await unless_closed(underlay, asyncio.sleep(0))
+            lost.append(weakref.ref(underlay))
+            del underlay
+            proxy.reset()
+        await asyncio.sleep(0.5)
+        gc.collect()
+        # The last one may still be in the frames of the reconnect under way.
+        assert [r() for r in lost[:-1]] == [None, None]
+    finally:
+        await connection.close()
+        await proxy.stop()
 
 
 async def test_a_reply_queue_lost_without_notice_comes_back(
