@@ -15,6 +15,7 @@ from collections.abc import Callable, Container
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, AbstractRobustQueue
 
 from shared import logs, topology
+from shared.broker import BROKER_ERRORS, unless_closed
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
 from shared.errors import Backpressure, ServiceFailed
 
@@ -52,7 +53,7 @@ class ReplyWaiter:
             queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
         )
         self._queue = queue
-        self._consumer_tag = await queue.consume(self._on_reply, no_ack=True)
+        self._consumer_tag = await queue.consume(self._on_reply)
         self._watch = asyncio.create_task(self._keep_consuming(), name="reply queue watch")
 
     async def _keep_consuming(self) -> None:
@@ -73,7 +74,7 @@ class ReplyWaiter:
                     if self._consumer_tag is not None:  # out of aio-pika's restore list too
                         with contextlib.suppress(Exception):
                             await self._queue.cancel(self._consumer_tag)
-                    self._consumer_tag = await self._queue.consume(self._on_reply, no_ack=True)
+                    self._consumer_tag = await self._queue.consume(self._on_reply)
             except Exception as exc:  # a reconnect under way: the next turn looks again
                 log.debug("reply queue check failed: %s", exc)
 
@@ -88,6 +89,17 @@ class ReplyWaiter:
         return future
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        """Acked once handled, the answer first. Consumed without acks, a reply the broker
+        wrote into a connection gone silent (it sees that only after two heartbeats) counted as
+        delivered, and was lost: its 202 stayed pending for good. Unacked, it comes again on
+        the next connection (a reply handled before that is then one late reply more)."""
+        try:
+            self._handle(message)
+        finally:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await unless_closed(message.channel, message.ack())
+
+    def _handle(self, message: AbstractIncomingMessage) -> None:
         future = self._futures.get(message.correlation_id or "")
         if future is None or future.done():
             self._on_late_reply()

@@ -1186,6 +1186,50 @@ async def test_a_reply_queue_lost_without_notice_comes_back(
         await channel.close()
 
 
+async def test_replies_sent_into_a_black_hole_are_delivered_after_it(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A reply the broker hands to the enqueuer's consumer while the path between them has gone
+    silent (RabbitMQ sees that only after two heartbeats: 30 s by default) is delivered again
+    once the enqueuer is back. The reply queue was consumed without acks, so the broker took
+    every reply written into the dead connection as delivered: the 202's result stayed
+    "pending" for good, and a synchronous caller got 504 even with time left."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        await stack.dequeuer(service, target.url)
+        enqueuer, url = await stack.enqueuer(
+            "--amqp-heartbeat", "1", env={"PROXYMQ_AMQP_URL": proxy.url}
+        )
+        admin = enqueuer.admin_port  # type: ignore[attr-defined]
+        async with http.get(f"{url}/{service}/x") as response:  # the service is known
+            assert response.status == 200
+        headers = {"Prefer": "respond-async"}
+        async with http.get(f"{url}/{service}/delay/1", headers=headers) as response:
+            assert response.status == 202
+            location = url + response.headers["Location"]
+        async with asyncio.timeout(5):
+            while not any(seen.path == "/delay/1" for seen in target.seen):
+                await asyncio.sleep(0.02)
+        proxy.blackhole()  # the reply comes about a second later, into the silence
+        async with asyncio.timeout(20):  # the enqueuer gives its connection up
+            while True:
+                async with http.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                    if response.status == 503:
+                        break
+                await asyncio.sleep(0.2)
+        proxy.heal()
+        async with asyncio.timeout(30):
+            while True:
+                async with http.get(location) as response:
+                    if response.status != 202:
+                        assert response.status == 200
+                        assert await response.text() == "late"
+                        break
+                await asyncio.sleep(0.2)
+    finally:
+        await proxy.stop()
+
+
 async def test_stopping_answers_the_callers_still_waiting(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
