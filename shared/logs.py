@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
+from aiormq.exceptions import AMQPConnectionError
 
 request_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "proxymq_request_context", default=MappingProxyType({})
@@ -23,6 +24,33 @@ request_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.Context
 def bind(**fields: str | None) -> None:
     """Add fields (correlation_id, service, partition...) to the current task's log lines."""
     request_context.set({**request_context.get(), **{k: v for k, v in fields.items() if v}})
+
+
+class _ConnectionLosses(logging.Filter):
+    """A broker connection lost without a close (an RST, a path gone silent) is an event the
+    robust connection handles: aiormq logged each with two chained tracebacks, and aio-pika
+    an ERROR for each channel whose restore found the connection already closed (it is
+    restored with the connection). One warning line each says what happened; a reader that
+    failed otherwise (a malformed frame), and any other error, keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, AMQPConnectionError) and isinstance(
+            error.__cause__, (OSError, asyncio.IncompleteReadError)
+        ):
+            record.msg, record.args = "broker connection lost: %s", (error,)
+            record.exc_info, record.exc_text = None, None
+        elif (
+            record.name == "aio_pika.tools"
+            and isinstance(record.args, tuple)
+            and len(record.args) == 3
+            and "RobustChannel._on_close" in repr(record.args[0])
+            and isinstance(record.args[2], RuntimeError)  # "... closed": no connection now
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "a channel waits for the broker connection to be restored: %s"
+            record.args = (record.args[2],)
+        return True
 
 
 class _ContextFilter(logging.Filter):
@@ -132,6 +160,8 @@ def setup(level: str = "info", json_logs: bool = False) -> None:
     root.setLevel(level.upper())
     logging.getLogger("aiormq").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("aio_pika").setLevel(max(root.level, logging.WARNING))
+    for name in ("aiormq.connection", "aio_pika.tools"):
+        logging.getLogger(name).filters[:] = [_ConnectionLosses()]
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server = logging.getLogger("aiohttp.server")
     server.filters[:] = [_MalformedRequests()]

@@ -1230,6 +1230,37 @@ async def test_replies_sent_into_a_black_hole_are_delivered_after_it(
         await proxy.stop()
 
 
+@pytest.mark.parametrize("name", ["proxymq-enqueuer", "proxymq-dequeuer"])
+async def test_a_connection_reset_is_one_line_without_a_traceback(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, name: str
+) -> None:
+    """A connection reset (an RST: a firewall, a crashed host) is an event the robust
+    connection handles. Each one logged aiormq's two chained tracebacks, and an aio-pika ERROR
+    per channel whose restore found the connection closed: about 30 lines, 2 of them ERROR,
+    for nothing to act on."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        env = {"PROXYMQ_AMQP_URL": proxy.url}
+        if name == "proxymq-dequeuer":
+            await stack.enqueuer()
+            process = await stack.dequeuer(service, target.url, env=env)
+        else:
+            await stack.dequeuer(service, target.url)
+            process, _ = await stack.enqueuer(env=env)
+        admin = process.admin_port  # type: ignore[attr-defined]
+        for reset in range(3):
+            assert proxy.reset()
+            async with asyncio.timeout(10):
+                while await metric(http, admin, "proxymq_broker_reconnects_total") <= reset:
+                    await asyncio.sleep(0.1)
+    finally:
+        await proxy.stop()
+    logged = stack.log_text()
+    assert "Traceback" not in logged
+    assert " ERROR " not in logged
+    assert "connection lost" in logged
+
+
 async def test_stopping_answers_the_callers_still_waiting(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
