@@ -30,7 +30,7 @@ from enqueuer.results import ResultStore
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, partition_key, tracing
 from shared.breaker import OPEN, ServiceBreaker
-from shared.broker import Broker, for_sidecar
+from shared.broker import Broker, for_sidecar, set_up
 from shared.errors import (
     ERROR_HEADER,
     BrokerUnavailable,
@@ -217,8 +217,13 @@ async def _broker_context(app: web.Application) -> AsyncIterator[None]:
         from aio_pika.abc import AbstractRobustConnection
 
         assert isinstance(connection, AbstractRobustConnection)
-        await enqueuer.replies.start(connection, linger=2.0 * settings.amqp_heartbeat)
-        await enqueuer.publisher.start(connection)
+        linger = 2.0 * settings.amqp_heartbeat
+        await set_up(
+            connection,
+            partial(enqueuer.replies.start, connection, linger),
+            "declaring the reply queue",
+        )
+        await set_up(connection, partial(enqueuer.publisher.start, connection), "opening a channel")
         connection.reconnect_callbacks.add(lambda *_: _reconnected(enqueuer))
 
     broker.on_connect(on_connect)

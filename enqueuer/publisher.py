@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from shared import envelope, hash_ring, topology
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS, refused_for_size
+from shared.broker import BROKER_ERRORS, closed_within, refused_for_size
 from shared.errors import (
     Backpressure,
     BodyTooLarge,
@@ -49,8 +49,13 @@ class Publisher:
         self._renewals: set[asyncio.Task[None]] = set()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        self._connection = connection
-        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            await channel
+        except BaseException:  # closed, it is not restored with the connection
+            await closed_within(channel.close())
+            raise
+        self._connection, self._channel = connection, channel
 
     def _renew_channel(self) -> None:
         """After a nack, publish on a new channel (at most once every RENEW_AFTER_NACK).

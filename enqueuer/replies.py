@@ -15,7 +15,7 @@ from collections.abc import Callable, Container
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, AbstractRobustQueue
 
 from shared import logs, topology
-from shared.broker import BROKER_ERRORS, unless_closed
+from shared.broker import BROKER_ERRORS, closed_within, unless_closed
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
 from shared.errors import Backpressure, ServiceFailed
 
@@ -44,16 +44,21 @@ class ReplyWaiter:
         So nothing but `claim` stops a second enqueuer with the same `--instance-id` from
         consuming it too: each then took about half of the other's replies, and every second
         caller got 504 with nothing in any log."""
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=0)
-        queue = await channel.declare_queue(
-            self.queue_name, durable=False, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS}
-        )
-        await topology.claim(
-            queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
-        )
+        channel = connection.channel()
+        try:
+            await channel
+            await channel.set_qos(prefetch_count=0)
+            queue = await channel.declare_queue(
+                self.queue_name, durable=False, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS}
+            )
+            await topology.claim(
+                queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
+            )
+            self._consumer_tag = await queue.consume(self._on_reply)
+        except BaseException:  # closed, it is not restored with the connection: no 2nd consumer
+            await closed_within(channel.close())
+            raise
         self._queue = queue
-        self._consumer_tag = await queue.consume(self._on_reply)
         self._watch = asyncio.create_task(self._keep_consuming(), name="reply queue watch")
 
     async def _keep_consuming(self) -> None:

@@ -94,6 +94,42 @@ async def unless_closed(channel: aiormq.abc.AbstractChannel, step: Awaitable[T])
         watch.cancelled.discard(task)
 
 
+async def set_up(
+    connection: AbstractRobustConnection, step: Callable[[], Awaitable[None]], what: str
+) -> None:
+    """`step` of the first connection's set-up, made again once the connection is back when
+    it failed because the connection was lost under it (a broker going down as the sidecar
+    comes up, an RST). Taken for a refusal of the set-up, such a loss ended the enqueuer
+    ("cannot serve", exit 1). A refusal on a live connection (access refused) still ends it.
+    `step` must leave nothing behind when it fails."""
+    while True:
+        transport = connection.transport
+        try:
+            await step()
+            return
+        except (*BROKER_ERRORS, asyncio.CancelledError) as exc:
+            if being_cancelled() or (transport is not None and not transport.connection.is_closed):
+                raise
+            log.warning("the connection was lost while %s (%s): again once it is back", what, exc)
+        await _reconnected(connection)
+
+
+async def _reconnected(connection: AbstractRobustConnection) -> None:
+    """Until the robust connection is back, its channels restored (a reconnect takes at least
+    its interval: the loss that brings the caller here cannot be followed by it already)."""
+    back: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_back(*_: object) -> None:
+        if not back.done():
+            back.set_result(None)
+
+    connection.reconnect_callbacks.add(on_back)
+    try:
+        await back
+    finally:
+        connection.reconnect_callbacks.discard(on_back)
+
+
 CLOSE_WAIT = 2.0  # seconds a channel or connection close may take once the sidecar stops
 
 

@@ -1261,6 +1261,26 @@ async def test_a_connection_reset_is_one_line_without_a_traceback(
     assert "connection lost" in logged
 
 
+async def test_a_connection_lost_while_the_enqueuer_sets_up_is_set_up_again(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A connection lost while the enqueuer declares its reply queue (a broker going down as
+    the enqueuer comes up, an RST) is made again and the set-up with it. The enqueuer took the
+    loss for the broker refusing its set-up and exited 1 ("cannot serve"), though it answers
+    503 and reconnects when the broker is down at its start or later."""
+    await stack.dequeuer(service, target.url)
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        proxy.reset_when = ReplyWaiter("x", 1, lambda: None).queue_name.removesuffix("x").encode()
+        _, url = await stack.enqueuer(env={"PROXYMQ_AMQP_URL": proxy.url})
+        assert proxy.reset_when is None  # the cut happened
+        async with http.get(f"{url}/{service}/x") as response:
+            assert response.status == 200
+    finally:
+        await proxy.stop()
+    assert "Traceback" not in stack.log_text()
+
+
 async def test_stopping_answers_the_callers_still_waiting(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
