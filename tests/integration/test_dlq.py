@@ -21,7 +21,7 @@ import aio_pika
 import aiohttp
 import pamqp.encode
 import pytest
-from aio_pika.abc import AbstractRobustConnection, HeadersType
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection, HeadersType
 from aiohttp import web
 from rich.console import Console
 
@@ -601,13 +601,8 @@ async def test_a_letter_with_deeply_nested_http_headers_is_listed_in_order(
     assert ids(await listed(amqp_url, service)) == ["a", "b"]
 
 
-@pytest.mark.rabbit
-async def test_replay_at_a_rate_spaces_the_letters(
-    service: str, amqp: AbstractRobustConnection, amqp_url: str
-) -> None:
-    """`--rate 10` replays six letters over half a second or more, each after the one before:
-    a service that just recovered serves its live requests in between. Only a lower bound is
-    asserted (a busy machine only spaces them more)."""
+async def six_letters(amqp: AbstractRobustConnection, service: str) -> AbstractChannel:
+    """A one-partition service with dead letters r0..r5 in its S.dlq; the channel they went on."""
     await topology.declare(amqp, topology.Topology(service, partitions=1))
     channel = await amqp.channel(publisher_confirms=True)
     for index in range(6):
@@ -617,6 +612,17 @@ async def test_replay_at_a_rate_spaces_the_letters(
             ),
             routing_key=topology.dead_letter_queue(service),
         )
+    return channel
+
+
+@pytest.mark.rabbit
+async def test_replay_at_a_rate_spaces_the_letters(
+    service: str, amqp: AbstractRobustConnection, amqp_url: str
+) -> None:
+    """`--rate 10` replays six letters over half a second or more, each after the one before:
+    a service that just recovered serves its live requests in between. Only a lower bound is
+    asserted (a busy machine only spaces them more)."""
+    channel = await six_letters(amqp, service)
     arrivals: list[tuple[str, float]] = []
     partition = await channel.declare_queue(f"{service}.p0", passive=True)
 
@@ -641,15 +647,7 @@ async def test_ctrl_c_during_a_paced_replay_keeps_the_rest_at_once(
 ) -> None:
     """A Ctrl-C while the replay waits for its next turn ends the pass without waiting out the
     turn: what was replayed stays replayed, the rest is kept in order."""
-    await topology.declare(amqp, topology.Topology(service, partitions=1))
-    channel = await amqp.channel(publisher_confirms=True)
-    for index in range(6):
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                b"", headers={"x-proxymq-dead-reason": "x"}, correlation_id=f"r{index}"
-            ),
-            routing_key=topology.dead_letter_queue(service),
-        )
+    await six_letters(amqp, service)
     process = await asyncio.create_subprocess_exec(
         script("proxymq"),
         *("dlq", "replay", "--service", service, "--yes", "--json", "--rate", "0.1"),
