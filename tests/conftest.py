@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -23,6 +24,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     HeadersType,
 )
+from aiohttp import web
 
 from shared import envelope, topology
 from shared.processes import Process, free_port
@@ -84,6 +86,19 @@ async def target() -> AsyncIterator[Target]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, **runner: Any) -> AsyncIterator[str]:
+    """A microservice of the test's own on a free loopback port: its base URL while inside."""
+    started = web.AppRunner(app, access_log=None, **runner)
+    await started.setup()
+    try:
+        port = free_port()
+        await web.TCPSite(started, "127.0.0.1", port).start()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await started.cleanup()
 
 
 @dataclass

@@ -28,7 +28,7 @@ from aiohttp import web
 from shared import topology
 from shared.cli.main import build_parser
 from shared.processes import script
-from tests.conftest import AMQP_URL, closed_port
+from tests.conftest import AMQP_URL, closed_port, serving
 
 pytestmark = pytest.mark.rabbit
 MANAGEMENT_LAG = 20.0  # the management API's statistics refresh every 5 s
@@ -654,17 +654,10 @@ async def test_status_falls_back_to_amqp_when_management_answers_garbage(
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(app) as management:
         done = await proxymq(
-            "status", "--service", service, "--json", "--management-url", f"http://127.0.0.1:{port}"
+            "status", "--service", service, "--json", "--management-url", management
         )
-    finally:
-        await runner.cleanup()
     assert done.code == 0, done.output
     counted = json.loads(done.stdout)
     assert counted["source"] == "amqp"

@@ -39,8 +39,8 @@ from shared.cli.dlq_pass import DeadLetterQueue, Fate
 from shared.cli.dlq_render import letter_table
 from shared.cli.main import build_parser
 from shared.cli.status import passive
-from shared.processes import free_port, script
-from tests.conftest import Stack
+from shared.processes import script
+from tests.conftest import Stack, serving
 from tests.target import Seen, Target
 from tests.test_cli import interruptible
 
@@ -60,14 +60,8 @@ async def crashing() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as microservice:
+        yield microservice
 
 
 @dataclass

@@ -19,7 +19,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from shared import envelope
 from shared.processes import free_port
-from tests.conftest import Stack, metric
+from tests.conftest import Stack, metric, serving
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -261,14 +261,10 @@ async def test_each_batched_request_carries_its_own_trace(
     app = web.Application()
     app.router.add_post("/batch", batch)
     app.router.add_get("/", up)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(app) as microservice:
         await stack.dequeuer(
             service,
-            f"http://127.0.0.1:{port}",
+            microservice,
             "--batch-size",
             "4",
             "--batch-wait-ms",
@@ -286,8 +282,6 @@ async def test_each_batched_request_carries_its_own_trace(
                 assert response.status == 200
 
         await asyncio.gather(*(call(t, s) for t, s in callers.items()))
-    finally:
-        await runner.cleanup()
     assert len(items) == 3
     dequeuer_spans = [s for name, s in spans if name == "proxymq-dequeuer"]
     async with asyncio.timeout(10):

@@ -8,8 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from shared.processes import free_port
-from tests.conftest import Stack, metric
+from tests.conftest import Stack, metric, serving
 from tests.integration.test_async import poll
 from tests.target import Target
 
@@ -203,14 +202,8 @@ async def test_a_microservice_whose_root_streams_is_ready(
     app = web.Application()
     app.router.add_get("/", events)
     app.router.add_post("/work", work)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        await stack.dequeuer(service, f"http://127.0.0.1:{port}", "--ready-timeout", "1")
+    async with serving(app, handler_cancellation=True) as microservice:
+        await stack.dequeuer(service, microservice, "--ready-timeout", "1")
         _, url = await stack.enqueuer()
         async with http.post(f"{url}/{service}/work", headers={"X-Request-Timeout": "10"}) as r:
             assert r.status == 200 and await r.text() == "done"
-    finally:
-        await runner.cleanup()
