@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -61,8 +61,15 @@ def split_commas(value: object) -> object:
     return value
 
 
+def folded(value: object) -> object:
+    """`INFO` and ` info ` are `info`: a word read in any case, spaces around it ignored."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
+# Refused at start: logging's own check of an unknown level stopped a sidecar with a traceback.
+LogLevel = Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(folded)]
 
 
 class FileSecretsSource(PydanticBaseSettingsSource):
@@ -131,7 +138,7 @@ class SidecarSettings(CommandSettings):
         "node, a dropped route) is noticed after about 3 heartbeats and reconnected; 0 turns "
         "heartbeats off",
     )
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: LogLevel = Field("info", description="debug, info, warning or error")
     json_logs: bool = Field(False, description="one JSON object per log line")
 
     @field_validator("amqp_url")

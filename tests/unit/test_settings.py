@@ -244,3 +244,25 @@ def test_help_names_what_size_and_list_flags_take(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "--max-body SIZE" in out and "--services A,B" in out
     assert "--max-body int" not in out and "list[str]" not in out
+
+
+@pytest.mark.parametrize("cls", [EnqueuerSettings, DequeuerSettings])
+@pytest.mark.parametrize("level", ["verbose", "", "trace", "1"])
+def test_unknown_log_level_exits_2(
+    cls: type[EnqueuerSettings] | type[DequeuerSettings],
+    level: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--log-level verbose` was taken, and the sidecar stopped with logging's traceback
+    (`ValueError: Unknown level: 'VERBOSE'`) as it set its logs up."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "s")
+    assert exit_code(cls, ["--log-level", level]) == 2
+    assert "--log-level: Input should be 'debug', 'info', 'warning' or 'error'" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(("level", "read"), [("DEBUG", "debug"), (" Warning ", "warning")])
+def test_log_level_is_read_in_any_case(level: str, read: str) -> None:
+    assert load(EnqueuerSettings, ["--log-level", level]).log_level == read
