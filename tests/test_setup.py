@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,27 @@ def test_wrong_credentials_are_reported_not_restarted(amqp_url: str) -> None:
     assert_fails_fast_with_advice(
         "amqp://guest:wrong@127.0.0.1:5672/", "refused the credentials", "PROXYMQ_AMQP_URL"
     )
+
+
+@pytest.mark.rabbit
+def test_a_user_that_may_not_declare_exchanges_is_told_so(amqp_url: str) -> None:
+    """The plugin check declares an exchange; a user without the configure permission made
+    `make broker` end in aiormq's traceback (`ChannelAccessRefused`)."""
+    user, password = f"proxymq-setup-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    subprocess.run(["rabbitmqctl", "-q", "add_user", user, password], check=True)
+    try:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", "/", user, "^$", ".*", ".*"],
+            check=True,
+        )
+        stderr = assert_fails_fast_with_advice(
+            f"amqp://{user}:{password}@127.0.0.1:5672/",
+            f"refused user '{user}' the configure permission",
+            f"rabbitmqctl set_permissions -p / {user} '.*' '.*' '.*'",
+        )
+        assert "Traceback" not in stderr and password not in stderr
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=True)
 
 
 @pytest.mark.parametrize(

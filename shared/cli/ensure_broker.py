@@ -190,7 +190,8 @@ def listening(host: str, port: int) -> bool:
 async def has_consistent_hash(url: str) -> bool:
     """Declare (and drop) a throwaway x-consistent-hash exchange: works on any broker we can
     reach, where `rabbitmq-plugins` only works on this machine. An unknown exchange type
-    closes the whole connection, so the check has a connection of its own."""
+    closes the whole connection, so the check has a connection of its own. A user that may
+    not declare it is `CredentialsRefused`."""
     connection = await connect(url, "proxymq plugin check")
     name = f"proxymq.check-{uuid.uuid4().hex[:8]}"
     try:
@@ -202,6 +203,15 @@ async def has_consistent_hash(url: str) -> bool:
         return True
     except aiormq.exceptions.ConnectionCommandInvalid:
         return False
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        first = URL(split_urls(url)[0])
+        user, vhost = first.user or "guest", first.path[1:] or "/"
+        raise CredentialsRefused(
+            f"RabbitMQ at {redact(url)} refused user {user!r} the configure permission the "
+            f"plugin check needs ({_reason(exc)})",
+            "the demo, the benchmarks and the tests declare services' exchanges and queues: "
+            f"rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*', or use another user",
+        ) from None
     finally:
         await _close_quietly(connection)
 
