@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl
 from shared.errors import BadPartitionKey
 
 _INDEX = re.compile(r"0|[1-9][0-9]*")  # RFC 6901 array index: ASCII digits, no leading zero
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 MAX_KEY_BYTES = 255  # an AMQP routing key is a short string
 Kind = Literal["header", "json", "query"]
 
@@ -38,6 +39,11 @@ def parse_sources(specs: Sequence[str]) -> tuple[KeySource, ...]:
             raise ValueError(
                 f"partition key source {spec!r} is not one of "
                 "header:NAME, json:/pointer, query:NAME"
+            )
+        if kind == "header" and not _HEADER_NAME.fullmatch(name):
+            raise ValueError(
+                f"{name!r} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), "
+                "e.g. header:X-Partition-Key"
             )
         if kind == "json" and not name.startswith("/"):
             raise ValueError(

@@ -53,6 +53,10 @@ def test_parse_sources() -> None:
         ("json:", "is not one of header:NAME"),
         ("", "is not one of header:NAME"),
         ("json:user/id", "must start with '/'"),
+        # No request has such a header: the service was silently unkeyed.
+        ("header: X-Key", "' X-Key' is not an HTTP header name"),
+        ("header:X Key", "'X Key' is not an HTTP header name"),
+        ("header:X-Key:", "'X-Key:' is not an HTTP header name"),
     ],
 )
 def test_parse_sources_errors(spec: str, message: str) -> None:
