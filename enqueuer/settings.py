@@ -47,7 +47,9 @@ class EnqueuerSettings(SidecarSettings):
         ["header:X-Partition-Key"],
         description="where the partition key comes from, in order, first match wins: "
         "header:NAME, json:/json/pointer (in a body whose Content-Type names json, or has "
-        "none), query:NAME (repeat the flag or separate by commas)",
+        "none), query:NAME (repeat the flag or separate by commas). A JSON string is the key "
+        "as it is; a number, true or false is its text, a whole number as an integer (10.0 "
+        "is 10); null is no key; an object or an array is 400 bad_partition_key",
     )
     require_partition_key: bool = Field(
         False,

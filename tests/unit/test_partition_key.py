@@ -183,6 +183,21 @@ def test_scalars_become_strings(value: object, expected: str) -> None:
     assert key_of(["json:/id"], body={"id": value}) == expected
 
 
+@pytest.mark.parametrize("text", ["10", "10.0", "1e1", "1.0E+1", "10.000"])
+def test_one_number_is_one_key_however_it_is_written(text: str) -> None:
+    """JSON has one kind of number: `10` from one client and `10.0` from another (Python's
+    json.dumps of a float) are the same id, and were two keys in two partitions, with no
+    order between them. A whole number is keyed as an integer, like `X-Partition-Key: 10`."""
+    assert key_of(["json:/id"], raw=b'{"id": ' + text.encode() + b"}") == "10"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("-0.0", "0"), ("0.25", "0.25"), ("1e300", "1e+300")]
+)
+def test_other_numbers_are_keyed_as_python_writes_them(text: str, expected: str) -> None:
+    assert key_of(["json:/id"], raw=b'{"id": ' + text.encode() + b"}") == expected
+
+
 @pytest.mark.parametrize("value", [{"a": 1}, [1, 2], []])
 def test_object_or_array_value_refused(value: object) -> None:
     with pytest.raises(BadPartitionKey, match="must be a string or a number"):
