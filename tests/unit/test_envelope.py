@@ -137,6 +137,13 @@ def test_minimal_message_from_another_client() -> None:
     assert decoded.deadline is None
 
 
+def test_a_key_or_sent_at_of_another_type_is_ignored() -> None:
+    """As docs/message-format.md says: the routing key is then the key."""
+    headers = {"x-proxymq-partition-key": 5, "x-proxymq-sent-at": "x"}
+    decoded = decode_request(headers, b"", "abc", None, "user-5")
+    assert (decoded.partition_key, decoded.sent_at) == ("user-5", None)
+
+
 def test_bytes_header_values_are_decoded() -> None:
     headers = {H_METHOD: b"GET", H_PATH: b"/x", H_KEY: b"k", H_HEADERS: b'[["A", "b"]]'}
     decoded = decode_request(headers, b"", "abc", None)
