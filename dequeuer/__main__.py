@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import uuid
+from functools import partial
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -22,7 +23,7 @@ from dequeuer.settings import DequeuerSettings
 from shared import hash_ring, logs, service, topology, tracing
 from shared.admin import admin_app
 from shared.breaker import OPEN, ServiceBreaker
-from shared.broker import for_sidecar, warn_above_max_message_size
+from shared.broker import for_sidecar, set_up, warn_above_max_message_size
 from shared.metrics import DequeuerMetrics
 from shared.settings import load
 
@@ -102,10 +103,14 @@ async def serve(settings: DequeuerSettings) -> int:
     metrics.connected.set_function(lambda: float(broker.connected))
 
     async def on_connect(connection: AbstractRobustConnection) -> None:
-        await topology.declare(connection, consumer.topology)
-        await membership.start(connection, linger=2.0 * settings.amqp_heartbeat)
-        await consumer.start(connection)
-        await consumer.consume_notices(connection)
+        linger = 2.0 * settings.amqp_heartbeat
+        for step, what in [
+            (partial(topology.declare, connection, consumer.topology), "declaring the topology"),
+            (partial(membership.start, connection, linger), "joining the members"),
+            (partial(consumer.start, connection), "opening the reply channel"),
+            (partial(consumer.consume_notices, connection), "consuming the notices"),
+        ]:
+            await set_up(connection, step, what)
         partitions.start(connection)
         background.append(
             asyncio.create_task(

@@ -36,7 +36,7 @@ from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
 from shared import envelope, logs, topology, tracing
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS, refused_for_size, unless_closed
+from shared.broker import BROKER_ERRORS, closed_within, refused_for_size, unless_closed
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
 from shared.errors import ServiceFailed
 from shared.metrics import DequeuerMetrics, status_class
@@ -129,9 +129,13 @@ class Consumer:
         return max(1, self.settings.concurrency)
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        self._reply_channel = await connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
+        channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            await channel
+        except BaseException:  # closed, it is not restored with the connection
+            await closed_within(channel.close())
+            raise
+        self._reply_channel = channel
 
     async def on_message(self, sub: Subscription, message: AbstractIncomingMessage) -> None:
         if sub.releasing.is_set():
@@ -510,14 +514,19 @@ class Consumer:
             )
 
     async def consume_notices(self, connection: AbstractRobustConnection) -> None:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=16)
-        queue = await channel.declare_queue(
-            topology.notify_queue(self.settings.service),
-            durable=True,
-            arguments=topology.NOTIFY_ARGS,
-        )
-        await queue.consume(self.on_dead_letter_notice)
+        channel = connection.channel()
+        try:
+            await channel
+            await channel.set_qos(prefetch_count=16)
+            queue = await channel.declare_queue(
+                topology.notify_queue(self.settings.service),
+                durable=True,
+                arguments=topology.NOTIFY_ARGS,
+            )
+            await queue.consume(self.on_dead_letter_notice)
+        except BaseException:  # closed, it is not restored with the connection
+            await closed_within(channel.close())
+            raise
 
     async def dead_letter(
         self,

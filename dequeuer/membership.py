@@ -75,20 +75,26 @@ class Membership:
         # notice of a SIGTERM must not wait for a confirm from a broker gone silent (it waited
         # until the connection was given up, and its CancelledError ended the dequeuer with a
         # traceback and exit code 1 before it had drained anything).
-        self._channel = await connection.channel(publisher_confirms=False)
-        self._exchange = await self._channel.declare_exchange(
-            members_exchange(self.service), aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        queue = await self._channel.declare_queue(
-            f"{members_exchange(self.service)}.{self.instance_id}",
-            auto_delete=True,
-            arguments={"x-message-ttl": int(self.expiry * 1000), "x-expires": 60_000},
-        )
-        await topology.claim(
-            queue, linger, "give each dequeuer its own --instance-id, or none for a random one"
-        )
-        await queue.bind(self._exchange)
-        await queue.consume(self._on_heartbeat, no_ack=True)
+        channel = connection.channel(publisher_confirms=False)
+        try:
+            await channel
+            exchange = await channel.declare_exchange(
+                members_exchange(self.service), aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            queue = await channel.declare_queue(
+                f"{members_exchange(self.service)}.{self.instance_id}",
+                auto_delete=True,
+                arguments={"x-message-ttl": int(self.expiry * 1000), "x-expires": 60_000},
+            )
+            await topology.claim(
+                queue, linger, "give each dequeuer its own --instance-id, or none for a random one"
+            )
+            await queue.bind(exchange)
+            await queue.consume(self._on_heartbeat, no_ack=True)
+        except BaseException:  # closed, it is not restored with the connection
+            await closed_within(channel.close())
+            raise
+        self._channel, self._exchange = channel, exchange
         self._task = asyncio.create_task(self._beat(), name="membership heartbeat")
 
     def view(self) -> frozenset[str]:

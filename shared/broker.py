@@ -99,8 +99,9 @@ async def set_up(
 ) -> None:
     """`step` of the first connection's set-up, made again once the connection is back when
     it failed because the connection was lost under it (a broker going down as the sidecar
-    comes up, an RST). Taken for a refusal of the set-up, such a loss ended the enqueuer
-    ("cannot serve", exit 1). A refusal on a live connection (access refused) still ends it.
+    comes up, an RST). Taken for a refusal of the set-up, such a loss ended the sidecar
+    ("cannot serve", exit 1). A refusal on a live connection (access refused, a topology
+    mismatch) still ends it.
     `step` must leave nothing behind when it fails."""
     while True:
         transport = connection.transport

@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from pamqp.common import FieldTable
 
 from shared import hash_ring
+from shared.broker import closed_within
 from shared.errors import QueueInUse, TopologyMismatch
 
 log = logging.getLogger(__name__)
@@ -235,8 +236,9 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
     It runs on a channel of its own because a refused declaration closes the channel. The
     partitions are bound last, by `hash_ring.ensure`: in order, one sidecar at a time."""
     await check_layout(connection, topology)
-    channel = await connection.channel()
+    channel = connection.channel()
     try:
+        await channel
         dead = await channel.declare_exchange(
             dead_letter_exchange(topology.service), aio_pika.ExchangeType.FANOUT, durable=True
         )
@@ -263,9 +265,8 @@ async def declare(connection: AbstractConnection, topology: Topology) -> None:
             f"the broker refused exchange type x-consistent-hash ({_reason(exc)}): "
             f"run `{PLUGIN_HINT}`"
         ) from exc
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    finally:  # also once lost or refused: a robust channel left so is restored, and kept
+        await closed_within(channel.close())
     await hash_ring.ensure(connection, topology.service, topology.queues)
 
 

@@ -1271,14 +1271,65 @@ async def test_a_connection_lost_while_the_enqueuer_sets_up_is_set_up_again(
     await stack.dequeuer(service, target.url)
     proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
     try:
-        proxy.reset_when = ReplyWaiter("x", 1, lambda: None).queue_name.removesuffix("x").encode()
+        proxy.reset_when = [ReplyWaiter("x", 1, lambda: None).queue_name.removesuffix("x").encode()]
         _, url = await stack.enqueuer(env={"PROXYMQ_AMQP_URL": proxy.url})
-        assert proxy.reset_when is None  # the cut happened
+        assert not proxy.reset_when  # the cut happened
         async with http.get(f"{url}/{service}/x") as response:
             assert response.status == 200
     finally:
         await proxy.stop()
     assert "Traceback" not in stack.log_text()
+
+
+async def test_a_connection_lost_while_the_dequeuer_sets_up_is_set_up_again(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A connection lost at each step of the dequeuer's set-up in turn (looking at the layout,
+    declaring it, binding the hash ring, joining the members, consuming the notices) is made
+    again and the step with it; the dequeuer is ready once the last is done, and the channel of
+    a failed step is not restored beside the new one. It took each loss for the broker refusing
+    its set-up and exited 1 ("cannot serve")."""
+    _, url = await stack.enqueuer()
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        steps = [".p8", ".dead", ".ring-lock", ".members", ".notify"]
+        proxy.reset_when = [f"{service}{step}".encode() for step in steps]
+        await stack.dequeuer(
+            service, target.url, "--partitions", "8", env={"PROXYMQ_AMQP_URL": proxy.url}
+        )
+        assert not proxy.reset_when  # every cut happened
+        assert proxy.accepted == len(steps) + 1
+        async with http.get(f"{url}/{service}/x") as response:
+            assert response.status == 200
+        # Its members', reply and notices' channels, one per partition and the depth watch's
+        # (opened within its 5 s): none of a failed step, restored with the connection.
+        kept = [3 + 8 + 1]
+        async with asyncio.timeout(20):
+            while await channels_of(f"proxymq-dequeuer {service} ") != kept:
+                await asyncio.sleep(0.5)
+        await asyncio.sleep(6)
+        assert await channels_of(f"proxymq-dequeuer {service} ") == kept
+    finally:
+        await proxy.stop()
+    logged = stack.log_text()
+    assert "Traceback" not in logged
+    assert logged.count("the connection was lost while") == len(steps)
+
+
+async def channels_of(prefix: str) -> list[int]:
+    """The channels open on each connection whose name starts with `prefix`, right now."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_connections", "client_properties", "channels"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [
+        int(line.rsplit("\t", 1)[1])
+        for line in done.stdout.splitlines()
+        if f'{{"connection_name","{prefix}' in line
+    ]
 
 
 async def test_stopping_answers_the_callers_still_waiting(

@@ -7,8 +7,8 @@ a route gone without a word): only heartbeats and timeouts can tell. `stall()` d
 but stops reading too, so the senders' buffers fill and their writes block. `refuse()` resets every
 new connection at once (a host that is up but not serving). `heal()` lets new connections
 through again; the black-holed and stalled ones stay dead, as a half-open TCP connection does.
-`reset_when` resets, once, the connection whose client sends those bytes (a queue's name, say):
-a cut at a chosen step of the protocol.
+`reset_when` resets the connection whose client sends the first of those byte strings (a queue's
+name, say), and drops it from the list: cuts at chosen steps of the protocol, in turn.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class FaultyProxy:
         self.blocking = False
         self.refusing = False
         self.accepted = 0
-        self.reset_when: bytes | None = None
+        self.reset_when: list[bytes] = []
         self._pairs: set[_Pair] = set()
         self._server: asyncio.Server | None = None
 
@@ -129,8 +129,8 @@ class FaultyProxy:
     ) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await reader.read(CHUNK):
-                if self.reset_when is not None and self.reset_when in data:
-                    self.reset_when = None
+                if self.reset_when and self.reset_when[0] in data:
+                    del self.reset_when[0]
                     self._close(pair, reset=True)
                     return
                 if pair.stalled:  # read no more, and keep the socket open
