@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from shared.settings import load
-from url_fetcher.app import create_app
+from url_fetcher.app import SESSION, create_app
 from url_fetcher.fetch import Fetcher, FetchResult
 from url_fetcher.settings import UrlFetcherSettings
 
@@ -208,3 +208,12 @@ async def test_a_fetch_batch_item_runs(client: Client, path: str) -> None:
     assert status == 200 and isinstance(answers, list)
     answer = json.loads(base64.b64decode(answers[0]["body"]))
     assert (answers[0]["status"], answer) == (200, {"results": []})
+
+
+async def test_max_connections_sizes_the_fetch_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve(monkeypatch) as client:
+        assert client.app is not None
+        assert client.app[SESSION].connector.limit == 1000  # type: ignore[union-attr]
+    async with serve(monkeypatch, "--max-connections", "7") as client:
+        assert client.app is not None
+        assert client.app[SESSION].connector.limit == 7  # type: ignore[union-attr]

@@ -6,6 +6,7 @@ else by the real rules, and a stub resolver stands in for DNS.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -14,8 +15,10 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
 
 import pytest
+from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from tests.conftest import serving
 from tests.url_fetcher.support import BIG_SIZE, PAGE, free_port
 from url_fetcher.fetch import Fetcher, FetchError, FetchLimits, create_session
 from url_fetcher.guard import TargetGuard
@@ -187,6 +190,37 @@ async def test_too_many_redirects(fetcher: Fetcher, site: str) -> None:
     with pytest.raises(FetchError) as caught:
         await fetcher.fetch(f"{site}/redirect/5")
     assert (caught.value.code, caught.value.http_status) == ("too_many_redirects", 502)
+
+
+async def test_more_fetches_at_once_than_aiohttps_default_pool(site: str) -> None:
+    """aiohttp's default connector opens 100 connections: the 101st fetch waited for one and
+    timed out behind slow targets."""
+    wanted = 150
+    arrived = 0
+    everyone = asyncio.Event()
+    waited_in_vain = 0
+
+    async def held(request: web.Request) -> web.Response:
+        """Answers once all fetches are in at once (or, failing that, after 5 s)."""
+        nonlocal arrived, waited_in_vain
+        arrived += 1
+        if arrived == wanted:
+            everyone.set()
+        try:
+            await asyncio.wait_for(everyone.wait(), 5)
+        except TimeoutError:
+            waited_in_vain += 1
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/held", held)
+    guard = OnlyLoopbackOneIsPublic()
+    limits = FetchLimits(timeout=30)
+    async with serving(app) as base, create_session(guard, limits) as session:
+        fetcher = Fetcher(session, guard, limits)
+        results = await asyncio.gather(*(fetcher.fetch(f"{base}/held") for _ in range(wanted)))
+    assert [result.status for result in results] == [200] * wanted
+    assert waited_in_vain == 0
 
 
 async def test_body_is_capped_and_marked_truncated(fetcher: Fetcher, site: str) -> None:

@@ -66,7 +66,10 @@ def _client_session(
             max_redirects=settings.max_redirects,
         )
         target_guard = guard or TargetGuard(allow_private=settings.allow_private)
-        async with create_session(target_guard, limits, resolver) as session:
+        session = create_session(
+            target_guard, limits, resolver, connections=settings.max_connections
+        )
+        async with session:
             app[SESSION] = session
             app[FETCHER] = Fetcher(session, target_guard, limits)
             yield

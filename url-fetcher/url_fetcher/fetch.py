@@ -29,6 +29,7 @@ log = logging.getLogger("url_fetcher")
 USER_AGENT = "url-fetcher/0.1 (ProxyMQ example service)"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_URL_CHARS = 8192
+MAX_CONNECTIONS = 1000  # to fetch targets at once, unless --max-connections says otherwise
 _CHUNK = 64 * 1024
 
 # Error codes, each with the HTTP status /fetch answers it with.
@@ -146,14 +147,21 @@ def _json_type(value: object) -> str:
 
 
 def create_session(
-    guard: TargetGuard, limits: FetchLimits, resolver: AbstractResolver | None = None
+    guard: TargetGuard,
+    limits: FetchLimits,
+    resolver: AbstractResolver | None = None,
+    *,
+    connections: int = MAX_CONNECTIONS,
 ) -> aiohttp.ClientSession:
-    """The process's client session, connecting only where `guard` allows.
+    """The process's client session, connecting only where `guard` allows, with at most
+    `connections` open at once (--max-connections; aiohttp's default of 100 made the 101st
+    concurrent fetch wait behind slow targets until it timed out).
 
     Environment proxies are ignored (a proxy would connect on our behalf, past the guard) and
     cookies are not kept, so one caller's fetch cannot leak into another's.
     """
     connector = aiohttp.TCPConnector(
+        limit=connections,
         resolver=GuardedResolver(resolver or DefaultResolver(), guard),
     )
     return aiohttp.ClientSession(

@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from shared.settings import ByteSize, CommandSettings
+from url_fetcher.fetch import MAX_CONNECTIONS
 
 
 class UrlFetcherSettings(CommandSettings):
@@ -43,6 +44,13 @@ class UrlFetcherSettings(CommandSettings):
     )
     max_redirects: int = Field(
         5, ge=0, description="Redirects followed per fetch; each hop is checked again."
+    )
+    max_connections: int = Field(
+        MAX_CONNECTIONS,
+        ge=1,
+        description="Connections to fetch targets open at once, across all fetches; a fetch past "
+        "them waits for one, within --fetch-timeout. Each is a file descriptor: keep it under "
+        "the open-file limit (ulimit -n).",
     )
     batch_concurrency: int = Field(
         16,
