@@ -54,7 +54,8 @@ async def _redirect_chain(request: web.Request) -> web.Response:
 
 
 async def _redirect_to(request: web.Request) -> web.Response:
-    raise web.HTTPFound(request.query["location"])
+    """A 302 to `?location=` exactly as given (HTTPFound would normalise it as a URL)."""
+    return web.Response(status=302, headers={"Location": request.query["location"]})
 
 
 async def start_target() -> web.AppRunner:

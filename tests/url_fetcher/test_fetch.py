@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -190,6 +191,18 @@ async def test_too_many_redirects(fetcher: Fetcher, site: str) -> None:
     with pytest.raises(FetchError) as caught:
         await fetcher.fetch(f"{site}/redirect/5")
     assert (caught.value.code, caught.value.http_status) == ("too_many_redirects", 502)
+
+
+@pytest.mark.parametrize("location", ["http://", "HTTPS://", "//", "http://?a=1", "http://#top"])
+async def test_redirect_to_a_location_without_host_fails_at_once(
+    fetcher: Fetcher, site: str, location: str
+) -> None:
+    """yarl resolved `http://` (an empty host) against the URL that sent it, which is that URL:
+    the fetch went round until too_many_redirects."""
+    with pytest.raises(FetchError) as caught:
+        await fetcher.fetch(f"{site}/redirect-to?location={quote(location)}")
+    assert (caught.value.code, caught.value.http_status) == ("fetch_failed", 502)
+    assert caught.value.message.endswith(f" redirected to {location!r}, a URL with no host")
 
 
 async def test_more_fetches_at_once_than_aiohttps_default_pool(site: str) -> None:

@@ -288,11 +288,21 @@ class Fetcher:
 def _next_hop(url: URL, location: str) -> URL:
     """Resolve a Location header against the URL that sent it."""
     try:
-        return _checked(url.join(URL(location)).with_fragment(None))
+        target = URL(location)
+        hop = _checked(url.join(target).with_fragment(None))
     except (ValueError, TypeError) as exc:
         raise FetchError(
             FETCH_FAILED, f"{url} redirected to an invalid location {location!r}: {exc}"
         ) from None
+    if hop.scheme in ALLOWED_SCHEMES and _AUTHORITY.match(location) and not target.raw_host:
+        # yarl reads `http://` as no authority at all, and joins it into `url` itself: the
+        # same page again, until --max-redirects. (Other schemes are the guard's to refuse.)
+        raise FetchError(FETCH_FAILED, f"{url} redirected to {location!r}, a URL with no host")
+    return hop
+
+
+# A reference naming an authority (`http://...`, `//...`), which then needs a host.
+_AUTHORITY = re.compile(r"^\s*(?:[a-z][a-z0-9+.\-]*:)?//", re.IGNORECASE)
 
 
 def _describe(exc: aiohttp.ClientError) -> str:
