@@ -215,6 +215,8 @@ class BatchingTransport:
         now = asyncio.get_running_loop().time()
         live = []
         for item in items:
+            if item.future.done():
+                continue  # its caller gave up since the flush: its message goes back unsent
             if item.deadline > now:
                 live.append(item)
             else:

@@ -372,6 +372,23 @@ async def test_a_caller_that_gives_up_leaves_its_batch(inner: FakeInner) -> None
     assert [i["path"] for i in items] == ["/stayer"]
 
 
+async def test_a_caller_that_gives_up_before_its_batch_call_starts_is_not_sent(
+    inner: FakeInner,
+) -> None:
+    """Between the flush and the first step of the batch call, a caller that gave up (its lane
+    cancelled as the dequeuer stops) was still sent: its message goes back to the queue, and
+    the microservice ran it twice."""
+    transport = batcher(inner, size=2)
+    quitter = asyncio.ensure_future(transport.send(req("/quitter"), 5))
+    stayer = asyncio.ensure_future(transport.send(req("/stayer"), 5))
+    await asyncio.sleep(0)  # both joined and the batch was flushed; its call has not started
+    assert (transport.pending, transport.in_flight) == (0, 1)
+    quitter.cancel()
+    assert (await stayer).body == b"/stayer"
+    ((items, _),) = inner.calls
+    assert [i["path"] for i in items] == ["/stayer"]
+
+
 async def test_a_batch_nobody_waits_for_is_cancelled(inner: FakeInner) -> None:
     release = asyncio.Event()
 
