@@ -36,11 +36,12 @@ import contextvars
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from opentelemetry.trace import SpanContext, SpanKind
 
+from dequeuer.consumer import DEADLINE_HEADER
 from dequeuer.forwarder import CallFailed, ClosableTransport, FailureKind, traced
 from shared import tracing
 from shared.envelope import HttpRequest, HttpResponse, end_to_end, valid_header
@@ -48,6 +49,7 @@ from shared.envelope import HttpRequest, HttpResponse, end_to_end, valid_header
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
+_DEADLINE = DEADLINE_HEADER.lower()
 
 
 class MalformedBatch(ValueError):
@@ -227,9 +229,8 @@ class BatchingTransport:
         timeout = max(item.deadline for item in live) - now
         if self.on_batch is not None:
             self.on_batch(len(live))
-        batch = HttpRequest(
-            "POST", self.path, "", JSON_HEADERS, encode_batch([item.request for item in live])
-        )
+        requests = [_time_left(item.request, item.deadline - now) for item in live]
+        batch = HttpRequest("POST", self.path, "", JSON_HEADERS, encode_batch(requests))
         links = [item.span for item in live if item.span is not None]
         try:
             with tracing.span(f"POST {self.path}", SpanKind.INTERNAL, links=links):
@@ -278,6 +279,16 @@ class BatchingTransport:
             with contextlib.suppress(asyncio.CancelledError):
                 await call
         await self.inner.close()
+
+
+def _time_left(request: HttpRequest, left: float) -> HttpRequest:
+    """`request` telling the microservice the time it has now: its `X-Request-Timeout` was
+    written when it joined its batch, and the wait for the batch to fill is spent."""
+    headers = tuple(
+        (name, f"{left:.3f}") if name.lower() == _DEADLINE else (name, value)
+        for name, value in request.headers
+    )
+    return replace(request, headers=headers)
 
 
 def _settle(item: _Item, outcome: HttpResponse | CallFailed) -> None:
