@@ -36,7 +36,9 @@ class DequeuerSettings(SidecarSettings):
     batch_size: int = Field(
         1, ge=1, le=1000, description="requests per call to --batch-path (1: no batching)"
     )
-    batch_wait_ms: int = Field(20, ge=0, description="longest wait to fill a batch")
+    batch_wait_ms: int = Field(
+        20, ge=0, description="longest wait to fill a batch (less than --call-timeout)"
+    )
     batch_path: str = Field("/batch", description="the microservice's batch endpoint")
     instance_id: str | None = Field(
         None,
@@ -160,6 +162,20 @@ class DequeuerSettings(SidecarSettings):
             raise ValueError(
                 f"{value} is more than --concurrency {concurrency}; a batch holds requests "
                 f"in flight at once, so raise --concurrency to at least {value}"
+            )
+        return value
+
+    @field_validator("call_timeout")
+    @classmethod
+    def _call_outlasts_batch_wait(cls, value: float, info: ValidationInfo) -> float:
+        """A request's wait for its batch to fill counts against its call: a batch that could
+        wait the whole call never sent a lone request, which timed out uncalled (and each such
+        timeout counted against the breaker)."""
+        size, wait_ms = info.data.get("batch_size", 1), info.data.get("batch_wait_ms", 0)
+        if size > 1 and wait_ms / 1000 >= value:
+            raise ValueError(
+                f"{value:g} s is no longer than --batch-wait-ms {wait_ms}: a request could "
+                "time out waiting for its batch to fill; lower --batch-wait-ms well below it"
             )
         return value
 

@@ -572,6 +572,22 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("clean_environment")
+def test_batch_wait_must_be_shorter_than_a_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch that waits --call-timeout to fill sent a lone request never: it timed out while
+    it waited, was retried and dead-lettered, uncalled, and its timeouts opened the breaker."""
+    batching = ["--service", "s", "--batch-size", "4"]
+    with pytest.raises(SystemExit) as caught:
+        load(DequeuerSettings, [*batching, "--batch-wait-ms", "5000", "--call-timeout", "5"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "--call-timeout" in err and "--batch-wait-ms 5000" in err
+    settings = load(DequeuerSettings, [*batching, "--batch-wait-ms", "4999", "--call-timeout", "5"])
+    assert settings.batch_wait_ms == 4999
+    plain = ["--service", "s", "--batch-wait-ms", "5000", "--call-timeout", "5"]
+    assert load(DequeuerSettings, plain).batch_size == 1  # no batches: the wait is unused
+
+
+@pytest.mark.usefixtures("clean_environment")
 def test_batch_size_must_fit_concurrency(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         load(DequeuerSettings, ["--service", "s", "--batch-size", "16", "--concurrency", "8"])
