@@ -286,6 +286,37 @@ async def test_topology_declare_show_delete(service: str) -> None:
     assert "not declared" in shown.stdout
 
 
+async def test_topology_delete_refuses_a_service_with_consumers(
+    service: str, amqp: AbstractRobustConnection
+) -> None:
+    """--yes skips the question, not the check: deleting queues under live dequeuers cancels
+    their consumers and drops what they hold. Only --force deletes them anyway."""
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
+    assert declared.code == 0, declared.output
+    name = f"proxymq-dequeuer {service} pod-a"
+    connection = await aio_pika.connect(AMQP_URL, client_properties={"connection_name": name})
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(topology.partition_queue(service, 1))
+        await queue.consume(ack)
+        deadline = time.monotonic() + MANAGEMENT_LAG
+        while True:  # the consumer is named once the management API lists its connection
+            refused = await proxymq("topology", "delete", "--service", service, "--yes")
+            assert refused.code == 1, refused.output
+            assert f"{service}.p1" in refused.stderr
+            assert "--force" in refused.stderr
+            assert await exists(service)
+            if name in refused.stderr or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert name in refused.stderr
+        forced = await proxymq("topology", "delete", "--service", service, "--yes", "--force")
+        assert forced.code == 0, forced.output
+        assert not await exists(service, topology.partition_queue(service, 1))
+    finally:
+        await connection.close()
+
+
 async def test_topology_show_tells_a_ring_not_checked_since_a_restart(
     service: str, amqp: AbstractRobustConnection
 ) -> None:

@@ -3,7 +3,8 @@
 The dequeuer declares its service's topology when it starts; declaring ahead of time lets an
 enqueuer accept requests (they wait in the queues) before any dequeuer runs, and lets an operator
 see a layout mismatch before a deployment does. Deleting drops queued messages, hence the
-confirmation.
+confirmation; a service whose queues have consumers (running dequeuers) is refused unless
+--force, which --yes does not imply.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import aiohttp
@@ -25,7 +26,13 @@ from shared import topology
 from shared.broker import redact
 from shared.cli.common import INT64_MAX, add_amqp_url, confirm, integer
 from shared.cli.ensure_broker import BrokerProblem, connect, management_url
-from shared.cli.status import MANAGEMENT_TIMEOUT, Management, ManagementUnavailable, passive
+from shared.cli.status import (
+    MANAGEMENT_TIMEOUT,
+    Management,
+    ManagementUnavailable,
+    consumers_of,
+    passive,
+)
 
 PROG = "proxymq topology"
 
@@ -105,6 +112,16 @@ def delete(args: argparse.Namespace) -> int:
             return 0
         messages = sum(found[0] for found in present.values())
         consumers = sum(found[1] for found in present.values())
+        if consumers and not args.force:
+            held = {name: found[1] for name, found in present.items() if found[1]}
+            print(
+                f"{PROG} delete: refusing: {consumers} consumer(s) attached "
+                f"({await _consumers(connection, held)}); deleting the queues would cancel "
+                "them and drop what they hold: stop the service's dequeuers first, or pass "
+                "--force to delete anyway",
+                file=sys.stderr,
+            )
+            return 1
         what = (
             f"{len(present)} queues of service {args.service!r} "
             f"({len(partitions)} partitions + dead letters + {notify}) holding {messages} ready "
@@ -194,17 +211,43 @@ async def _ring_state(connection: AbstractConnection, service: str) -> str:
     )
 
 
+@contextlib.asynccontextmanager
+async def _management(connection: AbstractConnection) -> AsyncIterator[Management]:
+    """The management API of the node that answered; ManagementUnavailable when it cannot be
+    asked."""
+    if not isinstance(connection, aio_pika.Connection):
+        raise ManagementUnavailable("no AMQP URL to find the management API by")
+    url = str(connection.url)
+    timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        yield Management(session, management_url(url), url)
+
+
+async def _consumers(connection: AbstractConnection, counts: dict[str, int]) -> str:
+    """Who consumes each queue: the consumers' connection names from the management API (a
+    dequeuer names its connection `proxymq-dequeuer S INSTANCE`), else how many there are. The
+    API's statistics lag by up to 5 s: a consumer that just attached may be counted unnamed."""
+    names: dict[str, list[str]] = {}
+    with contextlib.suppress(ManagementUnavailable, KeyError, TypeError, AttributeError):
+        async with _management(connection) as management:
+            connections = await management.connection_names()
+            for queue in counts:
+                found = await management.queue(queue)
+                consumers = consumers_of(found, connections) if found is not None else []
+                names[queue] = [c.connection for c in consumers if c.connection != "(gone)"]
+    return "; ".join(
+        f"{queue}: {', '.join(names.get(queue) or [f'{count} consumer(s)'])}"
+        for queue, count in counts.items()
+    )
+
+
 async def _declared_args(connection: AbstractConnection, queue: str) -> str | None:
     """The arguments the partition was declared with, which may not be today's defaults (a
     layout made with another --delivery-limit); AMQP cannot read them, the management API of
     the node that answered can. None when it cannot be asked."""
-    url = str(connection.url) if isinstance(connection, aio_pika.Connection) else None
-    if url is None:
-        return None
-    timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            found = await Management(session, management_url(url), url).queue(queue)
+        async with _management(connection) as management:
+            found = await management.queue(queue)
     except ManagementUnavailable:
         return None
     arguments = found.get("arguments") if found is not None else None
@@ -285,6 +328,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     delete_parser = action("delete", "delete the exchange and queues, messages included")
     delete_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete_parser.add_argument(
+        "--force",
+        action="store_true",
+        help="delete even while consumers (running dequeuers) are attached; without it such a "
+        "service is refused, with --yes or not",
+    )
     delete_parser.set_defaults(run=delete)
 
     show_parser = action("show", "show the names, queue arguments and the KEDA pattern")
