@@ -443,6 +443,19 @@ async def test_status_names_the_active_consumer_and_its_standby(
             await connection.close()
 
 
+@pytest.mark.parametrize("url", ["foo", "localhost:15672", "http://", "ftp://rabbit:15672"])
+async def test_status_refuses_a_management_url_that_is_none(url: str) -> None:
+    """A typo is a usage error at once, from the flag or the environment, not a management API
+    reported "unavailable" after a fall-back to AMQP."""
+    for given in (["--management-url", url], []):
+        env = {} if given else {"PROXYMQ_MANAGEMENT_URL": url}
+        run = await proxymq("status", "--service", "s", *given, env=env)
+        assert run.code == 2, run.output
+        assert "--management-url" in run.stderr
+        assert f"{url!r}{'' if given else ' (PROXYMQ_MANAGEMENT_URL)'} is not an http" in run.stderr
+        assert not run.stdout
+
+
 async def test_status_of_an_unknown_service_exits_1() -> None:
     done = await proxymq("status", "--service", f"nothing-{uuid.uuid4().hex[:8]}")
     assert done.code == 1

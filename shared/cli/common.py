@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from yarl import URL
+
 from shared.settings import DEFAULT_AMQP_URL, check_amqp_url
 
 # The default of --amqp-url until parsing resolves it: the environment is read, and the URL
@@ -50,6 +52,30 @@ def add_amqp_url(parser: argparse.ArgumentParser) -> None:
         help="RabbitMQ URL, or a cluster's node URLs separated by commas (env PROXYMQ_AMQP_URL "
         f"or PROXYMQ_AMQP_URL_FILE; default {DEFAULT_AMQP_URL})".replace("%", "%%"),
     )
+
+
+MANAGEMENT_FROM_ENVIRONMENT = "$PROXYMQ_MANAGEMENT_URL"
+
+
+def management_url(value: str) -> str | None:
+    """argparse type of --management-url: an http:// or https:// URL with a host, from the flag
+    or PROXYMQ_MANAGEMENT_URL; None when neither is set (the AMQP URL's host on 15672). A typo
+    (`localhost:15672`) is a usage error (exit 2) at once, not an API reported unavailable."""
+    source = ""
+    if value is MANAGEMENT_FROM_ENVIRONMENT:
+        value, source = os.environ.get("PROXYMQ_MANAGEMENT_URL", ""), " (PROXYMQ_MANAGEMENT_URL)"
+        if not value:
+            return None
+    try:
+        url = URL(value)
+        valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}{source} is not an http:// or https:// URL, e.g. http://rabbitmq:15672"
+        )
+    return value.rstrip("/")
 
 
 INT64_MAX = 2**63 - 1  # the largest integer an AMQP table (a queue argument) carries

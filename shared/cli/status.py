@@ -29,8 +29,9 @@ from yarl import URL
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url
-from shared.cli.ensure_broker import BrokerProblem, basic_auth, connect, management_url
+from shared.cli.common import MANAGEMENT_FROM_ENVIRONMENT, add_amqp_url, management_url
+from shared.cli.ensure_broker import BrokerProblem, basic_auth, connect
+from shared.cli.ensure_broker import management_url as default_management_url
 
 MANAGEMENT_TIMEOUT = 5.0
 PARTITION_INDEX = re.compile(r"\.p(\d+)$")
@@ -256,7 +257,7 @@ async def collect(service: str, amqp_url: str, management_base: str | None) -> S
         url = str(connection.url) if isinstance(connection, aio_pika.Connection) else amqp_url
         timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            management = Management(session, management_base or management_url(url), url)
+            management = Management(session, management_base or default_management_url(url), url)
             try:
                 return await from_management(service, management)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -356,7 +357,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_amqp_url(parser)
     parser.add_argument(
         "--management-url",
-        default=None,
+        type=management_url,
+        default=MANAGEMENT_FROM_ENVIRONMENT,
         help="RabbitMQ management API (env PROXYMQ_MANAGEMENT_URL; default: the AMQP URL's "
         "host on port 15672); credentials are the AMQP URL's",
     )
