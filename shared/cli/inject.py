@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from dequeuer.settings import DequeuerSettings
 from shared import topology
+from shared.cli.keda import SECRET_NAME_LIMIT, check_kubernetes_name
 
 if TYPE_CHECKING:
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -134,6 +135,12 @@ class Injection:
             raise ValueError(f"--target-port {self.target_port} is not a TCP port")
         if not 1 <= self.partitions <= 1024:
             raise ValueError(f"--partitions must be between 1 and 1024, not {self.partitions}")
+        if not self.image or any(c.isspace() for c in self.image):
+            raise ValueError(
+                f"--image {self.image!r} is no image name: Kubernetes refuses an empty one or "
+                "one with whitespace"
+            )
+        check_kubernetes_name(self.amqp_secret, "--amqp-secret", SECRET_NAME_LIMIT)
 
 
 def required_grace(sidecar: Mapping[str, object] | None = None) -> int:
@@ -231,7 +238,7 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
     pod = pod_spec(workload, At(name))
     port = injection.target_port or first_container_port(pod) or DEFAULT_TARGET_PORT
     check_admin_port(pod, port, name)
-    added = add_sidecar(pod, sidecar(injection, port))
+    added = add_sidecar(pod, sidecar(injection, port), name)
     ensure_volume(pod, injection.amqp_secret)
     grace = pod.get("terminationGracePeriodSeconds")
     if not isinstance(grace, int) or grace < required_grace(added):
@@ -365,14 +372,20 @@ MERGED_BY_NAME = ("env", "ports", "volumeMounts")
 KEPT_WHEN_SET = ("resources", "securityContext")
 
 
-def add_sidecar(pod: CommentedMap, desired: CommentedMap) -> CommentedMap:
+def add_sidecar(pod: CommentedMap, desired: CommentedMap, name: str) -> CommentedMap:
     """Append the sidecar after any existing init containers (migrations and the like finish
     first; a mesh proxy injected earlier starts before it and stops after it), or update the
     one already there. A `proxymq-dequeuer` in `containers` (an older, non-native injection)
-    is moved. Returns the sidecar as it now is."""
+    is moved; a pod with no other container has nothing for it to call and is refused. Returns
+    the sidecar as it now is."""
     from ruamel.yaml.comments import CommentedSeq
 
     containers = pod["containers"]
+    if all(c.get("name") == CONTAINER for c in containers):
+        raise InjectError(
+            f"{name}: it has no container but {CONTAINER}, so no microservice for the dequeuer "
+            "to call: inject the workload of the microservice itself"
+        )
     init = pod.get("initContainers")
     if init is None:  # pod_spec checked it is a list of mappings when present
         init = pod["initContainers"] = CommentedSeq()

@@ -438,3 +438,34 @@ def test_a_container_on_the_dequeuers_admin_port_is_refused(text: str, options: 
     assert result.returncode == 1, result.stderr
     assert "9081" in result.stderr and "admin port" in result.stderr
     assert not result.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--image", ""], "--image '' is no image name"),
+        (["--image", "proxymq/dequeuer:0.1.0 "], "--image 'proxymq/dequeuer:0.1.0 ' is no"),
+        (["--amqp-secret", "Proxymq_AMQP"], "--amqp-secret 'Proxymq_AMQP' is not a Kubernetes"),
+        (["--amqp-secret", ""], "--amqp-secret '' is not a Kubernetes name"),
+    ],
+)
+def test_an_image_or_secret_kubernetes_would_refuse_is_a_usage_error(
+    options: list[str], said: str
+) -> None:
+    """An empty image or a Secret name that is no DNS-1123 subdomain made a pod the API server
+    refuses (or, with a newline, YAML that no longer parses), exit 0."""
+    result = run_cli(SAMPLE, "--service", "url-fetcher", *options)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr
+    assert not result.stdout
+
+
+def test_a_pod_whose_only_container_is_the_dequeuer_is_refused() -> None:
+    """It got a second proxymq-dequeuer as a native sidecar beside the first, and no
+    microservice for either to call."""
+    alone = shaped("{containers: [{name: proxymq-dequeuer, image: 'proxymq/dequeuer:0.1.0'}]}")
+    result = run_cli(alone, "--service", "web")
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("proxymq inject: Deployment/web: ")
+    assert "no container but proxymq-dequeuer" in result.stderr
+    assert not result.stdout
