@@ -13,10 +13,11 @@ an existing `proxymq-dequeuer` is updated in place, environment variables a user
 
 What the sidecar gets: `PROXYMQ_SERVICE`, `PROXYMQ_TARGET=http://127.0.0.1:PORT`,
 `PROXYMQ_PARTITIONS`, the AMQP URL as a file from a Secret (`PROXYMQ_AMQP_URL_FILE`, never in the
-environment or on a command line), the pod name as instance id, and probes on admin port 9081:
-`/healthz` for startup and liveness, `/readyz` for readiness. The startup probe must not be
-`/readyz`: a native sidecar's startup probe gates the main containers, and the dequeuer is only
-ready once the microservice answers, so waiting for `/readyz` would never start it.
+environment or on a command line; mode 0440 for the pod's fsGroup), the pod name as instance
+id, and probes on admin port 9081: `/healthz` for startup and liveness, `/readyz` for
+readiness. The startup probe must not be `/readyz`: a native sidecar's startup probe gates the
+main containers, and the dequeuer is only ready once the microservice answers, so waiting for
+`/readyz` would never start it.
 `terminationGracePeriodSeconds` is raised to what the dequeuer's drain needs: its
 PROXYMQ_SHUTDOWN_GRACE (a user's own value included) plus GRACE_MARGIN.
 """
@@ -52,6 +53,7 @@ AMQP_SECRET = "proxymq-amqp"
 AMQP_SECRET_KEY = "amqp-url"
 SECRET_DIR = "/var/run/secrets/proxymq"
 SIDECAR_UID = 10001
+SECRET_MODE = 0o440  # owner and the pod's fsGroup: read only
 # The dequeuer's drain (PROXYMQ_SHUTDOWN_GRACE) plus leaving the group and closing its
 # channels (5 s), the microservice's own stop afterwards (10 s) and slack (5 s).
 GRACE_MARGIN = 20
@@ -239,7 +241,7 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
     port = injection.target_port or first_container_port(pod) or DEFAULT_TARGET_PORT
     check_admin_port(pod, port, name)
     added = add_sidecar(pod, sidecar(injection, port), name)
-    ensure_volume(pod, injection.amqp_secret)
+    ensure_volume(pod, injection.amqp_secret, At(name).child("spec.template.spec"))
     grace = pod.get("terminationGracePeriodSeconds")
     if not isinstance(grace, int) or grace < required_grace(added):
         pod["terminationGracePeriodSeconds"] = required_grace(added)
@@ -423,21 +425,28 @@ def merge_by_name(existing: CommentedSeq, desired: CommentedSeq) -> None:
             existing.append(entry)
 
 
-def ensure_volume(pod: CommentedMap, secret: str) -> None:
+def ensure_volume(pod: CommentedMap, secret: str, at: At) -> None:
+    """The AMQP URL, password included, is readable by the pod's fsGroup only (0440, as in
+    deploy/k8s; Kubernetes' default 0644 lets every process of the pod read it). Every
+    container's process is in the fsGroup: the pod's own is kept, else the sidecar's uid."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+    context = mapping(pod, "securityContext", at)
+    if context is None:
+        context = pod["securityContext"] = CommentedMap()
+    if context.get("fsGroup") is None:
+        context["fsGroup"] = SIDECAR_UID
+    source = CommentedMap([("secretName", secret), ("defaultMode", SECRET_MODE)])
+    source.yaml_add_eol_comment(f"{SECRET_MODE:#o}".replace("0o", "0"), "defaultMode")
     volumes = pod.get("volumes")
     if volumes is None:  # pod_spec checked it is a list of mappings when present
         volumes = pod["volumes"] = CommentedSeq()
     for volume in volumes:
         if volume.get("name") == AMQP_VOLUME:
-            source = volume.get("secret")
-            if not isinstance(source, dict) or source.get("secretName") != secret:
-                volume["secret"] = CommentedMap([("secretName", secret)])
+            if volume.get("secret") != source:
+                volume["secret"] = source
             return
-    volumes.append(
-        CommentedMap([("name", AMQP_VOLUME), ("secret", CommentedMap([("secretName", secret)]))])
-    )
+    volumes.append(CommentedMap([("name", AMQP_VOLUME), ("secret", source)]))
 
 
 def guess_indent(text: str) -> tuple[int, int]:

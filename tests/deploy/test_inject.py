@@ -469,3 +469,29 @@ def test_a_pod_whose_only_container_is_the_dequeuer_is_refused() -> None:
     assert result.stderr.startswith("proxymq inject: Deployment/web: ")
     assert "no container but proxymq-dequeuer" in result.stderr
     assert not result.stdout
+
+
+def test_the_amqp_secret_is_readable_by_the_sidecar_alone_as_in_the_manifest() -> None:
+    """The injected Secret volume had Kubernetes' default mode 0644: the AMQP URL, password
+    included, readable by every process of the pod. deploy/k8s mounts it 0440 for the pod's
+    fsGroup, which the sidecar's process is in; inject does the same, and keeps a user's own
+    fsGroup (every container of the pod is in it)."""
+    from tests.deploy.support import by_kind
+
+    manifest = next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "url-fetcher")
+    (injected, _) = documents(inject_text(SAMPLE, Injection("url-fetcher"))[0])
+
+    def secret_volume(document: dict[str, Any]) -> dict[str, Any]:
+        return next(v for v in pod(document)["volumes"] if v["name"] == "proxymq-amqp")
+
+    assert secret_volume(injected)["secret"]["defaultMode"] == 0o440
+    assert secret_volume(manifest)["secret"]["defaultMode"] == 0o440
+    fs_group = pod(injected)["securityContext"]["fsGroup"]
+    assert fs_group == pod(manifest)["securityContext"]["fsGroup"] == inject.SIDECAR_UID
+    validate_k8s(injected, VERSION, strict=True)
+
+    (deployment, _) = documents(SAMPLE)
+    pod(deployment)["securityContext"] = {"fsGroup": 2000, "runAsNonRoot": True}
+    (kept,) = documents(inject_text(yaml.safe_dump(deployment), Injection("url-fetcher"))[0])
+    assert pod(kept)["securityContext"] == {"fsGroup": 2000, "runAsNonRoot": True}
+    assert secret_volume(kept)["secret"]["defaultMode"] == 0o440
