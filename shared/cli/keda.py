@@ -268,7 +268,8 @@ def comments(spec: Scaling) -> list[dict[KeyPath, str]]:
         )
     auth: dict[KeyPath, str] = {
         ("spec", "secretTargetRef", 0, "key"): (
-            "http://USER:PASSWORD@RABBITMQ:15672/ (management API; the final / is vhost /)"
+            "http://USER:PASSWORD@RABBITMQ:15672/ (management API, the password "
+            "percent-encoded; the final / is vhost /)"
         )
     }
     return [auth, scaled]
@@ -321,7 +322,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         epilog=(
             f"The TriggerAuthentication reads key '{MANAGEMENT_SECRET_KEY}' of Secret "
             f"--management-secret: the management URL with credentials, e.g. "
-            "http://user:password@rabbitmq:15672/ . See docs/deploy.md."
+            "http://user:password@rabbitmq:15672/ , the password percent-encoded (p%40ss for "
+            "p@ss). See docs/deploy.md."
         ),
     )
     parser.add_argument(

@@ -14,7 +14,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
 import aiohttp
@@ -103,3 +103,43 @@ async def test_the_documented_keda_user_reads_the_summed_partition_depth(
             await asyncio.sleep(0.5)
     assert sorted(q["name"] for q in queues) == [f"{service}.p{i}" for i in range(3)]
     assert total == 3, "ready + unacked over the partitions, never the dead letters"
+
+
+def documented_host(password: str) -> str:
+    """The TriggerAuthentication's `host`, built by the shell line docs/deploy.md gives."""
+    (line,) = re.findall(r'(?m)^\$ (HOST=".*")$', DOCS.read_text())
+    built = subprocess.run(
+        ["bash", "-c", f'{line}; printf %s "$HOST"'],
+        env={"PASSWORD": password, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return built.stdout
+
+
+async def test_a_password_with_url_characters_reaches_the_management_api(
+    amqp: AbstractRobustConnection, service: str
+) -> None:
+    """`http://proxymq-keda:p@ss:w/rd%@rabbitmq:15672/` is no URL of that user: the password's
+    `@`, `:`, `/` and `%` end the user info or the host early. The docs' line percent-encodes
+    it; KEDA (Go's net/url) decodes the user info before it logs in, as `unquote` does here."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    name, password = f"proxymq-keda-{uuid.uuid4().hex[:8]}", f"p@ss:w/rd%{uuid.uuid4().hex[:6]}"
+    await ctl("add_user", name, password)
+    try:
+        await ctl("set_user_tags", name, "monitoring")
+        await ctl("set_permissions", "-p", "/", name, "", "", "")
+        host = urlsplit(documented_host(password).replace("proxymq-keda", name, 1))
+        assert (host.hostname, host.port, host.path) == ("rabbitmq", 15672, "/")
+        assert host.username is not None and host.password is not None
+        user, secret = unquote(host.username), unquote(host.password)
+        assert (user, secret) == (name, password)
+        basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Basic {basic}"}) as http,
+            http.get(f"http://{MANAGEMENT}/api/queues/%2F/{service}.p0") as response,
+        ):
+            assert response.status == 200, await response.text()
+    finally:
+        await ctl("delete_user", name)
