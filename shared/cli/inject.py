@@ -19,7 +19,10 @@ readiness. The startup probe must not be `/readyz`: a native sidecar's startup p
 main containers, and the dequeuer is only ready once the microservice answers, so waiting for
 `/readyz` would never start it.
 `terminationGracePeriodSeconds` is raised to what the dequeuer's drain needs: its
-PROXYMQ_SHUTDOWN_GRACE (a user's own value included) plus GRACE_MARGIN.
+PROXYMQ_SHUTDOWN_GRACE (a user's own value included) plus GRACE_MARGIN. As in deploy/k8s, the
+microservice's container gets a preStop hook running drain.py, which makes the dequeuer drain
+before the microservice stops, and the pod `shareProcessNamespace: true` for it to find the
+dequeuer (a container's own preStop is kept; --no-drain-hook adds neither).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ AMQP_VOLUME = "proxymq-amqp"
 AMQP_SECRET = "proxymq-amqp"
 AMQP_SECRET_KEY = "amqp-url"
 SECRET_DIR = "/var/run/secrets/proxymq"
+DRAIN_SCRIPT = "/usr/local/lib/proxymq/drain.py"  # in every proxymq image
 SIDECAR_UID = 10001
 SECRET_MODE = 0o440  # owner and the pod's fsGroup: read only
 # The dequeuer's drain (PROXYMQ_SHUTDOWN_GRACE) plus leaving the group and closing its
@@ -130,6 +134,7 @@ class Injection:
     partitions: int = 8
     amqp_secret: str = AMQP_SECRET
     ready_path: str | None = None
+    drain_hook: bool = True
 
     def __post_init__(self) -> None:
         topology.check_service_name(self.service)
@@ -247,12 +252,42 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
         pod["terminationGracePeriodSeconds"] = required_grace(added)
     report.injected.append(name)
     main = target_container(pod, port)
-    if main is not None and not (main.get("lifecycle") or {}).get("preStop"):
+    if main is None or (main.get("lifecycle") or {}).get("preStop"):
+        return
+    if not injection.drain_hook:
         report.notes.append(
             f"{name}: container {main.get('name')!r} has no preStop hook. Kubernetes stops the "
             "sidecar only after it, so requests the dequeuer still holds when it exits fail; "
             "give it a preStop that lets the dequeuer drain first (docs/deploy.md#draining)"
         )
+        return
+    add_drain_hook(pod, main)
+    if pod.get("shareProcessNamespace") is False:
+        report.notes.append(
+            f"{name}: shareProcessNamespace is false: the drain hook cannot see the dequeuer"
+        )
+    report.notes.append(
+        f"{name}: container {main.get('name')!r} gets the preStop hook `python {DRAIN_SCRIPT}` "
+        "(docs/deploy.md#draining): its image needs Python and that file (proxymq's images "
+        f"have both: deploy/docker/drain.py), and it must run as uid {SIDECAR_UID} (the "
+        "sidecar's) or root to signal the dequeuer; else pass --no-drain-hook"
+    )
+
+
+def add_drain_hook(pod: CommentedMap, main: CommentedMap) -> None:
+    """What deploy/k8s gives url-fetcher: the dequeuer drains before its microservice gets
+    SIGTERM (Kubernetes stops a native sidecar after the main containers, the wrong order for
+    a consumer). drain.py finds the dequeuer's process in the shared process namespace."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if pod.get("shareProcessNamespace") is None:
+        pod["shareProcessNamespace"] = True
+    lifecycle = main.get("lifecycle")
+    if lifecycle is None:  # pod_spec checked it is a mapping when present
+        lifecycle = main["lifecycle"] = CommentedMap()
+    command = CommentedSeq(["python", DRAIN_SCRIPT])
+    command.fa.set_flow_style()
+    lifecycle["preStop"] = CommentedMap([("exec", CommentedMap([("command", command)]))])
 
 
 def pod_spec(workload: CommentedMap, at: At) -> CommentedMap:
@@ -526,6 +561,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the microservice's readiness path (PROXYMQ_READY_PATH): nothing is consumed "
         "until it answers 2xx",
     )
+    parser.add_argument(
+        "--no-drain-hook",
+        dest="drain_hook",
+        action="store_false",
+        help="do not give the microservice's container the preStop hook that drains the "
+        f"dequeuer first (python {DRAIN_SCRIPT}; for images without Python or that file)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -538,6 +580,7 @@ def run(args: argparse.Namespace) -> int:
             partitions=args.partitions,
             amqp_secret=args.amqp_secret,
             ready_path=args.ready_path,
+            drain_hook=args.drain_hook,
         )
     except ValueError as exc:
         print(f"proxymq inject: {exc}", file=sys.stderr)
