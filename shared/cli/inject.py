@@ -19,10 +19,11 @@ readiness. The startup probe must not be `/readyz`: a native sidecar's startup p
 main containers, and the dequeuer is only ready once the microservice answers, so waiting for
 `/readyz` would never start it.
 `terminationGracePeriodSeconds` is raised to what the dequeuer's drain needs: its
-PROXYMQ_SHUTDOWN_GRACE (a user's own value included) plus GRACE_MARGIN. As in deploy/k8s, the
-microservice's container gets a preStop hook running drain.py, which makes the dequeuer drain
-before the microservice stops, and the pod `shareProcessNamespace: true` for it to find the
-dequeuer (a container's own preStop is kept; --no-drain-hook adds neither).
+PROXYMQ_SHUTDOWN_GRACE (a user's own value included) plus GRACE_MARGIN. With --drain-hook, as
+in deploy/k8s, the microservice's container gets a preStop hook running drain.py, which makes
+the dequeuer drain before the microservice stops, and the pod `shareProcessNamespace: true` for
+it to find the dequeuer (a container's own preStop is kept). It is not the default: the hook
+needs Python and drain.py in the microservice's image, which a user's image seldom has.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class Injection:
     partitions: int = 8
     amqp_secret: str = AMQP_SECRET
     ready_path: str | None = None
-    drain_hook: bool = True
+    drain_hook: bool = False
 
     def __post_init__(self) -> None:
         topology.check_service_name(self.service)
@@ -270,7 +271,7 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
         f"{name}: container {main.get('name')!r} gets the preStop hook `python {DRAIN_SCRIPT}` "
         "(docs/deploy.md#draining): its image needs Python and that file (proxymq's images "
         f"have both: deploy/docker/drain.py), and it must run as uid {SIDECAR_UID} (the "
-        "sidecar's) or root to signal the dequeuer; else pass --no-drain-hook"
+        "sidecar's) or root to signal the dequeuer"
     )
 
 
@@ -562,11 +563,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "until it answers 2xx",
     )
     parser.add_argument(
-        "--no-drain-hook",
-        dest="drain_hook",
-        action="store_false",
-        help="do not give the microservice's container the preStop hook that drains the "
-        f"dequeuer first (python {DRAIN_SCRIPT}; for images without Python or that file)",
+        "--drain-hook",
+        action="store_true",
+        help="give the microservice's container the preStop hook that drains the dequeuer "
+        f"first (python {DRAIN_SCRIPT}), and the pod shareProcessNamespace; its image needs "
+        "Python and that file, as proxymq's images have",
     )
     parser.set_defaults(run=run)
 

@@ -497,7 +497,7 @@ def test_the_amqp_secret_is_readable_by_the_sidecar_alone_as_in_the_manifest() -
     assert secret_volume(kept)["secret"]["defaultMode"] == 0o440
 
 
-def test_the_pod_gets_the_drain_hook_and_shared_process_namespace_of_the_manifest() -> None:
+def test_drain_hook_gives_the_pod_the_hook_and_shared_process_namespace_of_the_manifest() -> None:
     """deploy/k8s/url-fetcher.yaml drains the dequeuer before its microservice stops (a preStop
     running drain.py, which finds the dequeuer through the shared process namespace); inject
     added neither, so the microservice stopped first under the requests the dequeuer held."""
@@ -505,7 +505,7 @@ def test_the_pod_gets_the_drain_hook_and_shared_process_namespace_of_the_manifes
 
     manifest = next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "url-fetcher")
     (theirs,) = [c for c in pod(manifest)["containers"] if c["name"] == "url-fetcher"]
-    (injected, _) = documents(inject_text(SAMPLE, Injection("url-fetcher"))[0])
+    (injected, _) = documents(inject_text(SAMPLE, Injection("url-fetcher", drain_hook=True))[0])
     (ours,) = [c for c in pod(injected)["containers"] if c["name"] == "url-fetcher"]
     assert ours["lifecycle"]["preStop"] == theirs["lifecycle"]["preStop"]
     assert pod(injected)["shareProcessNamespace"] is pod(manifest)["shareProcessNamespace"] is True
@@ -517,13 +517,17 @@ def test_the_pod_gets_the_drain_hook_and_shared_process_namespace_of_the_manifes
         "                command: [/bin/drain]\n          ports:\n",
         1,
     )
-    (kept, _) = documents(inject_text(own, Injection("url-fetcher"))[0])
+    (kept, _) = documents(inject_text(own, Injection("url-fetcher", drain_hook=True))[0])
     assert pod(kept)["containers"][0]["lifecycle"]["preStop"] == {
         "exec": {"command": ["/bin/drain"]}
     }
 
-    result = run_cli(SAMPLE, "--service", "url-fetcher", "--no-drain-hook")
+    result = run_cli(SAMPLE, "--service", "url-fetcher")  # the default: most images lack drain.py
     assert result.returncode == 0, result.stderr
     (without, _) = documents(result.stdout)
     assert "lifecycle" not in pod(without)["containers"][0]
+    assert "shareProcessNamespace" not in pod(without)
     assert "no preStop hook" in result.stderr
+    hooked = run_cli(SAMPLE, "--service", "url-fetcher", "--drain-hook")
+    assert hooked.returncode == 0, hooked.stderr
+    assert "drain.py" in hooked.stdout and "needs Python" in hooked.stderr
