@@ -72,11 +72,7 @@ async def serve(settings: DequeuerSettings) -> int:
         timeout=settings.ready_timeout,
         interval=settings.ready_interval,
     )
-    breaker = ServiceBreaker(
-        settings.breaker_failures,
-        settings.breaker_reset,
-        on_state=lambda s: metrics.breaker_open.set(s == OPEN),
-    )
+    breaker = ServiceBreaker(settings.breaker_failures, settings.breaker_reset)
     consumer = Consumer(settings, transport, metrics, breaker, readiness.ready)
     partitions = Partitions(
         consumer.topology,
@@ -96,8 +92,15 @@ async def serve(settings: DequeuerSettings) -> int:
         partitions,
         settings.partitions,
         on_rebalance=metrics.rebalances.labels(settings.service).inc,
+        breaker_reset=settings.breaker_reset,
     )
     readiness.on_change = coordinator.set_available
+
+    def breaker_changed(state: str) -> None:
+        metrics.breaker_open.set(state == OPEN)
+        coordinator.breaker_changed(state)
+
+    breaker.on_state = breaker_changed
     metrics.partitions_owned.labels(settings.service).set_function(lambda: len(partitions.owned))
     broker = for_sidecar(settings, f"proxymq-dequeuer {settings.service} {instance}")
     metrics.connected.set_function(lambda: float(broker.connected))

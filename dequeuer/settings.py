@@ -118,7 +118,9 @@ class DequeuerSettings(SidecarSettings):
     breaker_reset: float = Field(
         10.0,
         gt=0,
-        description="seconds the breaker stays open before one request probes the microservice",
+        description="seconds the breaker stays open before one request probes the microservice; "
+        "with other dequeuers ready, its partitions go to them meanwhile, and it takes its share "
+        "back for the probe (away twice as long after each failed probe, up to 120 s)",
     )
     shutdown_grace: float = Field(
         25.0,

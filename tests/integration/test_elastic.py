@@ -18,11 +18,12 @@ import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
 from yarl import URL
 
 from shared import topology
 from shared.processes import Process
-from tests.conftest import Stack, metric
+from tests.conftest import Stack, metric, serving
 from tests.integration.test_async import poll
 from tests.reliability.proxy import FaultyProxy
 from tests.target import Target
@@ -38,13 +39,16 @@ async def owned(http: aiohttp.ClientSession, process: Process) -> int:
 
 
 async def wait_balanced(
-    http: aiohttp.ClientSession, live: list[Process], partitions: int = PARTITIONS
+    http: aiohttp.ClientSession,
+    live: list[Process],
+    partitions: int = PARTITIONS,
+    within: float = BALANCE_BOUND + 5,
 ) -> float:
     """Seconds until the live dequeuers own floor(N/D) or ceil(N/D) each and N in all."""
     started = time.monotonic()
     low, high = partitions // len(live), -(-partitions // len(live))
     counts: list[int] = []
-    while time.monotonic() - started < BALANCE_BOUND + 5:
+    while time.monotonic() - started < within:
         counts = [await owned(http, p) for p in live]
         if sum(counts) == partitions and all(low <= c <= high for c in counts):
             return time.monotonic() - started
@@ -490,3 +494,60 @@ async def test_a_connection_dying_with_its_writes_blocked_leaves_no_key_stuck(
         assert [a.status for a in answers] == [200] * len(keys)
     finally:
         await proxy.stop()
+
+
+async def test_a_dequeuer_whose_breaker_opens_hands_its_partitions_to_healthy_ones(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Two dequeuers, one in front of a microservice that fails every call (but answers its
+    readiness probe). Its breaker opened and its partitions stalled: their requests waited in
+    RabbitMQ, and timed out, while the other dequeuer idled. It hands them over as a paused
+    dequeuer does, and takes its share back once its microservice answers again."""
+    broken, served = [True], [0]
+
+    async def failing(request: web.Request) -> web.StreamResponse:
+        if broken[0]:
+            return web.Response(status=503, text="broken")
+        served[0] += 1
+        return await target.keyed(request)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    app = web.Application()
+    app.router.add_get("/ready", ready)
+    app.router.add_route("*", "/keyed/{key}/{seq}", failing)
+    args = (
+        *("--partitions", str(PARTITIONS), "--ready-path", "/ready"),
+        *("--breaker-failures", "2", "--breaker-reset", "1"),
+        *("--max-attempts", "5", "--retry-backoff-ms", "100"),
+    )
+    async with serving(app) as failing_url:
+        _, url = await stack.enqueuer()
+        healthy = await stack.dequeuer(service, target.url, "--instance-id", "healthy", *args)
+        sick = await stack.dequeuer(service, failing_url, "--instance-id", "sick", *args)
+        await wait_balanced(http, [healthy, sick])
+        sent: dict[str, int] = {}
+
+        async def key_in_order(key: str, first: int, count: int) -> list[int]:
+            statuses = []
+            for seq in range(first, first + count):
+                async with http.post(
+                    f"{url}/{service}/keyed/{key}/{seq}",
+                    headers={"X-Partition-Key": key, "X-Request-Timeout": "20"},
+                ) as response:
+                    statuses.append(response.status)
+                sent[key] = seq + 1
+            return statuses
+
+        keys = [f"b{i}" for i in range(16)]
+        rounds = await asyncio.gather(*(key_in_order(key, 0, 5) for key in keys))
+        assert [s for r in rounds for s in r] == [200] * 5 * len(keys)
+        assert "paused: the circuit breaker is open" in stack.log_text()
+        broken[0] = False
+        await wait_balanced(http, [healthy, sick], within=60)
+        rounds = await asyncio.gather(*(key_in_order(key, 5, 5) for key in keys))
+        assert [s for r in rounds for s in r] == [200] * 5 * len(keys)
+    assert served[0] > 0, "the sick dequeuer's share was not taken back"
+    for key, count in sent.items():
+        assert list(dict.fromkeys(target.order[key])) == list(range(count)), target.order[key]

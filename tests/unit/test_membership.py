@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +14,7 @@ from dequeuer import coordinator as coordinator_module
 from dequeuer import membership
 from dequeuer.coordinator import Coordinator
 from dequeuer.membership import Membership
+from shared.breaker import CLOSED, HALF_OPEN, OPEN
 
 
 @dataclass
@@ -97,3 +100,39 @@ async def test_a_pause_keeps_the_partitions_while_nobody_can_take_them(
     await members.leave()  # no broker: its heartbeat is not sent
     coordinator.rebalance()  # at a stop, `release_all` gives them up in any case
     assert wants.asked == [frozenset({0, 1}), frozenset(), frozenset({0, 1}), frozenset()]
+
+
+async def test_an_open_breaker_pauses_the_dequeuer_until_its_probe_is_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its partitions go to a peer, as for a microservice that is not ready; it comes back
+    after --breaker-reset for a request to probe, and after each probe that failed stays away
+    twice as long. Alone, it keeps them (the breaker's waits are what they were)."""
+    later: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def call_later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        later.append(delay)
+        return asyncio.TimerHandle(loop.time() + delay, callback, (), loop)
+
+    monkeypatch.setattr(loop, "call_later", call_later)
+    members = Membership("svc", "me", expiry=2.5)
+    wants = Wants()
+    coordinator = Coordinator(members, wants, 2, breaker_reset=10)  # type: ignore[arg-type]
+    coordinator.set_available(True)
+    coordinator.breaker_changed(OPEN)  # alone: kept
+    assert wants.asked == [frozenset({0, 1})]
+    coordinator.breaker_changed(CLOSED)
+    await members._on_heartbeat(beat("bbb"))  # type: ignore[arg-type]
+    mine = wants.asked[-1]
+    coordinator.breaker_changed(OPEN)
+    assert wants.asked[-1] == frozenset()
+    assert coordinator._back is not None
+    coordinator._come_back()  # the timer: back for a probe
+    assert wants.asked[-1] == mine
+    coordinator.breaker_changed(HALF_OPEN)
+    coordinator.breaker_changed(OPEN)  # the probe failed
+    assert wants.asked[-1] == frozenset()
+    coordinator.breaker_changed(CLOSED)  # a probe of its own succeeded meanwhile
+    assert wants.asked[-1] == mine
+    assert [d for d in later if d != coordinator_module.PAUSE_HOLD] == [10, 10, 20]
