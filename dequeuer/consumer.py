@@ -16,6 +16,7 @@ import email.utils
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -54,6 +55,7 @@ REPLY_QUEUE_WAIT = 15.0  # seconds a missing reply queue is waited for (its enqu
 REPLY_QUEUE_GONE_FOR = 60.0  # then replies to it are dropped at once for a while (its x-expires)
 MAX_GONE_REPLY_QUEUES = 1000
 SETTLE_RETRY_FOR = 15.0  # seconds a reply is published again while its request is held
+RECENT_ANSWERS = 64  # answers whose durations tell a slow microservice from a hurried caller
 
 
 class ReplyRefused(Exception):
@@ -119,6 +121,7 @@ class Consumer:
         self.slots = asyncio.Semaphore(settings.concurrency)  # calls to the microservice at once
         self._reply_channel: AbstractChannel | None = None
         self._gone_reply_queues: dict[str, float] = {}  # reply queue -> given up on at
+        self._answered_in: deque[float] = deque(maxlen=RECENT_ANSWERS)  # seconds, per answer
 
     @property
     def prefetch(self) -> int:
@@ -345,7 +348,7 @@ class Consumer:
                 self.breaker.abandon_probe(probe)
                 raise
             retryable = self.policy.retryable(outcome)
-            if retryable and self._cut_short(outcome, remaining):
+            if retryable and self._hurried(outcome, remaining):
                 self.breaker.abandon_probe(probe)
             else:
                 self.breaker.record(failed=retryable, probe=probe)
@@ -360,16 +363,19 @@ class Consumer:
                 return ABANDONED, attempt
         return outcome, attempt
 
-    def _cut_short(self, outcome: HttpResponse | CallFailed, remaining: float | None) -> bool:
-        """A timeout of a call that its caller's deadline cut below --call-timeout says how
-        patient that caller was, not that the microservice failed: counted, five callers with
-        `X-Request-Timeout: 0.3` opened the breaker and every request waited --breaker-reset."""
-        return (
-            isinstance(outcome, CallFailed)
-            and outcome.kind == "timeout"
-            and remaining is not None
-            and remaining < self.settings.call_timeout
-        )
+    def _hurried(self, outcome: HttpResponse | CallFailed, remaining: float | None) -> bool:
+        """A timeout of a call that its caller's deadline cut below --call-timeout, and to less
+        than twice the microservice's slowest recent answer, says how patient that caller was,
+        not that the microservice failed: counted, five callers with `X-Request-Timeout: 0.3`
+        opened the breaker and every request waited --breaker-reset. Given more than that, the
+        microservice had time and did not answer: not counted, one that hung never opened the
+        breaker for synchronous callers with the defaults (their 30 s is below --call-timeout's
+        60 s). Before any answer, nothing tells the two apart: not counted."""
+        if not isinstance(outcome, CallFailed) or outcome.kind != "timeout" or remaining is None:
+            return False
+        if remaining >= self.settings.call_timeout:
+            return False
+        return not self._answered_in or remaining < 2 * max(self._answered_in)
 
     async def send(
         self, request: RequestEnvelope, remaining: float | None, attempt: int, earlier: int
@@ -389,9 +395,10 @@ class Consumer:
             label = status_class(outcome.status)
         except CallFailed as failure:
             outcome, label = failure, failure.kind
-        self.metrics.forward_duration.labels(self.settings.service, label).observe(
-            time.perf_counter() - started
-        )
+        took = time.perf_counter() - started
+        if isinstance(outcome, HttpResponse):
+            self._answered_in.append(took)
+        self.metrics.forward_duration.labels(self.settings.service, label).observe(took)
         return outcome
 
     def with_context(

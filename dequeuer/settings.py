@@ -112,8 +112,9 @@ class DequeuerSettings(SidecarSettings):
         5,
         ge=1,
         description="failed calls in a row (failures --retry-on names) that open the "
-        "circuit breaker (requests then wait in RabbitMQ); a timeout counts only for a call "
-        "that had its whole --call-timeout, not one its caller's deadline cut shorter",
+        "circuit breaker (requests then wait in RabbitMQ); a timeout its caller's deadline cut "
+        "below --call-timeout counts only when the call had twice the microservice's slowest "
+        "recent answer",
     )
     breaker_reset: float = Field(
         10.0,

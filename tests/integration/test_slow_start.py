@@ -132,6 +132,30 @@ async def test_callers_short_deadlines_do_not_open_the_breaker(
         assert r.status == 200
 
 
+async def test_a_microservice_that_stops_answering_its_callers_in_time_opens_the_breaker(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A call its caller's deadline cut short counts when the microservice had twice as long
+    as its slowest recent answer: it had time and did not answer. Not counted at all, a
+    microservice that hung never opened the breaker for synchronous callers with the
+    defaults (their deadline, 30 s, is below --call-timeout, 60 s): every request was called
+    and timed out in turn."""
+    dequeuer = await stack.dequeuer(service, target.url, "--breaker-failures", "2")
+    _, url = await stack.enqueuer()
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    for i in range(3):
+        async with http.get(f"{url}/{service}/echo/{i}") as response:
+            assert response.status == 200
+    for _ in range(2):
+        async with http.get(
+            f"{url}/{service}/delay/10", headers={"X-Request-Timeout": "1.5"}
+        ) as response:
+            assert response.status == 504
+    async with asyncio.timeout(10):
+        while await metric(http, admin, "proxymq_dequeuer_breaker_open") != 1:
+            await asyncio.sleep(0.1)
+
+
 async def test_a_flapping_microservice_costs_its_held_requests_no_deliveries(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
