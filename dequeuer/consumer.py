@@ -290,8 +290,9 @@ class Consumer:
     ) -> None:
         """Dead-letter after the last retryable failure and tell the caller at once (502)."""
         last = str(outcome) if isinstance(outcome, CallFailed) else str(outcome.status)
+        failed = f"failed {attempts} time(s)" if attempts else "was never reached in time"
         error = ServiceFailed(
-            f"service {self.settings.service!r} failed {attempts} time(s), last: {last}; "
+            f"service {self.settings.service!r} {failed}, last: {last}; "
             f"the request is in {self.topology.dead_letters}"
         )
         if not await self.dead_letter(
@@ -318,9 +319,14 @@ class Consumer:
         ABANDONED that the partition was given up while waiting, so its next owner goes on
         from there, or that the message is no longer `held`: its channel was lost, and the
         broker delivers it again (a call now, waiting behind its key when the connection
-        dropped, made the microservice run it twice)."""
+        dropped, made the microservice run it twice).
+
+        A call that was never sent (refused: a microservice restarting) is retried after the
+        backoff but is none of --max-attempts and no `X-ProxyMQ-Attempt`: counted, requests
+        the microservice never got were dead-lettered when it was down for a second. The
+        deadline, the breaker (which counts it) and the readiness probe bound those retries."""
         outcome: Outcome = None
-        attempt = 0
+        attempt = tries = 0
         while attempt < self.policy.max_attempts:
             if not await _wait_for(self.ready, abandon):
                 return ABANDONED, attempt
@@ -336,8 +342,8 @@ class Consumer:
                     if remaining is not None and remaining <= 0:
                         self.breaker.abandon_probe(probe)
                         return outcome, attempt
-                    attempt += 1
-                    if attempt > 1:  # counted once made: a retry given up before is no call
+                    attempt, tries = attempt + 1, tries + 1
+                    if tries > 1:  # counted once made: a retry given up before is no call
                         self.metrics.retries.labels(self.settings.service).inc()
                     elif request.sent_at is not None:
                         self.metrics.queue_wait.labels(self.settings.service).observe(
@@ -352,9 +358,11 @@ class Consumer:
                 self.breaker.abandon_probe(probe)
             else:
                 self.breaker.record(failed=retryable, probe=probe)
+            if retryable and isinstance(outcome, CallFailed) and not outcome.sent:
+                attempt -= 1
             if not retryable or attempt == self.policy.max_attempts:
                 break
-            delay = self.policy.delay(attempt, outcome)
+            delay = self.policy.delay(tries, outcome)
             left = request.remaining()
             if left is not None and left <= delay:
                 return outcome, attempt

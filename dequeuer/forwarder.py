@@ -46,11 +46,13 @@ def one_spelling(headers: Headers) -> list[tuple[str, str]]:
 class CallFailed(Exception):
     """No usable HTTP answer: the connection failed, the call ran out of time, or the answer
     was larger than the dequeuer carries back or not HTTP it can read (those two are never
-    retried: the next answer would be the same)."""
+    retried: the next answer would be the same). `sent` is False only for a request that
+    never left (no connection could be made): the microservice cannot have processed it."""
 
-    def __init__(self, kind: FailureKind, detail: str) -> None:
+    def __init__(self, kind: FailureKind, detail: str, *, sent: bool = True) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
+        self.sent = sent
 
 
 class Transport(Protocol):
@@ -154,7 +156,10 @@ class HttpTransport:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             if isinstance(exc, aiohttp.ServerTimeoutError):
                 raise CallFailed("timeout", str(exc)) from exc
-            raise CallFailed("connect", str(exc) or type(exc).__name__) from exc
+            # Refused, unreachable, a failed TLS handshake: nothing was written. A connection
+            # lost later (a reset, a close without an answer) may have been processed.
+            sent = not isinstance(exc, aiohttp.ClientConnectorError)
+            raise CallFailed("connect", str(exc) or type(exc).__name__, sent=sent) from exc
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         """The body, up to `max_body`: a larger one is refused before it is all in memory (a

@@ -31,6 +31,7 @@ from shared import envelope, topology
 from shared.broker import BROKER_ERRORS, unless_closed
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
+from tests.integration.test_async import poll
 from tests.reliability.proxy import FaultyProxy
 from tests.reliability.support import rss_mib
 from tests.target import Target
@@ -507,6 +508,34 @@ async def test_a_dropped_idempotent_call_is_made_once_per_attempt(
         assert "2 time(s)" in await expect_error(response, 502, "service_failed")
     attempts = [dict(seen.headers)["X-ProxyMQ-Attempt"] for seen in target.seen]
     assert attempts == ["1", "2"]
+
+
+async def test_a_call_never_sent_is_no_attempt(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A refused connection (a microservice restarting) never reached it: it is retried after
+    the backoff but is none of --max-attempts, and `X-ProxyMQ-Attempt` counts only calls
+    that were sent. Counted, a microservice down for a second got requests it was never sent
+    dead-lettered (502 after 2 refused connections with --max-attempts 2)."""
+    await stack.dequeuer(
+        service,
+        target.url,
+        *("--retry-backoff-ms", "100", "--max-attempts", "2", "--ready-interval", "60"),
+    )
+    _, url = await stack.enqueuer()
+    await target.stop()
+    try:
+        async with http.post(
+            f"{url}/{service}/echo/restart", headers={"Prefer": "respond-async"}
+        ) as response:
+            assert response.status == 202
+            location = url + response.headers["Location"]
+        await asyncio.sleep(2)
+    finally:
+        await target.start()
+    result = await poll(http, location, timeout=20)
+    assert result.status == 200
+    assert [dict(seen.headers)["X-ProxyMQ-Attempt"] for seen in target.seen] == ["1"]
 
 
 async def test_retryable_status_is_dead_lettered(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dequeuer.consumer import ABANDONED, Consumer, Outcome
+from dequeuer.forwarder import CallFailed
 from dequeuer.settings import DequeuerSettings
 from shared.breaker import ServiceBreaker
 from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope
@@ -153,3 +154,36 @@ async def test_deadline_passed_while_waiting_for_a_slot_is_not_called(
     transport.answer("/busy")
     assert await waiting == (None, 0)
     assert transport.calls == ["/busy"]
+
+
+class Refusing:
+    """Every call fails as `connect`; `sent` says whether it left (a reset) or not (refused)."""
+
+    def __init__(self, sent: bool) -> None:
+        self.sent = sent
+        self.calls = 0
+
+    async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
+        self.calls += 1
+        raise CallFailed("connect", "refused", sent=self.sent)
+
+
+@pytest.mark.parametrize("sent", [True, False])
+async def test_only_calls_that_were_sent_are_attempts(sent: bool) -> None:
+    """A refused call is retried within the deadline, none of --max-attempts (2 here)."""
+    transport = Refusing(sent)
+    flags = ["--service", "slots", "--max-attempts", "2", "--retry-backoff-ms", "10"]
+    consumer = Consumer(
+        load(DequeuerSettings, flags),
+        transport,
+        DequeuerMetrics(),
+        ServiceBreaker(100, 10.0),
+        asyncio.Event(),
+    )
+    consumer.ready.set()
+    outcome, attempts = await consumer.call(envelope("/x", time.time() + 0.5), asyncio.Event())
+    assert isinstance(outcome, CallFailed) and outcome.sent is sent
+    if sent:
+        assert (attempts, transport.calls) == (2, 2)
+    else:
+        assert attempts == 0 and transport.calls > 2
