@@ -5,9 +5,12 @@ process, explicit timeout and connection limit)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Literal, Protocol
+import re
+from functools import partial
+from typing import Any, Literal, Protocol
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from opentelemetry.trace import SpanKind
 from yarl import URL
 
@@ -19,6 +22,11 @@ MAX_ANSWER_HEADERS = 1024
 FailureKind = Literal["connect", "timeout", "too_large", "bad_answer"]
 # aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_STATUS = re.compile(rb"HTTP/\d\.\d +(\d{3})")
+_ANNOUNCES_BODY = re.compile(
+    rb"(?im)^(?:content-length[ \t]*:[ \t]*0*[1-9]|transfer-encoding[ \t]*:)"
+)
 
 
 def traced(request: HttpRequest) -> HttpRequest:
@@ -41,6 +49,49 @@ def one_spelling(headers: Headers) -> list[tuple[str, str]]:
     a name spelled two ways (`X-Tag: a` then `x-tag: b` was sent as `x-tag: b` alone)."""
     first: dict[str, str] = {}
     return [(first.setdefault(name.lower(), name), value) for name, value in headers]
+
+
+class BodylessAnswers(ResponseHandler):
+    """The client's connection protocol, ending a HEAD's, 204's or 304's answer at its head.
+
+    Such an answer has no body (RFC 9112 6.3), yet many servers write one (Python's http.server
+    with `do_HEAD = do_GET`, a 304 with its page): aiohttp's parser read those bytes as the next
+    answer and failed ('Bad status line'), so the call was dead-lettered, or, the bytes coming a
+    moment later, the next call on that connection failed. The bytes after such a head are
+    dropped, and a connection whose bodyless answer says a body follows (a Content-Length, a
+    Transfer-Encoding) or sent one is closed, never used again: those bytes may still come."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._head: bytearray | None = None  # the answer's head while it arrives
+        self._dropping = False
+        self._head_only = False
+
+    def set_response_params(self, **params: Any) -> None:
+        """Called before each request's answer is read."""
+        self._head, self._dropping = bytearray(), False
+        self._head_only = bool(params.get("skip_payload"))
+        super().set_response_params(**params)
+
+    def data_received(self, data: bytes) -> None:
+        if self._dropping:
+            return
+        if self._head is not None:
+            start = max(0, len(self._head) - 3)
+            self._head += data
+            end = _HEAD_END.search(self._head, start)
+            if end is not None:
+                head, after = self._head[: end.end()], len(self._head) - end.end()
+                self._head = None
+                if self._bodyless(head) and (after or _ANNOUNCES_BODY.search(head)):
+                    self._dropping = True
+                    self.force_close()
+                    data = data[: len(data) - after]
+        super().data_received(data)
+
+    def _bodyless(self, head: bytes | bytearray) -> bool:
+        status = _STATUS.match(head)
+        return self._head_only or (status is not None and status[1] in (b"204", b"304"))
 
 
 class CallFailed(Exception):
@@ -70,10 +121,14 @@ class HttpTransport:
         self.target = target.rstrip("/")
         self._base = URL(self.target)
         self.max_body = max_body
+        connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
+        # No option of aiohttp's chooses the protocol: its private factory is replaced.
+        factory = partial(BodylessAnswers, loop=asyncio.get_running_loop())
+        connector._factory = factory  # type: ignore[assignment]
         # No cookie jar: a session's jar sent one caller's cookies (a `Set-Cookie` answered to
         # them) with every later caller's request. Headers pass through; nothing is kept.
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+            connector=connector,
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),

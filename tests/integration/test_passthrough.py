@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import http.server
 import json
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import aio_pika
@@ -634,3 +637,60 @@ async def test_an_answer_reaches_the_caller_as_a_direct_call_gets_it(
         asyncio.run_coroutine_threadsafe(compare(*answer), loop).result(timeout=60)
 
     await run_property(same)
+
+
+class CarelessHandler(http.server.BaseHTTPRequestHandler):
+    """Python's http.server answering as many handlers do: `do_HEAD = do_GET`, so a HEAD's
+    answer has the GET's body, and `/204` or `/304` send one too (`/late/...`: the body a moment
+    after the head, in a TCP segment of its own). Keeps its connections alive."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        status = int(self.path.rsplit("/", 1)[-1] or 200)
+        self.send_response(status)
+        self.send_header("Content-Length", "5")
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        if self.path.startswith("/late/"):
+            self.wfile.flush()
+            time.sleep(0.3)
+        self.wfile.write(b"hello")
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def careless() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CarelessHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("late", ["", "/late"])
+async def test_a_body_on_a_bodyless_answer_is_left_out(
+    stack: Stack, service: str, careless: str, http: aiohttp.ClientSession, late: str
+) -> None:
+    """A HEAD, 204 or 304 answered with a body anyway: the status and headers reach the caller,
+    without the body; the connection is not used again, so the stray bytes are never read as
+    the next call's answer. aiohttp's parser took them for the next answer: 502 and a dead
+    letter, or, arriving late, the next call's answer broken."""
+    await stack.dequeuer(service, careless, "--concurrency", "1")
+    _, url = await stack.enqueuer()
+    for method, path, status in [("HEAD", "/200", 200), ("GET", "/204", 204), ("GET", "/304", 304)]:
+        async with http.request(method, f"{url}/{service}{late}{path}") as response:
+            assert response.status == status, await response.text()
+            assert response.headers["ETag"] == '"v1"'
+            assert await response.read() == b""
+        async with http.get(f"{url}/{service}{late}/200") as response:
+            assert response.status == 200, await response.text()
+            assert await response.read() == b"hello"
