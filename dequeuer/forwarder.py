@@ -199,7 +199,7 @@ class HttpTransport:
                 body = await self._read(response)
                 headers = end_to_end(response.headers.items())
                 length = response.headers.get("Content-Length")
-                if request.method == "HEAD" and length is not None:
+                if length is not None and (request.method == "HEAD" or response.status == 304):
                     headers += (("Content-Length", length),)  # the size a GET would have
                 return HttpResponse(response.status, headers, body)
         except TimeoutError as exc:

@@ -92,6 +92,29 @@ async def test_head_keeps_the_content_length(
         assert await response.read() == b"x" * 10
 
 
+async def test_a_304_keeps_the_content_length(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A 304 may say the size of the representation it stands for (RFC 9110 8.6); it came back
+    without it. A 204's is still left out: it must have none."""
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
+    _, url = await stack.enqueuer()
+    target.raw_response = (
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n'
+        b"Connection: close\r\n\r\n"
+    )
+    for method in ("GET", "HEAD"):
+        async with http.request(method, f"{url}/{service}/page") as response:
+            assert response.status == 304
+            assert response.headers["ETag"] == '"v1"'
+            assert response.headers.getall("Content-Length") == ["1234"]
+            assert await response.read() == b""
+    target.raw_response = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+    async with http.get(f"{url}/{service}/page") as response:
+        assert response.status == 204
+        assert "Content-Length" not in response.headers
+
+
 async def test_a_replys_content_length_counts_for_head_only(
     stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
 ) -> None:
