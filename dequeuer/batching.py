@@ -42,9 +42,9 @@ from functools import partial
 from opentelemetry.trace import SpanContext, SpanKind
 
 from dequeuer.consumer import DEADLINE_HEADER
-from dequeuer.forwarder import CallFailed, ClosableTransport, FailureKind, traced
+from dequeuer.forwarder import CallFailed, ClosableTransport, FailureKind, answered, traced
 from shared import tracing
-from shared.envelope import HttpRequest, HttpResponse, end_to_end, valid_header
+from shared.envelope import HOP_BY_HOP, HttpRequest, HttpResponse, end_to_end, valid_header
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,9 @@ class BatchingTransport:
                 _settle(item, CallFailed(failure.kind, detail))
             return
         for item, outcome in zip(live, self.outcomes(answer, len(live)), strict=True):
+            if isinstance(outcome, HttpResponse):  # as a plain call with its method would be
+                method = item.request.method
+                outcome = answered(method, outcome.status, outcome.headers, outcome.body)
             _settle(item, outcome)
 
     def outcomes(self, answer: HttpResponse, count: int) -> list[HttpResponse | CallFailed]:
@@ -378,4 +381,5 @@ def decode_response(answer: object) -> HttpResponse:
         body = base64.b64decode(raw_body, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"body is not base64: {exc}") from None
-    return HttpResponse(status, end_to_end(headers), body)
+    # The Content-Length is kept for `answered`: a HEAD's or a 304's is carried back.
+    return HttpResponse(status, end_to_end(headers, HOP_BY_HOP - {"content-length"}), body)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, Literal, Protocol
 
@@ -49,6 +50,19 @@ def one_spelling(headers: Headers) -> list[tuple[str, str]]:
     a name spelled two ways (`X-Tag: a` then `x-tag: b` was sent as `x-tag: b` alone)."""
     first: dict[str, str] = {}
     return [(first.setdefault(name.lower(), name), value) for name, value in headers]
+
+
+def answered(
+    method: str, status: int, headers: Iterable[tuple[str, str]], body: bytes
+) -> HttpResponse:
+    """What a reply carries of the microservice's answer: its end-to-end headers, with the
+    Content-Length of an answer to a HEAD or of a 304 (the size a GET would have), and no body
+    for a HEAD, a 204 or a 304 (RFC 9112 6.3), whatever the microservice sent."""
+    pairs = list(headers)
+    kept = end_to_end(pairs)
+    if method == "HEAD" or status == 304:
+        kept += tuple((n, v) for n, v in pairs if n.lower() == "content-length")[:1]
+    return HttpResponse(status, kept, b"" if method == "HEAD" or status in (204, 304) else body)
 
 
 class BodylessAnswers(ResponseHandler):
@@ -197,11 +211,7 @@ class HttpTransport:
                         "bad_answer", f"status {response.status} is no final HTTP status"
                     )
                 body = await self._read(response)
-                headers = end_to_end(response.headers.items())
-                length = response.headers.get("Content-Length")
-                if length is not None and (request.method == "HEAD" or response.status == 304):
-                    headers += (("Content-Length", length),)  # the size a GET would have
-                return HttpResponse(response.status, headers, body)
+                return answered(request.method, response.status, response.headers.items(), body)
         except TimeoutError as exc:
             raise CallFailed("timeout", f"no answer within {timeout:.1f} s") from exc
         except aiohttp.ClientResponseError as exc:

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from shared.processes import free_port
-from tests.conftest import Stack, metric
+from tests.conftest import Stack, metric, serving
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -249,3 +249,51 @@ async def test_a_header_byte_that_is_no_utf8_is_left_out_as_in_a_plain_call(
     assert status_line.split()[1] == b"200", answer
     assert rest.partition(b"\r\n\r\n")[2] == b'{"status": "ok"}'
     assert "Traceback" not in stack.log_text()
+
+
+async def careless_batch(request: web.Request) -> web.Response:
+    """Answers every item with a body and the size of a GET's, its method and status
+    whatever they are (`/204`, `/304`), as some handlers do."""
+    return web.json_response(
+        [
+            {
+                "status": int(item["path"].strip("/") or 200),
+                "headers": [["Content-Length", "1234"], ["ETag", '"v1"']],
+                "body": base64.b64encode(b"hello").decode(),
+            }
+            for item in await request.json()
+        ]
+    )
+
+
+async def test_a_bodyless_answer_has_no_body_batched_as_plain(
+    stack: Stack, service: str, http: aiohttp.ClientSession
+) -> None:
+    """A batched HEAD, 204 or 304 is answered as a plain call is: without the body the batch
+    endpoint gave it (its polled result had it), with a HEAD's and a 304's Content-Length (it
+    was dropped)."""
+    app = web.Application()
+    app.router.add_post("/batch", careless_batch)
+    async with serving(app) as target:
+        await stack.dequeuer(service, target, *BATCH)
+        _, url = await stack.enqueuer()
+        for method, path, length in [
+            ("HEAD", "/200", "1234"),
+            ("GET", "/204", None),
+            ("GET", "/304", "1234"),
+        ]:
+            async with http.request(method, f"{url}/{service}{path}") as response:
+                assert response.headers.get("Content-Length") == length
+                assert await response.read() == b""
+            async with http.request(
+                method, f"{url}/{service}{path}", headers={"Prefer": "respond-async"}
+            ) as accepted:
+                assert accepted.status == 202
+            async with asyncio.timeout(20):
+                while True:
+                    async with http.get(f"{url}{accepted.headers['Location']}") as result:
+                        if result.status != 202:
+                            assert result.status == int(path[1:])
+                            assert await result.read() == b""
+                            break
+                    await asyncio.sleep(0.1)
