@@ -11,7 +11,7 @@ from functools import partial
 
 from aio_pika.abc import AbstractRobustConnection
 
-from dequeuer.batching import BatchingTransport
+from dequeuer.batching import BatchingTransport, answer_limit
 from dequeuer.consumer import Consumer
 from dequeuer.coordinator import Coordinator
 from dequeuer.depth import watch_depth
@@ -56,15 +56,18 @@ async def serve(settings: DequeuerSettings) -> int:
     warn_above_max_message_size("--max-response", settings.max_response)
     instance = instance_name(settings)
     metrics = DequeuerMetrics()
-    http = HttpTransport(settings.target, settings.concurrency, settings.max_response)
+    batching = settings.batch_size > 1
+    limit = answer_limit(settings.batch_size, settings.max_response) if batching else None
+    http = HttpTransport(settings.target, settings.concurrency, limit or settings.max_response)
     transport: HttpTransport | BatchingTransport = http
-    if settings.batch_size > 1:  # the batcher owns `http` and closes it
+    if batching:  # the batcher owns `http` and closes it
         transport = BatchingTransport(
             http,
             size=settings.batch_size,
             wait=settings.batch_wait_ms / 1000,
             path=settings.batch_path,
             on_batch=metrics.batch_size.labels(settings.service).observe,
+            max_response=settings.max_response,
         )
     readiness = Readiness(
         settings.target,

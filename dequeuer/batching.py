@@ -15,7 +15,7 @@ How a failed batch call reaches each caller, as if each had made a single call:
     no connection, answer cut short     -> CallFailed("connect", ...)     retried by default
     no answer within the item's timeout -> CallFailed("timeout", ...)     retried by default
     answer too large, or not valid HTTP -> CallFailed("too_large" or      never retried
-                                           "bad_answer", ...)
+      (over `answer_limit`)                "bad_answer", ...)
     batch answered 5xx                  -> that HttpResponse, per item    503 retried, 500 not
     batch answered another non-200,     -> CallFailed("connect", ...)     the batch endpoint is
       or 200 with a malformed array                                       broken: retried, then
@@ -42,7 +42,14 @@ from functools import partial
 from opentelemetry.trace import SpanContext, SpanKind
 
 from dequeuer.consumer import DEADLINE_HEADER
-from dequeuer.forwarder import CallFailed, ClosableTransport, FailureKind, answered, traced
+from dequeuer.forwarder import (
+    FRAME_MAX,
+    CallFailed,
+    ClosableTransport,
+    FailureKind,
+    answered,
+    traced,
+)
 from shared import tracing
 from shared.envelope import HOP_BY_HOP, HttpRequest, HttpResponse, end_to_end, valid_header
 
@@ -92,7 +99,10 @@ class BatchingTransport:
         wait: float,
         path: str,
         on_batch: Callable[[int], None] | None = None,
+        max_response: int | None = None,
     ) -> None:
+        """`max_response`: the largest answer of one request (--max-response), checked item by
+        item; the inner transport's own limit bounds the batch answer (`answer_limit`)."""
         if size < 1:
             raise ValueError(f"batch size must be at least 1, not {size}")
         if wait < 0:
@@ -104,6 +114,7 @@ class BatchingTransport:
         self.wait = wait
         self.path = path
         self.on_batch = on_batch
+        self.max_response = max_response
         self._pending: list[_Item] = []
         self._timer: asyncio.TimerHandle | None = None
         self._calls: set[asyncio.Task[None]] = set()
@@ -237,14 +248,30 @@ class BatchingTransport:
                 answer = await self.inner.send(batch, timeout)
         except CallFailed as failure:
             detail = f"batch of {len(live)} to {self.path}: {failure}"
+            if failure.kind == "too_large" and self.max_response is not None:
+                limit = answer_limit(self.size, self.max_response)
+                detail = (
+                    f"batch of {len(live)} to {self.path}: the batch answer is over {limit} bytes, "
+                    f"what {self.size} answers of --max-response ({self.max_response}) may take"
+                )
             for item in live:
                 _settle(item, CallFailed(failure.kind, detail))
             return
         for item, outcome in zip(live, self.outcomes(answer, len(live)), strict=True):
-            if isinstance(outcome, HttpResponse):  # as a plain call with its method would be
-                method = item.request.method
-                outcome = answered(method, outcome.status, outcome.headers, outcome.body)
-            _settle(item, outcome)
+            _settle(item, self.own(item.request.method, outcome))
+
+    def own(self, method: str, outcome: HttpResponse | CallFailed) -> HttpResponse | CallFailed:
+        """An item's answer as a plain call with its method would have it, within
+        --max-response on its own: the whole batch's answer counted, so that a batch of answers
+        each well within it was refused whole."""
+        if isinstance(outcome, CallFailed):
+            return outcome
+        answer = answered(method, outcome.status, outcome.headers, outcome.body)
+        if self.max_response is not None and len(answer.body) > self.max_response:
+            return CallFailed(
+                "too_large", f"the response is over --max-response ({self.max_response} bytes)"
+            )
+        return answer
 
     def outcomes(self, answer: HttpResponse, count: int) -> list[HttpResponse | CallFailed]:
         """Each item's outcome from the batch call's answer (see the table in the docstring)."""
@@ -292,6 +319,12 @@ def _time_left(request: HttpRequest, left: float) -> HttpRequest:
         for name, value in request.headers
     )
     return replace(request, headers=headers)
+
+
+def answer_limit(size: int, max_response: int) -> int:
+    """The largest batch answer read: `size` answers of up to `max_response` bytes, in base64,
+    each with room for its status and headers (a reply's headers fit in one AMQP frame)."""
+    return size * (4 * -(-max_response // 3) + FRAME_MAX)
 
 
 def _settle(item: _Item, outcome: HttpResponse | CallFailed) -> None:

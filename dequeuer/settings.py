@@ -55,7 +55,7 @@ class DequeuerSettings(SidecarSettings):
     max_response: ByteSize = Field(
         16 * 1024 * 1024,
         description="largest microservice answer carried back (e.g. 16MiB; with batching, "
-        "the whole batch answer): a larger one is dead-lettered and its caller gets 502 "
+        "each request's own answer): a larger one is dead-lettered and its caller gets 502 "
         "service_failed. An answer in flight takes about 3.5 times its size in the dequeuer "
         "and 2.5 times in the enqueuer; RabbitMQ refuses messages over its max_message_size "
         "(128 MiB by default), which is handled the same way",

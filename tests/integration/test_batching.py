@@ -297,3 +297,38 @@ async def test_a_bodyless_answer_has_no_body_batched_as_plain(
                             assert await result.read() == b""
                             break
                     await asyncio.sleep(0.1)
+
+
+async def sized_batch(request: web.Request) -> web.Response:
+    """Answers item `/bytes/N` with N bytes."""
+    return web.json_response(
+        [
+            {"status": 200, "body": base64.b64encode(b"x" * int(item["path"][7:])).decode()}
+            for item in await request.json()
+        ]
+    )
+
+
+async def test_max_response_counts_each_requests_answer(
+    stack: Stack, service: str, http: aiohttp.ClientSession
+) -> None:
+    """--max-response is the largest answer of one request, batched or not: a batch of four
+    answers of 600 bytes under `--max-response 1000` was refused whole (the JSON array of all
+    four counted), and all four callers got 502. One answer over it fails alone."""
+    app = web.Application()
+    app.router.add_post("/batch", sized_batch)
+    async with serving(app) as target:
+        await stack.dequeuer(
+            service, target, "--batch-size", "4", "--batch-wait-ms", "500", "--max-response", "1000"
+        )
+        _, url = await stack.enqueuer()
+
+        async def call(size: int) -> tuple[int, bytes]:
+            async with http.get(f"{url}/{service}/bytes/{size}") as response:
+                return response.status, await response.read()
+
+        answers = await asyncio.gather(call(600), call(600), call(600), call(1001))
+    assert list(answers[:3]) == [(200, b"x" * 600)] * 3
+    status, body = answers[3]
+    assert status == 502
+    assert b"too_large" in body and b"--max-response" in body

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from dequeuer.batching import BatchingTransport, decode_batch, encode_batch
+from dequeuer.batching import BatchingTransport, answer_limit, decode_batch, encode_batch
 from dequeuer.forwarder import CallFailed, HttpTransport
 from dequeuer.settings import DequeuerSettings
 from shared.cli import bench_batch
@@ -530,10 +530,12 @@ async def test_over_http(batch_server: tuple[str, list[web.Request]]) -> None:
 async def test_over_http_answer_over_max_response(
     batch_server: tuple[str, list[web.Request]],
 ) -> None:
-    """The whole batch's answer counts against --max-response: each item fails `too_large`,
-    which no --retry-on can make retryable."""
+    """A batch answer over the inner transport's limit (the dequeuer's is `answer_limit`): each
+    item fails `too_large`, which no --retry-on can make retryable."""
     url, seen = batch_server
-    transport = BatchingTransport(HttpTransport(url, 4, 100), size=3, wait=0.01, path="/batch")
+    transport = BatchingTransport(
+        HttpTransport(url, 4, 100), size=3, wait=0.01, path="/batch", max_response=10
+    )
     try:
         outcomes = await asyncio.gather(
             *(transport.send(req(f"/p{i}", b"x" * 20), 5) for i in range(3)),
@@ -542,7 +544,14 @@ async def test_over_http_answer_over_max_response(
     finally:
         await transport.close()
     assert all(isinstance(o, CallFailed) and o.kind == "too_large" for o in outcomes)
+    assert f"the batch answer is over {answer_limit(3, 10)} bytes" in str(outcomes[0])
     assert len(seen) == 1
+
+
+def test_the_batch_answer_limit_holds_each_answer_at_max_response() -> None:
+    """Room for `size` bodies of --max-response in base64, and for each one's headers."""
+    assert answer_limit(4, 3 * 1024) == 4 * (4 * 1024 + 128 * 1024)
+    assert answer_limit(1, 1) == 4 + 128 * 1024
 
 
 async def test_over_http_nobody_listening() -> None:
