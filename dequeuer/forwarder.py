@@ -20,6 +20,7 @@ from shared.envelope import Headers, HttpRequest, HttpResponse, end_to_end
 
 FRAME_MAX = 128 * 1024  # RabbitMQ's default frame_max
 MAX_ANSWER_HEADERS = 1024
+MAX_ANSWER_HEAD = FRAME_MAX  # bytes: the status line and the header lines
 FailureKind = Literal["connect", "timeout", "too_large", "bad_answer"]
 # aiohttp adds these unless told not to; a pass-through sends only what the caller sent.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -65,15 +66,24 @@ def answered(
     return HttpResponse(status, kept, b"" if method == "HEAD" or status in (204, 304) else body)
 
 
-class BodylessAnswers(ResponseHandler):
-    """The client's connection protocol, ending a HEAD's, 204's or 304's answer at its head.
+class HeadTooLarge(Exception):
+    """The answer's head is larger than a reply can carry."""
 
-    Such an answer has no body (RFC 9112 6.3), yet many servers write one (Python's http.server
-    with `do_HEAD = do_GET`, a 304 with its page): aiohttp's parser read those bytes as the next
-    answer and failed ('Bad status line'), so the call was dead-lettered, or, the bytes coming a
-    moment later, the next call on that connection failed. The bytes after such a head are
-    dropped, and a connection whose bodyless answer says a body follows (a Content-Length, a
-    Transfer-Encoding) or sent one is closed, never used again: those bytes may still come."""
+
+class AnswerHeads(ResponseHandler):
+    """The client's connection protocol, watching each answer's head as it arrives.
+
+    It reads at most `MAX_ANSWER_HEAD` bytes of it: a reply's headers travel in one AMQP frame,
+    so more could never be carried back, and aiohttp's limits alone (1,024 lines of 128 KiB)
+    let an answer's head take 128 MiB before the reply's frame check refused it.
+
+    It ends a HEAD's, 204's or 304's answer at its head. Such an answer has no body (RFC 9112
+    6.3), yet many servers write one (Python's http.server with `do_HEAD = do_GET`, a 304 with
+    its page): aiohttp's parser read those bytes as the next answer and failed ('Bad status
+    line'), so the call was dead-lettered, or, the bytes coming a moment later, the next call
+    on that connection failed. The bytes after such a head are dropped, and a connection whose
+    bodyless answer says a body follows (a Content-Length, a Transfer-Encoding) or sent one is
+    closed, never used again: those bytes may still come."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -94,6 +104,17 @@ class BodylessAnswers(ResponseHandler):
             start = max(0, len(self._head) - 3)
             self._head += data
             end = _HEAD_END.search(self._head, start)
+            if (end.end() if end else len(self._head)) > MAX_ANSWER_HEAD:
+                self._head, self._dropping = None, True
+                if self.transport is not None:
+                    self.transport.close()
+                self.set_exception(
+                    HeadTooLarge(
+                        f"the answer's head is over {MAX_ANSWER_HEAD} bytes, more than a reply "
+                        "carries (one AMQP frame: RabbitMQ's frame_max)"
+                    )
+                )
+                return
             if end is not None:
                 head, after = self._head[: end.end()], len(self._head) - end.end()
                 self._head = None
@@ -137,7 +158,7 @@ class HttpTransport:
         self.max_body = max_body
         connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
         # No option of aiohttp's chooses the protocol: its private factory is replaced.
-        factory = partial(BodylessAnswers, loop=asyncio.get_running_loop())
+        factory = partial(AnswerHeads, loop=asyncio.get_running_loop())
         connector._factory = factory  # type: ignore[assignment]
         # No cookie jar: a session's jar sent one caller's cookies (a `Set-Cookie` answered to
         # them) with every later caller's request. Headers pass through; nothing is kept.
@@ -152,8 +173,7 @@ class HttpTransport:
             max_line_size=FRAME_MAX,
             max_field_size=FRAME_MAX,
             # And up to 1,024 of them: past aiohttp's 128, an answer clearing 150 cookies was
-            # no HTTP, and its caller got 502. Not more: nothing bounds their total size before
-            # the reply's frame check, and each may be a 128 KiB line.
+            # no HTTP, and its caller got 502. Together at most MAX_ANSWER_HEAD (`AnswerHeads`).
             max_headers=MAX_ANSWER_HEADERS,
         )
         # Every call is an attempt of the consumer's, counted, backed off and within
@@ -214,9 +234,11 @@ class HttpTransport:
                 return answered(request.method, response.status, response.headers.items(), body)
         except TimeoutError as exc:
             raise CallFailed("timeout", f"no answer within {timeout:.1f} s") from exc
+        except HeadTooLarge as exc:
+            raise CallFailed("too_large", str(exc)) from exc
         except aiohttp.ClientResponseError as exc:
-            # Not HTTP that the client can read (a header line over 128 KiB, a broken status
-            # line): it escaped as an unknown error and left the request held for good.
+            # Not HTTP that the client can read (a NUL in a header, a broken status line): it
+            # escaped as an unknown error and left the request held for good.
             raise CallFailed("bad_answer", f"the answer is not valid HTTP: {exc.message}") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             if isinstance(exc, aiohttp.ServerTimeoutError):

@@ -604,7 +604,7 @@ async def test_an_answer_that_is_not_http_is_dead_lettered(
     http: aiohttp.ClientSession,
     amqp: AbstractRobustConnection,
 ) -> None:
-    """An answer the dequeuer's client cannot parse (a header line over 128 KiB) is 502
+    """An answer the dequeuer's client cannot parse (a NUL in a header) is 502
     service_failed at once, never retried, and dead-lettered as `bad_answer`. It escaped as an
     unknown error: the request stayed held and its caller waited for the deadline (504). A
     header line of 10 KB, which aiohttp's default limit took for no HTTP, is carried."""
@@ -617,7 +617,7 @@ async def test_an_answer_that_is_not_http_is_dead_lettered(
         roomy.get(f"{url}/{service}/fine", headers={"X-Request-Timeout": "10"}) as response,
     ):
         assert response.status == 200 and response.headers["X-Big"] == "a" * 10_000
-    target.raw_response = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 140_000 + b"\r\n\r\n"
+    target.raw_response = b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n"
     async with http.get(f"{url}/{service}/big", headers={"X-Request-Timeout": "10"}) as response:
         assert "bad_answer" in await expect_error(response, 502, "service_failed")
     assert len([head for head, _ in target.raw_seen if head.startswith(b"GET /big ")]) == 1
@@ -684,6 +684,49 @@ async def test_an_answers_headers_over_frame_max(
         assert response.status == 200
     assert len([head for head, _ in target.raw_seen if head.startswith(b"GET /many ")]) == 1
     assert "frame_too_large" not in stack.log_text()
+
+
+async def test_an_answers_head_is_not_read_past_what_a_reply_carries(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    """1,000 header lines of 100 KB, each within what the client takes (a line up to 128 KiB,
+    up to 1,024 lines): the dequeuer read all 100 MB before the reply's frame check refused
+    them. Nothing past one AMQP frame can be carried back, so the read stops there: the
+    microservice cannot send it all, and the request is dead-lettered `too_large`."""
+    sent: list[bool] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if b"readiness probe" in await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            writer.close()
+            return
+        line = b"X-Big: " + b"a" * 100_000 + b"\r\n"
+        try:
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(1000):
+                writer.write(line)
+                await writer.drain()
+            writer.write(b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+            sent.append(True)
+        except ConnectionError:
+            sent.append(False)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        await stack.dequeuer(service, f"http://127.0.0.1:{port}")
+        _, url = await stack.enqueuer()
+        async with http.get(f"{url}/{service}/big", headers={"X-Request-Timeout": "20"}) as got:
+            message = await expect_error(got, 502, "service_failed")
+    finally:
+        server.close()
+    assert "too_large" in message and "frame_max" in message
+    assert sent == [False]
+    [dead] = await dead_letters(amqp, service)
+    assert str(dead["x-proxymq-dead-reason"]).startswith("too_large")
 
 
 async def test_request_headers_over_frame_max(
