@@ -1,8 +1,9 @@
 """`Idempotency-Key`: a repeated key gets the first request's id and result instead of a second
 message while the first runs and within the window from its arrival. Kept per enqueuer, in
 memory; the answers kept are bounded by count and by their bytes (the newest whatever its size),
-the requests still running by the reply waiter's cap; a key whose request ran out of time is
-forgotten, so a retry after a 504 really tries again."""
+the requests still running by the reply waiter's cap; a key whose request ran out of time, or
+lost its reply with an expired reply queue, is forgotten, so a retry after a 504 really tries
+again."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from shared.envelope import HttpResponse
-from shared.errors import BrokerUnavailable, ProxyMQError
+from shared.errors import BrokerUnavailable, GatewayTimeout, ProxyMQError
 
 
 @dataclass(slots=True)
@@ -73,7 +74,7 @@ class IdempotencyStore:
         first = self._running.get(slot) or self._answered.get(slot)
         if (
             first is None
-            or first.future.cancelled()
+            or _timed_out(first.future)
             or (first.future.done() and first.expires <= time.monotonic())
         ):
             self._drop(slot)
@@ -98,7 +99,7 @@ class IdempotencyStore:
         if self._running.get(slot) is not first:
             return  # dropped meanwhile, or its key remembered again
         del self._running[slot]
-        if first.future.cancelled() or first.expires <= time.monotonic():
+        if _timed_out(first.future) or first.expires <= time.monotonic():
             return  # ran out of time or was never queued, or answered past its window
         first.counted = _size(first)
         self.bytes += first.counted
@@ -121,6 +122,14 @@ class IdempotencyStore:
         gone = self._answered.pop(slot, None)
         if gone is not None:
             self.bytes -= gone.counted
+
+
+def _timed_out(future: asyncio.Future[HttpResponse]) -> bool:
+    """Cancelled (at its deadline, or never queued) or failed with 504 (its reply lost with an
+    expired reply queue): forgotten, so that a retry after a 504 really tries again."""
+    if not future.done():
+        return False
+    return future.cancelled() or isinstance(future.exception(), GatewayTimeout)
 
 
 def _size(first: First) -> int:

@@ -12,16 +12,21 @@ import contextlib
 import logging
 from collections.abc import Callable, Container
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, AbstractRobustQueue
+from pamqp.commands import Queue
 
 from shared import logs, topology
 from shared.broker import BROKER_ERRORS, closed_within, unless_closed
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
-from shared.errors import Backpressure, ServiceFailed
+from shared.errors import Backpressure, GatewayTimeout, ServiceFailed
 
 log = logging.getLogger(__name__)
 REPLY_QUEUE_EXPIRES_MS = 60_000  # survives a reconnect, gone a minute after its enqueuer
+LEASE_EXPIRES_MS = 600_000  # the lease queue outlives its reply queue by nine minutes
 WATCH_INTERVAL = 2.0  # seconds between checks that the reply queue is there and consumed
+LOOK_TIMEOUT = 5.0  # seconds one check may take
+LEASE_SUFFIX = ".lease"
 
 
 class ReplyWaiter:
@@ -30,9 +35,14 @@ class ReplyWaiter:
         self.capacity = capacity
         self._futures: dict[str, asyncio.Future[HttpResponse]] = {}
         self._on_late_reply = on_late_reply
+        self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractRobustQueue | None = None
+        self._lease: AbstractRobustQueue | None = None
         self._consumer_tag: str | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._look_now = asyncio.Event()
+        # The replies awaited when the connection came back; None once its first look is done.
+        self._unsure: list[asyncio.Future[HttpResponse]] | None = None
 
     def __len__(self) -> int:
         return len(self._futures)
@@ -43,45 +53,121 @@ class ReplyWaiter:
 
         So nothing but `claim` stops a second enqueuer with the same `--instance-id` from
         consuming it too: each then took about half of the other's replies, and every second
-        caller got 504 with nothing in any log."""
+        caller got 504 with nothing in any log.
+
+        Neither queue is restored by aio-pika: after a reconnect the watch looks whether the
+        reply queue is still there before it declares it again (`_look`)."""
         channel = connection.channel()
         try:
             await channel
             await channel.set_qos(prefetch_count=0)
             queue = await channel.declare_queue(
-                self.queue_name, durable=False, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS}
+                self.queue_name,
+                durable=False,
+                arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
+                robust=False,
             )
             await topology.claim(
                 queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
+            )
+            self._lease = await channel.declare_queue(
+                self.queue_name + LEASE_SUFFIX,
+                durable=False,
+                arguments={"x-expires": LEASE_EXPIRES_MS},
+                robust=False,
             )
             self._consumer_tag = await queue.consume(self._on_reply)
         except BaseException:  # closed, it is not restored with the connection: no 2nd consumer
             await closed_within(channel.close())
             raise
-        self._queue = queue
+        channel.reopen_callbacks.add(self._reopened)
+        self._connection, self._queue = connection, queue
         self._watch = asyncio.create_task(self._keep_consuming(), name="reply queue watch")
 
+    def _reopened(self, *_: object) -> None:
+        self._unsure = list(self._futures.values())
+        self._look_now.set()
+
     async def _keep_consuming(self) -> None:
-        """Declare the reply queue again, and consume it again, whenever it is gone. A
-        transient queue goes with its node, and when the cluster removed it only after the
-        enqueuer had reconnected and restored it elsewhere, the broker cancelled the restored
-        consumer and nothing declared the queue again: every reply after a node loss was
-        returned to its dequeuer and dropped, for good."""
-        assert self._queue is not None
+        """Look at once after a reconnect, and every WATCH_INTERVAL, whether the reply queue
+        is there and consumed; declare it and consume it again when not. A transient queue
+        goes with its node, and when the cluster removed it only after the enqueuer had
+        reconnected and restored it elsewhere, the broker cancelled the restored consumer and
+        nothing declared the queue again: every reply after a node loss was returned to its
+        dequeuer and dropped, for good."""
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            try:
-                await self._queue.declare()  # not passive: makes it again if it is gone
-                if not self._queue.declaration_result.consumer_count:
-                    log.warning(
-                        "reply queue %s had no consumer: consuming it again", self.queue_name
-                    )
-                    if self._consumer_tag is not None:  # out of aio-pika's restore list too
-                        with contextlib.suppress(Exception):
-                            await self._queue.cancel(self._consumer_tag)
-                    self._consumer_tag = await self._queue.consume(self._on_reply)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WATCH_INTERVAL):
+                    await self._look_now.wait()
+            self._look_now.clear()
+            try:  # a channel opened on a connection gone silent waits for good
+                async with asyncio.timeout(LOOK_TIMEOUT):
+                    await self._look()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # aiormq fails what waits on a connection it gives up with CancelledError:
+                # the watch went with it, and the queue was not consumed after the reconnect.
+                log.debug("reply queue check failed: the connection was given up")
             except Exception as exc:  # a reconnect under way: the next turn looks again
                 log.debug("reply queue check failed: %s", exc)
+
+    async def _look(self) -> None:
+        assert self._queue is not None and self._lease is not None
+        unsure = self._unsure
+        found = await self._passive_declare(self.queue_name)
+        if found is None:
+            if unsure is not None and await self._passive_declare(self._lease.name) is not None:
+                self._lost(unsure)
+            await self._queue.declare()
+        self._unsure = None
+        await self._lease.declare()  # renews its lease
+        if found is None or not found.consumer_count:
+            if unsure is None:
+                log.warning(
+                    "reply queue %s was gone or not consumed: consuming it again", self.queue_name
+                )
+            if self._consumer_tag is not None:
+                with contextlib.suppress(Exception):
+                    await self._queue.cancel(self._consumer_tag)
+            self._consumer_tag = await self._queue.consume(self._on_reply)
+
+    async def _passive_declare(self, name: str) -> Queue.DeclareOk | None:
+        """The queue's counts, or None when it does not exist (on a channel of its own)."""
+        assert self._connection is not None
+        channel = await topology.plain_channel(self._connection)
+        try:
+            return await channel.queue_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    def _lost(self, awaited: list[asyncio.Future[HttpResponse]]) -> None:
+        """The reply queue expired while the enqueuer was cut off (`x-expires`: a minute
+        without a consumer), with the replies in it. Its lease queue, which a broker restart
+        or the loss of its node would have taken too, tells the expiry apart from those: then
+        the queue went with the broker when the connection did, and the dequeuers held the
+        replies meanwhile. Without this, a request without a deadline whose reply was lost
+        stayed pending for good, and held its --max-in-flight slot."""
+        waiting = [future for future in awaited if not future.done()]
+        log.warning(
+            "reply queue %s expired while the enqueuer was cut off from RabbitMQ: %d "
+            "request(s) waiting for a reply end with 504",
+            self.queue_name,
+            len(waiting),
+        )
+        for future in waiting:
+            future.set_exception(
+                GatewayTimeout(
+                    f"the enqueuer was cut off from RabbitMQ for over "
+                    f"{REPLY_QUEUE_EXPIRES_MS // 1000} s and its reply queue expired: the reply "
+                    "to this request may have been lost with it; the request may have been "
+                    "processed, or may still be"
+                )
+            )
 
     def expect(self, request_id: str) -> asyncio.Future[HttpResponse]:
         if len(self._futures) >= self.capacity:
@@ -124,6 +210,9 @@ class ReplyWaiter:
         them, and they go with the process anyway; one made every stop `grace` longer."""
         if self._watch is not None:
             self._watch.cancel()
+        if self._lease is not None:  # the reply queue goes a minute later, its lease with it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._lease.delete(if_unused=False, if_empty=False), 1)
         awaited = [f for request_id, f in self._futures.items() if request_id not in unawaited]
         if awaited:
             await asyncio.wait(awaited, timeout=grace)

@@ -132,6 +132,9 @@ class EnqueuerSettings(SidecarSettings):
     def _fits_a_queue_name(cls, value: str | None) -> str | None:
         """A queue name is at most 255 bytes: a longer id stopped the enqueuer with a traceback
         (`Max length exceeded for queue`) once it was already listening."""
-        if value is not None and len(f"proxymq.replies.{value}".encode()) > 255:
-            raise ValueError("at most 239 bytes: it names the reply queue proxymq.replies.ID")
+        if value is not None and len(f"proxymq.replies.{value}.lease".encode()) > 255:
+            raise ValueError(
+                "at most 233 bytes: it names the queues proxymq.replies.ID and "
+                "proxymq.replies.ID.lease"
+            )
         return value

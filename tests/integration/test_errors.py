@@ -1302,6 +1302,76 @@ async def test_replies_sent_into_a_black_hole_are_delivered_after_it(
         await proxy.stop()
 
 
+@pytest.mark.parametrize("expired", [True, False], ids=["expired", "broker restart"])
+async def test_replies_lost_with_an_expired_reply_queue_end_their_requests(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    expired: bool,
+) -> None:
+    """An enqueuer cut off from the broker for over a minute finds its reply queue expired
+    (`x-expires`), with the replies in it. Its asynchronous request without a deadline stayed
+    "pending", and held its --max-in-flight slot, until the enqueuer restarted. The expiry is
+    simulated by deleting the queue, with the reply in it, while the connection is cut.
+
+    A queue gone with a broker restart (simulated: its lease queue deleted too, before the
+    reply) had no replies in it: the dequeuer holds the reply until the queue is back."""
+    instance = f"expired-{uuid.uuid4().hex[:8]}"
+    queue = f"proxymq.replies.{instance}"
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    channel = await amqp.channel()
+    try:
+        await stack.dequeuer(service, target.url)
+        _, url = await stack.enqueuer(
+            "--instance-id", instance, "--max-in-flight", "1", env={"PROXYMQ_AMQP_URL": proxy.url}
+        )
+        async with http.get(f"{url}/{service}/x") as response:  # the service is known
+            assert response.status == 200
+        headers = {"Prefer": "respond-async"}
+        async with http.get(f"{url}/{service}/delay/2", headers=headers) as response:
+            assert response.status == 202
+            location = url + response.headers["Location"]
+        proxy.refuse()
+        proxy.reset()
+        if expired:
+            replies = await channel.declare_queue(queue, passive=True, robust=False)
+            async with asyncio.timeout(20):  # the reply waits in the queue nobody consumes
+                while not (await replies.declare()).message_count:
+                    await asyncio.sleep(0.1)
+        else:
+            await channel.queue_delete(queue + ".lease")
+        await channel.queue_delete(queue)
+        if not expired:
+            async with asyncio.timeout(10):  # the dequeuer's reply is returned: it waits
+                while "/delay/2" not in {seen.path for seen in target.seen}:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(3)
+        proxy.heal()
+        async with asyncio.timeout(30):
+            while True:
+                async with http.get(location) as response:
+                    if response.status != 202:
+                        body = await response.read()
+                        break
+                await asyncio.sleep(0.2)
+        if expired:
+            assert response.status == 504
+            assert response.headers["X-ProxyMQ-Error"] == "timeout"
+            assert b"reply queue expired" in body
+        else:
+            assert (response.status, body) == (200, b"late")
+        async with http.get(f"{url}/{service}/x") as response:  # its in-flight slot is free
+            assert response.status == 200
+    finally:
+        await proxy.stop()
+        for name in (queue, queue + ".lease"):
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+        await channel.close()
+
+
 @pytest.mark.parametrize("name", ["proxymq-enqueuer", "proxymq-dequeuer"])
 async def test_a_connection_reset_is_one_line_without_a_traceback(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, name: str

@@ -8,7 +8,7 @@ import pytest
 
 from enqueuer.idempotency import IdempotencyStore
 from shared.envelope import HttpResponse
-from shared.errors import Backpressure, BrokerUnavailable
+from shared.errors import Backpressure, BrokerUnavailable, GatewayTimeout
 
 
 async def test_repeat_gets_the_first() -> None:
@@ -21,11 +21,18 @@ async def test_repeat_gets_the_first() -> None:
     assert store.get("other", "k") is None  # per service
 
 
-async def test_a_timed_out_first_is_forgotten() -> None:
+@pytest.mark.parametrize("ended", ["deadline", "reply lost"])
+async def test_a_timed_out_first_is_forgotten(ended: str) -> None:
+    """A retry after a 504 really tries again: at the deadline (the future is cancelled), and
+    when the reply queue expired with the reply (the future fails with 504)."""
     store = IdempotencyStore(window=60, capacity=10, max_bytes=1 << 20)
     future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
     store.remember("svc", "k", "id-1", future)
-    future.cancel()
+    if ended == "deadline":
+        future.cancel()
+    else:
+        future.set_exception(GatewayTimeout("the reply queue expired"))
+    await asyncio.sleep(0)  # the done callback
     assert store.get("svc", "k") is None
 
 

@@ -193,7 +193,7 @@ def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixt
         (["--timeout", "inf"], "--timeout: Input should be a finite number"),
         (["--timeout", "1e300"], "--timeout: Input should be less than or equal to 2592000"),
         (["--breaker-reset", "inf"], "--breaker-reset: Input should be a finite number"),
-        (["--instance-id", "x" * 240], "--instance-id: Value error, at most 239 bytes"),
+        (["--instance-id", "x" * 234], "--instance-id: Value error, at most 233 bytes"),
     ],
 )
 def test_values_that_fail_the_enqueuer_later_are_refused_at_start(
