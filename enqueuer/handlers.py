@@ -169,6 +169,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     )
     idempotency_key = request.headers.get("Idempotency-Key")
     first = enqueuer.idempotency.get(service, idempotency_key) if idempotency_key else None
+    entry = first
     if first is not None:
         try:  # the first's publish may take PUBLISH_TIMEOUT: this caller's deadline comes first
             async with asyncio.timeout(_remaining(deadline, PUBLISH_TIMEOUT)):
@@ -187,7 +188,6 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
             headers = without_respond_async(headers)
         http = HttpRequest(request.method, path, query, headers, body)
         future = enqueuer.replies.expect(request_id)
-        entry: First | None = None
         if idempotency_key:  # before publishing, so that concurrent repeats find it and wait
             entry = enqueuer.idempotency.remember(service, idempotency_key, request_id, future)
         try:
@@ -207,7 +207,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         if idempotency_key or asynchronous:
             expire_at(future, deadline)  # its lifetime is the message's, not one caller's
     if asynchronous:
-        return accept(request_id, service, future, enqueuer)
+        return accept(request_id, service, future, enqueuer, entry)
     try:
         async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):
             reply = await (asyncio.shield(future) if idempotency_key else future)
@@ -287,22 +287,36 @@ def expire_at(future: asyncio.Future[HttpResponse], deadline: float | None) -> N
 
 
 def accept(
-    request_id: str, service: str, future: asyncio.Future[HttpResponse], enqueuer: Enqueuer
+    request_id: str,
+    service: str,
+    future: asyncio.Future[HttpResponse],
+    enqueuer: Enqueuer,
+    entry: First | None,
 ) -> web.Response:
-    """Answer 202 now; the reply lands in the result store whenever it comes."""
-    if enqueuer.results.get(request_id) is None:  # not a repeated Idempotency-Key
+    """Answer 202 now; the reply lands in the result store whenever it comes. A repeated
+    Idempotency-Key finds it there, or keeps it again (its first was synchronous, or its result
+    was dropped), but counts as accepted, and its result, only once: `entry.accepted`."""
+    if enqueuer.results.get(request_id) is None:
         enqueuer.results.add(request_id)
-        enqueuer.metrics.accepted_async.labels(service).inc()
-        future.add_done_callback(partial(_store, enqueuer, request_id, service))
+        count = entry is None or not entry.accepted
+        if count:
+            enqueuer.metrics.accepted_async.labels(service).inc()
+        if entry is not None:
+            entry.accepted = True
+        future.add_done_callback(partial(_store, enqueuer, request_id, service, count))
     accepted = pending(request_id)
     accepted.headers["Preference-Applied"] = "respond-async"  # RFC 7240
     return accepted
 
 
 def _store(
-    enqueuer: Enqueuer, request_id: str, service: str, done: asyncio.Future[HttpResponse]
+    enqueuer: Enqueuer,
+    request_id: str,
+    service: str,
+    count: bool,
+    done: asyncio.Future[HttpResponse],
 ) -> None:
-    """Keep the result for polls, and count its outcome once."""
+    """Keep the result for polls, and count its outcome (once: `count`)."""
     if done.cancelled() or done.exception() is not None:
         exception = None if done.cancelled() else done.exception()
         error = (
@@ -318,7 +332,8 @@ def _store(
         response = done.result()
         enqueuer.results.finish(request_id, response, None)
         outcome = response.error or status_class(response.status)
-    enqueuer.metrics.async_results.labels(service, outcome).inc()
+    if count:
+        enqueuer.metrics.async_results.labels(service, outcome).inc()
 
 
 def pending(request_id: str) -> web.Response:

@@ -27,6 +27,7 @@ class First:
     published: asyncio.Event = field(default_factory=asyncio.Event)
     refused: BaseException | None = None
     counted: int = 0  # the bytes of its answer in the store's total
+    accepted: bool = False  # answered 202 once, and counted as such
 
     def settle(self, refused: BaseException | None) -> None:
         """The first's publish is over: confirmed (`None`) or refused with this error."""

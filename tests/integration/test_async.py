@@ -259,3 +259,31 @@ async def test_stopping_does_not_wait_for_results_nobody_waits_for(
     started = time.monotonic()
     enqueuer.stop(grace=15)
     assert time.monotonic() - started < 3  # not the 5 s grace
+
+
+async def test_a_repeat_whose_result_was_dropped_is_counted_once(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """An `Idempotency-Key` repeat of an asynchronous request whose result was dropped (here
+    for --max-results) keeps the result again for its poll, but is no second 202 and no second
+    result: it counted as both."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer("--max-results", "1")
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    keyed = {"Prefer": "respond-async", "Idempotency-Key": "order-1"}
+    async with http.get(f"{url}/{service}/echo/a", headers=keyed) as response:
+        location = url + response.headers["Location"]
+    assert (await poll(http, location)).status == 200
+    async with http.get(f"{url}/{service}/echo/b", headers={"Prefer": "respond-async"}) as resp:
+        assert (await poll(http, url + resp.headers["Location"])).status == 200
+    async with http.get(location) as response:
+        assert response.status == 404  # dropped for --max-results
+    async with http.get(f"{url}/{service}/echo/a", headers=keyed) as response:
+        assert response.status == 202
+        assert url + response.headers["Location"] == location
+    assert (await poll(http, location)).status == 200
+    labels = {"service": service}
+    assert await metric(http, admin, "proxymq_enqueuer_async_accepted_total", labels) == 2
+    results = await metric(http, admin, "proxymq_enqueuer_async_results_total", labels)
+    assert results == 2
+    assert [seen.path for seen in target.seen].count("/echo/a") == 1
