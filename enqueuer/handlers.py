@@ -207,7 +207,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         if idempotency_key or asynchronous:
             expire_at(future, deadline)  # its lifetime is the message's, not one caller's
     if asynchronous:
-        return accept(request_id, service, future, enqueuer, entry)
+        return accept(request_id, service, future, enqueuer, entry, repeat=first is not None)
     try:
         async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):
             reply = await (asyncio.shield(future) if idempotency_key else future)
@@ -292,10 +292,15 @@ def accept(
     future: asyncio.Future[HttpResponse],
     enqueuer: Enqueuer,
     entry: First | None,
+    *,
+    repeat: bool,
 ) -> web.Response:
     """Answer 202 now; the reply lands in the result store whenever it comes. A repeated
     Idempotency-Key finds it there, or keeps it again (its first was synchronous, or its result
-    was dropped), but counts as accepted, and its result, only once: `entry.accepted`."""
+    was dropped), but counts as accepted, and its result, only once: `entry.accepted`.
+
+    A repeat shares its first's message, and so its deadline, even when the first was
+    synchronous and the repeat has none: the dequeuer drops the message past it."""
     if enqueuer.results.get(request_id) is None:
         enqueuer.results.add(request_id)
         count = entry is None or not entry.accepted
@@ -303,7 +308,13 @@ def accept(
             enqueuer.metrics.accepted_async.labels(service).inc()
         if entry is not None:
             entry.accepted = True
-        future.add_done_callback(partial(_store, enqueuer, request_id, service, count))
+        deadline = (
+            "the deadline of the first request with this Idempotency-Key (its "
+            "X-Request-Timeout, or --timeout if it was synchronous), which its repeats share"
+            if repeat
+            else "the request's X-Request-Timeout"
+        )
+        future.add_done_callback(partial(_store, enqueuer, request_id, service, count, deadline))
     accepted = pending(request_id)
     accepted.headers["Preference-Applied"] = "respond-async"  # RFC 7240
     return accepted
@@ -314,17 +325,17 @@ def _store(
     request_id: str,
     service: str,
     count: bool,
+    deadline: str,
     done: asyncio.Future[HttpResponse],
 ) -> None:
-    """Keep the result for polls, and count its outcome (once: `count`)."""
+    """Keep the result for polls, and count its outcome (once: `count`); `deadline` names the
+    deadline that cancelled `done`."""
     if done.cancelled() or done.exception() is not None:
         exception = None if done.cancelled() else done.exception()
         error = (
             _as_proxymq_error(exception)
             if exception is not None
-            else GatewayTimeout(
-                f"no reply from service {service!r} within the request's X-Request-Timeout"
-            )
+            else GatewayTimeout(f"no reply from service {service!r} within {deadline}")
         )
         enqueuer.results.finish(request_id, None, error)
         outcome = error.code

@@ -287,3 +287,36 @@ async def test_a_repeat_whose_result_was_dropped_is_counted_once(
     results = await metric(http, admin, "proxymq_enqueuer_async_results_total", labels)
     assert results == 2
     assert [seen.path for seen in target.seen].count("/echo/a") == 1
+
+
+async def test_an_asynchronous_repeat_of_a_synchronous_first_says_whose_deadline_passed(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A repeat shares its first request's message, and so its deadline: an asynchronous
+    repeat, without a deadline of its own, of a synchronous first that runs out of time gets
+    504 as its result. It said "no reply ... within the request's X-Request-Timeout", a header
+    the repeat never sent."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    key = {"Idempotency-Key": "order-2"}
+
+    async def first() -> int:
+        headers = {**key, "X-Request-Timeout": "1"}
+        async with http.get(f"{url}/{service}/delay/3", headers=headers) as response:
+            return response.status
+
+    running = asyncio.create_task(first())
+    async with asyncio.timeout(10):
+        while "/delay/3" not in {seen.path for seen in target.seen}:
+            await asyncio.sleep(0.05)
+    async with http.get(
+        f"{url}/{service}/delay/3", headers={**key, "Prefer": "respond-async"}
+    ) as response:
+        assert response.status == 202
+        location = url + response.headers["Location"]
+    assert await running == 504
+    result = await poll(http, location)
+    assert result.status == 504
+    message = (await result.json())["error"]["message"]
+    assert "the first request with this Idempotency-Key" in message
+    assert [seen.path for seen in target.seen].count("/delay/3") == 1
