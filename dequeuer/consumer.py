@@ -45,6 +45,9 @@ from shared.metrics import DequeuerMetrics, status_class
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 10.0
 DEADLINE_HEADER = "X-Request-Timeout"
+# The header's resolution: a request with less time left is dropped as expired, not called with
+# `X-Request-Timeout: 0.000` (no time at all, which a microservice may read as no limit).
+MIN_BUDGET = 0.001
 CORRELATION_HEADER = "X-Correlation-ID"
 ATTEMPT_HEADER = "X-ProxyMQ-Attempt"
 DELIVERIES_HEADER = "X-ProxyMQ-Earlier-Deliveries"
@@ -339,7 +342,7 @@ class Consumer:
                     if abandon.is_set() or not held():
                         self.breaker.abandon_probe(probe)
                         return ABANDONED, attempt
-                    if remaining is not None and remaining <= 0:
+                    if remaining is not None and remaining < MIN_BUDGET:
                         self.breaker.abandon_probe(probe)
                         return outcome, attempt
                     attempt, tries = attempt + 1, tries + 1

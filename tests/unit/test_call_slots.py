@@ -187,3 +187,24 @@ async def test_only_calls_that_were_sent_are_attempts(sent: bool) -> None:
         assert (attempts, transport.calls) == (2, 2)
     else:
         assert attempts == 0 and transport.calls > 2
+
+
+class AlmostDue(RequestEnvelope):
+    """Less than a millisecond left, whenever asked."""
+
+    def remaining(self, now: float | None = None) -> float | None:
+        return 0.0004
+
+
+async def test_a_deadline_less_than_a_millisecond_away_is_not_called(
+    calls: list[asyncio.Task[tuple[Outcome, int]]],
+) -> None:
+    """The microservice was called with `X-Request-Timeout: 0.000`: no time at all, which it
+    may read as no limit, or refuse. Such a request is dropped as expired, as at 0."""
+    transport = Answering()
+    consumer = make_consumer(transport, concurrency=1)
+    http = HttpRequest("GET", "/due", "", (), b"")
+    request = AlmostDue("/due", "slots", http, None, time.time(), None)
+    async with asyncio.timeout(5):
+        assert await start(consumer, request, calls) == (None, 0)
+    assert transport.calls == []
