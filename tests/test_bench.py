@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.cli.main import build_parser
 from shared.processes import script
 
 pytestmark = pytest.mark.rabbit
@@ -46,3 +47,27 @@ def test_bench_help_names_every_option() -> None:
         assert flag in done.stdout
     assert "--amqp-url" in done.stdout
     assert "--partitions" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--concurrency", "1,,64"], "--concurrency: '1,,64' is not a comma list of integers"),
+        (["--timeout", "0"], "--timeout: '0' is not a number of seconds > 0"),
+        (["--timeout", "-1"], "--timeout: '-1' is not a number of seconds > 0"),
+        (["--timeout", "nan"], "--timeout: 'nan' is not a number of seconds > 0"),
+        (["--timeout", "soon"], "--timeout: 'soon' is not a number of seconds > 0"),
+        (["--json", "/nonexistent/out.json"], "--json: no directory /nonexistent"),
+        (["--plot", "/nonexistent/out.png"], "--plot: no directory /nonexistent"),
+        (["--plot", "out.svg"], "--plot: 'out.svg' is not a .png file"),
+        (["--json", "."], "--json: '.' is a directory"),
+    ],
+)
+def test_bench_refuses_a_bad_value_before_starting(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused by the parser (exit 2), not after minutes of measuring with a traceback."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["bench", *argv])
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
+import math
 import os
 import platform
 import signal
@@ -49,10 +51,10 @@ SCENARIOS = ("anchors", "ordering", "scaling", "failover", "batching")
 
 def concurrency_list(text: str) -> list[int]:
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
-    if not values or any(v < 1 for v in values):
+    if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError("concurrency values must be integers >= 1")
     return sorted(set(values))
 
@@ -71,6 +73,42 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive, non_negative = at_least(1), at_least(0)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def output_file(suffix: str | None = None) -> Callable[[str], Path]:
+    """argparse type of --json and --plot: a file that can be written, known before the run
+    rather than after minutes of measuring."""
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if suffix is not None and path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {suffix} file")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+        folder = path.parent
+        if not folder.is_dir():
+            raise argparse.ArgumentTypeError(f"no directory {folder}")
+        if not os.access(path if path.exists() else folder, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write {text}")
+        return path
+
+    return parse
+
+
+def plot_file(text: str) -> Path:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise argparse.ArgumentTypeError("needs matplotlib: pip install 'proxymq[plot]'")
+    return output_file(".png")(text)
 
 
 def body_of(size: int | None) -> bytes:
@@ -135,13 +173,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=float,
+        type=seconds,
         default=30.0,
         help="deadline of each request, seconds (30)",
     )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the raw figures as JSON")
     parser.add_argument(
-        "--plot", type=Path, metavar="FILE.png", help="draw latency and throughput (matplotlib)"
+        "--json", type=output_file(), metavar="FILE", help="write the raw figures as JSON"
+    )
+    parser.add_argument(
+        "--plot",
+        type=plot_file,
+        metavar="FILE.png",
+        help="draw latency and throughput (needs matplotlib)",
     )
     parser.add_argument(
         "--scenario",
