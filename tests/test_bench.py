@@ -6,14 +6,21 @@ answered every request, and that the figures and the plot were written.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import signal
 import subprocess
 from pathlib import Path
 
+import aio_pika
 import pytest
 
+from shared import topology
 from shared.cli.main import build_parser
 from shared.processes import script
+from tests.conftest import AMQP_URL
 
 pytestmark = pytest.mark.rabbit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,3 +78,67 @@ def test_bench_refuses_a_bad_value_before_starting(
         build_parser().parse_args(["bench", *argv])
     assert exited.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def children(pid: int) -> dict[int, str]:
+    """The processes `pid` started, with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def partitions_exist(service: str) -> bool:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        return await topology.queue_exists(connection, topology.partition_queue(service, 0))
+    finally:
+        await connection.close()
+
+
+@pytest.mark.timeout(180)
+def test_bench_stops_when_one_of_its_processes_dies() -> None:
+    """A dequeuer killed mid-run: the bench says which process exited and stops, with exit 1
+    and nothing left behind, instead of timing out every request that is left."""
+    args = ["bench", "--requests", "1000000", "--concurrency", "1", "--rounds", "1"]
+    bench = subprocess.Popen(
+        [script("proxymq"), *args, "--warmup", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
+    )
+    started: dict[int, str] = {}
+    try:
+        assert bench.stdout is not None
+        first = bench.stdout.readline()
+        found = re.search(r"bench service (\S+);", first)
+        assert found, first
+        service, started = found.group(1), children(bench.pid)
+        (dequeuer,) = (pid for pid, line in started.items() if "proxymq-dequeuer" in line)
+        os.kill(dequeuer, signal.SIGKILL)
+        output = first + bench.communicate(timeout=90)[0]
+    finally:
+        if bench.poll() is None:
+            bench.send_signal(signal.SIGTERM)  # the bench's own cleanup
+            bench.wait(60)
+        for pid in started:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert bench.returncode == 1, output
+    assert "proxymq-dequeuer exited with code -9" in output
+    assert not [pid for pid in started if alive(pid)]
+    assert not asyncio.run(partitions_exist(service))

@@ -4,7 +4,8 @@ The anchors bound what ProxyMQ can do on this machine: straight HTTP to the echo
 at all) and bare aio-pika RPC with the same guarantees (durable quorum queue, persistent,
 confirmed, ack after the confirmed reply). Only ratios taken in one run compare, so rounds
 alternate the modes (http, rpc, proxymq, http, ...) and each figure is the median over rounds.
-Any failed request or process makes the exit code 1; missing a goal does not.
+Any failed request or process makes the exit code 1; missing a goal does not. A process that
+exits during the run stops it.
 """
 
 from __future__ import annotations
@@ -326,7 +327,10 @@ async def bench(args: argparse.Namespace, console: Console) -> int:
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console, refresh_per_second=4) as progress:
-            runs = await measure_all(modes, args, progress, console, meter)
+            runs = await bench_stack.while_running(
+                measure_all(modes, args, progress, console, meter),
+                list(endpoints.children.values()),
+            )
         return report(args, console, runs, describe(args, connection))
 
 
@@ -383,6 +387,9 @@ async def guarded(args: argparse.Namespace, console: Console) -> int:
         return await bench(args, console)
     except bench_stack.StartFailed as exc:
         console.print(f"[red]the benchmark could not start:[/] {exc}", highlight=False)
+        return 1
+    except bench_stack.ProcessExited as exc:
+        console.print(f"[red]the benchmark stopped:[/] {exc}", highlight=False)
         return 1
     except asyncio.CancelledError:
         console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")

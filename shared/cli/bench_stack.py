@@ -3,7 +3,8 @@
 Each process is registered on an `AsyncExitStack` before anything can fail after it, and the
 broker objects it creates are registered before it starts, so a failed start, an error or Ctrl-C
 still stops every process (SIGTERM) and deletes the bench service's topology and the RPC queue.
-Logs go to files; when a process does not come up, the tail of its log is the error message.
+Logs go to files; when a process does not come up, or exits during the run, the tail of its log
+is the error message.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import contextlib
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiormq
 from aio_pika.abc import AbstractConnection
@@ -27,10 +29,17 @@ from shared.processes import Process, free_port
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
+WATCH_INTERVAL = 0.5
+T = TypeVar("T")
 
 
 class StartFailed(RuntimeError):
     """A process of the benchmark did not come up; the run is broken, not slow."""
+
+
+class ProcessExited(RuntimeError):
+    """A process of the benchmark exited during the run: the requests through it would only
+    time out, one deadline after another."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,11 @@ class Endpoints:
     proxy_url: str
     rpc_queue: str
     service: str
-    pids: dict[str, int]  # process name -> pid, for the CPU figures
+    children: dict[str, Child]  # by the names of the CPU figures
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: child.process.pid for name, child in self.children.items()}
 
 
 def module_process(
@@ -67,33 +80,64 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:]) or "(empty log)"
 
 
-async def launch(stack: AsyncExitStack, process: Process, log: Path) -> Process:
+@dataclass(frozen=True)
+class Child:
+    """A started process and the file its output goes to."""
+
+    process: Process
+    log: Path
+
+    def exited(self) -> int | None:
+        return None if self.process.popen is None else self.process.popen.poll()
+
+    def tail(self) -> str:
+        return f"--- last lines of {self.log} ---\n{log_tail(self.log)}"
+
+
+async def launch(stack: AsyncExitStack, process: Process, log: Path) -> Child:
     """Start, register the stop, then wait for readiness (blocking probes run in a thread).
     The child keeps its own descriptor of the log file, so ours is closed at once."""
     with log.open("wb") as handle:
         process.log = handle
         process.start()
     stack.push_async_callback(asyncio.to_thread, process.stop, STOP_GRACE)
+    child = Child(process, log)
     try:
         await asyncio.to_thread(process.wait_ready, READY_TIMEOUT)
     except (RuntimeError, TimeoutError) as exc:
-        raise StartFailed(f"{exc}\n--- last lines of {log} ---\n{log_tail(log)}") from exc
-    return process
+        raise StartFailed(f"{exc}\n{child.tail()}") from exc
+    return child
 
 
-async def wait_consumer(
-    connection: AbstractConnection, queue: str, process: Process, log: Path
-) -> None:
+async def while_running(work: Awaitable[T], children: Sequence[Child]) -> T:
+    """`work`, stopped with `ProcessExited` as soon as one of the children exits."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=WATCH_INTERVAL)
+            for child in children:
+                code = child.exited()
+                if code is not None:
+                    raise ProcessExited(
+                        f"{child.process.name} exited with code {code} during the run\n"
+                        + child.tail()
+                    )
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+async def wait_consumer(connection: AbstractConnection, queue: str, child: Child) -> None:
     """The RPC server has no HTTP port: it is ready when the broker counts its consumer."""
     deadline = time.monotonic() + READY_TIMEOUT
     channel = await connection.channel()
     try:
         while time.monotonic() < deadline:
-            if process.popen is not None and process.popen.poll() is not None:
-                raise StartFailed(
-                    f"{process.name} exited with code {process.popen.returncode}\n"
-                    f"--- last lines of {log} ---\n{log_tail(log)}"
-                )
+            code = child.exited()
+            if code is not None:
+                raise StartFailed(f"{child.process.name} exited with code {code}\n{child.tail()}")
             declared = await channel.declare_queue(queue, passive=True)
             result = declared.declaration_result
             if result.consumer_count:
@@ -101,7 +145,7 @@ async def wait_consumer(
             await asyncio.sleep(0.05)
     finally:
         await channel.close()
-    raise StartFailed(f"{process.name} did not consume {queue} within {READY_TIMEOUT:g} s")
+    raise StartFailed(f"{child.process.name} did not consume {queue} within {READY_TIMEOUT:g} s")
 
 
 async def delete_queue(connection: AbstractConnection, name: str) -> None:
@@ -119,7 +163,7 @@ async def delete_topology(connection: AbstractConnection, service: str) -> None:
         await topology.delete(connection, topology.Topology(service))
 
 
-async def start_echo(stack: AsyncExitStack, logs: Path) -> tuple[Process, int]:
+async def start_echo(stack: AsyncExitStack, logs: Path) -> tuple[Child, int]:
     port = free_port()
     process = module_process(
         "echo target",
@@ -132,7 +176,7 @@ async def start_echo(stack: AsyncExitStack, logs: Path) -> tuple[Process, int]:
 
 async def start_sidecar(
     stack: AsyncExitStack, command: str, args: list[str], env: Mapping[str, str], logs: Path
-) -> Process:
+) -> Child:
     """A sidecar on a free admin port (localhost only), ready when its /readyz says so."""
     admin = free_port()
     process = Process(
@@ -151,21 +195,20 @@ async def start_rpc_server(
     prefetch: int,
     env: Mapping[str, str],
     logs: Path,
-) -> Process:
+) -> Child:
     channel = await connection.channel()
     await bench_rpc.declare_queue(channel, queue)
     await channel.close()
     stack.push_async_callback(delete_queue, connection, queue)
-    log = logs / "rpc-server.log"
     process = module_process(
         "rpc server",
         "shared.cli.bench_rpc",
         ["--serve", "--queue", queue, "--prefetch", str(prefetch)],
         env=env,
     )
-    await launch(stack, process, log)
-    await wait_consumer(connection, queue, process, log)
-    return process
+    child = await launch(stack, process, logs / "rpc-server.log")
+    await wait_consumer(connection, queue, child)
+    return child
 
 
 async def start_all(
@@ -196,10 +239,10 @@ async def start_all(
         proxy_url=f"http://127.0.0.1:{port}/{service}/echo",
         rpc_queue=rpc_queue,
         service=service,
-        pids={
-            "echo": echo.pid,
-            "dequeuer": dequeuer.pid,
-            "enqueuer": enqueuer.pid,
-            "rpc server": rpc_server.pid,
+        children={
+            "echo": echo,
+            "dequeuer": dequeuer,
+            "enqueuer": enqueuer,
+            "rpc server": rpc_server,
         },
     )
