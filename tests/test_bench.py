@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import aio_pika
@@ -87,18 +88,20 @@ def children(pid: int) -> dict[int, str]:
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             if parent == pid:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().decode()
+                found[int(entry.name)] = (
+                    (entry / "cmdline").read_bytes().decode().replace("\0", " ")
+                )
         except (OSError, ValueError, IndexError):
             continue
     return found
 
 
 def alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie nobody reaped."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    return True
 
 
 async def partitions_exist(service: str) -> bool:
@@ -142,3 +145,56 @@ def test_bench_stops_when_one_of_its_processes_dies() -> None:
     assert "proxymq-dequeuer exited with code -9" in output
     assert not [pid for pid in started if alive(pid)]
     assert not asyncio.run(partitions_exist(service))
+
+
+async def delete_topology(service: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        await topology.delete(connection, topology.Topology(service))
+    finally:
+        await connection.close()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "scenario", [["failover", "--trials", "1000"], ["batching", "--requests", "3000"]]
+)
+def test_a_bench_scenario_stopped_by_sigterm_leaves_nothing_behind(scenario: list[str]) -> None:
+    """SIGTERM (a `kill`, a CI job's timeout) while the dequeuers run: the bench stops them and
+    deletes its service, as it does on Ctrl-C."""
+    bench = subprocess.Popen(
+        [script("proxymq"), "bench", "--scenario", *scenario],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
+    )
+    seen: dict[int, str] = {}
+    service, output = "", ""
+    try:
+        deadline = time.monotonic() + 120
+        while not service:
+            assert bench.poll() is None, "the bench ended before its dequeuer started"
+            assert time.monotonic() < deadline, "no dequeuer started within 120 s"
+            seen.update(children(bench.pid))
+            found = [re.search(r"--service (\S+)", line) for line in seen.values()]
+            service = next((match.group(1) for match in found if match), "")
+            time.sleep(0.1)
+        seen.update(children(bench.pid))
+        bench.send_signal(signal.SIGTERM)
+        output = bench.communicate(timeout=90)[0]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        left = [line for pid, line in seen.items() if alive(pid)]
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        kept = bool(service) and asyncio.run(partitions_exist(service))
+        if kept:
+            asyncio.run(delete_topology(service))
+    assert bench.returncode == 130, output
+    assert "interrupted" in output
+    assert not left
+    assert not kept, f"{service} was left on the broker"

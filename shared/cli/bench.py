@@ -17,7 +17,6 @@ import importlib.util
 import math
 import os
 import platform
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -378,13 +377,8 @@ def describe(
 
 
 async def guarded(args: argparse.Namespace, console: Console) -> int:
-    """SIGTERM cancels the run like Ctrl-C does, so the cleanup runs in both cases."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        return await bench(args, console)
+        return await bench_stack.stopped_by_sigterm(bench(args, console))
     except bench_stack.StartFailed as exc:
         console.print(f"[red]the benchmark could not start:[/] {exc}", highlight=False)
         return 1
@@ -394,8 +388,6 @@ async def guarded(args: argparse.Namespace, console: Console) -> int:
     except asyncio.CancelledError:
         console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")
         return EXIT_INTERRUPTED
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -405,11 +397,14 @@ def run(args: argparse.Namespace) -> int:
         argv = ["--requests", str(args.requests), "--amqp-url", args.amqp_url]
         bench_batch.main([*argv, *(["--json", str(args.json)] if args.json else [])])
     if args.scenario in ("ordering", "scaling", "failover"):
-        return asyncio.run(
-            bench_partitions.run(
-                args.scenario, args.amqp_url, args.requests, args.trials, args.json, console
-            )
+        scenario = bench_partitions.run(
+            args.scenario, args.amqp_url, args.requests, args.trials, args.json, console
         )
+        try:
+            return asyncio.run(bench_stack.stopped_by_sigterm(scenario))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")
+            return EXIT_INTERRUPTED
     runner: Callable[[Coroutine[object, object, int]], int] = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop

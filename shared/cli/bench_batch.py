@@ -306,11 +306,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="proxymq-bench-batch-") as scratch:
         args.logs = args.logs or scratch
         try:
-            sys.exit(asyncio.run(bench(args, console)))
+            sys.exit(asyncio.run(bench_stack.stopped_by_sigterm(bench(args, console))))
         except (bench_stack.StartFailed, TimeoutError, OSError) as exc:
             console.print(f"[red]bench failed:[/] {exc}")
             sys.exit(1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")
             sys.exit(130)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 import time
 import uuid
@@ -127,6 +128,19 @@ async def while_running(work: Awaitable[T], children: Sequence[Child]) -> T:
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
+
+
+async def stopped_by_sigterm(work: Awaitable[T]) -> T:
+    """`work` in the running loop's main task, which SIGTERM cancels as Ctrl-C does, so the
+    same cleanup runs in both cases."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def wait_consumer(connection: AbstractConnection, queue: str, child: Child) -> None:
