@@ -19,9 +19,10 @@ import aio_pika
 import pytest
 
 from shared import topology
+from shared.cli import ensure_broker
 from shared.cli.main import build_parser
 from shared.processes import script
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, closed_port
 
 pytestmark = pytest.mark.rabbit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -198,3 +199,35 @@ def test_a_bench_scenario_stopped_by_sigterm_leaves_nothing_behind(scenario: lis
     assert "interrupted" in output
     assert not left
     assert not kept, f"{service} was left on the broker"
+
+
+@pytest.mark.parametrize("scenario", ["anchors", "ordering", "batching"])
+def test_bench_without_a_broker_says_what_to_run(scenario: str) -> None:
+    with closed_port() as port:
+        done = subprocess.run(
+            [script("proxymq"), "bench", "--scenario", scenario],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "PROXYMQ_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{port}/"},
+        )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "does not answer" in output
+    assert "make broker" in output
+    assert "Traceback" not in output
+
+
+def test_bench_on_a_broker_without_the_hash_exchange_says_what_to_enable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def unknown(url: str) -> bool:
+        return False
+
+    monkeypatch.setattr(ensure_broker, "has_consistent_hash", unknown)
+    args = build_parser().parse_args(["bench", "--amqp-url", AMQP_URL])
+    assert args.run(args) == 1
+    err = capsys.readouterr().err
+    assert "has no x-consistent-hash exchange type" in err
+    assert "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange" in err

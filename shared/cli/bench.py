@@ -17,6 +17,7 @@ import importlib.util
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -37,7 +38,7 @@ from rich.progress import (
 )
 
 from shared.broker import redact
-from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack
+from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack, ensure_broker
 from shared.cli.bench_cpu import CpuMeter, local_broker
 from shared.cli.bench_load import RequestFailed, Run, Send, drive, measure, summarize
 from shared.cli.bench_rpc import RpcClient
@@ -390,9 +391,24 @@ async def guarded(args: argparse.Namespace, console: Console) -> int:
         return EXIT_INTERRUPTED
 
 
+async def check_broker(url: str) -> None:
+    """Before any process starts: the broker answers, and knows the exchange type partitions
+    need; else `BrokerProblem` says what to run."""
+    if not await ensure_broker.has_consistent_hash(url):
+        raise ensure_broker.BrokerProblem(
+            f"the broker at {redact(url)} has no x-consistent-hash exchange type",
+            f"on the broker run `rabbitmq-plugins enable {' '.join(ensure_broker.PLUGINS)}`",
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """The same loop as the sidecars (uvloop when installed): a fair comparison needs it."""
     console = Console()
+    try:
+        asyncio.run(check_broker(args.amqp_url))
+    except ensure_broker.BrokerProblem as exc:
+        print(f"proxymq bench: {exc}", file=sys.stderr)
+        return 1
     if args.scenario == "batching":
         argv = ["--requests", str(args.requests), "--amqp-url", args.amqp_url]
         bench_batch.main([*argv, *(["--json", str(args.json)] if args.json else [])])
