@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -144,6 +145,10 @@ def test_bench_stops_when_one_of_its_processes_dies() -> None:
                 os.kill(pid, signal.SIGKILL)
     assert bench.returncode == 1, output
     assert "proxymq-dequeuer exited with code -9" in output
+    log = re.search(r"last lines of (\S+) ---", output)
+    assert log, output
+    assert Path(log.group(1)).exists(), "the log it names is kept"
+    shutil.rmtree(Path(log.group(1)).parent)
     assert not [pid for pid in started if alive(pid)]
     assert not asyncio.run(partitions_exist(service))
 

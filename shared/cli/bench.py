@@ -17,6 +17,7 @@ import importlib.util
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -293,9 +294,8 @@ def advance(progress: Progress, task: TaskID) -> Callable[[], None]:
     return tick
 
 
-async def bench(args: argparse.Namespace, console: Console) -> int:
+async def bench(args: argparse.Namespace, console: Console, logs: Path) -> int:
     async with AsyncExitStack() as stack:
-        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="proxymq-bench-")))
         try:
             connection = await aio_pika.connect(
                 args.amqp_url, client_properties={"connection_name": "proxymq bench"}
@@ -378,8 +378,19 @@ def describe(
 
 
 async def guarded(args: argparse.Namespace, console: Console) -> int:
+    """The process logs are deleted after a good or an interrupted run, kept after a failure."""
+    logs = Path(tempfile.mkdtemp(prefix="proxymq-bench-"))
+    code = await outcome(args, console, logs)
+    if code in (0, EXIT_INTERRUPTED):
+        shutil.rmtree(logs, ignore_errors=True)
+    else:
+        console.print(f"process logs kept in {logs}", highlight=False)
+    return code
+
+
+async def outcome(args: argparse.Namespace, console: Console, logs: Path) -> int:
     try:
-        return await bench_stack.stopped_by_sigterm(bench(args, console))
+        return await bench_stack.stopped_by_sigterm(bench(args, console, logs))
     except bench_stack.StartFailed as exc:
         console.print(f"[red]the benchmark could not start:[/] {exc}", highlight=False)
         return 1
