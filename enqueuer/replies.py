@@ -114,16 +114,21 @@ class ReplyWaiter:
                 log.debug("reply queue check failed: %s", exc)
 
     async def _look(self) -> None:
+        """Only right after a reconnect does it matter whether the queue was gone before it
+        is declared again (`_lost`); the other looks need no passive declare, whose refusal
+        closes its channel: a channel opened and closed every WATCH_INTERVAL for nothing."""
         assert self._queue is not None and self._lease is not None
         unsure = self._unsure
-        found = await self._passive_declare(self.queue_name)
-        if found is None:
-            if unsure is not None and await self._passive_declare(self._lease.name) is not None:
-                self._lost(unsure)
-            await self._queue.declare()
+        if (
+            unsure is not None
+            and await self._passive_declare(self.queue_name) is None
+            and await self._passive_declare(self._lease.name) is not None
+        ):
+            self._lost(unsure)
+        await self._queue.declare()  # not passive: makes it again if it is gone
         self._unsure = None
         await self._lease.declare()  # renews its lease
-        if found is None or not found.consumer_count:
+        if not self._queue.declaration_result.consumer_count:
             if unsure is None:
                 log.warning(
                     "reply queue %s was gone or not consumed: consuming it again", self.queue_name
