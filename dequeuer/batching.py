@@ -255,7 +255,7 @@ class BatchingTransport:
                     f"what {self.size} answers of --max-response ({self.max_response}) may take"
                 )
             for item in live:
-                _settle(item, CallFailed(failure.kind, detail))
+                _settle(item, CallFailed(failure.kind, detail, sent=failure.sent))
             return
         for item, outcome in zip(live, self.outcomes(answer, len(live)), strict=True):
             _settle(item, self.own(item.request.method, outcome))

@@ -567,7 +567,8 @@ async def test_over_http_nobody_listening() -> None:
         )
     finally:
         await transport.close()
-    assert all(isinstance(o, CallFailed) and o.kind == "connect" for o in outcomes)
+    # Refused: never sent, so none of --max-attempts, as for a plain call.
+    assert all(isinstance(o, CallFailed) and o.kind == "connect" and not o.sent for o in outcomes)
 
 
 # --- the dequeuer's settings ---------------------------------------------------------------
