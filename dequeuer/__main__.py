@@ -187,7 +187,8 @@ async def serve(settings: DequeuerSettings) -> int:
 
 async def graceful_stop(membership: Membership, partitions: Partitions) -> None:
     """Leave first (the others subscribe to our partitions and wait), then finish what is in
-    flight and close each partition's channel: the next consumer starts where we stopped."""
+    flight; the connection's close, last, returns what is held: the next consumer starts where
+    we stopped."""
     try:
         await membership.leave()
         await partitions.release_all()

@@ -175,11 +175,10 @@ class Membership:
         self._check_change()
 
     async def stop(self) -> None:
+        """The heartbeats end; the channel goes with the connection's close, which follows."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._channel is not None and not self._channel.is_closed:
-            await closed_within(self._channel.close())
 
 
 def announced_expiry(value: object, default: float) -> float:

@@ -966,6 +966,57 @@ async def test_stopping_while_the_broker_has_gone_silent(
     assert f"released {service}.p0" in logged
 
 
+async def test_stopping_with_replies_stuck_in_a_silent_broker(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The broker goes silent while calls are in flight: their replies wait for confirms that
+    never come, so the drain takes the whole --shutdown-grace. After it, the dequeuer closed
+    each partition's channel, then its membership channel, then its connection, each close
+    given up only after 2 s: 6 s past the grace (31 s with the default 25 s, past Kubernetes'
+    30 s). It closes its connection once now; the requests it held go back to their queues."""
+    grace = 2.0
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        _, url = await stack.enqueuer()
+        dequeuer = await stack.dequeuer(
+            service,
+            target.url,
+            *("--shutdown-grace", str(grace), "--partitions", "2"),
+            env={"PROXYMQ_AMQP_URL": proxy.url},
+        )
+        assert dequeuer.popen is not None
+        calls = [
+            asyncio.ensure_future(http.get(f"{url}/{service}/delay/0.5?{i}")) for i in range(4)
+        ]
+        async with asyncio.timeout(10):
+            while len(target.seen) < 4:
+                await asyncio.sleep(0.05)
+        proxy.blackhole()
+        started = time.monotonic()
+        dequeuer.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(dequeuer.popen.wait, 30) == 0
+        took = time.monotonic() - started
+    finally:
+        await proxy.stop()
+    for call in calls:
+        call.cancel()
+    assert took < grace + 5, f"stopped {took:.1f} s after SIGTERM, with a {grace:g} s grace"
+    logged = stack.log_text()
+    assert "Traceback" not in logged and "Unclosed" not in logged
+    # Nothing was acked without its reply: all four are back in their partitions.
+    held = 0
+    for queue in topology.Topology(service, partitions=2).queues:
+        channel = await amqp.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        held += declared.declaration_result.message_count or 0
+        await channel.close()
+    assert held == 4
+
+
 async def test_a_draining_dequeuer_is_not_ready(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
