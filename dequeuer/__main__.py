@@ -192,7 +192,6 @@ async def graceful_stop(membership: Membership, partitions: Partitions) -> None:
     try:
         await membership.leave()
         await partitions.release_all()
-        await partitions.stop()
     except Exception as exc:
         log.warning("graceful stop incomplete: %s", exc)
     await asyncio.sleep(0)

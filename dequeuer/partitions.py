@@ -135,8 +135,9 @@ class Partitions:
             subscription = Subscription(index, name, channel)
             await queue.consume(partial(self.on_message, subscription))
         except BaseException:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await channel.close()
+            if not self._stopping:  # at exit, left to the connection's close, as in `_release`
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await channel.close()
             raise
         self.subscriptions[index] = subscription
         log.info("subscribed to %s", name)
@@ -164,18 +165,16 @@ class Partitions:
 
     async def release_all(self) -> None:
         """For a graceful stop: every partition given up in parallel, each after its drain.
-        Their channels are left to the connection's close, which follows: each closed on its
-        own first, a broker gone silent held the stop 2 s more for each (`closed_within`)."""
-        self._stopping = True
-        self.want(frozenset())
-        await asyncio.sleep(0)
-        while self.subscriptions or self._releasing:
-            if self._releasing:
-                await asyncio.gather(*self._releasing.values(), return_exceptions=True)
-            else:
-                await asyncio.sleep(0.01)
 
-    async def stop(self) -> None:
+        The task that moves subscriptions stops first: given up by it, the partitions waited
+        for any subscribe it was in, and one into a broker gone silent ended only when the
+        heartbeats gave the connection up (48 s by default), past the grace. The channels are
+        left to the connection's close, which follows: each closed on its own first, a broker
+        gone silent held the stop 2 s more for each (`closed_within`)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for index in self.subscriptions.keys() - self._releasing.keys():
+            self._releasing[index] = asyncio.create_task(self._release(index))
+        await asyncio.gather(*self._releasing.values(), return_exceptions=True)

@@ -10,6 +10,7 @@ import itertools
 import json
 import random
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -401,6 +402,47 @@ async def test_a_rebalance_cut_by_a_lost_connection_is_finished_after_it(
         assert time.monotonic() - started < 15
     finally:
         await proxy.stop()
+
+
+async def test_stopping_while_subscribing_into_a_silent_broker(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """SIGTERM while a subscribe waits on a broker gone silent (the dequeuer took its peer,
+    unheard since, for gone): it stops within its grace. It waited until the heartbeats gave
+    the connection up (48 s with the default --amqp-heartbeat 15), then 1 s more per partition
+    it had wanted, since its partitions were given up only by the task stuck in the subscribe;
+    its own partitions went on starting the requests they held meanwhile."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        behind = await stack.dequeuer(
+            service,
+            target.url,
+            *("--instance-id", "behind", "--partitions", str(PARTITIONS)),
+            *("--shutdown-grace", "5"),
+            env={"PROXYMQ_AMQP_URL": proxy.url},
+        )
+        assert behind.popen is not None
+        [peer] = await start_dequeuers(stack, service, target, "peer")
+        await wait_balanced(http, [behind, peer])
+        log = stack.logs / "proxymq-dequeuer-0.log"
+        taken = f"partitions of this dequeuer: {','.join(map(str, range(PARTITIONS)))} "
+        before = log.read_text().count(taken)  # once already, before the peer came
+        proxy.blackhole()
+        async with asyncio.timeout(20):
+            while log.read_text().count(taken) == before:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1)
+        started = time.monotonic()
+        behind.signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(behind.popen.wait, 40)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+    finally:
+        await proxy.stop()
+    assert code == 0, f"exit code {code} after {took:.0f} s"
+    assert took < 15, f"stopped {took:.0f} s after SIGTERM, with a 5 s grace"
 
 
 @pytest.mark.parametrize("member", [5, ["a"], None])
