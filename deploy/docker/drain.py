@@ -8,8 +8,9 @@ first) but is backwards for the dequeuer, which calls the microservice: if the m
 stopped first, requests the dequeuer still holds would fail and be retried, dead-lettered or
 handed back late. This hook runs before the microservice gets its SIGTERM; it sends SIGTERM to
 the dequeuer (which leaves the group, finishes what is in flight within its shutdown grace and
-closes its partition channels so held requests go back to the head of their queues) and waits
-until that process is gone. The kubelet does not restart containers of a terminating pod.
+closes its connection, its partition channels with it, so held requests go back to the head of
+their queues) and waits until that process is gone. The kubelet does not restart containers of
+a terminating pod.
 
 How long it waits: the dequeuer's own shutdown grace (its `--shutdown-grace` flag, else its
 PROXYMQ_SHUTDOWN_GRACE, else the default 25 s), read from /proc, plus 10 s to leave the group
