@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from shared.settings import ByteSize, CommaList, SidecarSettings, check_url
-from shared.topology import check_service_name
+from shared.topology import INT64_MAX, check_service_name
 
 
 class DequeuerSettings(SidecarSettings):
@@ -87,12 +87,14 @@ class DequeuerSettings(SidecarSettings):
     delivery_limit: int = Field(
         20,
         ge=1,
+        le=INT64_MAX,  # what AMQP carries: larger failed the declaration, half made
         description="quorum queue x-delivery-limit: deliveries "
         "before the broker dead-letters a message (poison messages)",
     )
     max_length: int | None = Field(
         None,
         ge=1,
+        le=INT64_MAX,
         description="x-max-length of each partition "
         "(reject-publish: the enqueuer answers 429 when full)",
     )

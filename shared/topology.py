@@ -106,6 +106,7 @@ def _amqp_args(args: QuorumQueueArgs) -> FieldTable:
 
 
 MAX_PARTITIONS = 1024
+INT64_MAX = 2**63 - 1  # the largest integer an AMQP table (a queue argument) carries
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,6 @@ def management_url(value: str) -> str | None:
     return value.rstrip("/")
 
 
-INT64_MAX = 2**63 - 1  # the largest integer an AMQP table (a queue argument) carries
-
-
 def integer(low: int, high: int) -> Callable[[str], int]:
     """argparse type: a whole number in [low, high]; anything else is a usage error (exit 2)
     before anything is contacted or declared."""

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import INT64_MAX, add_amqp_url, confirm, integer
+from shared.cli.common import add_amqp_url, confirm, integer
 from shared.cli.ensure_broker import BrokerProblem, connect, management_url
 from shared.cli.status import (
     MANAGEMENT_TIMEOUT,
@@ -45,7 +45,7 @@ def service_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-positive = integer(1, INT64_MAX)
+positive = integer(1, topology.INT64_MAX)
 partition_count = integer(1, topology.MAX_PARTITIONS)
 
 

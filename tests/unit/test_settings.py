@@ -220,6 +220,14 @@ def test_values_that_fail_the_enqueuer_later_are_refused_at_start(
             ["--heartbeat-interval", "3", "--member-expiry", "1"],
             "less than two --heartbeat-interval (3 s); set it to at least 6",
         ),
+        (
+            ["--delivery-limit", str(2**63)],
+            "--delivery-limit: Input should be less than or equal to 9223372036854775807",
+        ),
+        (
+            ["--max-length", str(2**63)],
+            "--max-length: Input should be less than or equal to 9223372036854775807",
+        ),
     ],
 )
 def test_values_that_could_never_work_are_refused_at_start(
@@ -227,7 +235,8 @@ def test_values_that_could_never_work_are_refused_at_start(
 ) -> None:
     """Each was accepted and then failed silently for ever: a target or ready path that was
     never ready, a broker URL retried every second, dequeuers that took each other for gone
-    between heartbeats and handed partitions back and forth."""
+    between heartbeats and handed partitions back and forth; a queue argument over 2^63-1,
+    which AMQP cannot carry, failed the declaration with exit 1 once S.dlq was declared."""
     assert exit_code(DequeuerSettings, ["--service", "s", *argv]) == 2
     err = capsys.readouterr().err
     assert says in err and "secret" not in err
