@@ -6,9 +6,8 @@ import contextlib
 import logging
 
 from enqueuer.app import BROKER, ENQUEUER, create_app
-from enqueuer.guard import read_token
 from enqueuer.settings import EnqueuerSettings
-from shared import logs, partition_key, service, tracing
+from shared import logs, service, tracing
 from shared.admin import admin_app
 from shared.broker import BROKER_ERRORS, warn_above_max_message_size
 from shared.errors import QueueInUse
@@ -65,11 +64,6 @@ def main() -> None:
     settings = load(EnqueuerSettings)
     logs.setup(settings.log_level, settings.json_logs)
     tracing.setup("proxymq-enqueuer")
-    try:  # configuration mistakes end here with one line, not in a traceback at startup
-        partition_key.parse_sources(settings.partition_key)
-        read_token(settings.auth_token_file)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"{EnqueuerSettings.prog}: invalid configuration: {exc}") from None
     service.run(serve(settings))
 
 

@@ -13,7 +13,10 @@ from shared.errors import HeadersTooLarge, Unauthorized
 def read_token(path: str | None) -> bytes | None:
     if path is None:
         return None
-    token = Path(path).read_text().strip().encode()
+    try:
+        token = Path(path).read_text().strip().encode()
+    except OSError as exc:
+        raise ValueError(f"cannot read the auth token file {path}: {exc.strerror}") from None
     if not token:
         raise ValueError(f"the auth token file {path} is empty")
     return token

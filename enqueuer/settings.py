@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from enqueuer.guard import read_token
+from shared import partition_key
 from shared.settings import ByteSize, CommaList, SidecarSettings
 
 # The longest deadline, of --timeout and X-Request-Timeout alike: an asynchronous request may
@@ -126,6 +128,20 @@ class EnqueuerSettings(SidecarSettings):
         description="name of this enqueuer (reply queue proxymq.replies.ID), one per "
         "enqueuer: a second one with the same id stops at startup; default: a random id",
     )
+
+    @field_validator("partition_key")
+    @classmethod
+    def _key_sources(cls, values: list[str]) -> list[str]:
+        partition_key.parse_sources(values)
+        return values
+
+    @field_validator("auth_token_file")
+    @classmethod
+    def _token_readable(cls, value: str | None) -> str | None:
+        """Read once here so that a missing or empty token file is a configuration error like
+        any other (exit 2), not a failure once the enqueuer starts."""
+        read_token(value)
+        return value
 
     @field_validator("instance_id")
     @classmethod

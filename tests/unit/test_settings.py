@@ -275,3 +275,28 @@ def test_unknown_log_level_exits_2(
 @pytest.mark.parametrize(("level", "read"), [("DEBUG", "debug"), (" Warning ", "warning")])
 def test_log_level_is_read_in_any_case(level: str, read: str) -> None:
     assert load(EnqueuerSettings, ["--log-level", level]).log_level == read
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--partition-key", "cookie:x"], "--partition-key: Value error, partition key source"),
+        (["--partition-key", "json:user"], "must start with '/'"),
+        (["--auth-token-file", "/no/such/token"], "--auth-token-file: Value error, cannot read"),
+        (["--auth-token-file", "/dev/null"], "the auth token file /dev/null is empty"),
+    ],
+)
+def test_enqueuer_key_sources_and_token_file_are_checked_with_the_rest(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were checked apart, after the settings, and a mistake exited 1 where every other
+    configuration mistake exits 2."""
+    assert exit_code(EnqueuerSettings, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("proxymq-enqueuer: invalid configuration: ") and says in err
+
+
+def test_a_readable_token_file_is_taken(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    assert load(EnqueuerSettings, ["--auth-token-file", str(token)]).auth_token_file == str(token)
