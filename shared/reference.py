@@ -50,8 +50,9 @@ def render() -> str:
         "Generated from the settings code by `proxymq docs-config` (a test checks it is current).\n"
         "Every flag is also an environment variable; flags win over the environment. Any value\n"
         "can be read from a file instead: `PROXYMQ_AMQP_URL_FILE=/run/secrets/amqp` (for\n"
-        "secrets, so they never sit on a command line). Sizes take units (`512KiB`, `1MiB`);\n"
-        "lists are comma separated or the flag repeated.\n"
+        "secrets, so they never sit on a command line). A variable and its file set at once are\n"
+        "refused; a flag wins over both, and its file is not read. Sizes take units (`512KiB`,\n"
+        "`1MiB`); lists are comma separated or the flag repeated.\n"
     )
     parts = [section(s) for s in (EnqueuerSettings, DequeuerSettings, UrlFetcherSettings)]
     return head + "\n" + "\n".join(parts)

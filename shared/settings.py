@@ -72,19 +72,31 @@ CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
 LogLevel = Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(folded)]
 
 
+def read_secret_file(variable: str) -> str | None:
+    """The value of the file `{variable}_FILE` names, or None when it is not set. Set beside
+    `variable` itself, it is refused rather than ranked: which of two values wins is a guess a
+    reader of the pod's environment should not have to make. A ValueError says what is wrong."""
+    path = os.environ.get(f"{variable}_FILE")
+    if not path:
+        return None
+    if variable in os.environ:
+        raise ValueError(f"{variable} and {variable}_FILE are both set: set one of them")
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        name = variable.removeprefix("PROXYMQ_").lower()
+        raise ValueError(f"cannot read {name} from {path}: {exc.strerror or exc}") from None
+
+
 class FileSecretsSource(PydanticBaseSettingsSource):
     """`PROXYMQ_AMQP_URL_FILE=/run/secrets/amqp` reads the value from a file, so secrets never sit
     on a command line or in `ps` output."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        prefix = str(self.config.get("env_prefix", ""))
-        path = os.environ.get(f"{prefix}{field_name}_FILE".upper())
-        if not path:
-            return None, field_name, False
-        try:
-            return Path(path).read_text().strip(), field_name, False
-        except OSError as exc:
-            raise ValueError(f"cannot read {field_name} from {path}: {exc.strerror}") from exc
+        variable = f"{self.config.get('env_prefix', '')}{field_name}".upper()
+        if field_name in self.current_state and variable not in os.environ:
+            return None, field_name, False  # a flag gave it and wins: its file is not read
+        return read_secret_file(variable), field_name, False
 
     def __call__(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -206,7 +218,7 @@ def epilog_for(cls: type[CommandSettings]) -> str:
     flag, env = "--" + name.replace("_", "-"), "PROXYMQ_" + name.upper()
     return (
         f"Every flag is also an environment variable: {flag} is {env}, and "
-        f"{env}_FILE reads it from a file. Flags win over the environment."
+        f"{env}_FILE reads it from a file (not both). Flags win over the environment."
     )
 
 

@@ -142,12 +142,35 @@ def test_a_malformed_amqp_url_is_a_usage_error(
             elif how == "environment":
                 patch.setenv("PROXYMQ_AMQP_URL", url)
             else:
+                patch.delenv("PROXYMQ_AMQP_URL", raising=False)
                 patch.setenv("PROXYMQ_AMQP_URL_FILE", "/nonexistent")
                 said = "cannot read amqp_url from /nonexistent: No such file or directory"
             with pytest.raises(SystemExit) as exited:
                 build_parser().parse_args(argv)
         assert exited.value.code == 2
         assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("readable", [True, False])
+def test_an_amqp_url_variable_and_file_both_set_are_refused(
+    readable: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`proxymq` took the file and the sidecars the variable: the same environment reached two
+    brokers. Both set is a usage error everywhere."""
+    secret = tmp_path / "amqp"
+    if readable:
+        secret.write_text(AMQP_URL)
+    monkeypatch.setenv("PROXYMQ_AMQP_URL", AMQP_URL)
+    monkeypatch.setenv("PROXYMQ_AMQP_URL_FILE", str(secret))
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["status", "--service", "s"])
+    assert exited.value.code == 2
+    assert "PROXYMQ_AMQP_URL and PROXYMQ_AMQP_URL_FILE are both set: set one of them" in (
+        capsys.readouterr().err
+    )
 
 
 async def test_a_refused_vhost_is_named(service: str) -> None:

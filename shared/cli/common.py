@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from yarl import URL
 
-from shared.settings import DEFAULT_AMQP_URL, check_amqp_url
+from shared.settings import DEFAULT_AMQP_URL, check_amqp_url, read_secret_file
 
 # The default of --amqp-url until parsing resolves it: the environment is read, and the URL
 # checked, only when the value is used, so that `--help` works whatever the environment holds.
@@ -19,18 +19,11 @@ FROM_ENVIRONMENT = "$PROXYMQ_AMQP_URL"
 
 
 def env_default(name: str, default: str) -> str:
-    """Flags win over the environment, which wins over the default; `NAME_FILE` reads a file.
-    `ValueError` says in one line why the file cannot be read, as the sidecars do."""
-    path = os.environ.get(f"PROXYMQ_{name}_FILE")
-    if path:
-        try:
-            with open(path) as file:
-                return file.read().strip()
-        except OSError as exc:
-            raise ValueError(
-                f"cannot read {name.lower()} from {path}: {exc.strerror or exc}"
-            ) from None
-    return os.environ.get(f"PROXYMQ_{name}", default)
+    """Flags win over the environment, which wins over the default; `NAME_FILE` reads a file,
+    as the sidecars do (`ValueError` says in one line why it cannot be used)."""
+    variable = f"PROXYMQ_{name}"
+    value = read_secret_file(variable)
+    return os.environ.get(variable, default) if value is None else value
 
 
 def amqp_url(value: str) -> str:

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="proxymq",
         description="Operate ProxyMQ: run the demo, measure, look at a service's partitions.",
         epilog=(
-            "--amqp-url is also PROXYMQ_AMQP_URL (PROXYMQ_AMQP_URL_FILE reads it from a file), "
+            "--amqp-url is also PROXYMQ_AMQP_URL (or PROXYMQ_AMQP_URL_FILE reads it from a file, "
+            "not both), "
             "--management-url PROXYMQ_MANAGEMENT_URL; flags win over the environment."
         ),
     )

@@ -62,15 +62,39 @@ def test_amqp_url_file_is_read_and_stripped(
     assert load(EnqueuerSettings, []).amqp_url == "amqp://user:s3cret@broker:5672/"
 
 
-def test_file_loses_to_environment_and_flag(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("readable", [True, False])
+def test_a_flag_wins_over_the_file_which_is_then_not_read(
+    readable: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """An unreadable file behind a flag stopped the sidecar, though the flag would have won."""
     secret = tmp_path / "amqp"
-    secret.write_text("amqp://from-file/\n")
+    if readable:
+        secret.write_text("amqp://from-file/\n")
     monkeypatch.setenv("PROXYMQ_AMQP_URL_FILE", str(secret))
     assert load(EnqueuerSettings, ["--amqp-url", "amqp://flag/"]).amqp_url == "amqp://flag/"
+
+
+@pytest.mark.parametrize("readable", [True, False])
+@pytest.mark.parametrize("flag", [[], ["--amqp-url", "amqp://flag/"]])
+def test_a_variable_and_its_file_both_set_are_refused(
+    readable: bool,
+    flag: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The sidecars took the variable and the `proxymq` commands the file; and the sidecars
+    read the file all the same, so an unreadable one stopped them. Neither is picked now."""
+    secret = tmp_path / "amqp"
+    if readable:
+        secret.write_text("amqp://from-file/\n")
+    monkeypatch.setenv("PROXYMQ_AMQP_URL_FILE", str(secret))
     monkeypatch.setenv("PROXYMQ_AMQP_URL", "amqp://env/")
-    assert load(EnqueuerSettings, []).amqp_url == "amqp://env/"
+    assert exit_code(EnqueuerSettings, flag) == 2
+    assert capsys.readouterr().err == (
+        "proxymq-enqueuer: invalid configuration: PROXYMQ_AMQP_URL and PROXYMQ_AMQP_URL_FILE "
+        "are both set: set one of them\n"
+    )
 
 
 def test_unreadable_file_exits_2_with_message(
