@@ -8,17 +8,22 @@ run, without trying to start a second broker. The real broker is never stopped h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from yarl import URL
 
 from shared.cli import ensure_broker
-from tests.conftest import AMQP_URL, closed_port
+from tests.conftest import AMQP_URL, closed_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = 15.0  # seconds: a failing check must not sit in a retry loop
@@ -81,6 +86,34 @@ def test_local_port_where_nothing_listens_is_not_started() -> None:
             "docker compose up -d rabbitmq",
         )
     assert f":{port}/" in stderr
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """A port that accepts connections and never answers (listening, never accepting)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("peer", ["http", "silent"])
+async def test_a_listener_that_is_not_amqp_is_named_as_such(peer: str) -> None:
+    """`make broker` pointed at the management API (15672), or any port that is not AMQP's,
+    said "does not answer" and how to get a broker, though something answered there."""
+    async with contextlib.AsyncExitStack() as stack:
+        if peer == "http":
+            port = URL(await stack.enter_async_context(serving(web.Application()))).port
+        else:
+            port = stack.enter_context(silent_listener())
+        url = f"amqp://guest:guest@127.0.0.1:{port}/"
+        stderr = await asyncio.to_thread(
+            assert_fails_fast_with_advice,
+            url,
+            f"something listens at amqp://guest:***@127.0.0.1:{port}/ but does not answer AMQP",
+            "RabbitMQ takes AMQP on port 5672",
+        )
+    assert "does not answer at" not in stderr and "to get a broker" not in stderr
 
 
 def test_remote_url_is_not_started_here() -> None:

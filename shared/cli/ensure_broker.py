@@ -137,7 +137,7 @@ async def connect(
                 node, timeout=timeout, client_properties={"connection_name": name}
             )
         except Exception as exc:  # whatever the cause, it becomes the one-line reason
-            problems.append(_problem(node, exc))
+            problems.append(await _problem(node, exc, timeout))
     if len(problems) == 1:
         raise problems[0]
     refused = [p for p in problems if isinstance(p, CredentialsRefused)]
@@ -146,8 +146,9 @@ async def connect(
     raise BrokerProblem("no node answers: " + "; ".join(p.message for p in problems))
 
 
-def _problem(url: str, exc: BaseException) -> BrokerProblem:
-    """Why `url` gave no connection: refused by a broker that answered, or no broker."""
+async def _problem(url: str, exc: BaseException, timeout: float) -> BrokerProblem:
+    """Why `url` gave no connection: refused by a broker that answered, something that is no
+    broker, or nothing at all."""
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return CredentialsRefused(
             f"RabbitMQ at {redact(url)} refused the credentials ({_reason(exc)})",
@@ -164,7 +165,37 @@ def _problem(url: str, exc: BaseException) -> BrokerProblem:
             f"rabbitmqctl add_vhost {vhost}; rabbitmqctl set_permissions -p {vhost} {user} "
             "'.*' '.*' '.*'",
         )
+    greeting = await _greeting(url, min(timeout, 2.0))
+    if greeting is not None and not greeting.startswith((b"\x01", b"AMQP")):
+        said = f"it said {greeting.splitlines()[0][:40]!r}" if greeting else "it said nothing"
+        return BrokerProblem(
+            f"something listens at {redact(url)} but does not answer AMQP ({said})",
+            f"is the port right? RabbitMQ takes AMQP on port {NODE_PORT} (amqps:// on 5671); "
+            f"{MANAGEMENT_PORT} is its management API, over HTTP",
+        )
     return BrokerProblem(f"RabbitMQ does not answer at {redact(url)} ({_reason(exc)})")
+
+
+async def _greeting(url: str, timeout: float) -> bytes | None:
+    """The first bytes the peer at an amqp:// URL answers AMQP's protocol header with, b"" when
+    it says nothing in `timeout`; None when nothing takes the connection (or the URL is
+    amqps://). A broker answers with Connection.Start (a method frame: its first byte is 1),
+    or with the protocol header of the version it wants instead."""
+    parsed = URL(url)
+    if parsed.scheme != "amqp":
+        return None
+    try:
+        connecting = asyncio.open_connection(parsed.host, parsed.port or NODE_PORT)
+        reader, writer = await asyncio.wait_for(connecting, timeout)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"AMQP\x00\x00\x09\x01")
+        return await asyncio.wait_for(reader.read(64), timeout)
+    except (OSError, TimeoutError):
+        return b""
+    finally:
+        writer.close()
 
 
 async def answers(url: str, timeout: float = CONNECT_TIMEOUT) -> BrokerProblem | None:
