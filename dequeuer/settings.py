@@ -6,7 +6,19 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.settings import ByteSize, CommaList, SidecarSettings, check_url
+from shared.settings import (
+    ByteSize,
+    CommaList,
+    Host,
+    Milliseconds,
+    Name,
+    Port,
+    Seconds,
+    SidecarSettings,
+    Url,
+    UrlPath,
+    check_url,
+)
 from shared.topology import INT64_MAX, check_service_name
 
 
@@ -16,10 +28,12 @@ class DequeuerSettings(SidecarSettings):
 
     prog = "proxymq-dequeuer"
 
-    service: str = Field(description="the service this dequeuer serves (its exchange and queues)")
-    target: str = Field("http://127.0.0.1:8000", description="base URL of the microservice")
-    admin_port: int = Field(9081, ge=0, le=65535, description="port of /healthz, /readyz, /metrics")
-    admin_host: str = Field("0.0.0.0", description="address of the admin port")
+    service: Name = Field(description="the service this dequeuer serves (its exchange and queues)")
+    target: Url = Field("http://127.0.0.1:8000", description="base URL of the microservice")
+    admin_port: Port = Field(
+        9081, ge=0, le=65535, description="port of /healthz, /readyz, /metrics"
+    )
+    admin_host: Host = Field("0.0.0.0", description="address of the admin port")
     partitions: int = Field(
         8,
         ge=1,
@@ -36,17 +50,17 @@ class DequeuerSettings(SidecarSettings):
     batch_size: int = Field(
         1, ge=1, le=1000, description="requests per call to --batch-path (1: no batching)"
     )
-    batch_wait_ms: int = Field(
+    batch_wait_ms: Milliseconds = Field(
         20, ge=0, description="longest wait to fill a batch (less than --call-timeout)"
     )
-    batch_path: str = Field("/batch", description="the microservice's batch endpoint")
-    instance_id: str | None = Field(
+    batch_path: UrlPath = Field("/batch", description="the microservice's batch endpoint")
+    instance_id: Name | None = Field(
         None,
         description="name of this dequeuer in the broker's connection list and among the "
         "service's members, one per dequeuer: a second one with the same id stops at startup; "
         "default: host name and a random suffix",
     )
-    call_timeout: float = Field(
+    call_timeout: Seconds = Field(
         60.0,
         gt=0,
         description="longest single call to the microservice, "
@@ -67,7 +81,7 @@ class DequeuerSettings(SidecarSettings):
         description="calls per request before a retryable "
         "failure is dead-lettered (502 service_failed to the caller)",
     )
-    retry_backoff_ms: int = Field(
+    retry_backoff_ms: Milliseconds = Field(
         200,
         ge=0,
         description="first retry delay; doubles per attempt, with jitter, up to 10 s; at "
@@ -77,7 +91,7 @@ class DequeuerSettings(SidecarSettings):
         ["connect", "timeout", "502", "503", "504"],
         description="failures worth a retry: connect, timeout and 5xx statuses (4xx never)",
     )
-    broker_consumer_timeout: float = Field(
+    broker_consumer_timeout: Seconds = Field(
         1800.0,
         gt=0,
         description="RabbitMQ's consumer_timeout in seconds (30 minutes unless "
@@ -98,13 +112,13 @@ class DequeuerSettings(SidecarSettings):
         description="x-max-length of each partition "
         "(reject-publish: the enqueuer answers 429 when full)",
     )
-    ready_path: str | None = Field(
+    ready_path: UrlPath | None = Field(
         None,
         description="the microservice's readiness path: nothing is consumed until it "
         "answers 2xx (without it, any answer below 500 at / counts as up: a 503 says not yet)",
     )
-    ready_timeout: float = Field(2.0, gt=0, description="seconds one readiness probe may take")
-    ready_interval: float = Field(
+    ready_timeout: Seconds = Field(2.0, gt=0, description="seconds one readiness probe may take")
+    ready_interval: Seconds = Field(
         2.0,
         gt=0,
         description="seconds between readiness probes once "
@@ -118,24 +132,24 @@ class DequeuerSettings(SidecarSettings):
         "below --call-timeout counts only when the call had twice the microservice's slowest "
         "recent answer",
     )
-    breaker_reset: float = Field(
+    breaker_reset: Seconds = Field(
         10.0,
         gt=0,
         description="seconds the breaker stays open before one request probes the microservice; "
         "with other dequeuers ready, its partitions go to them meanwhile, and it takes its share "
         "back for the probe (away twice as long after each failed probe, up to 120 s)",
     )
-    shutdown_grace: float = Field(
+    shutdown_grace: Seconds = Field(
         25.0,
         ge=0,
         description="seconds a stopping dequeuer (SIGTERM) "
         "or a partition handover waits for requests in flight; fits "
         "Kubernetes' default 30 s",
     )
-    heartbeat_interval: float = Field(
+    heartbeat_interval: Seconds = Field(
         0.5, gt=0, description="seconds between membership heartbeats on exchange SERVICE.members"
     )
-    member_expiry: float = Field(
+    member_expiry: Seconds = Field(
         2.5,
         gt=0,
         description="this dequeuer, not heard from for this long, is gone and its "

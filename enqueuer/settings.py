@@ -6,7 +6,16 @@ from pydantic import Field, field_validator
 
 from enqueuer.guard import read_token
 from shared import partition_key
-from shared.settings import ByteSize, CommaList, SidecarSettings
+from shared.settings import (
+    ByteSize,
+    CommaList,
+    FilePath,
+    Host,
+    Name,
+    Port,
+    Seconds,
+    SidecarSettings,
+)
 
 # The longest deadline, of --timeout and X-Request-Timeout alike: an asynchronous request may
 # wait a month, and `inf` (or 1e300 s) does not fit the message's deadline header.
@@ -19,19 +28,19 @@ class EnqueuerSettings(SidecarSettings):
 
     prog = "proxymq-enqueuer"
 
-    host: str = Field(
+    host: Host = Field(
         "127.0.0.1",
         description="address the API listens on (localhost: only "
         "the pod's own containers can call it)",
     )
-    port: int = Field(8080, description="API port", ge=1, le=65535)
-    admin_port: int = Field(
+    port: Port = Field(8080, description="API port", ge=1, le=65535)
+    admin_port: Port = Field(
         9080, description="port of /healthz, /readyz and /metrics", ge=0, le=65535
     )
-    admin_host: str = Field(
+    admin_host: Host = Field(
         "0.0.0.0", description="address of the admin port (probes come from the kubelet)"
     )
-    auth_token_file: str | None = Field(
+    auth_token_file: FilePath | None = Field(
         None,
         description="file holding a bearer token callers must send (Authorization: Bearer "
         "TOKEN); without it, any process that reaches --host:--port may call",
@@ -58,14 +67,14 @@ class EnqueuerSettings(SidecarSettings):
         description="answer 400 bad_partition_key when no source yields a key (otherwise "
         "unkeyed requests are spread over the partitions, with no order between them)",
     )
-    timeout: float = Field(
+    timeout: Seconds = Field(
         30.0,
         gt=0,
         le=MAX_TIMEOUT,  # a deadline must fit the message's header
         description="longest a caller waits, in seconds (at most 30 days); X-Request-Timeout "
         "may ask for less",
     )
-    idle_timeout: float = Field(
+    idle_timeout: Seconds = Field(
         75.0,
         gt=0,
         le=MAX_TIMEOUT,
@@ -88,7 +97,7 @@ class EnqueuerSettings(SidecarSettings):
         description="requests waiting for a reply at once, "
         "asynchronous ones included; more get 429 backpressure",
     )
-    result_ttl: float = Field(
+    result_ttl: Seconds = Field(
         600.0, gt=0, description="seconds an asynchronous result is kept after it is done"
     )
     max_results: int = Field(
@@ -102,7 +111,7 @@ class EnqueuerSettings(SidecarSettings):
         "results and the Idempotency-Key repeats; the oldest go first, the newest is always "
         "kept",
     )
-    idempotency_window: float = Field(
+    idempotency_window: Seconds = Field(
         300.0,
         gt=0,
         description="seconds a repeated "
@@ -117,13 +126,13 @@ class EnqueuerSettings(SidecarSettings):
         "lost channels) that open the breaker on the broker connection: "
         "callers then get 503 at once",
     )
-    breaker_reset: float = Field(
+    breaker_reset: Seconds = Field(
         5.0,
         gt=0,
         description="seconds the breaker stays open before one publish probes the broker again; "
         "a restored broker connection closes it at once",
     )
-    instance_id: str | None = Field(
+    instance_id: Name | None = Field(
         None,
         description="name of this enqueuer (reply queue proxymq.replies.ID), one per "
         "enqueuer: a second one with the same id stops at startup; default: a random id",

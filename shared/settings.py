@@ -11,8 +11,9 @@ import inspect
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -66,8 +67,24 @@ def folded(value: object) -> object:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
-CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
+@dataclass(frozen=True)
+class Metavar:
+    """What `--help` shows a flag takes (`--timeout SECONDS`): the type it parses to (`float`)
+    does not say what to give. Flags that take a count need none: an `int` is shown as `N`."""
+
+    name: str
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0), Metavar("SIZE")]
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas), Metavar("A,B")]
+Seconds = Annotated[float, Metavar("SECONDS")]
+Milliseconds = Annotated[int, Metavar("MS")]
+Port = Annotated[int, Metavar("PORT")]
+Host = Annotated[str, Metavar("HOST")]
+Url = Annotated[str, Metavar("URL")]
+FilePath = Annotated[str, Metavar("FILE")]
+Name = Annotated[str, Metavar("NAME")]
+UrlPath = Annotated[str, Metavar("PATH")]  # of an HTTP URL: /ready
 # Refused at start: logging's own check of an unknown level stopped a sidecar with a traceback.
 LogLevel = Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(folded)]
 
@@ -138,11 +155,13 @@ class CommandSettings(BaseSettings):
 class SidecarSettings(CommandSettings):
     """What both sidecars share: how to reach RabbitMQ and how to log."""
 
-    amqp_url: str = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
-    amqp_ca_file: str | None = Field(None, description="CA bundle to verify an amqps:// broker")
-    amqp_cert_file: str | None = Field(None, description="client certificate for amqps://")
-    amqp_key_file: str | None = Field(None, description="client certificate's private key")
-    amqp_heartbeat: int = Field(
+    amqp_url: Url = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
+    amqp_ca_file: FilePath | None = Field(
+        None, description="CA bundle to verify an amqps:// broker"
+    )
+    amqp_cert_file: FilePath | None = Field(None, description="client certificate for amqps://")
+    amqp_key_file: FilePath | None = Field(None, description="client certificate's private key")
+    amqp_heartbeat: Annotated[int, Metavar("SECONDS")] = Field(
         15,
         ge=0,
         le=600,
@@ -241,14 +260,18 @@ def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:
     return cls(_cli_settings_source=source(args=args))  # type: ignore[call-arg]
 
 
-METAVARS = {parse_size: "SIZE", split_commas: "A,B"}  # what --help shows instead of int, list
-
-
 def _name_values(parser: argparse.ArgumentParser, cls: type[CommandSettings]) -> None:
     """`--max-body SIZE`, not `--max-body int`: the type a flag parses to is not what it takes
-    (`1MiB`, `a,b`)."""
+    (`1MiB`). Switches and choices keep theirs (`--json-logs | --no-json-logs`, `{key,none}`)."""
     for action in parser._actions:
         field = cls.model_fields.get(action.dest)
-        for rule in field.metadata if field is not None else ():
-            if isinstance(rule, BeforeValidator) and rule.func in METAVARS:
-                action.metavar = METAVARS[rule.func]
+        if field is not None and action.metavar is not None:
+            action.metavar = _metavar(field) or ("N" if action.metavar == "int" else action.metavar)
+
+
+def _metavar(field: FieldInfo) -> str | None:
+    """The field's `Metavar`, also from inside `X | None` (where the union hides it)."""
+    rules = [*field.metadata]
+    for member in get_args(field.annotation):
+        rules += getattr(member, "__metadata__", ())
+    return next((rule.name for rule in rules if isinstance(rule, Metavar)), None)

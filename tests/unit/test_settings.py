@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from dequeuer.settings import DequeuerSettings
 from enqueuer.settings import EnqueuerSettings
-from shared.settings import DEFAULT_AMQP_URL, load
+from shared.settings import DEFAULT_AMQP_URL, CommandSettings, load
+from url_fetcher.settings import UrlFetcherSettings
 
 
 @pytest.fixture(autouse=True)
@@ -277,6 +279,52 @@ def test_help_names_what_size_and_list_flags_take(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "--max-body SIZE" in out and "--services A,B" in out
     assert "--max-body int" not in out and "list[str]" not in out
+
+
+@pytest.mark.parametrize(
+    ("cls", "shown"),
+    [
+        (
+            EnqueuerSettings,
+            [
+                "--amqp-url URL",
+                "--amqp-ca-file FILE",
+                "--amqp-heartbeat SECONDS",
+                "--host HOST",
+                "--port PORT",
+                "--auth-token-file FILE",
+                "--max-headers N",
+                "--timeout SECONDS",
+                "--instance-id NAME",
+            ],
+        ),
+        (
+            DequeuerSettings,
+            [
+                "--service NAME",
+                "--target URL",
+                "--admin-port PORT",
+                "--batch-wait-ms MS",
+                "--batch-path PATH",
+                "--call-timeout SECONDS",
+                "--max-length N",
+                "--ready-path PATH",
+            ],
+        ),
+        (UrlFetcherSettings, ["--host HOST", "--port PORT", "--fetch-timeout SECONDS"]),
+    ],
+)
+def test_help_names_what_every_flag_takes(
+    cls: type[CommandSettings], shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--timeout float`, `--target str`: the type a value parses to says nothing of what to
+    give (seconds? a URL? a name?)."""
+    with pytest.raises(SystemExit):
+        load(cls, ["--help"])
+    out = capsys.readouterr().out
+    assert {"int", "float", "str"}.isdisjoint(re.findall(r"--[\w-]+ (\w+)", out)), out
+    for flag in shown:
+        assert flag in out
 
 
 @pytest.mark.parametrize("cls", [EnqueuerSettings, DequeuerSettings])

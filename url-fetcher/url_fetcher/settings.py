@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from shared.settings import ByteSize, CommandSettings
+from shared.settings import ByteSize, CommandSettings, Host, Port, Seconds
 from url_fetcher.fetch import MAX_CONNECTIONS
 
 
@@ -21,8 +21,8 @@ class UrlFetcherSettings(CommandSettings):
         "Private, loopback and link-local targets are refused unless --allow-private is given."
     )
 
-    host: str = Field("127.0.0.1", description="Address to listen on.")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    host: Host = Field("127.0.0.1", description="Address to listen on.")
+    port: Port = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     allow_private: bool = Field(
         False,
         description=(
@@ -37,7 +37,7 @@ class UrlFetcherSettings(CommandSettings):
             "(e.g. 5MiB, 512KiB, 1048576)."
         ),
     )
-    fetch_timeout: float = Field(
+    fetch_timeout: Seconds = Field(
         10.0,
         gt=0,
         description="Seconds one fetch may take in total, redirects and body included.",
