@@ -20,7 +20,7 @@ from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from enqueuer.responses import PassThroughResponse
 from enqueuer.results import ResultStore
-from enqueuer.settings import MAX_TIMEOUT, EnqueuerSettings
+from enqueuer.settings import EnqueuerSettings
 from shared import envelope, logs, partition_key, tracing
 from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope
 from shared.errors import (
@@ -34,6 +34,7 @@ from shared.errors import (
     UnknownService,
 )
 from shared.metrics import EnqueuerMetrics, status_class
+from shared.settings import MAX_SECONDS
 
 log = logging.getLogger(__name__)
 CALL = "call /{service}/{path}"
@@ -84,7 +85,7 @@ def deadline_of(request: web.Request, cap: float | None) -> float | None:
         # reads `1_0` and other scripts' digits, which no caller means as seconds.
         asked = asked.partition(",")[0]
         try:
-            value = min(float(asked), MAX_TIMEOUT) if asked.isascii() and "_" not in asked else NAN
+            value = min(float(asked), MAX_SECONDS) if asked.isascii() and "_" not in asked else NAN
         except ValueError:
             value = NAN
         if value > 0:  # NaN, zero and negative values are ignored

@@ -17,10 +17,6 @@ from shared.settings import (
     SidecarSettings,
 )
 
-# The longest deadline, of --timeout and X-Request-Timeout alike: an asynchronous request may
-# wait a month, and `inf` (or 1e300 s) does not fit the message's deadline header.
-MAX_TIMEOUT = 30 * 86400.0
-
 
 class EnqueuerSettings(SidecarSettings):
     """Sidecar next to an API: takes HTTP calls to /{service}/{path}, publishes them to the
@@ -70,14 +66,12 @@ class EnqueuerSettings(SidecarSettings):
     timeout: Seconds = Field(
         30.0,
         gt=0,
-        le=MAX_TIMEOUT,  # a deadline must fit the message's header
         description="longest a caller waits, in seconds (at most 30 days); X-Request-Timeout "
         "may ask for less",
     )
     idle_timeout: Seconds = Field(
         75.0,
         gt=0,
-        le=MAX_TIMEOUT,
         description="seconds a caller's connection may stay idle between requests, or take to "
         "send a request's head, before it is closed",
     )

@@ -52,7 +52,8 @@ def render() -> str:
         "can be read from a file instead: `PROXYMQ_AMQP_URL_FILE=/run/secrets/amqp` (for\n"
         "secrets, so they never sit on a command line). A variable and its file set at once are\n"
         "refused; a flag wins over both, and its file is not read. Sizes take units (`512KiB`,\n"
-        "`1MiB`); lists are comma separated or the flag repeated.\n"
+        "`1MiB`); durations, in seconds (or milliseconds for `-ms` flags), are at most 30 days;\n"
+        "lists are comma separated or the flag repeated.\n"
     )
     parts = [section(s) for s in (EnqueuerSettings, DequeuerSettings, UrlFetcherSettings)]
     return head + "\n" + "\n".join(parts)

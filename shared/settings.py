@@ -77,8 +77,11 @@ class Metavar:
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0), Metavar("SIZE")]
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas), Metavar("A,B")]
-Seconds = Annotated[float, Metavar("SECONDS")]
-Milliseconds = Annotated[int, Metavar("MS")]
+# The longest duration any setting takes: an asynchronous request may wait a month, and a
+# larger one (1e300 s was taken) does not fit the deadline headers it is written into.
+MAX_SECONDS = 30 * 86400
+Seconds = Annotated[float, Field(le=MAX_SECONDS), Metavar("SECONDS")]
+Milliseconds = Annotated[int, Field(le=MAX_SECONDS * 1000), Metavar("MS")]
 Port = Annotated[int, Metavar("PORT")]
 Host = Annotated[str, Metavar("HOST")]
 Url = Annotated[str, Metavar("URL")]
@@ -237,7 +240,8 @@ def epilog_for(cls: type[CommandSettings]) -> str:
     flag, env = "--" + name.replace("_", "-"), "PROXYMQ_" + name.upper()
     return (
         f"Every flag is also an environment variable: {flag} is {env}, and "
-        f"{env}_FILE reads it from a file (not both). Flags win over the environment."
+        f"{env}_FILE reads it from a file (not both). Flags win over the environment. "
+        "Durations (SECONDS, MS) are at most 30 days."
     )
 
 

@@ -22,7 +22,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def exit_code(cls: type[EnqueuerSettings] | type[DequeuerSettings], argv: list[str]) -> int:
+def exit_code(cls: type[CommandSettings], argv: list[str]) -> int:
     with pytest.raises(SystemExit) as caught:
         load(cls, argv)
     assert isinstance(caught.value.code, int)
@@ -325,6 +325,40 @@ def test_help_names_what_every_flag_takes(
     assert {"int", "float", "str"}.isdisjoint(re.findall(r"--[\w-]+ (\w+)", out)), out
     for flag in shown:
         assert flag in out
+
+
+DURATIONS = [
+    (cls, "--" + name.replace("_", "-"))
+    for cls in (EnqueuerSettings, DequeuerSettings, UrlFetcherSettings)
+    for name, field in cls.model_fields.items()
+    if field.annotation is float or name.endswith("_ms")
+]
+
+
+@pytest.mark.parametrize(("cls", "flag"), DURATIONS)
+def test_durations_are_at_most_30_days(
+    cls: type[CommandSettings],
+    flag: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--call-timeout 1e300` was taken, and every call told the microservice an
+    `X-Request-Timeout` of 300 digits; `--batch-wait-ms` of 400 digits stopped the dequeuer
+    with an OverflowError's traceback; the other durations had no bound either."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "s")
+    in_ms = flag.endswith("-ms")
+    huge = str(10**400) if in_ms else "1e300"
+    assert exit_code(cls, [flag, huge, "--batch-size", "2"] if in_ms else [flag, huge]) == 2
+    bound = "2592000000" if in_ms else "2592000"
+    assert f"{flag}: Input should be less than or equal to {bound}" in capsys.readouterr().err
+
+
+def test_every_class_has_durations() -> None:
+    assert {cls for cls, _ in DURATIONS} == {
+        EnqueuerSettings,
+        DequeuerSettings,
+        UrlFetcherSettings,
+    }
 
 
 @pytest.mark.parametrize("cls", [EnqueuerSettings, DequeuerSettings])
