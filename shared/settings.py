@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import re
 import sys
@@ -49,8 +50,10 @@ def parse_size(value: object) -> object:
     if match is None:
         raise ValueError(f"{value!r} is not a size (examples: 1048576, 512KiB, 1MiB, 2MB)")
     number, unit = match.groups()
-    unit = (unit or "").lower().rstrip("b")
-    return int(float(number) * _UNITS[unit])
+    size = float(number) * _UNITS[(unit or "").lower().rstrip("b")]
+    if not math.isfinite(size):  # int() of it stopped the sidecar with an OverflowError
+        raise ValueError("too large a size")
+    return int(size)
 
 
 def split_commas(value: object) -> object:

@@ -131,7 +131,7 @@ def test_size_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load(EnqueuerSettings, []).max_body == 512 * 1024
 
 
-@pytest.mark.parametrize("text", ["lots", "1XB", "-1", "0", "1.5.2MiB", ""])
+@pytest.mark.parametrize("text", ["lots", "1XB", "-1", "0", "1.5.2MiB", "", "9" * 400])
 def test_bad_size_exits_2_naming_the_flag(text: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_code(EnqueuerSettings, ["--max-body", text]) == 2
     assert "--max-body" in capsys.readouterr().err
