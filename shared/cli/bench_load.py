@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from shared.cli.bench_cpu import CpuMeter
+from shared.cli.bench_cpu import OUTSIDE, CpuMeter
 
 Send = Callable[[], Awaitable[None]]
 
@@ -56,6 +56,11 @@ class Run:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def outside_cores(self) -> float:
+        """The CPU the rest of the machine used during the run, in cores."""
+        return self.cpu_us.get(OUTSIDE, 0.0) * self.rps / 1e6
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -142,6 +147,7 @@ class Summary:
     errors: int
     rounds: int
     cpu_us: dict[str, float]
+    outside_cores: float  # the median of each round's own figure
 
 
 def summarize(runs: Sequence[Run]) -> list[Summary]:
@@ -159,6 +165,7 @@ def summarize(runs: Sequence[Run]) -> list[Summary]:
             errors=sum(r.error_count for r in group),
             rounds=len(group),
             cpu_us=_median_cpu(group),
+            outside_cores=statistics.median(r.outside_cores for r in group),
         )
         for (concurrency, mode), group in groups.items()
     ]

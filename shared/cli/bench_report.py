@@ -15,7 +15,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from shared.cli.bench_cpu import OUTSIDE
 from shared.cli.bench_load import Run, Summary
 
 MODES = ("http", "rpc", "proxymq")
@@ -85,7 +84,7 @@ def cpu_lines(concurrency: int, summaries: Sequence[Summary]) -> list[str]:
         parts = [(name, summary.cpu_us[name]) for name in PATHS[mode] if name in summary.cpu_us]
         total = sum(us for _, us in parts)
         detail = " + ".join(f"{name} {us:.0f}" for name, us in parts)
-        outside = summary.cpu_us.get(OUTSIDE, 0.0) * summary.rps / 1e6
+        outside = summary.outside_cores
         noise = f"; outside load {outside:.2f} core" if outside >= OUTSIDE_WARN else ""
         lines.append(f"  {LABELS[mode]}: {detail} = {total:.0f} µs CPU per request{noise}")
     return lines

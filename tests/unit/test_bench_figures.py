@@ -1,0 +1,27 @@
+"""What `proxymq bench` prints from its figures: the outside load and the verdict."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from shared.cli import bench_report
+from shared.cli.bench_cpu import OUTSIDE
+from shared.cli.bench_load import Run, summarize
+
+
+def run(round_: int, seconds: float, outside_us: float) -> Run:
+    """1000 requests of ProxyMQ at c64 in `seconds`, beside `outside_us` per request elsewhere."""
+    return Run(
+        "proxymq", 64, round_, 1000, seconds, (0.001,) * 1000, Counter(), {OUTSIDE: outside_us}
+    )
+
+
+def test_outside_load_is_the_median_of_each_rounds_own_figure() -> None:
+    """Two rounds of 0.2 cores each: one slow round beside 2000 µs per request, one fast beside
+    100. The medians of µs and of req/s multiplied gave 1.10 cores."""
+    slow, fast = run(1, 10.0, 2000.0), run(2, 0.5, 100.0)
+    assert slow.outside_cores == pytest.approx(fast.outside_cores) == pytest.approx(0.2)
+    (line,) = bench_report.cpu_lines(64, summarize([slow, fast]))
+    assert "outside load 0.20 core" in line
