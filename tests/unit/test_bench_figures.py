@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -25,3 +26,25 @@ def test_outside_load_is_the_median_of_each_rounds_own_figure() -> None:
     assert slow.outside_cores == pytest.approx(fast.outside_cores) == pytest.approx(0.2)
     (line,) = bench_report.cpu_lines(64, summarize([slow, fast]))
     assert "outside load 0.20 core" in line
+
+
+@pytest.mark.parametrize(
+    ("ratio", "overhead_ms"), [(0.696, 1.204), (0.704, 1.196), (0.7996, 0.9951), (0.795, 1.0049)]
+)
+def test_the_verdict_agrees_with_the_figures_it_prints(ratio: float, overhead_ms: float) -> None:
+    """Judged on the exact ratio, 0.696 printed as '0.70 (goal >= 0.7: missed)'."""
+    line = bench_report.Verdict(ratio, overhead_ms).line()
+    found = re.search(
+        r"throughput ([\d.]+) \(goal >= ([\d.]+): (\S+), target ([\d.]+): (\S+)\)", line
+    )
+    assert found, line
+    shown, goal, verdict, target, against_target = found.groups()
+    assert ("met" in verdict) == (float(shown) >= float(goal)), line
+    assert ("met" in against_target) == (float(shown) >= float(target)), line
+    found = re.search(
+        r"p50 ([+-][\d.]+) ms \(goal <= ([\d.]+) ms: (\S+), target ([\d.]+) ms: (\S+)\)", line
+    )
+    assert found, line
+    shown, goal, verdict, target, against_target = found.groups()
+    assert ("met" in verdict) == (float(shown) <= float(goal)), line
+    assert ("met" in against_target) == (float(shown) <= float(target)), line
