@@ -236,3 +236,19 @@ def test_bench_on_a_broker_without_the_hash_exchange_says_what_to_enable(
     err = capsys.readouterr().err
     assert "has no x-consistent-hash exchange type" in err
     assert "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange" in err
+
+
+def test_bench_ordering_with_too_few_requests_is_refused_before_starting() -> None:
+    """A quarter of them is the --ordering partition drain: with fewer than 8 it had no
+    interval to time (an IndexError traceback after the key drain, at 3)."""
+    done = subprocess.run(
+        [script("proxymq"), "bench", "--scenario", "ordering", "--requests", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--scenario ordering needs --requests 8 or more, not 3" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

@@ -49,6 +49,7 @@ DEFAULT_BODY = b'{"ping":1}'
 RPC_PREFETCH = 64  # the dequeuer's default --concurrency: both serve 64 requests at once
 EXIT_INTERRUPTED = 130
 SCENARIOS = ("anchors", "ordering", "scaling", "failover", "batching")
+ORDERING_MIN_REQUESTS = 8
 
 
 def concurrency_list(text: str) -> list[int]:
@@ -412,8 +413,23 @@ async def check_broker(url: str) -> None:
         )
 
 
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What the parser cannot see, each flag alone being valid; refused before anything starts."""
+    if args.scenario == "ordering" and args.requests < ORDERING_MIN_REQUESTS:
+        # A quarter of them is the --ordering partition drain, timed between two arrivals.
+        return (
+            f"--scenario ordering needs --requests {ORDERING_MIN_REQUESTS} or more, "
+            f"not {args.requests}"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """The same loop as the sidecars (uvloop when installed): a fair comparison needs it."""
+    problem = usage_problem(args)
+    if problem is not None:
+        print(f"proxymq bench: {problem}", file=sys.stderr)
+        return 2
     console = Console()
     try:
         asyncio.run(check_broker(args.amqp_url))
