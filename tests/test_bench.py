@@ -22,7 +22,7 @@ import pytest
 from shared import topology
 from shared.cli import ensure_broker
 from shared.cli.main import build_parser
-from shared.processes import script
+from shared.processes import http_ok, script
 from tests.conftest import AMQP_URL, closed_port
 
 pytestmark = pytest.mark.rabbit
@@ -252,3 +252,51 @@ def test_bench_ordering_with_too_few_requests_is_refused_before_starting() -> No
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--scenario ordering needs --requests 8 or more, not 3" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(180)
+def test_a_bench_scenario_stops_when_its_dequeuer_dies() -> None:
+    """A dequeuer killed while it drains: the scenario says so and stops, exit 1, nothing left
+    behind (it waited out its 300 s drain timeout)."""
+    bench = subprocess.Popen(
+        [script("proxymq"), "bench", "--scenario", "scaling", "--requests", "20000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
+    )
+    seen: dict[int, str] = {}
+    service = ""
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert bench.poll() is None, "the bench ended before its dequeuer started"
+            assert time.monotonic() < deadline, "no dequeuer was ready within 120 s"
+            seen.update(children(bench.pid))
+            dequeuers = {pid: line for pid, line in seen.items() if "proxymq-dequeuer" in line}
+            if dequeuers:
+                (pid, line), *_ = dequeuers.items()
+                admin = re.search(r"--admin-port (\d+)", line)
+                assert admin, line
+                if http_ok(f"http://127.0.0.1:{admin.group(1)}/readyz"):
+                    service = re.search(r"--service (\S+)", line).group(1)  # type: ignore[union-attr]
+                    os.kill(pid, signal.SIGKILL)
+                    break
+            time.sleep(0.1)
+        output = bench.communicate(timeout=90)[0]
+    finally:
+        if bench.poll() is None:
+            bench.send_signal(signal.SIGTERM)
+            bench.wait(60)
+        left = [line for pid, line in seen.items() if alive(pid)]
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        kept = bool(service) and asyncio.run(partitions_exist(service))
+        if kept:
+            asyncio.run(delete_topology(service))
+    assert bench.returncode == 1, output
+    assert "proxymq-dequeuer exited with code -9" in output
+    assert "Traceback" not in output
+    assert not left
+    assert not kept, f"{service} was left on the broker"

@@ -390,12 +390,18 @@ async def guarded(args: argparse.Namespace, console: Console) -> int:
 
 
 async def outcome(args: argparse.Namespace, console: Console, logs: Path) -> int:
+    if args.scenario == "anchors":
+        work = bench(args, console, logs)
+    else:
+        work = bench_partitions.run(
+            args.scenario, args.amqp_url, args.requests, args.trials, args.json, console, logs
+        )
     try:
-        return await bench_stack.stopped_by_sigterm(bench(args, console, logs))
+        return await bench_stack.stopped_by_sigterm(work)
     except bench_stack.StartFailed as exc:
         console.print(f"[red]the benchmark could not start:[/] {exc}", highlight=False)
         return 1
-    except bench_stack.ProcessExited as exc:
+    except (bench_stack.ProcessExited, TimeoutError) as exc:
         console.print(f"[red]the benchmark stopped:[/] {exc}", highlight=False)
         return 1
     except asyncio.CancelledError:
@@ -439,15 +445,6 @@ def run(args: argparse.Namespace) -> int:
     if args.scenario == "batching":
         argv = ["--requests", str(args.requests), "--amqp-url", args.amqp_url]
         bench_batch.main([*argv, *(["--json", str(args.json)] if args.json else [])])
-    if args.scenario in ("ordering", "scaling", "failover"):
-        scenario = bench_partitions.run(
-            args.scenario, args.amqp_url, args.requests, args.trials, args.json, console
-        )
-        try:
-            return asyncio.run(bench_stack.stopped_by_sigterm(scenario))
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")
-            return EXIT_INTERRUPTED
     runner: Callable[[Coroutine[object, object, int]], int] = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop

@@ -19,7 +19,6 @@ import json
 import random
 import signal
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from rich.table import Table
 
 from shared import envelope, topology
 from shared.cli.bench_report import shown
-from shared.cli.bench_stack import module_process
+from shared.cli.bench_stack import Child, launch, module_process, while_running
 from shared.processes import Process, free_port
 
 PARTITIONS, KEYS, LATENCY_MS = 8, 500, 20.0
@@ -50,6 +49,8 @@ class Bench:
     stack: AsyncExitStack
     console: Console
     results: dict[str, object] = field(default_factory=dict)
+    # The processes that must live: one that exits stops the scenario (`while_running`).
+    watched: list[Child] = field(default_factory=list)
 
     async def sleeper(self) -> str:
         port = free_port()
@@ -87,10 +88,12 @@ class Bench:
         return process
 
     async def run(self, process: Process) -> None:
-        process.log = (self.logs / f"{process.name}-{uuid.uuid4().hex[:6]}.log").open("ab")
-        process.start()
-        self.stack.callback(process.stop, 10)
-        await asyncio.to_thread(process.wait_ready, 30)
+        log = self.logs / f"{process.name}-{uuid.uuid4().hex[:6]}.log"
+        self.watched.append(await launch(self.stack, process, log))
+
+    def unwatch(self, process: Process) -> None:
+        """`process` is about to be killed on purpose."""
+        self.watched[:] = [child for child in self.watched if child.process is not process]
 
     async def service(self) -> str:
         name = f"bench-{uuid.uuid4().hex[:8]}"
@@ -143,13 +146,13 @@ class Bench:
         """Publish `count` requests first (so publishing takes no CPU from the drain), start the
         dequeuers, time the drain at the microservice; tear everything down after."""
         async with AsyncExitStack() as stack:
-            outer, self.stack = self.stack, stack
+            outer, self.stack, self.watched = self.stack, stack, []
             try:
                 target = await self.sleeper()
                 service = await self.service()
                 await self.publish(service, count)
                 await asyncio.gather(*(self.dequeuer(service, target, *a) for a in dequeuer_args))
-                return await self.drain_rate(target, count)
+                return await while_running(self.drain_rate(target, count), self.watched)
             finally:
                 self.stack = outer
 
@@ -249,24 +252,29 @@ async def all_partitions_answer(bench: Bench, service: str) -> None:
 async def failover(bench: Bench, trials: int) -> None:
     rebalance, fail = [], []
     async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
-        outer, bench.stack = bench.stack, stack
+        outer, bench.stack, bench.watched = bench.stack, stack, []
         try:
             target = await bench.sleeper()
             service = await bench.service()
             live = [await bench.dequeuer(service, target) for _ in range(2)]
             await balanced(http, live)
+
+            async def trial() -> None:
+                joined = await bench.dequeuer(service, target)
+                started = time.monotonic()
+                await balanced(http, [*live, joined])
+                rebalance.append(time.monotonic() - started)
+                bench.unwatch(joined)
+                joined.signal(signal.SIGKILL)
+                killed = time.monotonic()
+                await asyncio.wait_for(all_partitions_answer(bench, service), 30)
+                fail.append(time.monotonic() - killed)
+                await balanced(http, live)
+
             with Progress(console=bench.console, transient=True) as progress:
                 task = progress.add_task("rebalances and failovers", total=trials)
                 for _ in range(trials):
-                    joined = await bench.dequeuer(service, target)
-                    started = time.monotonic()
-                    await balanced(http, [*live, joined])
-                    rebalance.append(time.monotonic() - started)
-                    joined.signal(signal.SIGKILL)
-                    killed = time.monotonic()
-                    await asyncio.wait_for(all_partitions_answer(bench, service), 30)
-                    fail.append(time.monotonic() - killed)
-                    await balanced(http, live)
+                    await while_running(trial(), bench.watched)
                     progress.advance(task)
         finally:
             bench.stack = outer
@@ -296,19 +304,21 @@ async def run(
     trials: int,
     json_path: Path | None,
     console: Console,
+    logs: Path,
 ) -> int:
     connection = await aio_pika.connect_robust(
         amqp_url, client_properties={"connection_name": "proxymq bench partitions"}
     )
-    with tempfile.TemporaryDirectory(prefix="proxymq-bench-") as logs:
+    try:
         async with AsyncExitStack() as stack:
-            bench = Bench(amqp_url, connection, Path(logs), stack, console)
+            bench = Bench(amqp_url, connection, logs, stack, console)
             if scenario == "ordering":
                 await ordering(bench, requests)
             elif scenario == "scaling":
                 await scaling(bench, max(100, requests // 10))
             else:
                 await failover(bench, trials)
+    finally:
         await connection.close()
     if json_path is not None:
         await asyncio.to_thread(json_path.write_text, json.dumps(bench.results, indent=2))
