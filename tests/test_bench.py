@@ -300,3 +300,50 @@ def test_a_bench_scenario_stops_when_its_dequeuer_dies() -> None:
     assert "Traceback" not in output
     assert not left
     assert not kept, f"{service} was left on the broker"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["--scenario", "ordering", "--rounds", "5"],
+            "--rounds does not apply to --scenario ordering",
+        ),
+        (
+            ["--scenario", "scaling", "--concurrency", "8", "--timeout", "5"],
+            "--concurrency, --timeout do not apply to --scenario scaling",
+        ),
+        (
+            ["--scenario", "failover", "--requests", "100"],
+            "--requests does not apply to --scenario failover",
+        ),
+        (
+            ["--scenario", "batching", "--warmup", "0"],
+            "--warmup does not apply to --scenario batching",
+        ),
+        (["--trials", "3"], "--trials does not apply to --scenario anchors"),
+    ],
+)
+def test_bench_refuses_a_flag_its_scenario_ignores(argv: list[str], said: str) -> None:
+    """Before anything starts, even the broker check (taken and silently ignored, it left the
+    user believing the run used it)."""
+    with closed_port() as port:
+        done = subprocess.run(
+            [script("proxymq"), "bench", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "PROXYMQ_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{port}/"},
+        )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said in done.stderr
+    assert "--scenario" in done.stderr and "--json" in done.stderr  # what it does take
+
+
+def test_bench_help_says_which_flags_each_scenario_takes() -> None:
+    done = subprocess.run(
+        [script("proxymq"), "bench", "--help"], capture_output=True, text=True, check=True
+    )
+    assert re.search(r"ordering +--requests --json", done.stdout), done.stdout
+    assert re.search(r"failover +--trials --json", done.stdout), done.stdout

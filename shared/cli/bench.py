@@ -124,61 +124,88 @@ def body_of(size: int | None) -> bytes:
     return b'{"p":"' + b"x" * (size - 8) + b'"}'
 
 
+# The flags each scenario takes; one given to a scenario that would ignore it is refused. The
+# numbers' defaults are applied after that check, so a flag left out is told from one given.
+TAKES = {
+    "anchors": (
+        "requests",
+        "concurrency",
+        "rounds",
+        "warmup",
+        "body_size",
+        "partitions",
+        "timeout",
+        "json",
+        "plot",
+    ),
+    "ordering": ("requests", "json"),
+    "scaling": ("requests", "json"),
+    "failover": ("trials", "json"),
+    "batching": ("requests", "partitions", "json"),
+}
+DEFAULTS: dict[str, object] = {
+    "requests": 2000,
+    "concurrency": [1, 64],
+    "rounds": 3,
+    "warmup": 300,
+    "partitions": 8,
+    "timeout": 30.0,
+    "trials": 10,
+}
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def scenarios_help() -> str:
+    lines = [f"  {name:<9} {' '.join(map(flag, dests))}" for name, dests in TAKES.items()]
+    return "flags each --scenario takes (and --amqp-url):\n" + "\n".join(lines)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "bench",
         help="measure ProxyMQ against plain HTTP and bare RabbitMQ RPC, in the same run",
         description=__doc__,
+        epilog=scenarios_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--requests",
         metavar="N",
         type=positive,
-        default=2000,
-        help="requests per mode and round (%(default)s)",
+        help="requests per mode and round; the scenarios' requests drained (2000)",
     )
     parser.add_argument(
         "--concurrency",
         metavar="C[,C...]",
         type=concurrency_list,
-        default=[1, 64],
         help="requests in flight; a comma list measures each (default 1,64)",
     )
     parser.add_argument(
         "--rounds",
         metavar="R",
         type=positive,
-        default=3,
-        help="rounds alternating the modes; figures are medians over rounds (%(default)s)",
+        help="rounds alternating the modes; figures are medians over rounds (3)",
     )
     parser.add_argument(
         "--warmup",
         metavar="W",
         type=non_negative,
-        default=300,
-        help="unmeasured requests per mode before each concurrency's rounds (%(default)s)",
+        help="unmeasured requests per mode before each concurrency's rounds (300)",
     )
     parser.add_argument(
         "--body-size",
         metavar="BYTES",
         type=non_negative,
-        default=None,
         help="request body in bytes (a JSON string padded to size; default a 10-byte JSON)",
     )
     parser.add_argument(
-        "--partitions",
-        metavar="P",
-        type=positive,
-        default=8,
-        help="partitions of the bench service (8)",
+        "--partitions", metavar="P", type=positive, help="partitions of the bench service (8)"
     )
     parser.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=seconds,
-        default=30.0,
-        help="deadline of each request, seconds (30)",
+        "--timeout", metavar="SECONDS", type=seconds, help="deadline of each request, seconds (30)"
     )
     parser.add_argument(
         "--json", type=output_file(), metavar="FILE", help="write the raw figures as JSON"
@@ -197,9 +224,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "partition on one dequeuer; scaling: 1, 2 and 4 dequeuers; failover: rebalance and "
         "failover times over --trials; batching: --batch-size 32 against 1",
     )
-    parser.add_argument(
-        "--trials", metavar="T", type=positive, default=10, help="failover trials (%(default)s)"
-    )
+    parser.add_argument("--trials", metavar="T", type=positive, help="failover trials (10)")
     add_amqp_url(parser)
     parser.set_defaults(run=run)
 
@@ -420,7 +445,22 @@ async def check_broker(url: str) -> None:
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
-    """What the parser cannot see, each flag alone being valid; refused before anything starts."""
+    """What the parser cannot see, each flag alone being valid; refused before anything starts.
+    The defaults of the flags left out are filled in here."""
+    takes = TAKES[args.scenario]
+    given = [
+        flag(dest)
+        for dest in (*DEFAULTS, "body_size", "json", "plot")
+        if dest not in takes and getattr(args, dest) is not None
+    ]
+    if given:
+        return (
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --scenario "
+            f"{args.scenario}, which takes {' '.join(map(flag, takes))}"
+        )
+    for dest, default in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     if args.scenario == "ordering" and args.requests < ORDERING_MIN_REQUESTS:
         # A quarter of them is the --ordering partition drain, timed between two arrivals.
         return (
@@ -443,7 +483,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"proxymq bench: {exc}", file=sys.stderr)
         return 1
     if args.scenario == "batching":
-        argv = ["--requests", str(args.requests), "--amqp-url", args.amqp_url]
+        argv = ["--requests", str(args.requests), "--partitions", str(args.partitions)]
+        argv += ["--amqp-url", args.amqp_url]
         bench_batch.main([*argv, *(["--json", str(args.json)] if args.json else [])])
     runner: Callable[[Coroutine[object, object, int]], int] = asyncio.run
     with contextlib.suppress(ImportError):
