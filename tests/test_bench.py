@@ -71,6 +71,9 @@ def test_bench_help_names_every_option() -> None:
         (["--plot", "/nonexistent/out.png"], "--plot: no directory /nonexistent"),
         (["--plot", "out.svg"], "--plot: 'out.svg' is not a .png file"),
         (["--json", "."], "--json: '.' is a directory"),
+        (["--concurrency", "1,1000000"], "--concurrency: 1000000 is not between 1 and 256"),
+        (["--concurrency", "0"], "--concurrency: 0 is not between 1 and 256"),
+        (["--partitions", "100000"], "--partitions: 100000 is not between 1 and 1024"),
     ],
 )
 def test_bench_refuses_a_bad_value_before_starting(

@@ -38,6 +38,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from shared import topology
 from shared.broker import redact
 from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack, ensure_broker
 from shared.cli.bench_cpu import CpuMeter, local_broker
@@ -50,24 +51,19 @@ RPC_PREFETCH = 64  # the dequeuer's default --concurrency: both serve 64 request
 EXIT_INTERRUPTED = 130
 SCENARIOS = ("anchors", "ordering", "scaling", "failover", "batching")
 ORDERING_MIN_REQUESTS = 8
+# Each request in flight holds a connection in the bench and one in the process it calls: 256
+# stays well within the usual limit of 1024 open files.
+MAX_CONCURRENCY = 256
 
 
-def concurrency_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("concurrency values must be integers >= 1")
-    return sorted(set(values))
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is not between {minimum} and {maximum}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}")
         return value
@@ -76,6 +72,15 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive, non_negative = at_least(1), at_least(0)
+partition_count = at_least(1, topology.MAX_PARTITIONS)
+
+
+def concurrency_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    return sorted({at_least(1, MAX_CONCURRENCY)(str(value)) for value in values})
 
 
 def seconds(text: str) -> float:
@@ -181,7 +186,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--concurrency",
         metavar="C[,C...]",
         type=concurrency_list,
-        help="requests in flight; a comma list measures each (default 1,64)",
+        help=f"requests in flight, 1 to {MAX_CONCURRENCY}; a comma list measures each "
+        "(default 1,64)",
     )
     parser.add_argument(
         "--rounds",
@@ -202,7 +208,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="request body in bytes (a JSON string padded to size; default a 10-byte JSON)",
     )
     parser.add_argument(
-        "--partitions", metavar="P", type=positive, help="partitions of the bench service (8)"
+        "--partitions",
+        metavar="P",
+        type=partition_count,
+        help=f"partitions of the bench service, 1 to {topology.MAX_PARTITIONS} (8)",
     )
     parser.add_argument(
         "--timeout", metavar="SECONDS", type=seconds, help="deadline of each request, seconds (30)"
