@@ -24,6 +24,7 @@ from shared.cli import ensure_broker
 from shared.cli.main import build_parser
 from shared.processes import http_ok, script
 from tests.conftest import AMQP_URL, closed_port
+from tests.test_cli import interruptible
 
 pytestmark = pytest.mark.rabbit
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -350,3 +351,46 @@ def test_bench_help_says_which_flags_each_scenario_takes() -> None:
     )
     assert re.search(r"ordering +--requests --json", done.stdout), done.stdout
     assert re.search(r"failover +--trials --json", done.stdout), done.stdout
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_again_during_the_cleanup_does_not_cut_it_short() -> None:
+    """An impatient user presses Ctrl-C again while the bench stops its processes: they are
+    stopped all the same and the service deleted (the second one broke off the cleanup)."""
+    args = ["bench", "--requests", "1000000", "--concurrency", "1", "--rounds", "1"]
+    bench = subprocess.Popen(
+        [script("proxymq"), *args, "--warmup", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
+        preexec_fn=interruptible,
+    )
+    started: dict[int, str] = {}
+    service = ""
+    try:
+        assert bench.stdout is not None
+        first = bench.stdout.readline()
+        found = re.search(r"bench service (\S+);", first)
+        assert found, first
+        service, started = found.group(1), children(bench.pid)
+        deadline = time.monotonic() + 90
+        while bench.poll() is None and time.monotonic() < deadline:
+            bench.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        output = first + bench.communicate(timeout=30)[0]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        left = [line for pid, line in started.items() if alive(pid)]
+        for pid in started:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        kept = bool(service) and asyncio.run(partitions_exist(service))
+        if kept:
+            asyncio.run(delete_topology(service))
+    assert bench.returncode == 130, output
+    assert not left, left
+    assert not kept, f"{service} was left on the broker"
+    assert "Traceback" not in output

@@ -431,7 +431,7 @@ async def outcome(args: argparse.Namespace, console: Console, logs: Path) -> int
             args.scenario, args.amqp_url, args.requests, args.trials, args.json, console, logs
         )
     try:
-        return await bench_stack.stopped_by_sigterm(work)
+        return await bench_stack.stopped_by_signal(work)
     except bench_stack.StartFailed as exc:
         console.print(f"[red]the benchmark could not start:[/] {exc}", highlight=False)
         return 1

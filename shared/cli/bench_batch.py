@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="proxymq-bench-batch-") as scratch:
         args.logs = args.logs or scratch
         try:
-            sys.exit(asyncio.run(bench_stack.stopped_by_sigterm(bench(args, console))))
+            sys.exit(asyncio.run(bench_stack.stopped_by_signal(bench(args, console))))
         except (bench_stack.StartFailed, TimeoutError, OSError) as exc:
             console.print(f"[red]bench failed:[/] {exc}")
             sys.exit(1)

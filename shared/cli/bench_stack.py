@@ -130,17 +130,33 @@ async def while_running(work: Awaitable[T], children: Sequence[Child]) -> T:
             await asyncio.wait({task})
 
 
-async def stopped_by_sigterm(work: Awaitable[T]) -> T:
-    """`work` in the running loop's main task, which SIGTERM cancels as Ctrl-C does, so the
-    same cleanup runs in both cases."""
+async def stopped_by_signal(work: Awaitable[T]) -> T:
+    """`work` in the running loop's main task, which the first Ctrl-C or SIGTERM cancels, so the
+    same cleanup runs in both cases. Later ones are ignored until the process exits, so they
+    cannot cut the cleanup short and leave processes or queues behind (each stop is bounded by
+    its grace period, so this cannot hang)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    # One ignored when the bench started (`make bench &` ignores SIGINT) stays ignored.
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            task.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, stop)
     try:
         return await work
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+            if stopping:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 async def wait_consumer(connection: AbstractConnection, queue: str, child: Child) -> None:
