@@ -119,6 +119,11 @@ def plot_file(text: str) -> Path:
     return output_file(".png")(text)
 
 
+def say(message: str) -> None:
+    """Errors and notes on stderr, whole lines, never wrapped at a width."""
+    print(f"proxymq bench: {message}", file=sys.stderr)
+
+
 def body_of(size: int | None) -> bytes:
     """A JSON body of exactly `size` bytes (a string padded with x), so content stays valid for
     any service that parses it."""
@@ -388,7 +393,7 @@ def report(
         console.print(f"plot written to {args.plot}")
     errors = sum(run.error_count for run in runs)
     if errors:
-        console.print(f"[red]{errors} request(s) failed[/]: the figures are not trustworthy")
+        say(f"{errors} request(s) failed: the figures are not trustworthy")
     return 1 if errors else 0
 
 
@@ -419,7 +424,7 @@ async def guarded(args: argparse.Namespace, console: Console) -> int:
     if code in (0, EXIT_INTERRUPTED):
         shutil.rmtree(logs, ignore_errors=True)
     else:
-        console.print(f"process logs kept in {logs}", highlight=False)
+        say(f"process logs kept in {logs}")
     return code
 
 
@@ -433,13 +438,13 @@ async def outcome(args: argparse.Namespace, console: Console, logs: Path) -> int
     try:
         return await bench_stack.stopped_by_signal(work)
     except bench_stack.StartFailed as exc:
-        console.print(f"[red]the benchmark could not start:[/] {exc}", highlight=False)
+        say(f"the benchmark could not start: {exc}")
         return 1
     except (bench_stack.ProcessExited, TimeoutError) as exc:
-        console.print(f"[red]the benchmark stopped:[/] {exc}", highlight=False)
+        say(f"the benchmark stopped: {exc}")
         return 1
     except asyncio.CancelledError:
-        console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")
+        say("interrupted; processes stopped and bench objects deleted")
         return EXIT_INTERRUPTED
 
 
@@ -483,13 +488,13 @@ def run(args: argparse.Namespace) -> int:
     """The same loop as the sidecars (uvloop when installed): a fair comparison needs it."""
     problem = usage_problem(args)
     if problem is not None:
-        print(f"proxymq bench: {problem}", file=sys.stderr)
+        say(problem)
         return 2
     console = Console()
     try:
         asyncio.run(check_broker(args.amqp_url))
     except ensure_broker.BrokerProblem as exc:
-        print(f"proxymq bench: {exc}", file=sys.stderr)
+        say(str(exc))
         return 1
     if args.scenario == "batching":
         argv = ["--requests", str(args.requests), "--partitions", str(args.partitions)]
@@ -503,5 +508,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         return runner(guarded(args, console))
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        say("interrupted")
         return EXIT_INTERRUPTED

@@ -297,22 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.serve:
         service.run(serve(args.port))
     console = Console()
     if args.batch_size < 2 or args.requests < 1 or args.concurrency < args.batch_size:
-        console.print("need --batch-size >= 2, --requests >= 1, --concurrency >= --batch-size")
-        sys.exit(2)
+        parser.error("need --batch-size >= 2, --requests >= 1, --concurrency >= --batch-size")
     with tempfile.TemporaryDirectory(prefix="proxymq-bench-batch-") as scratch:
         args.logs = args.logs or scratch
         try:
             sys.exit(asyncio.run(bench_stack.stopped_by_signal(bench(args, console))))
         except (bench_stack.StartFailed, TimeoutError, OSError) as exc:
-            console.print(f"[red]bench failed:[/] {exc}")
+            print(f"proxymq bench: the benchmark stopped: {exc}", file=sys.stderr)
             sys.exit(1)
         except (KeyboardInterrupt, asyncio.CancelledError):
-            console.print("[yellow]interrupted; processes stopped and bench objects deleted[/]")
+            print(
+                "proxymq bench: interrupted; processes stopped and bench objects deleted",
+                file=sys.stderr,
+            )
             sys.exit(130)
 
 
