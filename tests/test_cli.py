@@ -518,6 +518,68 @@ async def test_demo_runs_end_to_end_and_leaves_no_queues() -> None:
         await connection.close()
 
 
+def in_group(group: int) -> list[str]:
+    """The command lines of the processes still running in process group `group`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == group:
+                found.append((entry / "cmdline").read_bytes().decode().replace("\0", " "))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_demo_stopped_by_ctrl_c_again_and_again_ends_as_interrupted() -> None:
+    """Ctrl-C pressed on and on (to the whole group, as a terminal does) while the demo runs:
+    everything is stopped, the queues deleted, and it ends with 130 and its own message (a
+    Ctrl-C after its cleanup killed it: -2, the end of the cleanup's output lost)."""
+    service = f"demo-{uuid.uuid4().hex[:8]}"
+    demo = subprocess.Popen(
+        [script("proxymq"), "demo", "--service", service],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
+        preexec_fn=interruptible,
+        start_new_session=True,
+    )
+    try:
+        assert demo.stdout is not None
+        while "enqueuer" not in demo.stdout.readline():
+            assert demo.poll() is None, "the demo ended before its enqueuer started"
+        deadline = time.monotonic() + 90
+        while demo.poll() is None and time.monotonic() < deadline:
+            os.killpg(demo.pid, signal.SIGINT)
+            time.sleep(0.1)
+        errors = demo.communicate(timeout=30)[1]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        left = in_group(demo.pid)
+        if left:
+            os.killpg(demo.pid, signal.SIGKILL)
+        kept = asyncio.run(exists(service))
+        if kept:
+            asyncio.run(delete_service(service))
+    assert demo.returncode == 130, errors
+    assert "proxymq demo: interrupted, stopping" in errors
+    assert "Traceback" not in errors
+    assert not left, left
+    assert not kept, f"{service} was left on the broker"
+
+
+async def delete_service(service: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        await topology.delete(connection, topology.Topology(service))
+    finally:
+        await connection.close()
+
+
 async def test_demo_refuses_a_service_in_use(service: str, amqp: AbstractRobustConnection) -> None:
     declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
     assert declared.code == 0, declared.output

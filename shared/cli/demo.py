@@ -286,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, Interrupted):
         print("proxymq demo: interrupted, stopping", file=sys.stderr)
         code = 130
+        # Pressed again, during or after the cleanup, Ctrl-C would kill the demo (exit -2).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     finally:
         with uninterruptible():
             dead_port.close()
