@@ -286,6 +286,7 @@ def test_a_bench_scenario_stops_when_its_dequeuer_dies() -> None:
                 assert admin, line
                 if http_ok(f"http://127.0.0.1:{admin.group(1)}/readyz"):
                     service = re.search(r"--service (\S+)", line).group(1)  # type: ignore[union-attr]
+                    time.sleep(2)  # the bench saw it ready too, and drains (for 20 s)
                     os.kill(pid, signal.SIGKILL)
                     break
             time.sleep(0.1)
