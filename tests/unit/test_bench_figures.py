@@ -48,3 +48,11 @@ def test_the_verdict_agrees_with_the_figures_it_prints(ratio: float, overhead_ms
     shown, goal, verdict, target, against_target = found.groups()
     assert ("met" in verdict) == (float(shown) <= float(goal)), line
     assert ("met" in against_target) == (float(shown) <= float(target)), line
+
+
+def test_no_miss_is_rounded_into_a_meet() -> None:
+    """0.696 is not 0.7, and 1.204 ms is over 1.2 ms: the figures are rounded against the goal."""
+    line = bench_report.Verdict(0.696, 1.204).line()
+    assert "throughput 0.69 (goal >= 0.7: [red]missed" in line
+    assert "p50 +1.21 ms (goal <= 1.2 ms: [red]missed" in line
+    assert bench_report.shown(0.29) == 0.29 and bench_report.shown(0.7) == 0.7
