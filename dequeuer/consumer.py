@@ -39,7 +39,7 @@ from shared import envelope, logs, topology, tracing
 from shared.breaker import ServiceBreaker
 from shared.broker import BROKER_ERRORS, closed_within, refused_for_size, unless_closed
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
-from shared.errors import ServiceFailed
+from shared.errors import GatewayTimeout, ProxyMQError, ServiceFailed
 from shared.metrics import DequeuerMetrics, status_class
 
 log = logging.getLogger(__name__)
@@ -495,24 +495,13 @@ class Consumer:
 
     async def on_dead_letter_notice(self, message: AbstractIncomingMessage) -> None:
         """RabbitMQ dead-lettered a request itself (it exceeded the delivery limit: it may be
-        crashing its dequeuer): its caller gets 502 now rather than a timeout later."""
+        crashing its dequeuer): its caller gets 502 now rather than a timeout later. One whose
+        `expiration` passed in its queue (another AMQP client's) gets 504, as its deadline
+        passed."""
         async with message.process(requeue=True, ignore_processed=True):
             reason = message.headers.get("x-first-death-reason", "rejected")
             reason = reason.decode() if isinstance(reason, bytes) else str(reason)
-            where = f"it is in {self.topology.dead_letters}"
-            if reason == "rejected":
-                text = f"a dequeuer could not handle the request (its log says why); {where}"
-            elif reason == "delivery_limit":
-                # Deliveries past the partitions' limit; x-death's count is how often the
-                # message was dead-lettered (1), which this once named as its deliveries.
-                text = (
-                    f"RabbitMQ dead-lettered the request ({reason}) after "
-                    f"{self.topology.delivery_limit + 1} deliveries: it may crash the "
-                    f"microservice or its dequeuer; {where}"
-                )
-            else:
-                text = f"RabbitMQ dead-lettered the request ({reason}); {where}"
-            error = ServiceFailed(text)
+            error, outcome = self._broker_dead_letter(reason)
             log.warning(
                 "caller told of a broker dead letter: %s",
                 reason,
@@ -522,7 +511,7 @@ class Consumer:
             # only: the header is the publisher's to write, and each value is a new series).
             queue = message.headers.get("x-first-death-queue")
             partition = queue if queue in self.topology.queues else ""
-            self.metrics.messages.labels(self.settings.service, partition, "dead_lettered").inc()
+            self.metrics.messages.labels(self.settings.service, partition, outcome).inc()
             await self.publish_reply(
                 message.reply_to,
                 message.correlation_id or "",
@@ -530,6 +519,28 @@ class Consumer:
                     error.status, (), error.body(), error=error.code, error_message=error.message
                 ),
             )
+
+    def _broker_dead_letter(self, reason: str) -> tuple[ProxyMQError, str]:
+        """What the caller of a request RabbitMQ dead-lettered is told, and its outcome."""
+        where = f"it is in {self.topology.dead_letters}"
+        if reason == "expired":
+            return GatewayTimeout(
+                "the request's expiration passed while it waited in its queue, before any "
+                f"call (RabbitMQ dead-lettered it, expired); {where}"
+            ), "expired"
+        if reason == "rejected":
+            text = f"a dequeuer could not handle the request (its log says why); {where}"
+        elif reason == "delivery_limit":
+            # Deliveries past the partitions' limit; x-death's count is how often the
+            # message was dead-lettered (1), which this once named as its deliveries.
+            text = (
+                f"RabbitMQ dead-lettered the request ({reason}) after "
+                f"{self.topology.delivery_limit + 1} deliveries: it may crash the "
+                f"microservice or its dequeuer; {where}"
+            )
+        else:
+            text = f"RabbitMQ dead-lettered the request ({reason}); {where}"
+        return ServiceFailed(text), "dead_lettered"
 
     async def consume_notices(self, connection: AbstractRobustConnection) -> None:
         channel = connection.channel()

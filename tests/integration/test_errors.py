@@ -1104,6 +1104,47 @@ async def test_expired_request_is_not_forwarded(
     assert target.seen == []
 
 
+async def test_a_request_expired_in_its_queue_is_a_timeout(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """A request of another AMQP client whose `expiration` passed while it waited in its
+    partition (RabbitMQ dead-letters it, `expired`) is answered 504 `timeout`, as its deadline
+    passed, and counted as expired: it was answered 502 `service_failed`, which says that the
+    microservice failed every attempt, though it was never called."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel(publisher_confirms=True)
+    replies = await channel.declare_queue(exclusive=True)
+    exchange = await channel.get_exchange(service)
+    message = aio_pika.Message(b"", correlation_id="late-1", reply_to=replies.name, expiration=0.2)
+    await exchange.publish(message, routing_key="k")
+    dlq = topology.dead_letter_queue(service)
+    for _ in range(100):
+        declared = await channel.declare_queue(dlq, passive=True)
+        if declared.declaration_result.message_count:
+            break
+        await asyncio.sleep(0.1)
+    dequeuer = await stack.dequeuer(service, target.url, "--partitions", "1")
+    async with asyncio.timeout(15):
+        async with replies.iterator() as answers:
+            reply = await anext(answers)
+    answer = envelope.decode_response(reply.headers, reply.body)
+    assert (answer.status, answer.error) == (504, "timeout")
+    body = json.loads(answer.body)
+    assert body["error"]["code"] == "timeout" and "expired" in body["error"]["message"]
+    assert target.seen == []
+    port = dequeuer.admin_port  # type: ignore[attr-defined]
+    assert await metric(http, port, "proxymq_dequeuer_messages_total", {"outcome": "expired"}) == 1
+    assert (
+        await metric(http, port, "proxymq_dequeuer_messages_total", {"outcome": "dead_lettered"})
+        == 0
+    )
+    await channel.close()
+
+
 @pytest.mark.parametrize(
     ("headers", "reason", "correlation_id"),
     [
