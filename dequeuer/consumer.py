@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import (
@@ -154,6 +154,8 @@ class Consumer:
                 message.correlation_id,
                 message.reply_to,
                 message.routing_key,
+                # aio-pika reads an incoming message's expiration as seconds, always a float
+                expiration=cast(float | None, message.expiration),
             )
         except MalformedMessage as exc:
             await self.dead_letter(

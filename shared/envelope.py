@@ -217,11 +217,16 @@ def decode_request(
     correlation_id: str | None,
     reply_to: str | None,
     routing_key: str | None = None,
+    *,
+    expiration: float | None = None,
 ) -> RequestEnvelope:
     """Validate everything a dequeuer relies on; a message from any AMQP client may be wrong.
 
     The partition key is `x-proxymq-partition-key`, else the routing key: the format makes the
     routing key the key, so a client that sends no such header still has its keys' order kept.
+
+    The deadline is `x-proxymq-deadline`, else the AMQP `expiration` (in seconds) counted from
+    `x-proxymq-sent-at`, or from now when the message does not say when it was sent.
 
     Its hop-by-hop headers are dropped here too: sent on, a `Content-Length: 999` on a 2-byte
     body, or `Transfer-Encoding` beside the length the client computes, breaks the framing of
@@ -255,6 +260,11 @@ def decode_request(
         raise MalformedMessage(f"{H_DEADLINE} must be milliseconds since the epoch")
     key = _str_or_none(headers.get(H_KEY))  # not UTF-8, it is `bytes`: no reason to refuse
     sent_at = headers.get(H_SENT_AT)
+    sent = sent_at / 1000 if isinstance(sent_at, int) else None
+    if deadline is not None:
+        deadline /= 1000
+    elif expiration is not None:
+        deadline = (time.time() if sent is None else sent) + expiration
     return RequestEnvelope(
         request_id=correlation_id,
         service=_text(headers, H_SERVICE, ""),
@@ -266,9 +276,9 @@ def decode_request(
             body=body,
         ),
         partition_key=routing_key if key is None else key,
-        deadline=None if deadline is None else deadline / 1000,
+        deadline=deadline,
         reply_to=reply_to,
-        sent_at=sent_at / 1000 if isinstance(sent_at, int) else None,
+        sent_at=sent,
     )
 
 

@@ -717,3 +717,59 @@ async def test_a_body_on_a_bodyless_answer_is_left_out(
         async with http.get(f"{url}/{service}{late}/200") as response:
             assert response.status == 200, await response.text()
             assert await response.read() == b"hello"
+
+
+@pytest.mark.parametrize("deadline", ["expiration", "x-proxymq-deadline"])
+async def test_a_request_with_only_the_documented_properties_is_answered(
+    stack: Stack, service: str, target: Target, amqp: AbstractRobustConnection, deadline: str
+) -> None:
+    """The contract's list, and nothing of ProxyMQ's own: exchange `S`, the key as routing key,
+    `correlation_id`, `message_id`, `reply_to`, `expiration` or the deadline header,
+    `delivery_mode=2`, and headers for method, path, query and HTTP headers. The microservice
+    gets the request as sent; the reply carries status and headers in AMQP headers and the
+    answer's body as its body."""
+    await stack.dequeuer(service, target.url, "--partitions", "2")
+    channel = await amqp.channel(publisher_confirms=True)
+    replies = await channel.declare_queue(exclusive=True)
+    ends = {"expiration": 20} if deadline == "expiration" else {}
+    headers: dict[str, object] = {
+        "x-proxymq-method": "PUT",
+        "x-proxymq-path": "/echo/items/%C3%A9",
+        "x-proxymq-query": "a=1&a=2",
+        "x-proxymq-headers": json.dumps([["Content-Type", "text/plain"], ["X-Tag", "a"]]),
+    }
+    if deadline == "x-proxymq-deadline":
+        headers[deadline] = int((time.time() + 20) * 1000)
+    exchange = await channel.get_exchange(service)
+    await exchange.publish(
+        aio_pika.Message(
+            b"\x00payload\xff",
+            correlation_id="from-another-client",
+            message_id="from-another-client",
+            reply_to=replies.name,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=headers,  # type: ignore[arg-type]
+            **ends,  # type: ignore[arg-type]
+        ),
+        routing_key="key-1",
+        mandatory=True,
+    )
+    async with asyncio.timeout(15):
+        async with replies.iterator() as answers:
+            reply = await anext(answers)
+    [seen] = target.seen
+    assert (seen.method, seen.path, seen.query) == ("PUT", "/echo/items/%C3%A9", "a=1&a=2")
+    assert seen.body == b"\x00payload\xff"
+    sent = dict(seen.headers)
+    assert (sent["X-Tag"], sent["Content-Type"]) == ("a", "text/plain")
+    assert sent["X-Correlation-ID"] == "from-another-client"
+    assert 0 < float(sent["X-Request-Timeout"]) <= 20
+    assert reply.correlation_id == "from-another-client"
+    assert reply.headers["x-proxymq-status"] == 200
+    answered = dict(json.loads(str(reply.headers["x-proxymq-headers"])))
+    assert answered["Content-Type"].startswith("application/json")
+    echoed = json.loads(reply.body)
+    assert (echoed["method"], echoed["query"]) == ("PUT", "a=1&a=2")
+    assert base64.b64decode(echoed["body"]) == b"\x00payload\xff"
+    assert "x-proxymq-error" not in reply.headers
+    await channel.close()

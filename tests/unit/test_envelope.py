@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 
 import pytest
@@ -135,6 +136,19 @@ def test_minimal_message_from_another_client() -> None:
     assert decoded.request == HttpRequest("POST", "/", "", (), b"{}")
     assert decoded.partition_key is None
     assert decoded.deadline is None
+
+
+def test_an_expiration_is_the_deadline_when_there_is_no_deadline_header() -> None:
+    """The contract's `expiration` (seconds here, as aio-pika reads it) counts from
+    `x-proxymq-sent-at` when sent, else from now; `x-proxymq-deadline` wins over it."""
+    sent = {"x-proxymq-sent-at": 1_700_000_000_000}
+    assert decode_request(sent, b"", "a", None, expiration=2.5).deadline == 1_700_000_002.5
+    before = time.time()
+    deadline = decode_request({}, b"", "a", None, expiration=2.5).deadline
+    assert deadline is not None and before + 2.5 <= deadline <= time.time() + 2.5
+    exact = {"x-proxymq-deadline": 1_800_000_000_000}
+    assert decode_request(exact, b"", "a", None, expiration=2.5).deadline == 1_800_000_000
+    assert decode_request({}, b"", "a", None, expiration=None).deadline is None
 
 
 def test_a_key_or_sent_at_of_another_type_is_ignored() -> None:
