@@ -118,6 +118,29 @@ async def test_async_deadline(
     assert result.headers["X-ProxyMQ-Error"] == "timeout"
 
 
+async def test_without_a_timeout_it_waits_past_the_enqueuers_timeout(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """Without X-Request-Timeout an asynchronous request has no deadline: it waits in its queue
+    as long as it takes, past `--timeout` (which a synchronous call's deadline is)."""
+    await topology.declare(amqp, topology.Topology(service))
+    _, url = await stack.enqueuer("--timeout", "1")
+    async with http.post(f"{url}/{service}/echo/later", headers={"Prefer": "respond-async"}) as r:
+        assert r.status == 202
+        location = r.headers["Location"]
+    async with http.post(f"{url}/{service}/echo/now") as r:
+        assert r.status == 504 and r.headers["X-ProxyMQ-Error"] == "timeout"
+    await asyncio.sleep(1.5)
+    await stack.dequeuer(service, target.url)
+    result = await poll(http, url + location, timeout=20)
+    assert result.status == 200
+    assert [seen.path for seen in target.seen] == ["/echo/later"]
+
+
 async def test_polls_carry_the_request_id_and_count_once(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:

@@ -45,6 +45,7 @@ async def expect_error(response: aiohttp.ClientResponse, status: int, code: str)
     assert response.headers["X-Correlation-ID"]
     assert response.headers["Content-Type"].startswith("application/json")
     body = await response.json()
+    assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message"], body
     assert body["error"]["code"] == code
     assert body["error"]["message"]
     return str(body["error"]["message"])
@@ -545,6 +546,21 @@ async def test_retryable_status_is_dead_lettered(
     _, url = await stack.enqueuer()
     async with http.get(f"{url}/{service}/status/503") as response:
         assert "last: 503" in await expect_error(response, 502, "service_failed")
+    assert len(target.seen) == 2
+
+
+async def test_every_attempt_timing_out_is_service_failed(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A timeout is retryable by default, as the contract says: every attempt timing out is
+    502 service_failed with the caller's deadline still far, not the caller's 504."""
+    await stack.dequeuer(
+        service, target.url, "--call-timeout", "0.5", "--max-attempts", "2",
+        "--retry-backoff-ms", "10",
+    )  # fmt: skip
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/delay/5", headers={"X-Request-Timeout": "25"}) as r:
+        assert "timeout" in await expect_error(r, 502, "service_failed")
     assert len(target.seen) == 2
 
 

@@ -292,3 +292,36 @@ async def test_a_dlq_replay_puts_the_ring_back_before_it_publishes(
     replay = await proxymq("dlq", "replay", "--service", service, "--yes")
     assert replay.code == 0, replay.output
     assert await partitions_of(amqp, service) == moved
+
+
+async def test_a_key_reaches_the_same_partition_from_the_enqueuer_as_from_any_client(
+    stack: Stack, service: str, amqp: AbstractRobustConnection, http: aiohttp.ClientSession
+) -> None:
+    """The contract: a client publishing to `S` with the key as routing key gets the same
+    partitioning as the enqueuer."""
+    await topology.declare(amqp, topology.Topology(service, PARTITIONS))
+    foreign = await partitions_of(amqp, service)
+    _, url = await stack.enqueuer()
+    channel = await amqp.channel()
+    found: dict[str, int] = {}
+    complete = asyncio.Event()
+    try:
+        for index, name in enumerate(topology.Topology(service, PARTITIONS).queues):
+
+            async def take(message: AbstractIncomingMessage, index: int = index) -> None:
+                await message.ack()
+                found[str(message.headers["x-proxymq-partition-key"])] = index
+                if len(found) == len(KEYS):
+                    complete.set()
+
+            await (await channel.get_queue(name)).consume(take)
+        for key in KEYS:
+            async with http.post(
+                f"{url}/{service}/x", headers={"Prefer": "respond-async", "X-Partition-Key": key}
+            ) as response:
+                assert response.status == 202
+        await asyncio.wait_for(complete.wait(), 10)
+    finally:
+        await channel.close()
+    assert found == foreign
+    assert len(set(found.values())) == PARTITIONS  # the keys were spread: the check means something

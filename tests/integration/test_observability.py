@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared import envelope
 from shared.processes import free_port
@@ -23,6 +24,30 @@ from tests.conftest import Stack, metric, serving
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
+
+
+async def test_both_sidecars_admin_endpoints(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The contract's admin port of each sidecar: `/healthz` alive, `/readyz` with what it
+    checked (the dequeuer's microservice too), `/metrics` in Prometheus text format."""
+    dequeuer = await stack.dequeuer(service, target.url)
+    enqueuer, _ = await stack.enqueuer()
+    for process, prefix in [(enqueuer, "proxymq_enqueuer_"), (dequeuer, "proxymq_dequeuer_")]:
+        admin = f"http://127.0.0.1:{process.admin_port}"  # type: ignore[attr-defined]
+        async with http.get(f"{admin}/healthz") as response:
+            assert response.status == 200
+        async with http.get(f"{admin}/readyz") as response:
+            assert response.status == 200
+            ready = await response.json()
+        assert ready["ready"] is True and ready["checks"]["broker_connected"] is True
+        async with http.get(f"{admin}/metrics") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain; version=")
+            families = list(text_string_to_metric_families(await response.text()))
+        assert any(family.name.startswith(prefix) for family in families)
+        assert "proxymq_broker_connected" in {family.name for family in families}
+    assert ready["checks"]["microservice_ready"] is True
 
 
 async def test_metrics_count_exactly_what_was_sent(
@@ -161,6 +186,36 @@ async def test_one_trace_from_api_to_microservice(
     )
     received = dict(target.seen[0].headers)["traceparent"]
     assert received == f"00-{trace_id}-{client[1].span_id.hex()}-01"
+
+
+@pytest.mark.parametrize("traced", [False, True])
+async def test_the_callers_trace_context_reaches_the_microservice(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+    traced: bool,
+) -> None:
+    """The contract's `traceparent` / `tracestate`, carried through the queue: as sent when the
+    sidecars do not trace; when they do, the caller's trace and its `tracestate` go on under
+    the dequeuer's call span."""
+    endpoint, _ = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url, env=env if traced else None)
+    _, url = await stack.enqueuer(env=env if traced else None)
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+    context = {"traceparent": traceparent, "tracestate": "vendor=abc,other=x1"}
+    async with http.get(f"{url}/{service}/echo/traced", headers=context) as response:
+        assert response.status == 200
+    received = dict(target.seen[0].headers)
+    assert received["tracestate"] == "vendor=abc,other=x1"
+    if traced:
+        assert received["traceparent"].split("-")[1] == trace_id
+        assert received["traceparent"] != traceparent
+    else:
+        assert received["traceparent"] == traceparent
 
 
 async def test_json_logs_one_line_per_outcome(

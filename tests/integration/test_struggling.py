@@ -14,6 +14,7 @@ from yarl import URL
 from shared import topology
 from tests.conftest import Stack, metric
 from tests.integration.test_async import poll
+from tests.integration.test_errors import expect_error
 from tests.reliability.proxy import FaultyProxy
 from tests.reliability.support import rss_mib
 from tests.target import Target
@@ -66,6 +67,9 @@ async def test_in_flight_cap_is_backpressure(
     for _ in range(5):
         async with http.post(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as r:
             statuses.append(r.status)
+            if r.status == 429:
+                assert "already waiting for a reply" in await expect_error(r, 429, "backpressure")
+                assert int(r.headers["Retry-After"]) >= 1
     assert statuses == [202, 202, 202, 429, 429]
 
 
@@ -96,6 +100,25 @@ async def test_idempotency_key(
         f"{url}/{service}/echo/pay", data=b"x", headers={"Idempotency-Key": "order-43"}
     ) as r:
         assert r.headers["X-Correlation-ID"] not in ids
+    assert len(target.seen) == 2
+
+
+async def test_an_idempotency_key_past_its_window_is_a_new_request(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The contract's "within the dedup window": after --idempotency-window, the same key is
+    a second message with an id of its own."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer("--idempotency-window", "1")
+    ids = []
+    for pause in (0, 0, 1.5):
+        await asyncio.sleep(pause)
+        async with http.post(
+            f"{url}/{service}/echo/pay", data=b"once", headers={"Idempotency-Key": "order-7"}
+        ) as r:
+            assert r.status == 200
+            ids.append(r.headers["X-Correlation-ID"])
+    assert ids[0] == ids[1] != ids[2]
     assert len(target.seen) == 2
 
 

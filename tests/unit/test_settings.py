@@ -39,6 +39,17 @@ def test_defaults() -> None:
     assert settings.services == []
 
 
+def test_the_contracts_defaults_of_the_dequeuer_and_the_url_fetcher() -> None:
+    """The bracketed values of the contract's command lines, and its default ports."""
+    settings = load(DequeuerSettings, ["--service", "orders"])
+    assert settings.amqp_url == DEFAULT_AMQP_URL
+    assert settings.admin_port == 9081
+    assert (settings.partitions, settings.concurrency, settings.ordering) == (8, 64, "key")
+    assert (settings.batch_size, settings.batch_wait_ms, settings.batch_path) == (1, 20, "/batch")
+    fetcher = load(UrlFetcherSettings, [])
+    assert (fetcher.host, fetcher.port, fetcher.allow_private) == ("127.0.0.1", 8000, False)
+
+
 def test_environment_wins_over_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROXYMQ_PORT", "8181")
     monkeypatch.setenv("PROXYMQ_AMQP_URL", "amqp://env-host/")
