@@ -78,8 +78,9 @@ class DequeuerSettings(SidecarSettings):
         3,
         ge=1,
         le=100,
-        description="calls per request before a retryable "
-        "failure is dead-lettered (502 service_failed to the caller)",
+        description="calls per request before a retryable failure is dead-lettered (502 "
+        "service_failed to the caller); a call that never left (its connection refused) is "
+        "none of them and is retried after the backoff",
     )
     retry_backoff_ms: Milliseconds = Field(
         200,

@@ -128,7 +128,8 @@ class EnqueuerSettings(SidecarSettings):
     )
     instance_id: Name | None = Field(
         None,
-        description="name of this enqueuer (reply queue proxymq.replies.ID), one per "
+        description="name of this enqueuer (reply queue proxymq.replies.ID, and its lease "
+        "proxymq.replies.ID.lease), one per "
         "enqueuer: a second one with the same id stops at startup; default: a random id",
     )
 
