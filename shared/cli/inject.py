@@ -522,9 +522,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "the same output."
         ),
         epilog=(
-            "example: kubectl get deploy url-fetcher -o yaml | proxymq inject --service "
-            "url-fetcher --target-port 8000 | kubectl apply -f -    The AMQP URL is read from "
-            f"key '{AMQP_SECRET_KEY}' of Secret --amqp-secret, mounted at {SECRET_DIR}."
+            f"The AMQP URL is read from key '{AMQP_SECRET_KEY}' of Secret --amqp-secret, "
+            f"mounted at {SECRET_DIR}. Example: kubectl get deploy url-fetcher -o yaml | "
+            "proxymq inject --service url-fetcher --target-port 8000 | kubectl apply -f -"
         ),
     )
     parser.add_argument(
