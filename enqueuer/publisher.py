@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -41,8 +42,10 @@ class Publisher:
         self.breaker = breaker
         self._channel: AbstractChannel | None = None
         self._connection: AbstractRobustConnection | None = None
-        # service -> exists, until, and the connection that found its hash ring in order
-        self._exchanges: dict[str, tuple[bool, float, object]] = {}
+        # service -> exists, until, and the connection that found its hash ring in order (held
+        # weakly: a verdict kept a lost connection, with its channels, until its service was
+        # looked up again, which a name called once never is)
+        self._exchanges: dict[str, tuple[bool, float, weakref.ref[object] | None]] = {}
         self._checks: dict[str, asyncio.Future[bool]] = {}
         self._lookup_turn = asyncio.Lock()
         self._renew_at = 0.0
@@ -102,7 +105,7 @@ class Publisher:
         if self.allowed and service not in self.allowed:
             raise UnknownService(f"service {service!r} is not in this enqueuer's --services")
         cached = self._exchanges.get(service)
-        if cached is not None and cached[1] > time.monotonic() and cached[2] is self._transport():
+        if cached is not None and cached[1] > time.monotonic() and self._found_now(cached[2]):
             exists = cached[0]
         else:
             check = self._checks.get(service)
@@ -154,11 +157,16 @@ class Publisher:
         self._exchanges[service] = (
             exists,
             time.monotonic() + (KNOWN_FOR if exists else UNKNOWN_FOR),
-            transport,
+            None if transport is None else weakref.ref(transport),
         )
         while len(self._exchanges) > MAX_REMEMBERED:
             del self._exchanges[next(iter(self._exchanges))]
         return exists
+
+    def _found_now(self, found_on: weakref.ref[object] | None) -> bool:
+        """Whether a verdict was made on the connection there is now."""
+        transport = self._transport()
+        return transport is not None and found_on is not None and found_on() is transport
 
     def _transport(self) -> object:
         """The connection's current AMQP transport: a new one after every reconnect."""

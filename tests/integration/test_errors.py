@@ -26,9 +26,12 @@ from aio_pika.abc import AbstractRobustConnection, HeadersType
 from aio_pika.robust_channel import RobustChannel
 from yarl import URL
 
+from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from shared import envelope, topology
+from shared.breaker import ServiceBreaker
 from shared.broker import BROKER_ERRORS, unless_closed
+from shared.errors import BrokerUnavailable, UnknownService
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
 from tests.integration.test_async import poll
@@ -1332,6 +1335,44 @@ async def test_channels_lost_with_their_connection_are_not_kept(
             if all(r() is None for r in lost[:-1]):
                 break
         assert [r() for r in lost[:-1]] == [None, None]
+    finally:
+        await connection.close()
+        await proxy.stop()
+
+
+async def test_connections_lost_are_not_kept_by_service_lookups(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each service looked up kept the connection it was found on (or missing on), to know a
+    verdict made on an earlier connection: a lost connection went only once every service it
+    had looked up was looked up again. Names called once, made up by callers or rarely used,
+    are not: every reconnect kept the lost connection, its channels and what their frames held,
+    for as long as the enqueuer ran (each service looked up on it, up to 10,000 names)."""
+    caplog.set_level(logging.CRITICAL)  # a captured record's traceback would hold them
+    proxy = await FaultyProxy(URL(amqp_url).port or 5672).start()
+    connection = await aio_pika.connect_robust(proxy.url, reconnect_interval=0.1)
+    publisher = Publisher(frozenset(), ServiceBreaker(5, 10))
+    try:
+        await publisher.start(connection)
+        lost: list[weakref.ref[object]] = []
+        for i in range(3):
+            async with asyncio.timeout(10):
+                while True:  # the connection restored after the last reset
+                    transport = connection.transport
+                    if transport is not None and all(r() is not transport for r in lost):
+                        with contextlib.suppress(*BROKER_ERRORS, BrokerUnavailable):
+                            with pytest.raises(UnknownService):
+                                await publisher.check(f"gone-{uuid.uuid4().hex[:8]}-{i}")
+                            break
+                    await asyncio.sleep(0.05)
+            lost.append(weakref.ref(transport))
+            del transport
+            proxy.reset()
+        await asyncio.sleep(0.5)
+        gc.collect()
+        # The last one may still be in the frames of the reconnect under way.
+        kept = sum(r() is not None for r in lost[:-1])
+        assert kept == 0, f"{kept} of 2 lost connections kept"
     finally:
         await connection.close()
         await proxy.stop()
