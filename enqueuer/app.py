@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 ENQUEUER = web.AppKey("enqueuer", Enqueuer)
 BROKER = web.AppKey("broker", Broker)
 CORRELATION_HEADER = "X-Correlation-ID"
-STOP_GRACE = 5.0  # seconds awaited replies get to come after SIGTERM
 DISCONNECTED = "disconnected"  # the outcome of a request whose caller hung up
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -233,12 +232,12 @@ async def _broker_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _answer_waiting_callers(app: web.Application) -> None:
-    """On SIGTERM, once the port is closed: replies still awaited get a few seconds to come,
-    then their callers a 503 they can act on. They got a dropped connection. Pending
+    """On SIGTERM, once the port is closed: replies still awaited get --shutdown-grace seconds
+    to come, then their callers a 503 they can act on. They got a dropped connection. Pending
     asynchronous results get no grace: nobody waits for them, and they go with the process."""
     enqueuer = app[ENQUEUER]
     await enqueuer.replies.stop(
-        STOP_GRACE,
+        enqueuer.settings.shutdown_grace,
         BrokerUnavailable(
             "the enqueuer is stopping: the request was published and may still be processed, "
             "but its reply will not come here",

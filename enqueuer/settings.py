@@ -126,6 +126,13 @@ class EnqueuerSettings(SidecarSettings):
         description="seconds the breaker stays open before one publish probes the broker again; "
         "a restored broker connection closes it at once",
     )
+    shutdown_grace: Seconds = Field(
+        5.0,
+        ge=0,
+        description="seconds a stopping enqueuer (SIGTERM) waits for the replies its callers "
+        "await; callers still waiting then get 503 broker_unavailable, while their requests "
+        "may still run. The pod's grace period must cover it (docs/operations.md)",
+    )
     instance_id: Name | None = Field(
         None,
         description="name of this enqueuer (reply queue proxymq.replies.ID, and its lease "

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from dequeuer.settings import DequeuerSettings
+from enqueuer.settings import EnqueuerSettings
 from shared import topology
 from shared.cli import inject, keda
 from tests.deploy.support import (
@@ -158,7 +159,12 @@ def test_api_reaches_its_enqueuer_on_localhost_and_is_served() -> None:
     assert (
         service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
     )
-    assert spec["terminationGracePeriodSeconds"] > float(env["API_TIMEOUT"]) + 5
+    # The API's preStop and calls, then the enqueuer's wait for the replies still awaited.
+    stop = float(
+        enqueuer.get("PROXYMQ_SHUTDOWN_GRACE")
+        or EnqueuerSettings.model_fields["shutdown_grace"].default
+    )
+    assert spec["terminationGracePeriodSeconds"] > 5 + float(env["API_TIMEOUT"]) + stop
 
 
 def test_pods_hold_no_api_token_and_trace_only_when_asked() -> None:

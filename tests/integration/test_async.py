@@ -273,7 +273,7 @@ async def test_stopping_does_not_wait_for_results_nobody_waits_for(
     stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
 ) -> None:
     """On SIGTERM the enqueuer gives the replies its callers wait for a few seconds to come
-    (STOP_GRACE, 5 s); it gave them to pending asynchronous results too, which nobody waits
+    (--shutdown-grace, 5 s); it gave them to pending asynchronous results too, which nobody waits
     for and which go with the process anyway: one pending 202 made every stop 5 s longer."""
     await topology.declare(amqp, topology.Topology(service))
     enqueuer, url = await stack.enqueuer()

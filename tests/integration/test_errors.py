@@ -1678,6 +1678,28 @@ async def test_stopping_answers_the_callers_still_waiting(
     assert await asyncio.to_thread(enqueuer.popen.wait, 15) == 0
 
 
+async def test_a_stopping_enqueuer_waits_its_shutdown_grace(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """PROXYMQ_SHUTDOWN_GRACE sets how long a stopping enqueuer waits for the replies its
+    callers await: a call still running 7 s after SIGTERM is answered 200 with 15 s of grace.
+    The grace was a fixed 5 s: that caller got 503 while its request went on, and its retry
+    could run it twice."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer(env={"PROXYMQ_SHUTDOWN_GRACE": "15"})
+    assert enqueuer.popen is not None
+    headers = {"X-Request-Timeout": "60"}
+    call = asyncio.ensure_future(http.get(f"{url}/{service}/delay/7", headers=headers))
+    async with asyncio.timeout(30):
+        while not target.seen:
+            await asyncio.sleep(0.05)
+    enqueuer.popen.send_signal(signal.SIGTERM)
+    async with await call as response:
+        assert (response.status, response.headers.get("X-ProxyMQ-Error")) == (200, None)
+        assert await response.text() == "late"
+    assert await asyncio.to_thread(enqueuer.popen.wait, 30) == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 async def test_a_second_signal_stops_at_once(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, sig: signal.Signals

@@ -217,7 +217,13 @@ def test_dequeuer_retry_on_refuses_non_5xx(value: str, capsys: pytest.CaptureFix
 
 @pytest.mark.parametrize(
     "argv",
-    [["--port", "0"], ["--port", "70000"], ["--timeout", "0"], ["--port", "http"]],
+    [
+        ["--port", "0"],
+        ["--port", "70000"],
+        ["--timeout", "0"],
+        ["--port", "http"],
+        ["--shutdown-grace", "-1"],
+    ],
 )
 def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_code(EnqueuerSettings, argv) == 2
