@@ -8,7 +8,8 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from functools import partial
 
 from aiohttp import web
@@ -59,6 +60,8 @@ class Enqueuer:
     idempotency: IdempotencyStore
     guard: CallerGuard
     metrics: EnqueuerMetrics
+    # Publishes that outlive their callers (`outliving_its_caller`), held until they end.
+    detached: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def split_target(raw_path: str) -> tuple[str, str, str]:
@@ -189,24 +192,16 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
             headers = without_respond_async(headers)
         http = HttpRequest(request.method, path, query, headers, body)
         future = enqueuer.replies.expect(request_id)
+        message = RequestEnvelope(
+            request_id, service, http, key, deadline, enqueuer.replies.queue_name
+        )
         if idempotency_key:  # before publishing, so that concurrent repeats find it and wait
             entry = enqueuer.idempotency.remember(service, idempotency_key, request_id, future)
-        try:
-            await publish(
-                enqueuer,
-                RequestEnvelope(
-                    request_id, service, http, key, deadline, enqueuer.replies.queue_name
-                ),
-                future,
-            )
-        except BaseException as exc:
-            if entry is not None:
-                entry.settle(exc)
-            raise
-        if entry is not None:
-            entry.settle(None)
-        if idempotency_key or asynchronous:
-            expire_at(future, deadline)  # its lifetime is the message's, not one caller's
+            await outliving_its_caller(enqueuer, publish_first(enqueuer, message, future, entry))
+        else:
+            await publish(enqueuer, message, future)
+            if asynchronous:
+                expire_at(future, deadline)  # its lifetime is the message's, not the caller's
     if asynchronous:
         return accept(request_id, service, future, enqueuer, entry, repeat=first is not None)
     try:
@@ -276,6 +271,36 @@ async def publish(
         raise
     enqueuer.metrics.in_flight.inc()
     future.add_done_callback(lambda _: enqueuer.metrics.in_flight.dec())
+
+
+async def publish_first(
+    enqueuer: Enqueuer, request: RequestEnvelope, future: asyncio.Future[HttpResponse], first: First
+) -> None:
+    """Publish the first request with an Idempotency-Key and settle its entry, which its
+    repeats wait for."""
+    try:
+        await publish(enqueuer, request, future)
+    except BaseException as exc:
+        first.settle(exc)
+        raise
+    first.settle(None)
+    expire_at(future, request.deadline)  # its lifetime is the message's, not one caller's
+
+
+async def outliving_its_caller(enqueuer: Enqueuer, work: Coroutine[None, None, None]) -> None:
+    """Await `work`, which goes on when the caller hangs up (as long as a publish may take,
+    PUBLISH_TIMEOUT): cancelled with its caller, a first's publish left its message perhaps
+    queued, its repeats a 503, and a retry sent it twice."""
+    task = asyncio.ensure_future(work)
+    enqueuer.detached.add(task)
+    task.add_done_callback(partial(_detached_done, enqueuer.detached))
+    await asyncio.shield(task)
+
+
+def _detached_done(detached: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    detached.discard(task)
+    if not task.cancelled():
+        task.exception()  # its caller's handler raises it; with the caller gone, nobody does
 
 
 def expire_at(future: asyncio.Future[HttpResponse], deadline: float | None) -> None:

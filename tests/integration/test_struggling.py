@@ -262,6 +262,115 @@ async def test_a_repeat_waits_for_its_first_no_longer_than_its_own_deadline(
         await proxy.stop()
 
 
+async def publish_held(
+    proxy: FaultyProxy,
+    http: aiohttp.ClientSession,
+    url: str,
+    target: Target,
+    headers: dict[str, str],
+) -> asyncio.Task[aiohttp.ClientResponse]:
+    """Hold the broker's confirms and call `url`: the call, once its request is queued (the
+    microservice saw it) and the enqueuer still waits for the confirm."""
+    proxy.hold()
+    seen = len(target.seen)
+    call = asyncio.create_task(http.post(url, headers=headers))
+    async with asyncio.timeout(10):
+        while len(target.seen) == seen:
+            await asyncio.sleep(0.05)
+    return call
+
+
+async def hang_up(
+    call: asyncio.Task[aiohttp.ClientResponse], http: aiohttp.ClientSession, admin: int
+) -> None:
+    """Cancel the call, and wait until the enqueuer counted its caller gone."""
+    call.cancel()
+    async with asyncio.timeout(10):
+        while (
+            await metric(
+                http, admin, "proxymq_enqueuer_requests_total", {"outcome": "disconnected"}
+            )
+            < 1
+        ):
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_repeats_get_the_answer_of_a_first_whose_caller_hung_up_while_publishing(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, asynchronous: bool
+) -> None:
+    """The first request with a key is queued, RabbitMQ's confirm is late, and its caller
+    hangs up: the publish and the key's entry went with the caller, so a repeat waiting for
+    it got 503 and the key was forgotten, though the message was queued: a retry sent it
+    twice. The publish and the entry now outlive the caller, and the repeats get its answer."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    calls: list[asyncio.Task[aiohttp.ClientResponse]] = []
+    try:
+        await stack.dequeuer(service, target.url)
+        enqueuer, url = await stack.enqueuer(env={"PROXYMQ_AMQP_URL": proxy.url})
+        admin = enqueuer.admin_port  # type: ignore[attr-defined]
+        async with http.get(f"{url}/{service}/echo/warm") as warm:
+            assert warm.status == 200
+        key = {"Idempotency-Key": "order-9"}
+        if asynchronous:
+            key["Prefer"] = "respond-async"
+        target_url = f"{url}/{service}/echo/first"
+        first = await publish_held(proxy, http, target_url, target, key)
+        calls.append(asyncio.create_task(http.post(target_url, headers=key)))
+        await asyncio.sleep(0.5)  # this repeat waits for the first's publish
+        await hang_up(first, http, admin)
+        calls.append(asyncio.create_task(http.post(target_url, headers=key)))
+        await asyncio.sleep(0.5)  # and so does this one, which came after the caller left
+        proxy.release()
+        ids = set()
+        for repeat in calls:
+            response = await repeat
+            ids.add(response.headers["X-Correlation-ID"])
+            if asynchronous:
+                assert response.status == 202, await response.text()
+                response = await poll(http, url + response.headers["Location"])
+            assert response.status == 200, await response.text()
+            assert (await response.json())["path"] == "/echo/first"
+        assert len(ids) == 1
+    finally:
+        for call in calls:
+            call.cancel()
+        proxy.release()
+        await proxy.stop()
+    assert [seen.path for seen in target.seen] == ["/echo/warm", "/echo/first"]
+    assert "Traceback" not in stack.log_text()
+
+
+async def test_a_caller_who_hangs_up_while_publishing_leaves_nothing_behind(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """Without a key, a caller who hangs up before RabbitMQ confirmed its request frees its
+    waiter at once; the request may still be processed (at least once), its reply dropped."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        await stack.dequeuer(service, target.url)
+        enqueuer, url = await stack.enqueuer(env={"PROXYMQ_AMQP_URL": proxy.url})
+        admin = enqueuer.admin_port  # type: ignore[attr-defined]
+        async with http.get(f"{url}/{service}/echo/warm") as warm:
+            assert warm.status == 200
+        plain = await publish_held(proxy, http, f"{url}/{service}/echo/plain", target, {})
+        await hang_up(plain, http, admin)
+        assert await metric(http, admin, "proxymq_enqueuer_in_flight_requests") == 0
+        proxy.release()
+        async with asyncio.timeout(10):
+            while await metric(http, admin, "proxymq_enqueuer_late_replies_total") < 1:
+                await asyncio.sleep(0.05)
+        async with http.get(f"{url}/{service}/echo/after") as after:
+            assert after.status == 200
+        assert await metric(http, admin, "proxymq_enqueuer_in_flight_requests") == 0
+    finally:
+        proxy.release()
+        await proxy.stop()
+    assert [seen.path for seen in target.seen] == ["/echo/warm", "/echo/plain", "/echo/after"]
+    logged = stack.log_text()
+    assert "Traceback" not in logged and "never retrieved" not in logged
+
+
 async def test_retry_after_timeout_sends_again(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:

@@ -9,6 +9,8 @@ new connection at once (a host that is up but not serving). `heal()` lets new co
 through again; the black-holed and stalled ones stay dead, as a half-open TCP connection does.
 `reset_when` resets the connection whose client sends the first of those byte strings (a queue's
 name, say), and drops it from the list: cuts at chosen steps of the protocol, in turn.
+`hold()` keeps what the broker sends (its confirms, its deliveries) from the clients until
+`release()`, then passes it on, nothing lost: a slow broker, deterministically.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class FaultyProxy:
         self.refusing = False
         self.accepted = 0
         self.reset_when: list[bytes] = []
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._pairs: set[_Pair] = set()
         self._server: asyncio.Server | None = None
 
@@ -95,6 +99,13 @@ class FaultyProxy:
         """Reset new connections at once, until `heal()`."""
         self.refusing = True
 
+    def hold(self) -> None:
+        """Hold what the broker sends to the clients, until `release()`."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     def heal(self) -> None:
         self.blocking = self.refusing = False
 
@@ -116,7 +127,7 @@ class FaultyProxy:
             pair.upstream = up_writer
             pair.tasks = [
                 asyncio.create_task(self._pump(reader, up_writer, pair)),
-                asyncio.create_task(self._pump(up_reader, writer, pair)),
+                asyncio.create_task(self._pump(up_reader, writer, pair, held=True)),
             ]
             await asyncio.wait(pair.tasks, return_when=asyncio.FIRST_COMPLETED)
             if pair.silent:  # one side closed while silenced: keep the other side in the dark
@@ -125,10 +136,18 @@ class FaultyProxy:
             self._close(pair, reset=False)
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pair: _Pair,
+        *,
+        held: bool = False,
     ) -> None:
+        """`held`: the broker's side, which `hold()` holds."""
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await reader.read(CHUNK):
+                if held:
+                    await self._flowing.wait()
                 if self.reset_when and self.reset_when[0] in data:
                     del self.reset_when[0]
                     self._close(pair, reset=True)
