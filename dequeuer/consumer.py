@@ -37,7 +37,13 @@ from dequeuer.partitions import Subscription
 from dequeuer.settings import DequeuerSettings
 from shared import envelope, logs, topology, tracing
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS, closed_within, refused_for_size, unless_closed
+from shared.broker import (
+    BROKER_ERRORS,
+    closed_within,
+    confirming_channel,
+    refused_for_size,
+    unless_closed,
+)
 from shared.envelope import HttpResponse, MalformedMessage, RequestEnvelope
 from shared.errors import GatewayTimeout, ProxyMQError, ServiceFailed
 from shared.metrics import DequeuerMetrics, status_class
@@ -135,13 +141,7 @@ class Consumer:
         return max(1, self.settings.concurrency)
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        channel = connection.channel(publisher_confirms=True, on_return_raises=True)
-        try:
-            await channel
-        except BaseException:  # closed, it is not restored with the connection
-            await closed_within(channel.close())
-            raise
-        self._reply_channel = channel
+        self._reply_channel = await confirming_channel(connection)
 
     async def on_message(self, sub: Subscription, message: AbstractIncomingMessage) -> None:
         if sub.releasing.is_set():

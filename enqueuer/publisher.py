@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from shared import envelope, hash_ring, topology
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS, closed_within, refused_for_size
+from shared.broker import BROKER_ERRORS, confirming_channel, refused_for_size
 from shared.errors import (
     Backpressure,
     BodyTooLarge,
@@ -52,13 +52,7 @@ class Publisher:
         self._renewals: set[asyncio.Task[None]] = set()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        channel = connection.channel(publisher_confirms=True, on_return_raises=True)
-        try:
-            await channel
-        except BaseException:  # closed, it is not restored with the connection
-            await closed_within(channel.close())
-            raise
-        self._connection, self._channel = connection, channel
+        self._connection, self._channel = connection, await confirming_channel(connection)
 
     def _renew_channel(self) -> None:
         """After a nack, publish on a new channel (at most once every RENEW_AFTER_NACK).
@@ -81,7 +75,7 @@ class Publisher:
 
     async def _replace_channel(self, connection: AbstractRobustConnection) -> None:
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel = await confirming_channel(connection)
         except Exception as exc:  # the connection is down: the robust one is restored anyway
             log.debug("could not open a new publishing channel: %s", exc)
             return

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import aiormq
 from aio_pika import RobustConnection
-from aio_pika.abc import AbstractRobustConnection, UnderlayChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection, UnderlayChannel
 from aio_pika.connection import make_url
 from aio_pika.tools import OneShotCallback
 from yarl import URL
@@ -178,6 +178,19 @@ async def _reconnected(connection: AbstractRobustConnection) -> None:
 
 
 CLOSE_WAIT = 2.0  # seconds a channel or connection close may take once the sidecar stops
+
+
+async def confirming_channel(connection: AbstractRobustConnection) -> AbstractChannel:
+    """A channel for publishing requests or replies: confirms on, returns raised. One that
+    fails to open is closed again, or it would be restored with the connection, a second
+    channel beside the one opened next."""
+    channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        await channel
+    except BaseException:
+        await closed_within(channel.close())
+        raise
+    return channel
 
 
 async def closed_within(closing: Awaitable[object], wait: float = CLOSE_WAIT) -> None:

@@ -165,6 +165,19 @@ async def delete_topology(service: str) -> None:
         await connection.close()
 
 
+def left_behind(started: dict[int, str], service: str) -> tuple[list[str], bool]:
+    """What a stopped bench left: the processes it started that still run (killed now), and
+    whether its service's queues are still on the broker (deleted now)."""
+    left = [line for pid, line in started.items() if alive(pid)]
+    for pid in started:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    kept = bool(service) and asyncio.run(partitions_exist(service))
+    if kept:
+        asyncio.run(delete_topology(service))
+    return left, kept
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(
     "scenario", [["failover", "--trials", "1000"], ["batching", "--requests", "3000"]]
@@ -197,13 +210,7 @@ def test_a_bench_scenario_stopped_by_sigterm_leaves_nothing_behind(scenario: lis
         if bench.poll() is None:
             bench.kill()
             bench.wait()
-        left = [line for pid, line in seen.items() if alive(pid)]
-        for pid in seen:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        kept = bool(service) and asyncio.run(partitions_exist(service))
-        if kept:
-            asyncio.run(delete_topology(service))
+        left, kept = left_behind(seen, service)
     assert bench.returncode == 130, output
     assert "interrupted" in output
     assert not left
@@ -295,13 +302,7 @@ def test_a_bench_scenario_stops_when_its_dequeuer_dies() -> None:
         if bench.poll() is None:
             bench.send_signal(signal.SIGTERM)
             bench.wait(60)
-        left = [line for pid, line in seen.items() if alive(pid)]
-        for pid in seen:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        kept = bool(service) and asyncio.run(partitions_exist(service))
-        if kept:
-            asyncio.run(delete_topology(service))
+        left, kept = left_behind(seen, service)
     assert bench.returncode == 1, output + errors
     lines = errors.splitlines()
     said = (
@@ -395,13 +396,7 @@ def test_ctrl_c_again_during_the_cleanup_does_not_cut_it_short() -> None:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
-        left = [line for pid, line in started.items() if alive(pid)]
-        for pid in started:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        kept = bool(service) and asyncio.run(partitions_exist(service))
-        if kept:
-            asyncio.run(delete_topology(service))
+        left, kept = left_behind(started, service)
     assert bench.returncode == 130, output
     assert not left, left
     assert not kept, f"{service} was left on the broker"
