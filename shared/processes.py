@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +22,9 @@ from typing import IO
 # Below Linux's default ephemeral range (32768-60999), and below the ports `proxymq cluster`
 # picks for its nodes (20000-29999).
 LISTEN_PORTS = range(10_000, 20_000)
+# Ports this process handed out lately: free until their process binds them, they were at times
+# handed out twice (the demo's url-fetcher and its dequeuer's admin port, "address already in use").
+_given: deque[int] = deque(maxlen=1024)
 
 
 def free_port() -> int:
@@ -30,13 +34,14 @@ def free_port() -> int:
     "address already in use"."""
     ephemeral = _ephemeral_ports()
     for port in random.sample(LISTEN_PORTS, 200):
-        if port in ephemeral:
+        if port in ephemeral or port in _given:
             continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _given.append(port)
             return port
     with socket.socket() as sock:  # a machine with another ephemeral range, or all ports taken
         sock.bind(("127.0.0.1", 0))
