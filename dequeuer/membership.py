@@ -156,8 +156,10 @@ class Membership:
             }
         ).encode()
         try:
+            # Not mandatory: with no queue bound (its own is declared again after a reset), a
+            # heartbeat is lost as meant; returned, aiormq logged each as an ERROR.
             await self._exchange.publish(
-                aio_pika.Message(body, expiration=self.expiry), routing_key=""
+                aio_pika.Message(body, expiration=self.expiry), routing_key="", mandatory=False
             )
         except Exception as exc:  # a heartbeat lost is retried at the next tick
             log.debug("heartbeat not sent: %s", exc)

@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractRobustConnection, HeadersType
 from aio_pika.robust_channel import RobustChannel
 from yarl import URL
 
+from dequeuer.membership import Membership
 from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from shared import envelope, topology
@@ -1548,6 +1549,26 @@ async def test_replies_lost_with_an_expired_reply_queue_end_their_requests(
             with contextlib.suppress(Exception):
                 await channel.queue_delete(name)
         await channel.close()
+
+
+async def test_a_heartbeat_nobody_hears_is_dropped_quietly(
+    amqp: AbstractRobustConnection, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reset deletes a dequeuer's auto-delete heartbeat queue until the robust connection
+    declares it again: a heartbeat published meanwhile was returned (mandatory), and aiormq
+    logged 'Unhandled message ... returning' as an ERROR, for a heartbeat meant to be lost."""
+    members = Membership(service, "me", expiry=2.5)
+    await members.start(amqp, linger=0)
+    try:
+        channel = await amqp.channel()
+        await channel.queue_delete(f"{topology.members_exchange(service)}.me")
+        await channel.close()
+        with caplog.at_level(logging.WARNING):
+            await members.publish()
+            await asyncio.sleep(0.5)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        await members.stop()
 
 
 @pytest.mark.parametrize("name", ["proxymq-enqueuer", "proxymq-dequeuer"])
