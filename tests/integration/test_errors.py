@@ -1022,19 +1022,33 @@ async def test_stopping_with_replies_stuck_in_a_silent_broker(
         took = time.monotonic() - started
     finally:
         await proxy.stop()
-    for call in calls:
-        call.cancel()
     assert took < grace + 5, f"stopped {took:.1f} s after SIGTERM, with a {grace:g} s grace"
     logged = stack.log_text()
     assert "Traceback" not in logged and "Unclosed" not in logged
-    # Nothing was acked without its reply: all four are back in their partitions.
-    held = 0
-    for queue in topology.Topology(service, partitions=2).queues:
-        channel = await amqp.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        held += declared.declaration_result.message_count or 0
-        await channel.close()
-    assert held == 4
+
+    async def held() -> int:
+        count = 0
+        for queue in topology.Topology(service, partitions=2).queues:
+            channel = await amqp.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            count += declared.declaration_result.message_count or 0
+            await channel.close()
+        return count
+
+    def answered() -> int:  # a reply confirmed before the black hole: its request was acked
+        return sum(
+            c.done() and not c.cancelled() and not c.exception() and c.result().status == 200
+            for c in calls
+        )
+
+    # Nothing was acked without its reply: the rest are back in their partitions, once the
+    # broker has seen the connection go.
+    async with asyncio.timeout(10):
+        while await held() + answered() < 4:
+            await asyncio.sleep(0.1)
+    assert await held() + answered() == 4
+    for call in calls:
+        call.cancel()
 
 
 async def test_a_draining_dequeuer_is_not_ready(
