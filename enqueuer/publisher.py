@@ -31,7 +31,8 @@ from shared.errors import (
 log = logging.getLogger(__name__)
 KNOWN_FOR = 10.0  # seconds a service found on the broker is trusted without asking again
 UNKNOWN_FOR = 1.0  # a flood of calls to a missing service costs one passive declare a second
-MAX_REMEMBERED = 10_000  # services remembered, found or not; the oldest verdicts go first
+MAX_REMEMBERED = 10_000  # services remembered, found or not; missing ones go first, oldest first
+Verdict = tuple[float, "weakref.ref[object] | None"]  # until, and the connection it holds for
 MAX_LOOKUPS = 100  # services waiting to be looked up, one at a time; more get 429
 RENEW_AFTER_NACK = 1.0  # seconds between two replacements of a nacked publishing channel
 
@@ -42,10 +43,13 @@ class Publisher:
         self.breaker = breaker
         self._channel: AbstractChannel | None = None
         self._connection: AbstractRobustConnection | None = None
-        # service -> exists, until, and the connection that found its hash ring in order (held
+        # service -> until, and the connection that found its hash ring in order (held
         # weakly: a verdict kept a lost connection, with its channels, until its service was
-        # looked up again, which a name called once never is)
-        self._exchanges: dict[str, tuple[bool, float, weakref.ref[object] | None]] = {}
+        # looked up again, which a name called once never is); oldest first. Names not found
+        # apart: callers make them up, and theirs all last UNKNOWN_FOR, so the expired ones
+        # are those at the front.
+        self._found: dict[str, Verdict] = {}
+        self._missing: dict[str, Verdict] = {}
         self._checks: dict[str, asyncio.Future[bool]] = {}
         self._lookup_turn = asyncio.Lock()
         self._renew_at = 0.0
@@ -98,9 +102,9 @@ class Publisher:
         service's hash ring is in partition order (`hash_ring`) before anything is published."""
         if self.allowed and service not in self.allowed:
             raise UnknownService(f"service {service!r} is not in this enqueuer's --services")
-        cached = self._exchanges.get(service)
-        if cached is not None and cached[1] > time.monotonic() and self._found_now(cached[2]):
-            exists = cached[0]
+        cached = self._found.get(service) or self._missing.get(service)
+        if cached is not None and cached[0] > time.monotonic() and self._found_now(cached[1]):
+            exists = service in self._found
         else:
             check = self._checks.get(service)
             if check is None:
@@ -127,8 +131,7 @@ class Publisher:
     def exists(self, service: str) -> bool:
         """Whether the service was found on the broker: only then may it name a metrics label,
         since callers choose the names."""
-        verdict = self._exchanges.get(service)
-        return verdict is not None and verdict[0]
+        return service in self._found
 
     async def _lookup(self, service: str) -> bool:
         try:
@@ -147,15 +150,25 @@ class Publisher:
                 await hash_ring.ensure(self._connection, service)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
-        self._exchanges.pop(service, None)  # the newest verdict goes last, evicted last
-        self._exchanges[service] = (
-            exists,
-            time.monotonic() + (KNOWN_FOR if exists else UNKNOWN_FOR),
+        now = time.monotonic()
+        self._found.pop(service, None)  # the newest verdict goes last, evicted last
+        self._missing.pop(service, None)
+        (self._found if exists else self._missing)[service] = (
+            now + (KNOWN_FOR if exists else UNKNOWN_FOR),
             None if transport is None else weakref.ref(transport),
         )
-        while len(self._exchanges) > MAX_REMEMBERED:
-            del self._exchanges[next(iter(self._exchanges))]
+        self._forget(now)
         return exists
+
+    def _forget(self, now: float) -> None:
+        """Expired verdicts on missing names go at once (callers calling made-up names left
+        them until MAX_REMEMBERED, which then pushed out the services found); found ones
+        stay, as `exists` labels their metrics."""
+        while self._missing and next(iter(self._missing.values()))[0] <= now:
+            del self._missing[next(iter(self._missing))]
+        while len(self._found) + len(self._missing) > MAX_REMEMBERED:
+            oldest = self._missing or self._found
+            del oldest[next(iter(oldest))]
 
     def _found_now(self, found_on: weakref.ref[object] | None) -> bool:
         """Whether a verdict was made on the connection there is now."""
@@ -222,7 +235,7 @@ class Publisher:
                 retry_after=1,
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            self._exchanges.pop(service, None)
+            self._found.pop(service, None)
             raise UnknownService(f"service {service!r} was removed from the broker") from exc
         except BROKER_ERRORS as exc:
             if refused_for_size(exc, len(message.body)):
