@@ -212,15 +212,19 @@ class ReplyWaiter:
     async def stop(self, grace: float, error: Exception, unawaited: Container[str] = ()) -> None:
         """Give the replies awaited now `grace` seconds to come, then fail the rest with
         `error`. Not those of `unawaited` (pending asynchronous results): nobody waits for
-        them, and they go with the process anyway; one made every stop `grace` longer."""
+        them, and they go with the process anyway; one made every stop `grace` longer.
+
+        The lease queue is deleted last, on the reply queue's channel, which aiormq closes when
+        the delete is given up: deleted first, a broker slower than a second to answer left the
+        grace waiting for replies nobody consumed any more, and their callers got `error`."""
         if self._watch is not None:
             self._watch.cancel()
-        if self._lease is not None:  # the reply queue goes a minute later, its lease with it
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._lease.delete(if_unused=False, if_empty=False), 1)
         awaited = [f for request_id, f in self._futures.items() if request_id not in unawaited]
         if awaited:
             await asyncio.wait(awaited, timeout=grace)
         for future in list(self._futures.values()):
             if not future.done():
                 future.set_exception(error)
+        if self._lease is not None:  # the reply queue goes a minute later, its lease with it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._lease.delete(if_unused=False, if_empty=False), 1)

@@ -1735,6 +1735,36 @@ async def test_a_stopping_enqueuer_waits_its_shutdown_grace(
     assert await asyncio.to_thread(enqueuer.popen.wait, 30) == 0
 
 
+async def test_a_stopping_enqueuer_slow_to_hear_from_the_broker_still_takes_replies(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """At SIGTERM the enqueuer deletes its lease queue, for at most a second, on its reply
+    queue's channel; an answer later than that (a busy broker) made aiormq close the channel,
+    and with it the reply queue's consumer: the grace then waited for replies that were in the
+    queue, and their callers got 503. The proxy holds what the broker sends for 2 s."""
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        await stack.dequeuer(service, target.url)
+        enqueuer, url = await stack.enqueuer(
+            env={"PROXYMQ_AMQP_URL": proxy.url, "PROXYMQ_SHUTDOWN_GRACE": "8"}
+        )
+        assert enqueuer.popen is not None
+        call = asyncio.ensure_future(http.get(f"{url}/{service}/delay/4"))
+        async with asyncio.timeout(10):
+            while not target.seen:
+                await asyncio.sleep(0.05)
+        proxy.hold()
+        enqueuer.popen.send_signal(signal.SIGTERM)
+        await asyncio.sleep(2)
+        proxy.release()
+        async with await call as response:
+            assert (response.status, response.headers.get("X-ProxyMQ-Error")) == (200, None)
+        assert await asyncio.to_thread(enqueuer.popen.wait, 30) == 0
+    finally:
+        proxy.release()
+        await proxy.stop()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 async def test_a_second_signal_stops_at_once(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession, sig: signal.Signals
