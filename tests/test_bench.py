@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -118,45 +119,6 @@ async def partitions_exist(service: str) -> bool:
         await connection.close()
 
 
-@pytest.mark.timeout(180)
-def test_bench_stops_when_one_of_its_processes_dies() -> None:
-    """A dequeuer killed mid-run: the bench says which process exited and stops, with exit 1
-    and nothing left behind, instead of timing out every request that is left."""
-    args = ["bench", "--requests", "1000000", "--concurrency", "1", "--rounds", "1"]
-    bench = subprocess.Popen(
-        [script("proxymq"), *args, "--warmup", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
-    )
-    started: dict[int, str] = {}
-    try:
-        assert bench.stdout is not None
-        first = bench.stdout.readline()
-        found = re.search(r"bench service (\S+);", first)
-        assert found, first
-        service, started = found.group(1), children(bench.pid)
-        (dequeuer,) = (pid for pid, line in started.items() if "proxymq-dequeuer" in line)
-        os.kill(dequeuer, signal.SIGKILL)
-        output = first + bench.communicate(timeout=90)[0]
-    finally:
-        if bench.poll() is None:
-            bench.send_signal(signal.SIGTERM)  # the bench's own cleanup
-            bench.wait(60)
-        for pid in started:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-    assert bench.returncode == 1, output
-    assert "proxymq-dequeuer exited with code -9" in output
-    log = re.search(r"last lines of (\S+) ---", output)
-    assert log, output
-    assert Path(log.group(1)).exists(), "the log it names is kept"
-    shutil.rmtree(Path(log.group(1)).parent)
-    assert not [pid for pid in started if alive(pid)]
-    assert not asyncio.run(partitions_exist(service))
-
-
 async def delete_topology(service: str) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     try:
@@ -176,6 +138,58 @@ def left_behind(started: dict[int, str], service: str) -> tuple[list[str], bool]
     if kept:
         asyncio.run(delete_topology(service))
     return left, kept
+
+
+def long_bench(**popen: Any) -> tuple[subprocess.Popen[str], str, str, dict[int, str]]:
+    """A bench of a million requests, one at a time (it runs until stopped), once it has started
+    its processes: the bench, its first line, its service and those processes (a dequeuer among
+    them, so that what a test finds left of them is never nothing to look at)."""
+    args = ["bench", "--requests", "1000000", "--concurrency", "1", "--rounds", "1"]
+    bench = subprocess.Popen(
+        [script("proxymq"), *args, "--warmup", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
+        **popen,
+    )
+    try:
+        assert bench.stdout is not None
+        first = bench.stdout.readline()
+        found = re.search(r"bench service (\S+);", first)
+        assert found, first + bench.communicate(timeout=60)[0]
+        started = children(bench.pid)
+        assert any("proxymq-dequeuer" in line for line in started.values()), started
+    except BaseException:
+        bench.kill()
+        bench.wait()
+        raise
+    return bench, first, found.group(1), started
+
+
+@pytest.mark.timeout(180)
+def test_bench_stops_when_one_of_its_processes_dies() -> None:
+    """A dequeuer killed mid-run: the bench says which process exited and stops, with exit 1
+    and nothing left behind, instead of timing out every request that is left."""
+    bench, first, service, started = long_bench()
+    output = first
+    try:
+        (dequeuer,) = (pid for pid, line in started.items() if "proxymq-dequeuer" in line)
+        os.kill(dequeuer, signal.SIGKILL)
+        output += bench.communicate(timeout=90)[0]
+    finally:
+        if bench.poll() is None:
+            bench.send_signal(signal.SIGTERM)  # the bench's own cleanup
+            bench.wait(60)
+        left, kept = left_behind(started, service)
+    assert bench.returncode == 1, output
+    assert "proxymq-dequeuer exited with code -9" in output
+    log = re.search(r"last lines of (\S+) ---", output)
+    assert log, output
+    assert Path(log.group(1)).exists(), "the log it names is kept"
+    shutil.rmtree(Path(log.group(1)).parent)
+    assert not left, left
+    assert not kept, f"{service} was left on the broker"
 
 
 @pytest.mark.timeout(240)
@@ -370,28 +384,14 @@ def test_bench_help_says_which_flags_each_scenario_takes() -> None:
 def test_ctrl_c_again_during_the_cleanup_does_not_cut_it_short() -> None:
     """An impatient user presses Ctrl-C again while the bench stops its processes: they are
     stopped all the same and the service deleted (the second one broke off the cleanup)."""
-    args = ["bench", "--requests", "1000000", "--concurrency", "1", "--rounds", "1"]
-    bench = subprocess.Popen(
-        [script("proxymq"), *args, "--warmup", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, "COLUMNS": "200"},
-        preexec_fn=interruptible,
-    )
-    started: dict[int, str] = {}
-    service = ""
+    bench, first, service, started = long_bench(preexec_fn=interruptible)
+    output = first
     try:
-        assert bench.stdout is not None
-        first = bench.stdout.readline()
-        found = re.search(r"bench service (\S+);", first)
-        assert found, first
-        service, started = found.group(1), children(bench.pid)
         deadline = time.monotonic() + 90
         while bench.poll() is None and time.monotonic() < deadline:
             bench.send_signal(signal.SIGINT)
             time.sleep(0.05)
-        output = first + bench.communicate(timeout=30)[0]
+        output += bench.communicate(timeout=30)[0]
     finally:
         if bench.poll() is None:
             bench.kill()
