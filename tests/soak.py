@@ -30,10 +30,18 @@ import aiohttp
 from shared.cli.cluster import LocalCluster
 from shared.processes import Process
 from tests.conftest import Stack
-from tests.reliability.support import TimedTarget, Traffic, rss_mib, running, verify
+from tests.reliability.support import (
+    TimedTarget,
+    Traffic,
+    recovery_time,
+    rss_mib,
+    running,
+    verify,
+)
 
 PARTITIONS = 4
 WARMUP = 3.0  # seconds of traffic before the first RSS sample
+RECOVERY_BOUND = 15.0  # broker back -> every key served again, as in the broker restart test
 
 
 async def soak(node: LocalCluster, seconds: float, logs: Path, *, seed: int = 7) -> dict[str, Any]:
@@ -76,6 +84,7 @@ async def soak(node: LocalCluster, seconds: float, logs: Path, *, seed: int = 7)
                         await asyncio.to_thread(node.ctl, only, "stop_app")
                         await asyncio.sleep(2)
                         await asyncio.to_thread(node.ctl, only, "start_app")
+                        back = time.monotonic()
                         events.append(
                             f"{down - started:.0f}s broker restart "
                             f"({time.monotonic() - down:.1f} s down)"
@@ -83,6 +92,13 @@ async def soak(node: LocalCluster, seconds: float, logs: Path, *, seed: int = 7)
                 await asyncio.sleep((seconds - WARMUP) / (kills + 1))
             rss_end = {"enqueuer": rss_mib(enqueuer.pid), "dequeuer": rss_mib(steady.pid)}
             verdict = await verify(traffic, target, http, settle=90, logs=stack.log_text)
+        # Nothing accepted is lost also when nothing is accepted: the service must be back too.
+        recovered = recovery_time(traffic, back)
+        if recovered is None or recovered > RECOVERY_BOUND:
+            verdict.problems.append(
+                f"not every key was served again within {RECOVERY_BOUND:g} s of the broker "
+                f"restart ({recovered} s)"
+            )
         return {
             "seconds": round(time.monotonic() - started, 1),
             **verdict.figures,
@@ -90,6 +106,7 @@ async def soak(node: LocalCluster, seconds: float, logs: Path, *, seed: int = 7)
             + sum(c.final == 200 for c in traffic.calls),
             "dequeuer_kills": kills,
             "broker_restarts": 1,
+            "broker_recovery_s": None if recovered is None else round(recovered, 2),
             "events": events,
             "rss_mib_start": rss_start,
             "rss_mib_end": rss_end,
