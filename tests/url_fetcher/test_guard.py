@@ -34,6 +34,10 @@ from url_fetcher.guard import (
         ("224.0.0.1", "a multicast address"),
         ("239.255.255.250", "a multicast address"),
         ("192.0.2.1", "a private address"),
+        # IETF protocol assignments, not globally reachable: Pythons before 3.11.10 call all but
+        # 192.0.0.0/29 and 192.0.0.170/31 global, so the guard must know them itself.
+        ("192.0.0.8", "a private address"),
+        ("192.0.0.255", "a private address"),
         ("198.18.0.1", "a private address"),
         ("240.0.0.1", "a private address"),
         ("255.255.255.255", "a private address"),
@@ -75,7 +79,9 @@ def test_non_public_addresses_are_refused_with_their_class(address: str, reason:
         "2a00:1450:4001:80b::200e",
         "::ffff:8.8.8.8",
         "64:ff9b::808:808",
-        "2002:808:808::1",
+        "2002:808:808::1",  # 6to4 to 8.8.8.8; Pythons from 3.11.10 on call all of 2002::/16 private
+        "192.0.0.9",  # the globally reachable anycast addresses of 192.0.0.0/24
+        "192.0.0.10",
     ],
 )
 def test_public_addresses_pass(address: str) -> None:

@@ -26,6 +26,9 @@ _NAT64_WELL_KNOWN = IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL_USE = IPv6Network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = IPv6Network("::/96")
 _SHARED_ADDRESS_SPACE = IPv4Network("100.64.0.0/10")
+# IETF protocol assignments: not globally reachable but for two anycast addresses (IANA).
+_PROTOCOL_ASSIGNMENTS = IPv4Network("192.0.0.0/24")
+_GLOBAL_ANYCAST = frozenset({IPv4Address("192.0.0.9"), IPv4Address("192.0.0.10")})
 
 # inet_aton() spellings: 1 to 4 dot-separated parts, each decimal, octal (leading 0) or hex (0x).
 _LEGACY_IPV4 = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.I)
@@ -50,16 +53,18 @@ def refusal_reason(ip: IPAddress) -> str | None:
     """Why `ip` must not be fetched without --allow-private (e.g. "a loopback address"), or None.
 
     IPv6 forms that carry an IPv4 address (mapped, compatible, 6to4, Teredo, NAT64) are judged by
-    the IPv4 address they lead to, because that is where the packets end up.
+    the IPv4 address they lead to, because that is where the packets end up. Where Python's
+    tables changed in a patch release (3.11.10: 192.0.0.0/24, 2002::/16), the guard decides
+    itself, so that its verdict does not depend on the interpreter it runs on.
     """
     if isinstance(ip, IPv6Address):
         for form, embedded in _embedded_ipv4(ip):
             inner = refusal_reason(embedded)
             if inner is not None:
                 return f"{form} form of {embedded}, {inner}"
-        if ip.ipv4_mapped is not None or ip in _NAT64_WELL_KNOWN:
-            # Public IPv4 behind a mapped or NAT64 address: Python calls these "reserved", yet
-            # they reach an ordinary public host.
+        if ip.ipv4_mapped is not None or ip in _NAT64_WELL_KNOWN or ip.sixtofour is not None:
+            # Public IPv4 behind a mapped, NAT64 or 6to4 address: Python calls these "reserved"
+            # or "private", yet they reach an ordinary public host.
             return None
         if ip in _NAT64_LOCAL_USE:
             return "a local-use NAT64 address"
@@ -73,8 +78,11 @@ def refusal_reason(ip: IPAddress) -> str | None:
         return "a link-local address"
     if ip.is_multicast:
         return "a multicast address"
-    if isinstance(ip, IPv4Address) and ip in _SHARED_ADDRESS_SPACE:
-        return "a shared (carrier-grade NAT) address"
+    if isinstance(ip, IPv4Address):
+        if ip in _SHARED_ADDRESS_SPACE:
+            return "a shared (carrier-grade NAT) address"
+        if ip in _PROTOCOL_ASSIGNMENTS and ip not in _GLOBAL_ANYCAST:
+            return "a private address"
     if ip.is_private:
         return "a private address"
     if ip.is_reserved:
