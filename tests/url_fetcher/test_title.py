@@ -107,6 +107,28 @@ def test_a_byte_order_mark_wins_over_any_declared_charset(body: bytes, charset: 
     assert scanner.title() == "\u041f\u0440\u0438\u0432\u0435\u0442"
 
 
+@pytest.mark.parametrize(
+    ("label", "encoded", "title"),
+    [
+        ("iso-8859-1", b"\x93Caf\xe9\x94 \x96 \x80", "\u201cCaf\u00e9\u201d \u2013 \u20ac"),
+        ("us-ascii", b"it\x92s", "it\u2019s"),
+        ("iso-8859-9", b"\x93\xfe\x94", "\u201c\u015f\u201d"),
+        ("tis-620", b"\x85", "\u2026"),
+        ("gb2312", "\u4e2d \u5586".encode("gbk"), "\u4e2d \u5586"),
+        ("euc-kr", "\ub620".encode("cp949"), "\ub620"),
+        ("shift_jis", "\u2460 \uff5e".encode("cp932"), "\u2460 \uff5e"),
+        ("big5", "\u7881".encode("big5hkscs"), "\u7881"),
+    ],
+)
+def test_a_charset_is_read_as_browsers_read_it(label: str, encoded: bytes, title: str) -> None:
+    """Browsers decode these labels as the superset their pages are written in (the Encoding
+    Standard): a page served as iso-8859-1 with curly quotes had C1 controls in its title."""
+    body = b"<title>" + encoded + b"</title>"
+    assert extract_title(body, label) == title
+    meta = f'<meta charset="{label}">'.encode() + body
+    assert extract_title(meta) == title
+
+
 def test_the_response_charset_wins_over_the_meta() -> None:
     body = '<meta charset="windows-1251"><title>Caf\u00e9</title>'.encode()
     assert extract_title(body, "utf-8") == "Caf\u00e9"

@@ -22,6 +22,20 @@ _SMALL_PENDING = 1024
 # http-equiv Content-Type in its first 1024 bytes (the HTML standard's prescan looks that far).
 _PRESCAN_BYTES = 1024
 _META_CHARSET = re.compile(rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([\w.:-]+)""", re.I)
+# What browsers decode a charset as (the Encoding Standard): the superset its pages are written
+# in, by Python's name for it. A page served as iso-8859-1 uses windows-1252's curly quotes.
+_BROWSER_CODECS = {
+    "ascii": "cp1252",
+    "iso8859-1": "cp1252",
+    "iso8859-9": "cp1254",
+    "tis-620": "cp874",
+    "iso8859-11": "cp874",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "euc_kr": "cp949",
+    "shift_jis": "cp932",
+    "big5": "big5hkscs",
+}
 # A title's text runs to </title>, tags and all (RCDATA: `List<String>` is text). Pythons from
 # mid-2025 on parse it so, unescaping its character references; older ones must be told.
 _NATIVE_RCDATA = "title" in getattr(HTMLParser, "RCDATA_CONTENT_ELEMENTS", ())
@@ -170,11 +184,14 @@ def _prescan(head: bytes) -> str | None:
 
 
 def _text_decoder(charset: str | None) -> codecs.IncrementalDecoder:
-    """A decoder for `charset`, or UTF-8 when it is unknown or not a text encoding (`base64`)."""
+    """A decoder for `charset` as browsers read it, or UTF-8 when it is unknown or not a text
+    encoding (`base64`)."""
     if charset:
         try:
             "".encode(charset)  # LookupError for unknown and bytes-to-bytes codecs alike
-            decoder = codecs.getincrementaldecoder(charset)(errors="replace")
+            name = codecs.lookup(charset).name
+            name = _BROWSER_CODECS.get(name, name)
+            decoder = codecs.getincrementaldecoder(name)(errors="replace")
             decoder.decode(b"<")  # some codecs (idna) refuse errors="replace" only when used
             decoder.reset()
             return decoder
