@@ -285,6 +285,22 @@ async def test_passwords_in_urls_are_not_logged(
     assert "s3cret" not in caplog.text
 
 
+@pytest.mark.parametrize("userinfo", ["user:s3@cret", "us@er:s3cret", "user:s3@c@ret"])
+async def test_passwords_holding_an_at_sign_are_not_logged(
+    fetcher: Fetcher, site: str, caplog: pytest.LogCaptureFixture, userinfo: str
+) -> None:
+    """The userinfo ends at the host's `@`, its last: the log showed what followed an earlier one
+    (`user:***@cret@host`), or the whole password after a username with an `@`."""
+    caplog.set_level(logging.INFO)
+    host = site.removeprefix("http://")
+    result = await fetcher.fetch(f"http://{userinfo}@{host}/page")
+    assert result.status == 200
+    with pytest.raises(FetchError):
+        await fetcher.fetch(f"http://{userinfo}@127.0.0.1:{free_port()}/")
+    assert caplog.text.count(":***@127.0.0.1:") == 3
+    assert "cret" not in caplog.text
+
+
 async def test_slow_target_times_out(site: str) -> None:
     guard = OnlyLoopbackOneIsPublic()
     limits = FetchLimits(timeout=0.3)

@@ -316,7 +316,8 @@ def _describe(exc: aiohttp.ClientError) -> str:
     return str(exc) or type(exc).__name__
 
 
-_PASSWORD = re.compile(r"(//[^/?#@:\s]*:)[^/?#@\s]*@")
+# The userinfo runs to the authority's last `@` (an `@` in it is the password's or the user's).
+_PASSWORD = re.compile(r"(//[^/?#:\s]*:)[^/?#\s]*@")
 
 
 def _redacted(text: str) -> str:
