@@ -301,6 +301,29 @@ async def test_passwords_holding_an_at_sign_are_not_logged(
     assert "cret" not in caplog.text
 
 
+async def test_what_a_target_sends_is_not_echoed_whole_in_an_error(
+    fetcher: Fetcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's parse errors quote the bytes they could not parse, up to a whole read: a target
+    sending 100 KB past its Content-Length got each fetch answered, and logged, 100 KB long."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + b"z" * 100_000)
+        await writer.drain()
+        writer.close()
+
+    caplog.set_level(logging.INFO, logger="url_fetcher")
+    async with await asyncio.start_server(answer, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(FetchError) as caught:
+            await fetcher.fetch(f"http://127.0.0.1:{port}/")
+    assert caught.value.code == "fetch_failed"
+    assert caught.value.message.startswith(f"fetching http://127.0.0.1:{port}/ failed: ")
+    assert len(caught.value.message) < 500
+    assert [len(r.getMessage()) < 700 for r in caplog.records] == [True]
+
+
 async def test_slow_target_times_out(site: str) -> None:
     guard = OnlyLoopbackOneIsPublic()
     limits = FetchLimits(timeout=0.3)

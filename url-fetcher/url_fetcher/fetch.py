@@ -29,6 +29,7 @@ log = logging.getLogger("url_fetcher")
 USER_AGENT = "url-fetcher/0.1 (ProxyMQ example service)"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_URL_CHARS = 8192
+MAX_REASON_CHARS = 300  # of a failed fetch's reason, which may quote the target
 MAX_CONNECTIONS = 1000  # to fetch targets at once, unless --max-connections says otherwise
 _CHUNK = 64 * 1024
 
@@ -306,14 +307,19 @@ _AUTHORITY = re.compile(r"^\s*(?:[a-z][a-z0-9+.\-]*:)?//", re.IGNORECASE)
 
 
 def _describe(exc: aiohttp.ClientError) -> str:
-    """A short reason for a failed request, naming DNS failures as such."""
+    """A short reason for a failed request, naming DNS failures as such.
+
+    At most `MAX_REASON_CHARS`: aiohttp's parse errors quote what the target sent, up to a
+    whole read (128 KiB), which would be answered and logged for every such fetch.
+    """
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         reason = exc.os_error.strerror or str(exc.os_error) or "no address found"
         return f"cannot resolve {exc.host}: {reason}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
         return f"cannot connect to {exc.host}:{exc.port}: {reason}"
-    return str(exc) or type(exc).__name__
+    reason = str(exc) or type(exc).__name__
+    return reason if len(reason) <= MAX_REASON_CHARS else f"{reason[:MAX_REASON_CHARS]}..."
 
 
 # The userinfo runs to the authority's last `@` (an `@` in it is the password's or the user's).
