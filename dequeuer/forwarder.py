@@ -17,6 +17,7 @@ from yarl import URL
 
 from shared import tracing
 from shared.envelope import Headers, HttpRequest, HttpResponse, end_to_end
+from shared.settings import masked
 
 FRAME_MAX = 128 * 1024  # RabbitMQ's default frame_max
 MAX_ANSWER_HEADERS = 1024
@@ -188,7 +189,7 @@ class HttpTransport:
             return await self._send(url, request, timeout)
         attributes: dict[str, str | int] = {
             "http.request.method": request.method,
-            "url.full": str(url),
+            "url.full": masked(str(url)),  # never a password of the target's
             "server.address": url.host or "",
             "server.port": url.port or 80,
         }

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import aiohttp
 
+from shared.settings import masked
+
 log = logging.getLogger(__name__)
 PROBE_HEADERS = {"User-Agent": "proxymq-dequeuer readiness probe"}
 
@@ -29,6 +31,7 @@ class Readiness:
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self.url = target.rstrip("/") + (path or "/")
+        self.shown = masked(self.url)  # a target may hold a password (Basic auth)
         self.strict = path is not None
         self.timeout = timeout
         self.interval = interval
@@ -74,13 +77,13 @@ class Readiness:
             if ok:
                 failures = 0
                 if not self.ready.is_set():
-                    log.info("microservice ready at %s", self.url)
+                    log.info("microservice ready at %s", self.shown)
                     self.ready.set()
                     self.on_change(True)
             else:
                 failures += 1
                 if self.ready.is_set() and failures >= self.failures_to_pause:
-                    log.warning("microservice stopped answering at %s: pausing", self.url)
+                    log.warning("microservice stopped answering at %s: pausing", self.shown)
                     self.ready.clear()
                     self.on_change(False)
             if self.ready.is_set():

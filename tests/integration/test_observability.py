@@ -506,3 +506,29 @@ async def test_a_repeated_request_is_traced_under_the_first_ones_id(
         while len(server_ids()) < 2:
             await asyncio.sleep(0.1)
     assert server_ids() == ids
+
+
+async def test_a_password_in_the_target_is_in_no_log_line_or_span(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """A `--target` with a user and password (Basic auth to the microservice, read from
+    PROXYMQ_TARGET_FILE) is a secret like the AMQP URL's: the readiness lines and the call
+    span's `url.full` wrote it out whole."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    secret = "s3cret-pw"
+    await stack.dequeuer(service, f"http://probe:{secret}@127.0.0.1:{target.port}", env=env)
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/echo/x") as response:
+        assert response.status == 200
+    assert dict(target.seen[0].headers)["Authorization"].startswith("Basic ")
+    async with asyncio.timeout(10):
+        while not any(s.kind == Span.SPAN_KIND_CLIENT for _, s in spans):
+            await asyncio.sleep(0.1)
+    assert "microservice ready at http://probe:" in stack.log_text()
+    assert secret not in stack.log_text()
+    assert not [s for _, s in spans if secret.encode() in s.SerializeToString()]
