@@ -368,7 +368,7 @@ def _store(
     else:
         response = done.result()
         enqueuer.results.finish(request_id, response, None)
-        outcome = response.error or status_class(response.status)
+        outcome = outcome_of(response)
     if count:
         enqueuer.metrics.async_results.labels(service, outcome).inc()
 
@@ -407,6 +407,14 @@ def answer(reply: HttpResponse, method: str) -> web.StreamResponse:
         error_class = BY_CODE.get(reply.error, ServiceFailed)
         raise error_class(reply.error_message or f"the dequeuer answered {reply.error}")
     return PassThroughResponse(reply, head=method == "HEAD")
+
+
+def outcome_of(reply: HttpResponse) -> str:
+    """The outcome `answer` gives the reply, as a metrics label. Any AMQP client may reply
+    with any `x-proxymq-error`: counted as it was, each string a replier chose was a series."""
+    if reply.error is not None:
+        return BY_CODE.get(reply.error, ServiceFailed).code
+    return status_class(reply.status)
 
 
 def _remaining(deadline: float | None, default: float) -> float:

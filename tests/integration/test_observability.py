@@ -12,7 +12,7 @@ import aio_pika
 import aiohttp
 import pamqp.encode
 import pytest
-from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection, HeadersType
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared import envelope
 from shared.processes import free_port
-from tests.conftest import Stack, metric, serving
+from tests.conftest import Stack, foreign_replier, metric, serving
 from tests.target import Target
 
 pytestmark = pytest.mark.rabbit
@@ -532,3 +532,31 @@ async def test_a_password_in_the_target_is_in_no_log_line_or_span(
     assert "microservice ready at http://probe:" in stack.log_text()
     assert secret not in stack.log_text()
     assert not [s for _, s in spans if secret.encode() in s.SerializeToString()]
+
+
+async def test_an_error_code_another_replier_made_up_is_counted_as_service_failed(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    """A reply from any AMQP client may carry any `x-proxymq-error`: its caller gets
+    `service_failed`, and so is it counted. An asynchronous request's result counted the string
+    itself as its outcome, a series of its own for each one a replier chose."""
+    headers: HeadersType = {envelope.H_STATUS: 502, envelope.H_ERROR: "made-up-code-1"}
+    channel = await foreign_replier(amqp, service, headers, b"{}")
+    enqueuer, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/x") as response:
+        assert response.headers["X-ProxyMQ-Error"] == "service_failed"
+    async with http.get(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as accepted:
+        location = accepted.headers["Location"]
+    async with asyncio.timeout(10):
+        while True:
+            async with http.get(f"{url}{location}") as result:
+                if result.status != 202:
+                    assert result.headers["X-ProxyMQ-Error"] == "service_failed"
+                    break
+            await asyncio.sleep(0.05)
+    await channel.close()
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    async with http.get(f"http://127.0.0.1:{admin}/metrics") as response:
+        assert "made-up-code" not in await response.text()
+    results = "proxymq_enqueuer_async_results_total"
+    assert await metric(http, admin, results, {"outcome": "service_failed"}) == 1
