@@ -157,7 +157,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         raise UnknownService(f"no service in the path: {CALL}")
     request["service"] = service
     logs.bind(service=service)
-    asynchronous = wants_async(request)
+    request["asynchronous"] = asynchronous = wants_async(request)
     deadline = deadline_of(request, None if asynchronous else enqueuer.settings.timeout)
     timeout = enqueuer.settings.timeout
     body = await read_body(

@@ -560,3 +560,20 @@ async def test_an_error_code_another_replier_made_up_is_counted_as_service_faile
         assert "made-up-code" not in await response.text()
     results = "proxymq_enqueuer_async_results_total"
     assert await metric(http, admin, results, {"outcome": "service_failed"}) == 1
+
+
+async def test_a_synchronous_call_the_microservice_answers_202_has_its_duration(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The duration histogram is for synchronous calls, and a microservice's own 202 (a job it
+    accepted) answers one: it was left out as if it were the enqueuer's `respond-async` 202, so
+    a service that answers 202 had no latency on the dashboard and in ProxyMQSlowRequests."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    async with http.post(f"{url}/{service}/status/202") as response:
+        assert response.status == 202
+    async with http.post(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as response:
+        assert response.status == 202
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    durations = "proxymq_enqueuer_request_duration_seconds_count"
+    assert await metric(http, admin, durations, {"service": service}) == 1
