@@ -500,19 +500,21 @@ class Consumer:
         crashing its dequeuer): its caller gets 502 now rather than a timeout later. One whose
         `expiration` passed in its queue (another AMQP client's) gets 504, as its deadline
         passed."""
+        # The partition it died in, as for the dequeuer's own dead letters (a name of ours
+        # only: the header is the publisher's to write, and each value is a new series).
+        queue = message.headers.get("x-first-death-queue")
+        partition = str(queue) if queue in self.topology.queues else ""
+        # Every line about it names it, the reply's fate too, as in `settle`.
+        logs.bind(
+            correlation_id=message.correlation_id,
+            service=self.settings.service,
+            partition=partition,
+        )
         async with message.process(requeue=True, ignore_processed=True):
             reason = message.headers.get("x-first-death-reason", "rejected")
             reason = reason.decode() if isinstance(reason, bytes) else str(reason)
             error, outcome = self._broker_dead_letter(reason)
-            log.warning(
-                "caller told of a broker dead letter: %s",
-                reason,
-                extra=logs.fields(correlation_id=message.correlation_id),
-            )
-            # The partition it died in, as for the dequeuer's own dead letters (a name of ours
-            # only: the header is the publisher's to write, and each value is a new series).
-            queue = message.headers.get("x-first-death-queue")
-            partition = queue if queue in self.topology.queues else ""
+            log.warning("caller told of a broker dead letter: %s", reason)
             self.metrics.messages.labels(self.settings.service, partition, outcome).inc()
             await self.publish_reply(
                 message.reply_to,

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import envelope
+from shared import envelope, topology
 from shared.processes import free_port
 from tests.conftest import Stack, foreign_replier, metric, serving
 from tests.target import Target
@@ -577,3 +577,30 @@ async def test_a_synchronous_call_the_microservice_answers_202_has_its_duration(
     admin = enqueuer.admin_port  # type: ignore[attr-defined]
     durations = "proxymq_enqueuer_request_duration_seconds_count"
     assert await metric(http, admin, durations, {"service": service}) == 1
+
+
+async def test_every_line_about_a_request_the_broker_dead_lettered_names_it(
+    stack: Stack, service: str, target: Target, amqp: AbstractRobustConnection
+) -> None:
+    """A request RabbitMQ dead-lettered itself (here another client's, expired in its queue) is
+    answered from `S.notify`; when its reply queue is gone, the line saying the reply was
+    dropped had no correlation id, service or partition: a search by the request's id found
+    the notice and not what became of its answer."""
+    await topology.declare(amqp, topology.Topology(service, partitions=1))
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(service)
+    gone = f"{service}.no-such-reply-queue"
+    message = aio_pika.Message(b"", correlation_id="late-1", reply_to=gone, expiration=0.1)
+    await exchange.publish(message, routing_key="k")
+    await channel.close()
+    await stack.dequeuer(service, target.url, "--partitions", "1", "--json-logs")
+    mine: list[dict[str, Any]] = []
+    async with asyncio.timeout(30):  # the reply is tried again for 15 s (REPLY_QUEUE_WAIT)
+        while not any(gone in line["msg"] for line in mine):
+            await asyncio.sleep(0.2)
+            lines = [json.loads(x) for x in stack.log_text().splitlines() if x.startswith("{")]
+            mine = [line for line in lines if gone in line["msg"] or "dead letter" in line["msg"]]
+    for line in mine:
+        assert line.get("correlation_id") == "late-1", line
+        assert line.get("service") == service, line
+        assert line.get("partition") == f"{service}.p0", line
