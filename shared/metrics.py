@@ -41,7 +41,8 @@ class EnqueuerMetrics:
         self.requests = Counter(
             "proxymq_enqueuer_requests",
             "Requests answered, by outcome (status class of the "
-            "microservice's answer, or ProxyMQ's error code)",
+            "microservice's answer, or ProxyMQ's error code; disconnected when the caller hung "
+            "up first)",
             ["service", "outcome"],
             registry=self.registry,
         )
