@@ -604,3 +604,26 @@ async def test_every_line_about_a_request_the_broker_dead_lettered_names_it(
         assert line.get("correlation_id") == "late-1", line
         assert line.get("service") == service, line
         assert line.get("partition") == f"{service}.p0", line
+
+
+async def test_the_service_name_of_otel_resource_attributes_is_kept(
+    stack: Stack,
+    service: str,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """`OTEL_RESOURCE_ATTRIBUTES=service.name=...` names the service as `OTEL_SERVICE_NAME`
+    does (the OpenTelemetry SDK's standard variables): the sidecar's own default replaced it."""
+    endpoint, spans = otlp
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=billing-edge,deployment.environment=test",
+    }
+    _, url = await stack.enqueuer(env=env)
+    async with http.get(f"{url}/not-{service}/x") as response:
+        assert response.status == 404
+    async with asyncio.timeout(10):
+        while not spans:
+            await asyncio.sleep(0.1)
+    assert {name for name, _ in spans} == {"billing-edge"}
