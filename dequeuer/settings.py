@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from shared.settings import (
     ByteSize,
     CommaList,
+    Count,
     Host,
     Milliseconds,
     Name,
@@ -125,13 +126,13 @@ class DequeuerSettings(SidecarSettings):
         description="seconds between readiness probes once "
         "up; 3 failures in a row pause consumption",
     )
-    breaker_failures: int = Field(
+    breaker_failures: Count = Field(
         5,
         ge=1,
-        description="failed calls in a row (failures --retry-on names) that open the "
-        "circuit breaker (requests then wait in RabbitMQ); a timeout its caller's deadline cut "
-        "below --call-timeout counts only when the call had twice the microservice's slowest "
-        "recent answer",
+        description="failed calls in a row (failures --retry-on names, at most 1,000,000) that "
+        "open the circuit breaker (requests then wait in RabbitMQ); a timeout its caller's "
+        "deadline cut below --call-timeout counts only when the call had twice the "
+        "microservice's slowest recent answer",
     )
     breaker_reset: Seconds = Field(
         10.0,

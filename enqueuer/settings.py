@@ -9,6 +9,7 @@ from shared import partition_key
 from shared.settings import (
     ByteSize,
     CommaList,
+    Count,
     FilePath,
     Host,
     Name,
@@ -44,7 +45,11 @@ class EnqueuerSettings(SidecarSettings):
     max_headers: int = Field(
         100,
         ge=1,
-        description="most request headers a caller may send; more get 431 headers_too_large",
+        # aiohttp holds up to twice as many lines of 8 KiB while a head arrives: 16 MiB per
+        # connection at 1000.
+        le=1000,
+        description="most request headers a caller may send (at most 1000); more get 431 "
+        "headers_too_large",
     )
     max_header_bytes: ByteSize = Field(
         64 * 1024,
@@ -85,19 +90,20 @@ class EnqueuerSettings(SidecarSettings):
         description="services callers may reach (comma separated); "
         "empty allows any service that has a topology",
     )
-    max_in_flight: int = Field(
+    max_in_flight: Count = Field(
         10_000,
         gt=0,
         description="requests waiting for a reply at once, "
-        "asynchronous ones included; more get 429 backpressure",
+        "asynchronous ones included (at most 1,000,000); more get 429 backpressure",
     )
     result_ttl: Seconds = Field(
         600.0, gt=0, description="seconds an asynchronous result is kept after it is done"
     )
-    max_results: int = Field(
+    max_results: Count = Field(
         10_000,
         gt=0,
-        description="asynchronous results kept at most; the oldest finished ones go first",
+        description="asynchronous results kept at most (up to 1,000,000); the oldest finished "
+        "ones go first",
     )
     max_result_bytes: ByteSize = Field(
         64 * 1024 * 1024,
@@ -113,12 +119,12 @@ class EnqueuerSettings(SidecarSettings):
         "instead of a second message, counted from the first's arrival; "
         "and for as long as the first still runs",
     )
-    breaker_failures: int = Field(
+    breaker_failures: Count = Field(
         5,
         ge=1,
         description="failed publishes in a row (timeouts, "
         "lost channels) that open the breaker on the broker connection: "
-        "callers then get 503 at once",
+        "callers then get 503 at once (at most 1,000,000)",
     )
     breaker_reset: Seconds = Field(
         5.0,

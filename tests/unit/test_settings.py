@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from dequeuer.settings import DequeuerSettings
 from enqueuer.settings import EnqueuerSettings
-from shared.settings import DEFAULT_AMQP_URL, CommandSettings, load
+from shared.settings import DEFAULT_AMQP_URL, CommandSettings, _metavar, load
 from url_fetcher.settings import UrlFetcherSettings
 
 
@@ -423,3 +424,30 @@ def test_a_readable_token_file_is_taken(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     assert load(EnqueuerSettings, ["--auth-token-file", str(token)]).auth_token_file == str(token)
+
+
+COUNTS = [
+    (cls, "--" + name.replace("_", "-"))
+    for cls in (EnqueuerSettings, DequeuerSettings, UrlFetcherSettings)
+    for name, field in cls.model_fields.items()
+    if int in (field.annotation, *get_args(field.annotation)) and _metavar(field) is None
+]
+
+
+@pytest.mark.parametrize(("cls", "flag"), COUNTS)
+def test_counts_have_an_upper_bound(
+    cls: type[CommandSettings],
+    flag: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--max-in-flight 1e12` (or `--max-results`, `--max-headers`, ...) was taken: a cap that
+    high is none, and requests, results or a caller's header lines piled up until memory ran
+    out instead of being refused."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "s")
+    assert exit_code(cls, [flag, str(10**30)]) == 2
+    assert f"{flag}: Input should be less than or equal to" in capsys.readouterr().err
+
+
+def test_every_class_has_counts() -> None:
+    assert {cls for cls, _ in COUNTS} == {EnqueuerSettings, DequeuerSettings, UrlFetcherSettings}

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from shared.settings import ByteSize, CommandSettings, Host, Port, Seconds
+from shared.settings import ByteSize, CommandSettings, Count, Host, Port, Seconds
 from url_fetcher.fetch import MAX_CONNECTIONS
 
 
@@ -42,26 +42,29 @@ class UrlFetcherSettings(CommandSettings):
         gt=0,
         description="Seconds one fetch may take in total, redirects and body included.",
     )
-    max_redirects: int = Field(
-        5, ge=0, description="Redirects followed per fetch; each hop is checked again."
+    max_redirects: Count = Field(
+        5,
+        ge=0,
+        description="Redirects followed per fetch (at most 1,000,000); each hop is checked again.",
     )
-    max_connections: int = Field(
+    max_connections: Count = Field(
         MAX_CONNECTIONS,
         ge=1,
         description="Connections to fetch targets open at once, across all fetches; a fetch past "
         "them waits for one, within --fetch-timeout. Each is a file descriptor: keep it under "
-        "the open-file limit (ulimit -n).",
+        "the open-file limit (ulimit -n); at most 1,000,000.",
     )
-    batch_concurrency: int = Field(
+    batch_concurrency: Count = Field(
         16,
         ge=1,
         description="Fetches (or items) run at the same time within one /fetch/batch or "
-        "/batch request.",
+        "/batch request (at most 1,000,000).",
     )
-    max_batch: int = Field(
+    max_batch: Count = Field(
         100,
         ge=1,
-        description="Most URLs (or items) accepted by one /fetch/batch or /batch request.",
+        description="Most URLs (or items) accepted by one /fetch/batch or /batch request (up "
+        "to 1,000,000).",
     )
     max_body: ByteSize = Field(
         1024 * 1024,
