@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -11,6 +11,7 @@ from shared.settings import (
     CommaList,
     Count,
     Host,
+    Metavar,
     Milliseconds,
     Name,
     Port,
@@ -89,7 +90,7 @@ class DequeuerSettings(SidecarSettings):
         description="first retry delay; doubles per attempt, with jitter, up to 10 s; at "
         "least what an answer's Retry-After asks (up to the same 10 s)",
     )
-    retry_on: CommaList = Field(
+    retry_on: Annotated[CommaList, Metavar("FAILURE[,FAILURE...]")] = Field(
         ["connect", "timeout", "502", "503", "504"],
         description="failures worth a retry: connect, timeout and 5xx statuses (4xx never)",
     )

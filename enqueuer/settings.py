@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, field_validator
 
 from enqueuer.guard import read_token
@@ -12,6 +14,7 @@ from shared.settings import (
     Count,
     FilePath,
     Host,
+    Metavar,
     Name,
     Port,
     Seconds,
@@ -55,7 +58,7 @@ class EnqueuerSettings(SidecarSettings):
         64 * 1024,
         description="largest total size of a request's headers; larger gets 431 headers_too_large",
     )
-    partition_key: CommaList = Field(
+    partition_key: Annotated[CommaList, Metavar("SOURCE[,SOURCE...]")] = Field(
         ["header:X-Partition-Key"],
         description="where the partition key comes from, in order, first match wins: "
         "header:NAME, json:/json/pointer (in a body whose Content-Type names json, or has "
@@ -85,7 +88,7 @@ class EnqueuerSettings(SidecarSettings):
         description="largest request body (e.g. 1MiB); larger gets 413 body_too_large, as does "
         "a body RabbitMQ refuses (over its max_message_size, 128 MiB by default)",
     )
-    services: CommaList = Field(
+    services: Annotated[CommaList, Metavar("SERVICE[,SERVICE...]")] = Field(
         [],
         description="services callers may reach (comma separated); "
         "empty allows any service that has a topology",

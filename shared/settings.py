@@ -79,7 +79,8 @@ class Metavar:
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0), Metavar("SIZE")]
-CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas), Metavar("A,B")]
+# Each list names what it holds (`--services SERVICE[,SERVICE...]`): `A,B` said nothing of it.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
 # The longest duration any setting takes: an asynchronous request may wait a month, and a
 # larger one (1e300 s was taken) does not fit the deadline headers it is written into.
 MAX_SECONDS = 30 * 86400

@@ -295,7 +295,8 @@ def test_amqp_urls_without_a_port_are_taken() -> None:
 def test_help_names_what_size_and_list_flags_take(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_code(EnqueuerSettings, ["--help"]) == 0
     out = capsys.readouterr().out
-    assert "--max-body SIZE" in out and "--services A,B" in out
+    assert "--max-body SIZE" in out and "--services SERVICE[,SERVICE...]" in out
+    assert "--partition-key SOURCE[,SOURCE...]" in out and "A,B" not in out
     assert "--max-body int" not in out and "list[str]" not in out
 
 
