@@ -479,6 +479,35 @@ async def test_status_refuses_a_management_url_that_is_none(url: str) -> None:
         assert not run.stdout
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["topology", "show"], ["topology", "delete", "--yes"], ["make broker"]],
+)
+async def test_every_reader_of_the_management_url_variable_refuses_one_that_is_none(
+    command: list[str], service: str
+) -> None:
+    """`topology show` took a typo for an API that did not answer (and showed the default
+    queue arguments), `make broker` said the broker was ready: only `status` checked it."""
+    url = "localhost:15672"
+    env = {"PROXYMQ_MANAGEMENT_URL": url}
+    if command == ["make broker"]:
+        process = await asyncio.create_subprocess_exec(
+            script("python"),
+            "-m",
+            "shared.cli.ensure_broker",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PROXYMQ_AMQP_URL": AMQP_URL, **env},
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+        run = Run(process.returncode or 0, stdout.decode(), stderr.decode())
+    else:
+        run = await proxymq(*command, "--service", service, env=env)
+    assert run.code == 2, run.output
+    assert f"{url!r} (PROXYMQ_MANAGEMENT_URL) is not an http:// or https:// URL" in run.stderr
+    assert not run.stdout
+
+
 async def test_status_of_an_unknown_service_exits_1() -> None:
     done = await proxymq("status", "--service", f"nothing-{uuid.uuid4().hex[:8]}")
     assert done.code == 1

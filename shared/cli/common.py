@@ -54,18 +54,30 @@ def management_url(value: str) -> str | None:
     """argparse type of --management-url: an http:// or https:// URL with a host, from the flag
     or PROXYMQ_MANAGEMENT_URL; None when neither is set (the AMQP URL's host on 15672). A typo
     (`localhost:15672`) is a usage error (exit 2) at once, not an API reported unavailable."""
-    source = ""
-    if value is MANAGEMENT_FROM_ENVIRONMENT:
-        value, source = os.environ.get("PROXYMQ_MANAGEMENT_URL", ""), " (PROXYMQ_MANAGEMENT_URL)"
-        if not value:
-            return None
+    try:
+        if value is MANAGEMENT_FROM_ENVIRONMENT:
+            return configured_management_url()
+        return checked_management_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def configured_management_url() -> str | None:
+    """PROXYMQ_MANAGEMENT_URL, checked wherever it is read (`proxymq topology`, `make broker`
+    too: they took a typo for an API that did not answer, and said so, or nothing); None when
+    it is not set. A ValueError says what is wrong."""
+    value = os.environ.get("PROXYMQ_MANAGEMENT_URL", "")
+    return checked_management_url(value, " (PROXYMQ_MANAGEMENT_URL)") if value else None
+
+
+def checked_management_url(value: str, source: str = "") -> str:
     try:
         url = URL(value)
         valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
     except ValueError:
         valid = False
     if not valid:
-        raise argparse.ArgumentTypeError(
+        raise ValueError(
             f"{value!r}{source} is not an http:// or https:// URL, e.g. http://rabbitmq:15672"
         )
     return value.rstrip("/")

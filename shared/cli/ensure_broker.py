@@ -42,7 +42,7 @@ from aio_pika.abc import AbstractConnection
 from yarl import URL
 
 from shared.broker import redact, split_urls
-from shared.cli.common import add_amqp_url
+from shared.cli.common import add_amqp_url, configured_management_url
 
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
 NODE_PORT = 5672  # where `rabbitmq-server -detached` listens unless configured otherwise
@@ -87,9 +87,9 @@ def quiet_amqp_logs() -> None:
 
 def management_url(amqp_url: str) -> str:
     """Default management API base: PROXYMQ_MANAGEMENT_URL, else the broker's host on 15672."""
-    configured = os.environ.get("PROXYMQ_MANAGEMENT_URL")
-    if configured:
-        return configured.rstrip("/")
+    configured = configured_management_url()
+    if configured is not None:
+        return configured
     host = URL(amqp_url).host or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
@@ -436,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = args.amqp_url
+    try:
+        configured_management_url()
+    except ValueError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
     checker = Checker(url, args.connect_timeout, args.start_timeout)
     try:
         asyncio.run(checker.ensure())

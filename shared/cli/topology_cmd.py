@@ -24,7 +24,7 @@ from rich.table import Table
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url, confirm, integer
+from shared.cli.common import add_amqp_url, configured_management_url, confirm, integer
 from shared.cli.ensure_broker import BrokerProblem, connect, management_url
 from shared.cli.status import (
     MANAGEMENT_TIMEOUT,
@@ -140,7 +140,7 @@ def delete(args: argparse.Namespace) -> int:
         print(f"deleted {what}")
         return 0
 
-    return _run(args, action)
+    return _run(args, action, asks_management=True)
 
 
 def show(args: argparse.Namespace) -> int:
@@ -198,7 +198,7 @@ def show(args: argparse.Namespace) -> int:
         console.print(table)
         return 0
 
-    return _run(args, action)
+    return _run(args, action, asks_management=True)
 
 
 async def _ring_state(connection: AbstractConnection, service: str) -> str:
@@ -283,7 +283,21 @@ def _args(layout: topology.Topology) -> str:
     )
 
 
-def _run(args: argparse.Namespace, action: Callable[[AbstractConnection], Awaitable[int]]) -> int:
+def _run(
+    args: argparse.Namespace,
+    action: Callable[[AbstractConnection], Awaitable[int]],
+    *,
+    asks_management: bool = False,
+) -> int:
+    """`asks_management`: the action may ask the management API, so a PROXYMQ_MANAGEMENT_URL
+    that is none is a usage error before anything is contacted (it was an API that did not
+    answer, and `show` fell back to the default arguments)."""
+    try:
+        if asks_management:
+            configured_management_url()
+    except ValueError as exc:
+        print(f"{PROG} {args.action}: {exc}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(with_connection(args, action))
     except BrokerProblem as exc:
