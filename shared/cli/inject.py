@@ -247,6 +247,12 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
     port = injection.target_port or first_container_port(pod) or DEFAULT_TARGET_PORT
     check_admin_port(pod, port, name)
     added = add_sidecar(pod, sidecar(injection, port), name)
+    if drop_own_amqp_url(added):
+        report.notes.append(
+            f"{name}: {CONTAINER}'s own PROXYMQ_AMQP_URL is removed: the URL now comes from "
+            f"Secret {injection.amqp_secret} (PROXYMQ_AMQP_URL_FILE), and a dequeuer given both "
+            "refuses to start"
+        )
     ensure_volume(pod, injection.amqp_secret, At(name).child("spec.template.spec"))
     grace = pod.get("terminationGracePeriodSeconds")
     if not isinstance(grace, int) or grace < required_grace(added):
@@ -273,6 +279,21 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
         f"have both: deploy/docker/drain.py), and it must run as uid {SIDECAR_UID} (the "
         "sidecar's) or root to signal the dequeuer"
     )
+
+
+def drop_own_amqp_url(container: CommentedMap) -> bool:
+    """Whether the sidecar had a PROXYMQ_AMQP_URL of its own, now removed: kept beside the
+    injected PROXYMQ_AMQP_URL_FILE, the dequeuer refused to start (which of two URLs to use is
+    not to be guessed)."""
+    variables = container["env"]
+    own = [
+        i
+        for i, e in enumerate(variables)
+        if isinstance(e, dict) and e.get("name") == "PROXYMQ_AMQP_URL"
+    ]
+    for index in reversed(own):
+        del variables[index]
+    return bool(own)
 
 
 def add_drain_hook(pod: CommentedMap, main: CommentedMap) -> None:

@@ -199,6 +199,27 @@ def test_updates_an_existing_sidecar_and_keeps_the_users_tuning() -> None:
     assert "# tuned by hand" in out
 
 
+def test_a_sidecar_with_its_own_amqp_url_is_not_given_the_file_as_well() -> None:
+    """A dequeuer given both PROXYMQ_AMQP_URL and PROXYMQ_AMQP_URL_FILE refuses to start: a
+    sidecar already setting the URL (written by hand, from a Secret of its own) got the file
+    beside it, and the injected pod never became ready."""
+    first, _ = inject_text(SAMPLE, Injection("url-fetcher"))
+    own = first.replace(
+        "            - name: PROXYMQ_SERVICE\n",
+        "            - name: PROXYMQ_AMQP_URL\n"
+        "              valueFrom: {secretKeyRef: {name: mine, key: url}}\n"
+        "            - name: PROXYMQ_SERVICE\n",
+    )
+    assert own != first
+    out, report = inject_text(own, Injection("url-fetcher"))
+    (deployment, _) = documents(out)
+    variables = env(dequeuer(deployment))
+    assert "PROXYMQ_AMQP_URL" not in variables
+    assert variables["PROXYMQ_AMQP_URL_FILE"] == "/var/run/secrets/proxymq/amqp-url"
+    assert any("PROXYMQ_AMQP_URL" in note and "proxymq-amqp" in note for note in report.notes)
+    assert inject_text(out, Injection("url-fetcher"))[0] == out
+
+
 def test_grace_period_is_raised_never_lowered() -> None:
     longer = SAMPLE.replace(
         "terminationGracePeriodSeconds: 30", "terminationGracePeriodSeconds: 120"
