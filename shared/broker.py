@@ -238,6 +238,69 @@ def refused_for_size(exc: BaseException, size: int) -> bool:
     ) and f"message size {size} is larger than configured max size" in str(exc)
 
 
+TLS_PORT = 5671  # RabbitMQ's TLS listener unless configured otherwise
+# How long a first connection may take before the URLs are probed for the wrong scheme: a few
+# attempts, and no probe at all of a broker that answers.
+SCHEME_CHECK_AFTER = 3.0
+
+
+async def _tell_scheme_mismatch(urls: list[str]) -> None:
+    """Once the first connection is late, say it if a URL's scheme is not what its port speaks:
+    aio-pika logs each attempt as `WRONG_VERSION_NUMBER` or `Server connection unexpectedly
+    closed`, which names neither TLS nor the port."""
+    await asyncio.sleep(SCHEME_CHECK_AFTER)
+    for url in urls:
+        mismatch = await scheme_mismatch(url)
+        if mismatch is not None:
+            log.error("the broker connection cannot work: %s", mismatch)
+
+
+async def scheme_mismatch(url: str, timeout: float = 2.0) -> str | None:
+    """What is likely wrong when `url` asks for TLS where its port speaks plain AMQP (amqps://
+    to 5672) or the other way round: neither failure says so (`WRONG_VERSION_NUMBER`, a
+    connection closed unanswered). None when the port speaks what the URL asks, or cannot be
+    reached. One probe connection, for a connection that already failed."""
+    parsed = URL(url)
+    tls = parsed.scheme == "amqps"
+    host, port = parsed.host or "127.0.0.1", parsed.explicit_port or (TLS_PORT if tls else 5672)
+    where = f"{redact(url)} asks for {'TLS' if tls else 'plain AMQP'}, but {host}:{port} speaks"
+    if tls:
+        if await _answers_amqp(host, port, timeout):
+            return f"{where} plain AMQP: use amqp://, or the broker's TLS port ({TLS_PORT})"
+    elif await _answers_tls(host, port, timeout):
+        return f"{where} TLS: use amqps://"
+    return None
+
+
+async def _answers_amqp(host: str, port: int, timeout: float) -> bool:
+    """A broker answers AMQP's protocol header with Connection.Start (a method frame: its
+    first byte is 1), or with the protocol header of the version it wants instead."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"AMQP\x00\x00\x09\x01")
+        return (await asyncio.wait_for(reader.read(8), timeout)).startswith((b"\x01", b"AMQP"))
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+async def _answers_tls(host: str, port: int, timeout: float) -> bool:
+    """A TLS handshake completes, whoever's certificate it shows: only the protocol counts."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        connecting = asyncio.open_connection(host, port, ssl=context)
+        _, writer = await asyncio.wait_for(connecting, timeout)
+    except (OSError, TimeoutError):  # ssl.SSLError is an OSError
+        return False
+    writer.close()
+    return True
+
+
 def redact(url: str) -> str:
     """The URL(s) without password, for logs and error messages."""
     return ",".join(
@@ -383,7 +446,11 @@ class Broker:
             **options,
         )
         self._connection = connection
-        await connection.connect(timeout=self.connect_timeout)
+        check = asyncio.create_task(_tell_scheme_mismatch(urls), name="scheme check")
+        try:
+            await connection.connect(timeout=self.connect_timeout)
+        finally:
+            check.cancel()
         connection.reconnect_callbacks.add(self._reconnected)
         for callback in self._on_connect:
             await callback(connection)

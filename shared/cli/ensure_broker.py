@@ -41,7 +41,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from shared.broker import redact, split_urls
+from shared.broker import redact, scheme_mismatch, split_urls
 from shared.cli.common import add_amqp_url, configured_management_url
 
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
@@ -165,6 +165,9 @@ async def _problem(url: str, exc: BaseException, timeout: float) -> BrokerProble
             f"rabbitmqctl add_vhost {vhost}; rabbitmqctl set_permissions -p {vhost} {user} "
             "'.*' '.*' '.*'",
         )
+    mismatch = await scheme_mismatch(url, min(timeout, 2.0))
+    if mismatch is not None:
+        return BrokerProblem(mismatch, advice=None)
     greeting = await _greeting(url, min(timeout, 2.0))
     if greeting is not None and not greeting.startswith((b"\x01", b"AMQP")):
         said = f"it said {greeting.splitlines()[0][:40]!r}" if greeting else "it said nothing"
