@@ -357,10 +357,12 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
 
 
 def for_sidecar(settings: SidecarSettings, name: str) -> Broker:
-    """The broker connection a sidecar's settings describe (TLS for amqps:// URLs)."""
+    """The broker connection a sidecar's settings describe: the TLS options go to any amqps://
+    node, not only to a first one spelt in lower case (`AMQPS://`, a cluster's second node or
+    a space before the URL connected with the system's CAs, --amqp-ca-file ignored)."""
     ssl_context = (
         tls_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
-        if settings.amqp_url.startswith("amqps://")
+        if any(URL(url).scheme == "amqps" for url in split_urls(settings.amqp_url))
         else None
     )
     return Broker(

@@ -11,7 +11,9 @@ import pytest
 
 from dequeuer.settings import DequeuerSettings
 from enqueuer.settings import EnqueuerSettings
+from shared.broker import for_sidecar
 from shared.settings import DEFAULT_AMQP_URL, CommandSettings, _metavar, load
+from tests.reliability.conftest import make_certs
 from url_fetcher.settings import UrlFetcherSettings
 
 
@@ -285,6 +287,19 @@ def test_values_that_could_never_work_are_refused_at_start(
     err = capsys.readouterr().err
     assert says in err and "secret" not in err
     assert load(EnqueuerSettings, ["--amqp-url", "amqps://a:1/,amqp://b/"]).amqp_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["AMQPS://broker.example/", "amqp://a.example/,amqps://b.example/", " amqps://broker.example/"],
+)
+def test_the_tls_options_go_to_every_amqps_url(url: str, tmp_path: Path) -> None:
+    """Only a URL spelt `amqps://` at its very start got --amqp-ca-file: these connected with
+    the system's CAs, and a broker with a certificate of a private CA was never trusted."""
+    ca = make_certs(tmp_path).ca
+    settings = load(EnqueuerSettings, ["--amqp-url", url, "--amqp-ca-file", str(ca)])
+    context = for_sidecar(settings, "test").ssl_context
+    assert context is not None and context.get_ca_certs()
 
 
 def test_amqp_urls_without_a_port_are_taken() -> None:
