@@ -76,6 +76,8 @@ def test_bench_help_names_every_option() -> None:
         (["--concurrency", "1,1000000"], "--concurrency: 1000000 is not between 1 and 256"),
         (["--concurrency", "0"], "--concurrency: 0 is not between 1 and 256"),
         (["--partitions", "100000"], "--partitions: 100000 is not between 1 and 1024"),
+        (["--body-size", "1048577"], "--body-size: 1048577 is not between 0 and 1048576"),
+        (["--body-size", "1000000000000"], "is not between 0 and 1048576"),
     ],
 )
 def test_bench_refuses_a_bad_value_before_starting(
