@@ -12,8 +12,8 @@ state directory, so starting, killing or deleting them touches nothing else:
 - `HOME` is the state directory, so the nodes and `rabbitmqctl` share an Erlang cookie of their
   own (no cookie of the shared broker is read or written);
 - every listener (AMQP, management, distribution) is bound to 127.0.0.1;
-- a node named like the shared one or on its port is refused, and `stop` only signals processes
-  whose command line names the state directory.
+- a node named like the shared one or on its port is refused, and `stop` only signals a process
+  whose environment names the node's pid file (pids get reused).
 
 `state.json` in the directory records the layout, so `stop` and `status` work from another
 process (a test's finalizer, an operator's shell) than the one that started the nodes.
