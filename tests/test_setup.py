@@ -88,6 +88,19 @@ def test_local_port_where_nothing_listens_is_not_started() -> None:
     assert f":{port}/" in stderr
 
 
+def test_the_compose_broker_advised_comes_with_its_url() -> None:
+    """`docker compose up -d rabbitmq` makes user proxymq, not guest: a `make demo` that
+    followed the advice with the default URL was refused the credentials."""
+    in_compose = (ROOT / "deploy" / "compose" / "amqp-url").read_text().strip()
+    from_the_host = in_compose.replace("@rabbitmq:", "@127.0.0.1:")
+    with closed_port() as port:
+        assert_fails_fast_with_advice(
+            f"amqp://guest:guest@127.0.0.1:{port}/",
+            "`docker compose up -d rabbitmq` with",
+            f"PROXYMQ_AMQP_URL={from_the_host}",
+        )
+
+
 @contextlib.contextmanager
 def silent_listener() -> Iterator[int]:
     """A port that accepts connections and never answers (listening, never accepting)."""

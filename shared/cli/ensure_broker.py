@@ -49,10 +49,13 @@ NODE_PORT = 5672  # where `rabbitmq-server -detached` listens unless configured 
 MANAGEMENT_PORT = 15672
 START_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 5.0
+# The compose broker's user is deploy/compose/amqp-url's, not guest.
 HOW_TO_START = (
     "to get a broker: `make broker` (starts, or installs, RabbitMQ for a local URL), or\n"
     "  `apt-get install rabbitmq-server && rabbitmq-server -detached`, or\n"
-    "  `docker compose up -d rabbitmq`, or set PROXYMQ_AMQP_URL to a running broker"
+    "  `docker compose up -d rabbitmq` with\n"
+    "  PROXYMQ_AMQP_URL=amqp://proxymq:proxymq-demo@127.0.0.1:5672/,\n"
+    "  or set PROXYMQ_AMQP_URL to a running broker"
 )
 
 
