@@ -27,6 +27,7 @@ FailureKind = Literal["connect", "timeout", "too_large", "bad_answer"]
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _STATUS = re.compile(rb"HTTP/\d\.\d +(\d{3})")
+_INTERIM = re.compile(rb"HTTP/\d\.\d +1(?!01)\d\d")  # aiohttp reads on past these to the answer
 _ANNOUNCES_BODY = re.compile(
     rb"(?im)^(?:content-length[ \t]*:[ \t]*0*[1-9]|transfer-encoding[ \t]*:)"
 )
@@ -84,7 +85,11 @@ class AnswerHeads(ResponseHandler):
     line'), so the call was dead-lettered, or, the bytes coming a moment later, the next call
     on that connection failed. The bytes after such a head are dropped, and a connection whose
     bodyless answer says a body follows (a Content-Length, a Transfer-Encoding) or sent one is
-    closed, never used again: those bytes may still come."""
+    closed, never used again: those bytes may still come.
+
+    An interim answer (a 103 Early Hints, a 100 Continue) is no answer's head: aiohttp reads on
+    to the answer after it, and so does this watch. Taken for the head, a HEAD's answer after a
+    103 was cut off and the call failed, and the answer's own head went unwatched."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -104,20 +109,25 @@ class AnswerHeads(ResponseHandler):
         if self._head is not None:
             start = max(0, len(self._head) - 3)
             self._head += data
-            end = _HEAD_END.search(self._head, start)
-            if (end.end() if end else len(self._head)) > MAX_ANSWER_HEAD:
-                self._head, self._dropping = None, True
-                if self.transport is not None:
-                    self.transport.close()
-                self.set_exception(
-                    HeadTooLarge(
-                        f"the answer's head is over {MAX_ANSWER_HEAD} bytes, more than a reply "
-                        "carries (one AMQP frame: RabbitMQ's frame_max)"
+            while self._head is not None:
+                end = _HEAD_END.search(self._head, start)
+                if (end.end() if end else len(self._head)) > MAX_ANSWER_HEAD:
+                    self._head, self._dropping = None, True
+                    if self.transport is not None:
+                        self.transport.close()
+                    self.set_exception(
+                        HeadTooLarge(
+                            f"the answer's head is over {MAX_ANSWER_HEAD} bytes, more than a "
+                            "reply carries (one AMQP frame: RabbitMQ's frame_max)"
+                        )
                     )
-                )
-                return
-            if end is not None:
+                    return
+                if end is None:
+                    break
                 head, after = self._head[: end.end()], len(self._head) - end.end()
+                if _INTERIM.match(head):
+                    self._head, start = self._head[end.end() :], 0
+                    continue
                 self._head = None
                 if self._bodyless(head) and (after or _ANNOUNCES_BODY.search(head)):
                     self._dropping = True

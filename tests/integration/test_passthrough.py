@@ -243,6 +243,28 @@ async def test_response_without_content_type_stays_without(
         assert "X-Correlation-ID" in response.headers
 
 
+async def test_an_answer_after_early_hints_is_the_callers(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A microservice may send a `103 Early Hints` before its answer. The dequeuer watched the
+    103's head as the answer's: a HEAD's answer after it was cut off (the call failed, and after
+    its retries the caller got 502), and a 204's stray body was read as the next answer."""
+    await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}", "--max-attempts", "1")
+    _, url = await stack.enqueuer()
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    target.raw_response = hints + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Raw: 1\r\n\r\nhello"
+    for method, body in (("GET", b"hello"), ("HEAD", b"")):
+        async with http.request(method, f"{url}/{service}/page") as response:
+            assert response.status == 200
+            assert response.headers["X-Raw"] == "1"
+            assert response.headers["Content-Length"] == "5"
+            assert await response.read() == body
+    target.raw_response = hints + b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello"
+    async with http.get(f"{url}/{service}/none") as response:
+        assert response.status == 204
+        assert await response.read() == b""
+
+
 async def test_correlation_id_on_every_answer(pair: str, http: aiohttp.ClientSession) -> None:
     ids = set()
     for path in ("echo/1", "status/404", "status/500"):
