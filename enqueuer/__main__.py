@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from enqueuer.app import BROKER, ENQUEUER, create_app
+from enqueuer.protocol import ApiRunner
 from enqueuer.settings import EnqueuerSettings
 from shared import logs, service, tracing
 from shared.admin import admin_app
@@ -28,10 +29,11 @@ async def serve(settings: EnqueuerSettings) -> int:
                 settings.host,
                 settings.port,
                 cancel_on_disconnect=True,
+                runner_class=ApiRunner,  # its own answers to what aiohttp's parser refuses
                 # The body goes to the microservice as it came, compressed or not.
                 auto_decompress=False,
                 # The guard decides on the number of headers (431) up to twice --max-headers;
-                # aiohttp's 128 refused below a larger --max-headers with a plain 400. Lines
+                # aiohttp's 128 refused below a larger --max-headers with a 400. Lines
                 # keep aiohttp's 8 KiB: a head is held whole while it arrives, and 128 lines
                 # of 64 KiB held by each of 20 slow connections took 280 MB.
                 max_headers=max(128, 2 * settings.max_headers),

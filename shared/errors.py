@@ -1,6 +1,7 @@
 """ProxyMQ's own errors: one class per code of the contract, each with its HTTP status.
 
     ProxyMQError
+     +-- BadRequest           400 bad_request         (aiohttp's parser refused it)
      +-- BadPartitionKey      400 bad_partition_key
      +-- Unauthorized         401 unauthorized        (--auth-token-file is set)
      +-- UnknownService       404 unknown_service
@@ -38,6 +39,11 @@ class ProxyMQError(Exception):
 
     def body(self) -> bytes:
         return json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
+
+
+class BadRequest(ProxyMQError):
+    status = 400
+    code = "bad_request"
 
 
 class BadPartitionKey(ProxyMQError):
@@ -93,6 +99,7 @@ class GatewayTimeout(ProxyMQError):
 BY_CODE: dict[str, type[ProxyMQError]] = {
     cls.code: cls
     for cls in (
+        BadRequest,
         BadPartitionKey,
         Unauthorized,
         HeadersTooLarge,

@@ -32,12 +32,13 @@ async def start_site(
     port: int,
     *,
     cancel_on_disconnect: bool = False,
+    runner_class: type[web.AppRunner] = web.AppRunner,
     **parser: Any,
 ) -> web.AppRunner:
     """`cancel_on_disconnect`: a caller who hangs up frees its handler (and its reply waiter)
     at once instead of at its deadline. `parser`: aiohttp's request parser options
     (`max_field_size`, `auto_decompress`, ...)."""
-    runner = web.AppRunner(
+    runner = runner_class(
         app,
         access_log=None,
         handle_signals=False,

@@ -132,6 +132,70 @@ async def test_a_target_that_is_no_path(stack: Stack, request_line: str) -> None
     assert message == f"{method} '{target}' names no service: call /{{service}}/{{path}}"
 
 
+REFUSED_BY_THE_PARSER = {
+    "an unknown method": (b"FOO /s/x HTTP/1.1\r\nHost: x\r\n", "Invalid method encountered"),
+    "a request line over 8,190 bytes": (
+        b"GET /s/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n",
+        "Got more than 8190 bytes when reading",
+    ),
+    "a header over 8,190 bytes": (
+        b"GET /s/x HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n",
+        "Got more than 8190 bytes when reading",
+    ),
+    "more than twice --max-headers headers": (
+        b"GET /s/x HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(300)),
+        "Too many headers received",
+    ),
+    "a header without a colon": (
+        b"GET /s/x HTTP/1.1\r\nHost: x\r\nNo Colon\r\n",
+        "Invalid header token",
+    ),
+    "a bad Content-Length": (
+        b"POST /s/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n",
+        "Invalid character in Content-Length",
+    ),
+    "two Content-Lengths": (
+        b"POST /s/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n",
+        "Duplicate Content-Length",
+    ),
+    "Content-Length with Transfer-Encoding": (
+        b"POST /s/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding can't be present with Content-Length",
+    ),
+    "a bad chunk size": (
+        b"POST /s/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc",
+        "Invalid character in chunk size",
+    ),
+    "a bad version": (b"GET /s/x HTTP/1.x\r\nHost: x\r\n", "Bad status line: Invalid minor"),
+}
+
+
+async def test_what_the_http_parser_refuses(stack: Stack) -> None:
+    """A request aiohttp's parser refuses, before any middleware runs, got aiohttp's plain-text
+    400 without X-Correlation-ID: now a `400 bad_request` like ProxyMQ's other errors, naming
+    what was wrong, and the connection is closed (what follows such a head cannot be read)."""
+    _, url = await stack.enqueuer()
+    port = int(url.rsplit(":", 1)[1])
+    for case, (head, reason) in REFUSED_BY_THE_PARSER.items():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + b"\r\n")
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # until the enqueuer closes the connection
+        writer.close()
+        head_, _, body = answer.partition(b"\r\n\r\n")
+        assert head_.startswith(b"HTTP/1.1 400 ") or head_.startswith(b"HTTP/1.0 400 "), case
+        fields = dict(line.split(": ", 1) for line in head_.decode().split("\r\n")[1:])
+        assert fields["X-ProxyMQ-Error"] == "bad_request", (case, answer[:300])
+        assert fields["Content-Type"] == "application/json", case
+        request_id = fields["X-Correlation-ID"]
+        error = json.loads(body)["error"]
+        assert error["code"] == "bad_request", case
+        assert error["message"].startswith(f"malformed HTTP request: {reason}"), (case, error)
+        if case != "an unknown method":  # as non-HTTP traffic (TLS, say): logged at debug
+            assert request_id in stack.log_text(), case
+    assert "Traceback" not in stack.log_text()
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

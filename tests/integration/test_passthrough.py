@@ -333,7 +333,7 @@ async def test_more_headers_than_aiohttp_takes_by_default(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
     """`--max-headers` above aiohttp's 128 is the limit that holds: 150 headers pass, more
-    get 431 from the guard (up to twice as many; past that, the parser's plain 400). aiohttp's
+    get 431 from the guard (up to twice as many; past that, the parser's 400 bad_request). aiohttp's
     parser refused anything over 128 with a plain 400."""
     await stack.dequeuer(service, f"http://127.0.0.1:{target.raw_port}")
     _, url = await stack.enqueuer("--max-headers", "200")
