@@ -33,6 +33,7 @@ from shared.breaker import OPEN, ServiceBreaker
 from shared.broker import Broker, for_sidecar, set_up
 from shared.errors import (
     ERROR_HEADER,
+    BadRequest,
     BrokerUnavailable,
     ProxyMQError,
     Unauthorized,
@@ -56,9 +57,12 @@ def error_response(error: ProxyMQError) -> web.Response:
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="proxymq"'
 
-    return web.Response(
+    response = web.Response(
         status=error.status, body=error.body(), headers=headers, content_type="application/json"
     )
+    if isinstance(error, BadRequest):
+        response.force_close()  # what follows a request the parser refused cannot be read
+    return response
 
 
 @web.middleware

@@ -33,6 +33,7 @@ from shared.errors import (
     ServiceFailed,
     UnknownRequest,
     UnknownService,
+    malformed,
 )
 from shared.metrics import EnqueuerMetrics, status_class
 from shared.settings import MAX_SECONDS
@@ -144,6 +145,9 @@ async def read_body(request: web.Request, limit: int, within: float) -> bytes:
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"the body is larger than {limit} bytes") from None
+    except web.RequestPayloadError as error:  # the parser refused the body (a bad chunk, say)
+        request.content.feed_eof()  # nothing more will come: aiohttp must not wait to drain it
+        raise malformed(error) from None
     except TimeoutError:
         raise GatewayTimeout(
             f"the request's body did not arrive within {within:.3g} s (its deadline, at most "

@@ -13,17 +13,33 @@ import logging
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.web_protocol import _ErrInfo
 
 from enqueuer.app import CORRELATION_HEADER, error_response
 from enqueuer.handlers import new_request_id
 from shared import logs
-from shared.errors import BadRequest
+from shared.errors import malformed
 
 log = logging.getLogger(__name__)
 
 
 class ApiRequestHandler(web.RequestHandler):
     __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's C parser, refusing what follows a head (a bad chunk), left that request's
+        body open: its handler waited for the rest until its deadline (504). The body fails as
+        with aiohttp's Python parser, and ends, so that aiohttp does not wait to drain it."""
+        request = self._current_request
+        super().data_received(data)
+        if request is None or request.content.is_eof() or not self._messages:
+            return
+        refused = self._messages[-1][0]
+        if isinstance(refused, _ErrInfo):
+            failed = web.RequestPayloadError(str(refused.exc))
+            failed.__cause__ = refused.exc
+            request.content.set_exception(failed)
+            request.content.feed_eof()
 
     def handle_error(
         self,
@@ -34,18 +50,20 @@ class ApiRequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError) or request.writer.output_size:
             return super().handle_error(request, status, exc, message)
-        # "Invalid method encountered:\n\n  b'FOO / HTTP/1.1'\n     ^": the words, not the bytes.
-        reason = " ".join(exc.message.split("\n\n", 1)[0].split()).rstrip(":")[:200]
+        error = malformed(exc)
         request_id = new_request_id()
         log.log(
             # An unknown method is also what TLS or another protocol sent to this port looks like.
             logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING,
             "refused a malformed HTTP request (400)",
-            extra=logs.fields(correlation_id=request_id, peer=request.remote, reason=reason),
+            extra=logs.fields(
+                correlation_id=request_id,
+                peer=request.remote,
+                reason=error.message.partition(": ")[2],
+            ),
         )
-        response = error_response(BadRequest(f"malformed HTTP request: {reason}"))
+        response = error_response(error)
         response.headers[CORRELATION_HEADER] = request_id
-        response.force_close()  # what follows a head the parser refused cannot be read
         return response
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 ERROR_HEADER = "X-ProxyMQ-Error"
 
 
@@ -44,6 +46,16 @@ class ProxyMQError(Exception):
 class BadRequest(ProxyMQError):
     status = 400
     code = "bad_request"
+
+
+def malformed(error: BaseException) -> BadRequest:
+    """What aiohttp's parser refused, in its words without the bytes it quotes ("Invalid
+    method encountered:\n\n  b'FOO / HTTP/1.1'\n     ^"); a body's error wraps the parser's."""
+    if isinstance(error.__cause__, HttpProcessingError):
+        error = error.__cause__
+    text = error.message if isinstance(error, HttpProcessingError) else str(error)
+    words = " ".join(text.split("\n\n", 1)[0].split()).rstrip(":")[:200]
+    return BadRequest(f"malformed HTTP request: {words}")
 
 
 class BadPartitionKey(ProxyMQError):

@@ -196,6 +196,36 @@ async def test_what_the_http_parser_refuses(stack: Stack) -> None:
     assert "Traceback" not in stack.log_text()
 
 
+@pytest.mark.parametrize("parser", ["c", "python"])
+async def test_a_malformed_chunk_after_the_head(
+    stack: Stack, service: str, target: Target, parser: str
+) -> None:
+    """A chunk the parser refuses after the head had arrived (a bad size, a chunk longer than
+    it said) left the body being read open: with aiohttp's C parser the caller waited for its
+    deadline (`--timeout`, 30 s) and got 504 "the body did not arrive", with its Python parser
+    a plain 500 and a traceback. Now 400 bad_request at once, nothing published."""
+    await stack.dequeuer(service, target.url)
+    env = {"AIOHTTP_NO_EXTENSIONS": "1"} if parser == "python" else {}
+    _, url = await stack.enqueuer(env=env)
+    port = int(url.rsplit(":", 1)[1])
+    for bad in (b"zz\r\nabc\r\n", b"3\r\nabcXY\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST /{service}/chunks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head.encode() + b"3\r\nabc\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the head is read and the request under way
+        writer.write(bad)
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), (bad, answer[:300])
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
+        assert b"\r\nX-ProxyMQ-Error: bad_request\r\n" in answer
+        assert b"\r\nX-Correlation-ID: " in answer
+    assert target.seen == []
+    assert "Traceback" not in stack.log_text()
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
