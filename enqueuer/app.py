@@ -34,6 +34,7 @@ from shared.broker import Broker, for_sidecar, set_up
 from shared.errors import (
     ERROR_HEADER,
     BadRequest,
+    BodyTooLarge,
     BrokerUnavailable,
     ProxyMQError,
     Unauthorized,
@@ -60,8 +61,10 @@ def error_response(error: ProxyMQError) -> web.Response:
     response = web.Response(
         status=error.status, body=error.body(), headers=headers, content_type="application/json"
     )
-    if isinstance(error, BadRequest):
-        response.force_close()  # what follows a request the parser refused cannot be read
+    if isinstance(error, (BadRequest, BodyTooLarge)):
+        # What follows cannot be read as the next request: a head the parser refused, or a
+        # body refused unread (a caller told to wait by `Expect: 100-continue` never sends it).
+        response.force_close()
     return response
 
 

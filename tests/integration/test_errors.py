@@ -342,7 +342,8 @@ async def test_a_body_too_large_is_refused_before_it_is_sent(
     """With `Expect: 100-continue` (curl sends it for large uploads) a body over --max-body is
     refused at once, before the caller uploads it: aiohttp's default said `100 Continue` to
     every request. A body that fits gets its `100 Continue`; an unknown expectation is
-    ignored, not aiohttp's plain 417."""
+    ignored, not aiohttp's plain 417. The 413 closes the connection: kept open, the enqueuer
+    took the caller's next request on it for the body it had refused, and never answered it."""
     await stack.dequeuer(service, target.url)
     _, url = await stack.enqueuer("--max-body", "1KiB")
     port = int(url.rsplit(":", 1)[1])
@@ -365,6 +366,7 @@ async def test_a_body_too_large_is_refused_before_it_is_sent(
     refused = await exchange("100-continue", b"", length=2048)
     assert refused.startswith(b"HTTP/1.1 413 ")
     assert b"X-ProxyMQ-Error: body_too_large" in refused and b"X-Correlation-ID: " in refused
+    assert b"\r\nConnection: close\r\n" in refused
     assert (await exchange("100-continue", b"hello")).startswith(b"HTTP/1.1 200 ")
     assert (await exchange("something-else", b"other", wait=False)).startswith(b"HTTP/1.1 200 ")
     assert [seen.body for seen in target.seen] == [b"hello", b"other"]
