@@ -85,8 +85,12 @@ def ring_lock(service: str) -> str:
 
 
 def partition_pattern(service: str) -> str:
-    """The regex KEDA and `proxymq status` use to find exactly this service's partitions."""
-    return rf"^{re.escape(service)}\.p\d+$"
+    """The regex KEDA and `proxymq status` use to find exactly this service's partitions.
+
+    Case-sensitive even where it is read as caseless: the management API filters queue names
+    with `re:run(Name, Regex, [caseless])`, and `^S\\.p\\d+$` alone also matched the
+    partitions of a service named S in other capitals."""
+    return rf"(?-i:^{re.escape(service)}\.p\d+$)"
 
 
 class QuorumQueueArgs(TypedDict, total=False):

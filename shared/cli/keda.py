@@ -2,9 +2,10 @@
 
 Prints a `TriggerAuthentication` (the management API URL, credentials included, read from a
 Secret) and a `ScaledObject` whose single `rabbitmq` trigger sums the depth of every queue
-matching `shared.topology.partition_pattern(S)`: `^S\\.p\\d+$`, anchored, so neither `S.dlq`
-nor another service's queues count. `deploy/k8s/url-fetcher-keda.yaml` is this command's output
-for url-fetcher, and a test keeps the two equal.
+matching `shared.topology.partition_pattern(S)`: `(?-i:^S\\.p\\d+$)`, anchored and
+case-sensitive (the management API matches without regard to case otherwise), so neither
+`S.dlq` nor another service's queues count. `deploy/k8s/url-fetcher-keda.yaml` is this
+command's output for url-fetcher, and a test keeps the two equal.
 
 Three choices keep pods from being scaled away while they hold work:
 
@@ -257,7 +258,8 @@ def comments(spec: Scaling) -> list[dict[KeyPath, str]]:
         (*trigger, "value"): "messages per pod (ready + unacked, summed over the partitions)",
         (*trigger, "activationValue"): "scale from zero once more than this many wait",
         (*trigger, "queueName"): (
-            f"anchored: {spec.service}.p0..p{spec.partitions - 1} only, never {spec.service}.dlq"
+            f"anchored, case-sensitive: {spec.service}.p0..p{spec.partitions - 1} only, never "
+            f"{spec.service}.dlq"
         ),
         (*trigger, "pageSize"): "KEDA reads page 1 only: RabbitMQ's largest page, all partitions",
         (*trigger, "excludeUnacknowledged"): "work in progress keeps its pods",
@@ -316,8 +318,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="print the KEDA ScaledObject and TriggerAuthentication for a service",
         description=(
             "Print a KEDA ScaledObject (trigger rabbitmq over the management API, the summed "
-            "depth of the queues matching ^SERVICE\\.p\\d+$, unacked messages included) and its "
-            "TriggerAuthentication. Apply with: proxymq keda --service S | kubectl apply -f -"
+            "depth of the queues matching (?-i:^SERVICE\\.p\\d+$), unacked messages included) "
+            "and its TriggerAuthentication. Apply with: "
+            "proxymq keda --service S | kubectl apply -f -"
         ),
         epilog=(
             f"The TriggerAuthentication reads key '{MANAGEMENT_SECRET_KEY}' of Secret "

@@ -105,6 +105,42 @@ async def test_the_documented_keda_user_reads_the_summed_partition_depth(
     assert total == 3, "ready + unacked over the partitions, never the dead letters"
 
 
+async def test_a_service_differing_only_in_case_is_not_counted(
+    amqp: AbstractRobustConnection,
+    service: str,
+    keda_user: Callable[[], Awaitable[tuple[str, str]]],
+) -> None:
+    """The management API matches `name` without regard to case (`re:run(.., [caseless])`):
+    `^t\\-abc\\.p\\d+$` also matched `T-ABC.p0`, another service's partition, and KEDA
+    scaled one service on the other's backlog."""
+    other = service.upper()
+    await topology.declare(amqp, topology.Topology(service, partitions=2))
+    await topology.declare(amqp, topology.Topology(other, partitions=2))
+    try:
+        channel = await amqp.channel()
+        for queue in (f"{service}.p1", f"{other}.p0", f"{other}.p1"):
+            await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue)
+        await channel.close()
+        name, password = await keda_user()
+        meta = keda.trigger_metadata(keda.Scaling(service))
+        url = (
+            f"http://{MANAGEMENT}/api/queues/%2F?page=1&use_regex=true&pagination=false"
+            f"&name={quote(str(meta['queueName']), safe='')}&page_size={meta['pageSize']}"
+        )
+        basic = base64.b64encode(f"{name}:{password}".encode()).decode()
+        async with aiohttp.ClientSession(headers={"Authorization": f"Basic {basic}"}) as http:
+            for _ in range(40):  # the management API's numbers lag by up to 5 s
+                async with http.get(url) as response:
+                    queues = (await response.json())["items"]
+                if sum(q.get("messages", 0) for q in queues) >= 1:
+                    break
+                await asyncio.sleep(0.5)
+        assert sorted(q["name"] for q in queues) == [f"{service}.p0", f"{service}.p1"]
+        assert sum(q.get("messages", 0) for q in queues) == 1
+    finally:
+        await topology.delete(amqp, topology.Topology(other, partitions=2))
+
+
 def documented_host(password: str) -> str:
     """The TriggerAuthentication's `host`, built by the shell line docs/deploy.md gives."""
     (line,) = re.findall(r'(?m)^\$ (HOST=".*")$', DOCS.read_text())

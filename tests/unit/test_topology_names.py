@@ -70,9 +70,11 @@ def test_pattern_matches_nothing_else(service: str, name: str) -> None:
 
 
 def test_pattern_is_the_contract_regex() -> None:
-    """KEDA's manifests carry the same text: `^S\\.p\\d+$`."""
-    assert partition_pattern("orders") == r"^orders\.p\d+$"
-    assert partition_pattern("my-svc") == r"^my\-svc\.p\d+$"
+    """KEDA's manifests carry the same text: `^S\\.p\\d+$`, case-sensitive even for the
+    management API, which matches names without regard to case."""
+    assert partition_pattern("orders") == r"(?-i:^orders\.p\d+$)"
+    assert partition_pattern("my-svc") == r"(?-i:^my\-svc\.p\d+$)"
+    assert re.search(partition_pattern("orders"), "ORDERS.p0", re.IGNORECASE) is None
 
 
 @pytest.mark.parametrize("service", ["a", "A1", "orders", "my-svc", "my_svc", "9lives", "x" * 100])
