@@ -367,7 +367,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="N",
         type=int,
         default=0,
-        help="messages above which a service at zero pods is woken (default 0: any message)",
+        help=(
+            "messages above which a service at zero pods is woken (default 0: any message; "
+            "up to N requests wait at zero pods for good otherwise)"
+        ),
     )
     parser.add_argument(
         "--cooldown",
