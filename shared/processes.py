@@ -76,7 +76,12 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
 
 class Process:
-    """One running command; `stop()` sends SIGTERM and waits, SIGKILL after `grace`."""
+    """One running command; `stop()` sends SIGTERM and waits, SIGKILL after `grace`.
+
+    Its environment is this process's without the `PROXYMQ_*` variables, plus `env`: those
+    configure the operator's own sidecars, and inherited they stopped the bench's and the demo's
+    (a PROXYMQ_AMQP_URL_FILE beside the URL they are given) or failed their requests (a
+    PROXYMQ_MAX_BODY, PROXYMQ_SERVICES or PROXYMQ_AUTH_TOKEN_FILE)."""
 
     def __init__(
         self,
@@ -90,7 +95,8 @@ class Process:
         self.name = name
         self.args = [script(name), *args]
         self.ready_url = ready_url
-        self.env = {**os.environ, **(env or {})}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("PROXYMQ_")}
+        self.env = {**inherited, **(env or {})}
         self.log = subprocess.DEVNULL if log is None else log
         self.popen: subprocess.Popen[bytes] | None = None
 

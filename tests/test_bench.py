@@ -51,6 +51,35 @@ def test_bench_runs_the_three_modes(tmp_path: Path) -> None:
     assert picture.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.timeout(90)
+def test_the_operators_sidecar_variables_do_not_reach_the_bench_sidecars(tmp_path: Path) -> None:
+    """A shell set up for a sidecar (its URL as a file, a body cap, an allow-list, a token,
+    an instance id) runs the bench as any other: those variables configure the operator's
+    sidecars, not the bench's, which got both the URL and its file and refused to start."""
+    secret, figures = tmp_path / "amqp", tmp_path / "out.json"
+    secret.write_text(AMQP_URL)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PROXYMQ_")}
+    environment |= {
+        "PROXYMQ_AMQP_URL_FILE": str(secret),
+        "PROXYMQ_MAX_BODY": "1",
+        "PROXYMQ_SERVICES": "orders",
+        "PROXYMQ_AUTH_TOKEN_FILE": str(tmp_path / "no-token"),
+        "PROXYMQ_INSTANCE_ID": "enqueuer-1",
+    }
+    args = ["bench", "--requests", "50", "--concurrency", "4", "--rounds", "1", "--warmup", "10"]
+    done = subprocess.run(
+        [script("proxymq"), *args, "--json", str(figures)],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=environment,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(figures.read_text())["summary"]
+    assert {row["mode"]: row["errors"] for row in summary} == {"http": 0, "rpc": 0, "proxymq": 0}
+
+
 def test_bench_help_names_every_option() -> None:
     done = subprocess.run(
         [script("proxymq"), "bench", "--help"], capture_output=True, text=True, check=True

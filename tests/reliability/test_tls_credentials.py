@@ -87,8 +87,6 @@ async def start_sidecar(
         log=log,
         env=env,
     )
-    if "PROXYMQ_AMQP_URL" not in env:
-        process.env.pop("PROXYMQ_AMQP_URL", None)
     process.admin_port = port  # type: ignore[attr-defined]
     stack.processes.append(process.start())
     await asyncio.to_thread(process.wait_ready, 30)
