@@ -19,7 +19,14 @@ import pytest
 import yaml
 
 from dequeuer.settings import DequeuerSettings
-from tests.deploy.support import ROOT, dockerfile_lines
+from tests.deploy.support import (
+    IMAGES,
+    ROOT,
+    dockerfile_command,
+    dockerfile_lines,
+    image_command,
+    pod_specs,
+)
 
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
 DRAIN = ROOT / "deploy" / "docker" / "drain.py"
@@ -36,14 +43,30 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[int]:
-    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+class Ready(Handler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+
+def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    httpd = HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd.server_address[1]
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    yield from serve(Handler)
+
+
+@pytest.fixture
+def ready_server() -> Iterator[int]:
+    """Healthy and ready."""
+    yield from serve(Ready)
 
 
 def healthcheck(*args: str, env: dict[str, str] | None = None) -> int:
@@ -66,6 +89,58 @@ def test_healthcheck_passes_on_2xx_only(server: int) -> None:
 def test_healthcheck_follows_the_containers_port_variable(server: int) -> None:
     env = {"PROXYMQ_ADMIN_PORT": str(server)}
     assert healthcheck("/healthz", "--port", "1", "--port-env", "PROXYMQ_ADMIN_PORT", env=env) == 0
+
+
+# The variable that moves the port each check asks, in the container's own settings.
+PORT_VARIABLE = {
+    "proxymq-enqueuer": "PROXYMQ_ADMIN_PORT",
+    "proxymq-dequeuer": "PROXYMQ_ADMIN_PORT",
+    "url-fetcher": "PROXYMQ_PORT",
+}
+
+
+def health_checks() -> list[tuple[str, str, list[str]]]:
+    """(where, command, arguments after the script) of every call of healthcheck.py: the
+    images' HEALTHCHECK, compose's health checks and the manifests' exec probes."""
+    found = []
+
+    def add(where: str, command: str | None, argv: list[str]) -> None:
+        scripts = [i for i, arg in enumerate(argv) if arg.endswith("/healthcheck.py")]
+        if scripts:
+            assert command is not None, where
+            found.append((where, command, argv[scripts[0] + 1 :]))
+
+    for dockerfile in sorted(ROOT.glob("*/Dockerfile")):
+        for line in dockerfile_lines(dockerfile):
+            if line.startswith("HEALTHCHECK "):
+                argv = yaml.safe_load(line.split(" CMD ", 1)[1])
+                add(str(dockerfile.relative_to(ROOT)), dockerfile_command(dockerfile), argv)
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        image = service.get("image", "").rsplit(":", 1)[0]
+        add(f"docker-compose.yml {name}", IMAGES.get(image), service["healthcheck"]["test"])
+    for workload, spec in pod_specs():
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                argv = ((container.get(probe) or {}).get("exec") or {}).get("command") or []
+                where = f"{workload} {container['name']} {probe}"
+                add(where, image_command(container["image"]), argv)
+    return found
+
+
+HEALTH_CHECKS = health_checks()
+
+
+@pytest.mark.parametrize(
+    ("where", "command", "argv"), HEALTH_CHECKS, ids=[where for where, _, _ in HEALTH_CHECKS]
+)
+def test_every_health_check_follows_its_containers_port_variable(
+    where: str, command: str, argv: list[str], ready_server: int
+) -> None:
+    """A port moved in the container's environment alone (PROXYMQ_ADMIN_PORT in compose, say)
+    is the port checked: compose's checks and url-fetcher's probes asked the default one, and
+    the container was marked unhealthy however well it ran."""
+    assert healthcheck(*argv, env={PORT_VARIABLE[command]: str(ready_server)}) == 0, where
 
 
 def test_healthcheck_fails_when_nothing_listens() -> None:
