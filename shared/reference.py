@@ -3,6 +3,7 @@ documentation cannot drift from the code; a test compares the two."""
 
 from __future__ import annotations
 
+import argparse
 import inspect
 
 from pydantic_core import PydanticUndefined
@@ -40,6 +41,49 @@ def section(settings: type[CommandSettings]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tool_section() -> str:
+    """`proxymq`'s options that are also variables, found in its parser: a command with
+    actions is named alone when every action takes the option."""
+    from shared.cli.common import is_setting
+    from shared.cli.main import build_parser
+
+    takes: dict[str, dict[str, list[str]]] = {}  # flag -> command -> its actions taking it
+    actions: dict[str, list[str]] = {}  # command -> all its actions
+
+    def walk(parser: argparse.ArgumentParser, command: str, action: str) -> None:
+        for option in parser._actions:
+            if isinstance(option, argparse._SubParsersAction):
+                for name, child in option.choices.items():
+                    if command:
+                        actions.setdefault(command, []).append(name)
+                    walk(child, command or name, name if command else "")
+            elif is_setting(option):
+                flag = option.option_strings[0]
+                takes.setdefault(flag, {}).setdefault(command, []).append(action)
+
+    walk(build_parser(), "", "")
+    lines = [
+        "## `proxymq`",
+        "",
+        "The operator's tool reads from the environment the broker, the service it works on and",
+        "that service's layout, under the names the sidecars use; its other options (filters,",
+        "`--yes`, `--json`, ...) are flags only, and so are `demo`'s `--service` and `bench`'s",
+        "`--partitions`, which are of their own service. `proxymq COMMAND --help` marks each",
+        "variable `[env ...]`. `topology show` and `delete` read `PROXYMQ_MANAGEMENT_URL` too.",
+        "",
+        "| flag | environment | commands |",
+        "| --- | --- | --- |",
+    ]
+    for flag, commands in takes.items():
+        names = []
+        for command, taking in commands.items():
+            every = sorted(taking) == sorted(actions.get(command, [""]))
+            names += [command] if every else [f"{command} {action}" for action in taking]
+        variable = "PROXYMQ_" + flag.removeprefix("--").replace("-", "_").upper()
+        lines.append(f"| `{flag}` | `{variable}` | {', '.join(f'`{n}`' for n in names)} |")
+    return "\n".join(lines) + "\n"
+
+
 def render() -> str:
     from dequeuer.settings import DequeuerSettings
     from enqueuer.settings import EnqueuerSettings
@@ -56,4 +100,5 @@ def render() -> str:
         "lists are comma separated or the flag repeated.\n"
     )
     parts = [section(s) for s in (EnqueuerSettings, DequeuerSettings, UrlFetcherSettings)]
+    parts.append(tool_section())
     return head + "\n" + "\n".join(parts)

@@ -91,8 +91,8 @@ def test_help_of_every_command(command: list[str]) -> None:
 
 
 def test_help_names_only_variables_there_are() -> None:
-    """`proxymq` options are no environment variables but for the broker's URLs; url-fetcher
-    has no --amqp-url."""
+    """`proxymq` reads the broker, the service and its layout from the environment, not every
+    option; url-fetcher has no --amqp-url."""
     tool = subprocess.run([script("proxymq"), "--help"], capture_output=True, text=True, timeout=30)
     assert "Every option" not in tool.stdout and "PROXYMQ_AMQP_URL" in tool.stdout
     fetcher = subprocess.run(
@@ -118,6 +118,82 @@ def test_help_works_whatever_the_environment_holds(environment: dict[str, str]) 
         )
         assert done.returncode == 0, done.stderr
         assert "usage: proxymq" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "read"),
+    [
+        (["topology", "declare"], {"service": "orders", "partitions": 3, "delivery_limit": 5}),
+        (["topology", "show"], {"service": "orders", "partitions": 3}),
+        (["dlq", "list"], {"service": "orders"}),
+        (["status"], {"service": "orders"}),
+        (["keda"], {"service": "orders", "partitions": 3}),
+        (["inject"], {"service": "orders", "partitions": 3}),
+    ],
+)
+def test_the_service_and_its_layout_come_from_the_environment_and_flags_win(
+    command: list[str], read: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contract's "every option is a flag and an environment variable", for what the
+    sidecars' variables also say: a shell set up for a service's dequeuer needs no --service."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "orders")
+    monkeypatch.setenv("PROXYMQ_PARTITIONS", "3")
+    monkeypatch.setenv("PROXYMQ_DELIVERY_LIMIT", "5")
+    args = build_parser().parse_args(command)
+    assert {name: getattr(args, name) for name in read} == read
+    flags = ["--service", "billing", *(["--partitions", "4"] if "partitions" in read else [])]
+    args = build_parser().parse_args([*command, *flags])
+    assert args.service == "billing"
+    assert "partitions" not in read or args.partitions == 4
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "said"),
+    [
+        (["topology", "declare"], "PROXYMQ_PARTITIONS", "0", "must be between 1 and 1024, not 0"),
+        (["topology", "declare"], "PROXYMQ_MAX_LENGTH", "lots", "'lots' is not a whole number"),
+        (["keda"], "PROXYMQ_PARTITIONS", "many", "invalid int value 'many'"),
+        (["dlq", "list"], "PROXYMQ_SERVICE", "a b", "'a b' is not a service name"),
+    ],
+)
+def test_a_bad_variable_is_a_usage_error_that_names_it(
+    command: list[str],
+    variable: str,
+    value: str,
+    said: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PROXYMQ_SERVICE", "orders")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(command)
+    assert exited.value.code == 2
+    flag = "--" + variable.removeprefix("PROXYMQ_").lower().replace("_", "-")
+    assert f"argument {flag}: {variable}: {said}" in capsys.readouterr().err
+    flags = [flag, "billing" if flag == "--service" else "4"]
+    assert build_parser().parse_args([*command, *flags])  # a flag wins: the variable is not read
+
+
+def test_a_service_from_neither_flag_nor_environment_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PROXYMQ_SERVICE", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["topology", "show"])
+    assert exited.value.code == 2
+    assert "--service: required: give --service or set PROXYMQ_SERVICE" in capsys.readouterr().err
+
+
+def test_demo_and_bench_keep_their_own_service_whatever_the_shell_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shell set up for a dequeuer names a real service: the demo, which deletes its
+    service's queues at the end, and the bench's own service do not take it."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "orders")
+    monkeypatch.setenv("PROXYMQ_PARTITIONS", "0")
+    assert build_parser().parse_args(["demo"]).service == "url-fetcher"
+    assert build_parser().parse_args(["bench"]).partitions is None
 
 
 @pytest.mark.parametrize(

@@ -8,42 +8,85 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from yarl import URL
 
 from shared.settings import DEFAULT_AMQP_URL, check_amqp_url, read_secret_file
 
-# The default of --amqp-url until parsing resolves it: the environment is read, and the URL
-# checked, only when the value is used, so that `--help` works whatever the environment holds.
-FROM_ENVIRONMENT = "$PROXYMQ_AMQP_URL"
 
-
-def env_default(name: str, default: str) -> str:
-    """Flags win over the environment, which wins over the default; `NAME_FILE` reads a file,
-    as the sidecars do (`ValueError` says in one line why it cannot be used)."""
-    variable = f"PROXYMQ_{name}"
+def environment(variable: str) -> str | None:
+    """The value of `variable`, or of the file `{variable}_FILE` names, as the sidecars read
+    them; None when neither is set (`ValueError` says in one line why it cannot be used)."""
     value = read_secret_file(variable)
-    return os.environ.get(variable, default) if value is None else value
+    return os.environ.get(variable) if value is None else value
+
+
+def add_setting(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    parse: Callable[[str], Any] = str,
+    *,
+    default: Any = None,
+    required: bool = False,
+    help: str,
+    **options: Any,
+) -> None:
+    """`flag`, also read from PROXYMQ_<FLAG> (or its `_FILE`); flags win over the environment.
+    The variable is read, and checked by `parse`, only when parsing ends without the flag, so
+    `--help` works whatever the environment holds; a value that cannot be used is a usage error
+    naming the variable (exit 2), before anything is contacted."""
+    variable = "PROXYMQ_" + flag.removeprefix("--").replace("-", "_").upper()
+    # argparse passes a str default through `type`: this very object means "not given".
+    unset = f"${variable}"
+
+    def value(text: str) -> Any:
+        if text is not unset:
+            return parse(text)
+        try:
+            found = environment(variable)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if found is None:
+            if required:
+                raise argparse.ArgumentTypeError(f"required: give {flag} or set {variable}")
+            return default
+        try:
+            return parse(found)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{variable}: {exc}") from None
+        except (TypeError, ValueError):
+            name = getattr(parse, "__name__", "")
+            raise argparse.ArgumentTypeError(
+                f"{variable}: invalid {name} value {found!r}"
+            ) from None
+
+    value.__name__ = getattr(parse, "__name__", "value")  # argparse's "invalid int value: 'x'"
+    parser.add_argument(flag, type=value, default=unset, help=f"{help} [env {variable}]", **options)
+
+
+def is_setting(action: argparse.Action) -> bool:
+    """Whether `action` is one `add_setting` added (its default names its variable)."""
+    return isinstance(action.default, str) and action.default.startswith("$PROXYMQ_")
 
 
 def amqp_url(value: str) -> str:
     """argparse type of --amqp-url: one URL or a cluster's nodes, comma-separated. A value that
     cannot be a broker's is a usage error (exit 2) before anything is contacted."""
     try:
-        if value is FROM_ENVIRONMENT:
-            value = env_default("AMQP_URL", DEFAULT_AMQP_URL)
         return check_amqp_url(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_amqp_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    add_setting(
+        parser,
         "--amqp-url",
-        type=amqp_url,
-        default=FROM_ENVIRONMENT,
-        help="RabbitMQ URL, or a cluster's node URLs separated by commas (env PROXYMQ_AMQP_URL "
-        f"or PROXYMQ_AMQP_URL_FILE; default {DEFAULT_AMQP_URL})".replace("%", "%%"),
+        amqp_url,
+        default=DEFAULT_AMQP_URL,
+        help="RabbitMQ URL, or a cluster's node URLs separated by commas (default "
+        f"{DEFAULT_AMQP_URL}; PROXYMQ_AMQP_URL_FILE reads it from a file)".replace("%", "%%"),
     )
 
 
@@ -63,10 +106,10 @@ def management_url(value: str) -> str | None:
 
 
 def configured_management_url() -> str | None:
-    """PROXYMQ_MANAGEMENT_URL, checked wherever it is read (`proxymq topology`, `make broker`
-    too: they took a typo for an API that did not answer, and said so, or nothing); None when
-    it is not set. A ValueError says what is wrong."""
-    value = os.environ.get("PROXYMQ_MANAGEMENT_URL", "")
+    """PROXYMQ_MANAGEMENT_URL (or its `_FILE`), checked wherever it is read (`proxymq
+    topology`, `make broker` too: they took a typo for an API that did not answer, and said so,
+    or nothing); None when it is not set. A ValueError says what is wrong."""
+    value = environment("PROXYMQ_MANAGEMENT_URL")
     return checked_management_url(value, " (PROXYMQ_MANAGEMENT_URL)") if value else None
 
 

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from shared import hash_ring, topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url, confirm
+from shared.cli.common import add_amqp_url, add_setting, confirm
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
     DeadLetterQueue,
@@ -585,7 +585,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     def action(name: str, help_text: str, run: Action) -> argparse.ArgumentParser:
         child = actions.add_parser(name, help=help_text, description=help_text)
-        child.add_argument("--service", required=True, type=service_name, help="service name")
+        add_setting(child, "--service", service_name, required=True, help="service name")
         add_amqp_url(child)
         child.set_defaults(run=runner(run))
         return child

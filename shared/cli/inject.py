@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from dequeuer.settings import DequeuerSettings
 from shared import topology
+from shared.cli.common import add_setting
 from shared.cli.keda import SECRET_NAME_LIMIT, check_kubernetes_name
 
 if TYPE_CHECKING:
@@ -548,8 +549,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "proxymq inject --service url-fetcher --target-port 8000 | kubectl apply -f -"
         ),
     )
-    parser.add_argument(
-        "--service", metavar="S", required=True, help="the service the dequeuer consumes for"
+    add_setting(
+        parser,
+        "--service",
+        metavar="S",
+        required=True,
+        help="the service the dequeuer consumes for",
     )
     parser.add_argument(
         "--target-port",
@@ -564,10 +569,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=DEFAULT_IMAGE,
         help=f"dequeuer image (default {DEFAULT_IMAGE})",
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--partitions",
+        int,
         metavar="N",
-        type=int,
         default=8,
         help="partition queues; every dequeuer of the service must agree (default 8)",
     )

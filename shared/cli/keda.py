@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 from typing import Literal, TypeAlias
 
 from shared import topology
+from shared.cli.common import add_setting
 
 Json: TypeAlias = str | int | bool | list["Json"] | dict[str, "Json"] | None
 KeyPath: TypeAlias = tuple[str | int, ...]
@@ -329,13 +330,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "p@ss). See docs/deploy.md."
         ),
     )
-    parser.add_argument(
-        "--service", metavar="S", required=True, help="the service whose pods are scaled"
+    add_setting(
+        parser, "--service", metavar="S", required=True, help="the service whose pods are scaled"
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--partitions",
+        int,
         metavar="N",
-        type=int,
         default=8,
         help=f"partition queues of the service (default 8, at most {PAGE_SIZE})",
     )

@@ -19,9 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="proxymq",
         description="Operate ProxyMQ: run the demo, measure, look at a service's partitions.",
         epilog=(
-            "--amqp-url is also PROXYMQ_AMQP_URL (or PROXYMQ_AMQP_URL_FILE reads it from a file, "
-            "not both), "
-            "--management-url PROXYMQ_MANAGEMENT_URL; flags win over the environment."
+            "The broker, the service a command works on and its layout are also environment "
+            "variables, as the sidecars read them: --amqp-url is PROXYMQ_AMQP_URL, "
+            "--management-url PROXYMQ_MANAGEMENT_URL, --service PROXYMQ_SERVICE, --partitions "
+            "PROXYMQ_PARTITIONS, ... (each command's --help marks them [env ...]; "
+            "VARIABLE_FILE reads one from a file, not both). Flags win over the environment. "
+            "Other options are flags only, and so are demo's --service and bench's "
+            "--partitions: those are of their own service, not of the one a shell describes."
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -29,7 +29,12 @@ from yarl import URL
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import MANAGEMENT_FROM_ENVIRONMENT, add_amqp_url, management_url
+from shared.cli.common import (
+    MANAGEMENT_FROM_ENVIRONMENT,
+    add_amqp_url,
+    add_setting,
+    management_url,
+)
 from shared.cli.ensure_broker import BrokerProblem, basic_auth, connect
 from shared.cli.ensure_broker import management_url as default_management_url
 
@@ -353,14 +358,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--service", required=True, help="the service (its exchange and queues)")
+    add_setting(parser, "--service", required=True, help="the service (its exchange and queues)")
     add_amqp_url(parser)
     parser.add_argument(
         "--management-url",
         type=management_url,
         default=MANAGEMENT_FROM_ENVIRONMENT,
-        help="RabbitMQ management API (env PROXYMQ_MANAGEMENT_URL; default: the AMQP URL's "
-        "host on port 15672); credentials are the AMQP URL's",
+        help="RabbitMQ management API (default: the AMQP URL's host on port 15672; "
+        "credentials are the AMQP URL's) [env PROXYMQ_MANAGEMENT_URL]",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)

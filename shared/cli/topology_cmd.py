@@ -24,7 +24,13 @@ from rich.table import Table
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url, configured_management_url, confirm, integer
+from shared.cli.common import (
+    add_amqp_url,
+    add_setting,
+    configured_management_url,
+    confirm,
+    integer,
+)
 from shared.cli.ensure_broker import BrokerProblem, connect, management_url
 from shared.cli.status import (
     MANAGEMENT_TIMEOUT,
@@ -316,28 +322,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         child = actions.add_parser(name, help=help_text, description=help_text)
-        child.add_argument("--service", required=True, type=service_name, help="service name")
+        add_setting(child, "--service", service_name, required=True, help="service name")
         add_amqp_url(child)
         return child
 
     declare_parser = action(
         "declare", "declare the exchange, partition queues and dead letters (idempotent)"
     )
-    declare_parser.add_argument(
+    add_setting(
+        declare_parser,
         "--partitions",
-        type=partition_count,
+        partition_count,
         default=8,
-        help=f"partition queues, 1 to {topology.MAX_PARTITIONS} (default %(default)s)",
+        help=f"partition queues, 1 to {topology.MAX_PARTITIONS} (default 8)",
     )
-    declare_parser.add_argument(
+    add_setting(
+        declare_parser,
         "--delivery-limit",
-        type=positive,
+        positive,
         default=20,
-        help="quorum x-delivery-limit, at most 2^63-1 (default %(default)s)",
+        help="quorum x-delivery-limit, at most 2^63-1 (default 20)",
     )
-    declare_parser.add_argument(
-        "--max-length", type=positive, default=None, help="x-max-length of each partition"
-    )
+    add_setting(declare_parser, "--max-length", positive, help="x-max-length of each partition")
     declare_parser.set_defaults(run=declare)
 
     delete_parser = action("delete", "delete the exchange and queues, messages included")
@@ -351,10 +357,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     delete_parser.set_defaults(run=delete)
 
     show_parser = action("show", "show the names, queue arguments and the KEDA pattern")
-    show_parser.add_argument(
+    add_setting(
+        show_parser,
         "--partitions",
-        type=partition_count,
+        partition_count,
         default=8,
-        help="count shown when the service is not declared yet (default %(default)s)",
+        help="count shown when the service is not declared yet (default 8)",
     )
     show_parser.set_defaults(run=show)
