@@ -9,7 +9,9 @@ follow OpenTelemetry's messaging and HTTP semantic conventions.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -18,7 +20,9 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, Statu
 
 from shared.errors import ProxyMQError
 
+log = logging.getLogger(__name__)
 _enabled = False
+FLUSH_WITHIN = 2.0  # seconds a stop waits for the last spans to be exported
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 
@@ -45,10 +49,17 @@ def setup(service_name: str) -> bool:
 
 
 def shutdown() -> None:
-    """Flush the spans still buffered, so the last requests before a stop are not lost."""
+    """Flush the spans still buffered, so the last requests before a stop are not lost, for at
+    most FLUSH_WITHIN seconds. The SDK's own shutdown waited for a collector that accepted the
+    connection and never answered (10 s, the export timeout; up to 30 s): added to the
+    dequeuer's 25 s grace, the stop ran past Kubernetes' 30 s and the pod was killed."""
     provider = trace.get_tracer_provider()
     if _enabled and hasattr(provider, "shutdown"):
-        provider.shutdown()
+        flush = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+        flush.start()
+        flush.join(FLUSH_WITHIN)
+        if flush.is_alive():
+            log.warning("the last spans were not exported within %.0f s: dropped", FLUSH_WITHIN)
 
 
 def enabled() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -627,3 +628,41 @@ async def test_the_service_name_of_otel_resource_attributes_is_kept(
         while not spans:
             await asyncio.sleep(0.1)
     assert {name for name, _ in spans} == {"billing-edge"}
+
+
+@pytest.fixture
+async def silent_collector() -> AsyncIterator[str]:
+    """An OTLP endpoint that accepts connections and never answers: a collector hung, or the
+    path to it gone silent."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", free_port())
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+async def test_a_collector_that_never_answers_does_not_hold_up_a_stop(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    silent_collector: str,
+) -> None:
+    """The spans still buffered at a stop are exported for a short while only: a collector
+    that never answered added its export timeout (10 s) to every stop, and to the dequeuer's
+    25 s grace, past Kubernetes' default 30 s before the pod is killed."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": silent_collector}
+    dequeuer = await stack.dequeuer(service, target.url, env=env)
+    enqueuer, url = await stack.enqueuer(env=env)
+    async with http.get(f"{url}/{service}/echo/x") as response:
+        assert response.status == 200
+    for process in (enqueuer, dequeuer):
+        started = time.monotonic()
+        assert await asyncio.to_thread(process.stop, 30) == 0
+        assert time.monotonic() - started < 6, process
