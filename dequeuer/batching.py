@@ -136,8 +136,9 @@ class BatchingTransport:
         `traceparent` as sent, and the microservice's work hung under no span of ours."""
         if not tracing.enabled():
             return await self._send(request, timeout, None)
-        attributes = {"http.request.method": request.method, "url.path": request.path}
-        with tracing.span(request.method, SpanKind.CLIENT, attributes=attributes) as current:
+        method, attributes = tracing.http_method(request.method)
+        attributes["url.path"] = request.path
+        with tracing.span(method, SpanKind.CLIENT, attributes=attributes) as current:
             assert current is not None
             response = await self._send(traced(request), timeout, current.get_span_context())
             tracing.record_status(current, response.status)

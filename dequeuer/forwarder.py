@@ -197,13 +197,11 @@ class HttpTransport:
         url = self.url(request.path, request.query)
         if not tracing.enabled():
             return await self._send(url, request, timeout)
-        attributes: dict[str, str | int] = {
-            "http.request.method": request.method,
-            "url.full": masked(str(url)),  # never a password of the target's
-            "server.address": url.host or "",
-            "server.port": url.port or 80,
-        }
-        with tracing.span(request.method, SpanKind.CLIENT, attributes=attributes) as current:
+        method, attributes = tracing.http_method(request.method)
+        attributes["url.full"] = masked(str(url))  # never a password of the target's
+        attributes["server.address"] = url.host or ""
+        attributes["server.port"] = url.port or 80
+        with tracing.span(method, SpanKind.CLIENT, attributes=attributes) as current:
             response = await self._send(url, traced(request), timeout)
             tracing.record_status(current, response.status)
             return response

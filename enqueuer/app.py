@@ -166,13 +166,11 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
     async def handle_proxy(request: web.Request) -> web.StreamResponse:
         if not tracing.enabled():
             return await proxy(request, enqueuer)
-        attributes = {
-            "http.request.method": request.method,
-            "url.path": request.path,
-            "messaging.message.conversation_id": request["request_id"],
-        }
+        method, attributes = tracing.http_method(request.method)
+        attributes["url.path"] = request.path
+        attributes["messaging.message.conversation_id"] = request["request_id"]
         with tracing.span(
-            f"{request.method} /{{service}}", SpanKind.SERVER, request.headers, attributes
+            f"{method} /{{service}}", SpanKind.SERVER, request.headers, attributes
         ) as current:
             try:
                 response = await proxy(request, enqueuer)

@@ -25,6 +25,10 @@ _enabled = False
 FLUSH_WITHIN = 2.0  # seconds a stop waits for the last spans to be exported
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+# HTTP's methods (RFC 9110, PATCH's RFC 5789): spans name no other, since callers choose them.
+METHODS = frozenset(
+    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+)
 
 
 def setup(service_name: str) -> bool:
@@ -113,6 +117,16 @@ def span(
         else:
             return
     raise answered
+
+
+def http_method(method: str) -> tuple[str, dict[str, str | int]]:
+    """The method as a span name's first word, and its attributes: `HTTP` and `_OTHER` (the
+    method itself in `http.request.method_original`) for one that is none of HTTP's, as
+    OpenTelemetry's HTTP conventions say. Each method a caller made up (any token, from another
+    AMQP client) was a span name of its own."""
+    if method in METHODS:
+        return method, {"http.request.method": method}
+    return "HTTP", {"http.request.method": "_OTHER", "http.request.method_original": method}
 
 
 def inject(carrier: MutableMapping[str, Any]) -> None:

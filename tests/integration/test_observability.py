@@ -666,3 +666,51 @@ async def test_a_collector_that_never_answers_does_not_hold_up_a_stop(
         started = time.monotonic()
         assert await asyncio.to_thread(process.stop, 30) == 0
         assert time.monotonic() - started < 6, process
+
+
+async def test_a_method_http_does_not_define_names_no_span(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """Span names are bounded: a method that is none of HTTP's (a WebDAV one the enqueuer's
+    parser takes, any token another AMQP client writes) is `_OTHER`, the span `HTTP`, as
+    OpenTelemetry's HTTP conventions say. Each one a caller chose was a span name of its own."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url, "--partitions", "1", env=env)
+    _, url = await stack.enqueuer(env=env)
+    for method in ("GET", "PROPFIND"):
+        async with http.request(method, f"{url}/{service}/echo/x") as response:
+            assert response.status == 200
+    headers = {envelope.H_METHOD: "MADE-UP-1", envelope.H_PATH: "/x"}
+    await published_by_another_client(amqp, monkeypatch, service, headers)
+
+    def named(kind: int) -> dict[str, list[tuple[str, str]]]:
+        found: dict[str, list[tuple[str, str]]] = {}
+        for _, s in spans:
+            if s.kind == kind:
+                attributes = {a.key: a.value.string_value for a in s.attributes}
+                found.setdefault(s.name, []).append(
+                    (
+                        attributes["http.request.method"],
+                        attributes.get("http.request.method_original", ""),
+                    )
+                )
+        return found
+
+    async with asyncio.timeout(10):
+        while sum(map(len, named(Span.SPAN_KIND_CLIENT).values())) < 3:
+            await asyncio.sleep(0.1)
+    assert named(Span.SPAN_KIND_SERVER) == {
+        "GET /{service}": [("GET", "")],
+        "HTTP /{service}": [("_OTHER", "PROPFIND")],
+    }
+    clients = named(Span.SPAN_KIND_CLIENT)
+    assert clients["GET"] == [("GET", "")]
+    assert sorted(clients["HTTP"]) == [("_OTHER", "MADE-UP-1"), ("_OTHER", "PROPFIND")]
+    assert set(clients) == {"GET", "HTTP"}
