@@ -714,3 +714,25 @@ async def test_a_method_http_does_not_define_names_no_span(
     assert clients["GET"] == [("GET", "")]
     assert sorted(clients["HTTP"]) == [("_OTHER", "MADE-UP-1"), ("_OTHER", "PROPFIND")]
     assert set(clients) == {"GET", "HTTP"}
+
+
+async def test_a_service_name_a_caller_made_up_names_no_span(
+    stack: Stack,
+    service: str,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """A span is named after a service found on the broker, as a metrics label is: the
+    PRODUCER span of a call to a service that does not exist (404) was `publish NAME`, a span
+    name for every name a caller made up."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    _, url = await stack.enqueuer(env=env)
+    for n in range(3):
+        async with http.get(f"{url}/made-up-{n}-{service}/x") as response:
+            assert response.headers["X-ProxyMQ-Error"] == "unknown_service"
+    async with asyncio.timeout(10):
+        while sum(s.kind == Span.SPAN_KIND_SERVER for _, s in spans) < 3:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # the same batch, or one more, has any other span
+    assert {s.name for _, s in spans} == {"GET /{service}"}
