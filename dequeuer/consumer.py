@@ -28,7 +28,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 from pamqp.commands import Basic
 
 from dequeuer.forwarder import CallFailed, Transport
@@ -158,9 +158,10 @@ class Consumer:
                 expiration=cast(float | None, message.expiration),
             )
         except MalformedMessage as exc:
-            await self.dead_letter(
-                partition, message, reason=f"malformed: {exc}", outcome="malformed"
-            )
+            with self.process_span(partition, message.headers, message.correlation_id):
+                await self.dead_letter(
+                    partition, message, reason=f"malformed: {exc}", outcome="malformed"
+                )
             return
         self.metrics.in_flight.labels(self.settings.service, partition).inc()
         sub.job_added()
@@ -186,21 +187,26 @@ class Consumer:
         if not tracing.enabled():
             await self._settle(sub, partition, message, request)
             return
-        attributes = {
-            "messaging.system": "rabbitmq",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": partition,
-            "messaging.message.conversation_id": request.request_id,
-        }
         carrier: Mapping[str, object] = message.headers
         if tracing.TRACEPARENT not in carrier:
             # No context in the message (an enqueuer that does not trace, another client):
             # the caller's, as sent. A new trace here cut the caller's off at the queue.
             carrier = dict(request.request.headers)
-        with tracing.span(
-            f"process {self.settings.service}", SpanKind.CONSUMER, carrier, attributes
-        ):
+        with self.process_span(partition, carrier, request.request_id):
             await self._settle(sub, partition, message, request)
+
+    def process_span(
+        self, partition: str, carrier: Mapping[str, object], request_id: str | None
+    ) -> contextlib.AbstractContextManager[Span | None]:
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": partition,
+            "messaging.message.conversation_id": request_id or "",
+        }
+        return tracing.span(
+            f"process {self.settings.service}", SpanKind.CONSUMER, carrier, attributes
+        )
 
     async def _settle(
         self,
@@ -222,6 +228,7 @@ class Consumer:
             elif outcome is None:
                 self.metrics.messages.labels(self.settings.service, partition, "expired").inc()
                 log.info("dropped: deadline passed before the call")
+                tracing.fail("expired", "deadline passed before the call")
                 await _ack(message)
             elif isinstance(outcome, HttpResponse) and not self.policy.retryable(outcome):
                 response = outcome
@@ -245,6 +252,7 @@ class Consumer:
                 await self.give_up(partition, message, request, outcome, attempts)
         except BROKER_ERRORS as exc:
             log.warning("could not settle, the broker will deliver it again: %s", exc)
+            tracing.fail(type(exc).__name__, f"could not settle: {exc}")
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -252,11 +260,13 @@ class Consumer:
             # aiormq fails a pending confirm or ack with CancelledError when it gives up a
             # silent connection; letting it out would end this key's lane and drop its queue.
             log.warning("could not settle, the broker will deliver it again: connection lost")
-        except Exception:
+            tracing.fail("connection_lost", "could not settle: connection lost")
+        except Exception as exc:
             # A defect of ours. Left unsettled, the request stayed held on its live channel
             # for good and its caller waited for the deadline; rejected, the broker
             # dead-letters it to S.dlq, and S.notify answers its caller 502.
             log.exception("could not handle the request: it goes to the dead letters")
+            tracing.fail(type(exc).__name__, "could not handle the request")
             if not message.processed:
                 with contextlib.suppress(*BROKER_ERRORS):
                     await message.reject(requeue=False)
@@ -580,6 +590,7 @@ class Consumer:
         its caller waited for the deadline, the key's next request went first, and it kept one
         of its partition's prefetch until RabbitMQ's consumer_timeout."""
         assert self._reply_channel is not None
+        tracing.fail(outcome, reason)
         headers: dict[str, Any] = envelope.writable(dict(message.headers))
         headers.update(
             {

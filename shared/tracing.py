@@ -143,6 +143,15 @@ def record_status(current: Span | None, status: int) -> None:
         current.set_status(Status(StatusCode.ERROR))
 
 
+def fail(error_type: str, description: str) -> None:
+    """Mark the current span failed: a request dead-lettered, dropped or left unsettled is its
+    processing's failure, though no exception reached the span (which then had no status)."""
+    if _enabled:
+        current = trace.get_current_span()
+        current.set_attribute("error.type", error_type)
+        current.set_status(Status(StatusCode.ERROR, description))
+
+
 def _text(value: object) -> str:
     """An AMQP string that is no UTF-8 comes as `bytes`: no valid trace context, so ignored.
     Decoded strictly it raised before the request was handled, which then stayed unacked."""

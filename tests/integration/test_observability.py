@@ -736,3 +736,51 @@ async def test_a_service_name_a_caller_made_up_names_no_span(
             await asyncio.sleep(0.1)
     await asyncio.sleep(0.3)  # the same batch, or one more, has any other span
     assert {s.name for _, s in spans} == {"GET /{service}"}
+
+
+async def test_the_process_span_of_a_request_that_failed_is_an_error(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """The dequeuer's CONSUMER span says whether the request was processed: one dead-lettered
+    after its last attempt failed, one dropped as its deadline had passed, and one malformed
+    (which had no span at all) are errors with their `error.type`; each of these was a span
+    with no status, as if it had been answered."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await stack.dequeuer(service, target.url, "--partitions", "1", "--max-attempts", "1", env=env)
+    past = int((time.time() - 60) * 1000)
+    sent: dict[str, dict[str, Any]] = {
+        "answered": {envelope.H_METHOD: "GET", envelope.H_PATH: "/x"},
+        "dead_lettered": {envelope.H_METHOD: "GET", envelope.H_PATH: "/status/503"},
+        "expired": {envelope.H_METHOD: "GET", envelope.H_PATH: "/x", envelope.H_DEADLINE: past},
+        "malformed": {envelope.H_METHOD: "CONNECT", envelope.H_PATH: "/x"},
+    }
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for name, headers in sent.items():
+        headers["traceparent"] = traceparent
+        await published_by_another_client(amqp, monkeypatch, service, headers, name)
+
+    def consumers() -> dict[str, Span]:
+        found = {}
+        for _, s in spans:
+            attributes = {a.key: a.value.string_value for a in s.attributes}
+            if s.kind == Span.SPAN_KIND_CONSUMER:
+                found[attributes["messaging.message.conversation_id"]] = s
+        return found
+
+    async with asyncio.timeout(10):
+        while len(consumers()) < len(sent):
+            await asyncio.sleep(0.1)
+    for name, s in consumers().items():
+        attributes = {a.key: a.value.string_value for a in s.attributes}
+        if name == "answered":
+            assert s.status.code == s.status.STATUS_CODE_UNSET, s.status
+            assert "error.type" not in attributes
+        else:
+            assert s.status.code == s.status.STATUS_CODE_ERROR, (name, s.status)
+            assert attributes["error.type"] == name
