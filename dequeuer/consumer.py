@@ -158,6 +158,11 @@ class Consumer:
                 expiration=cast(float | None, message.expiration),
             )
         except MalformedMessage as exc:
+            logs.bind(
+                correlation_id=message.correlation_id,
+                service=self.settings.service,
+                partition=partition,
+            )
             with self.process_span(partition, message.headers, message.correlation_id):
                 await self.dead_letter(
                     partition, message, reason=f"malformed: {exc}", outcome="malformed"

@@ -784,3 +784,26 @@ async def test_the_process_span_of_a_request_that_failed_is_an_error(
         else:
             assert s.status.code == s.status.STATUS_CODE_ERROR, (name, s.status)
             assert attributes["error.type"] == name
+
+
+async def test_the_line_about_a_malformed_request_names_its_service_and_partition(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A malformed request is dead-lettered before it is handled: the line saying so had its
+    correlation id alone, so a search by service or partition did not find it."""
+    await stack.dequeuer(service, target.url, "--partitions", "1", "--json-logs")
+    headers = {envelope.H_METHOD: "CONNECT", envelope.H_PATH: "/x"}
+    await published_by_another_client(amqp, monkeypatch, service, headers, "bad-1")
+    mine: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while not mine:
+            await asyncio.sleep(0.1)
+            lines = [json.loads(x) for x in stack.log_text().splitlines() if x.startswith("{")]
+            mine = [line for line in lines if "malformed" in line["msg"]]
+    assert [
+        (line["correlation_id"], line.get("service"), line.get("partition")) for line in mine
+    ] == [("bad-1", service, f"{service}.p0")]
