@@ -1,9 +1,10 @@
 """OpenTelemetry: one trace from the API's `traceparent` through the enqueuer, the queue (context
 in AMQP headers), the dequeuer and the call to the microservice.
 
-Off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set: then every helper here returns at once and no
-span object is made, so tracing costs nothing when nobody collects it. Span names and attributes
-follow OpenTelemetry's messaging and HTTP semantic conventions.
+Off unless `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, and off
+with `OTEL_SDK_DISABLED=true`: then every helper here returns at once and no span object is
+made, so tracing costs nothing when nobody collects it. Span names and attributes follow
+OpenTelemetry's messaging and HTTP semantic conventions.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ METHODS = frozenset(
 
 
 def setup(service_name: str) -> bool:
-    """Export spans over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard
+    """Export spans over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, unless `OTEL_SDK_DISABLED=true` (the standard
     OTEL_* variables configure the rest); returns whether tracing is on."""
     global _enabled
-    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    if disabled or not any(map(os.environ.get, endpoints)):
         return False
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource

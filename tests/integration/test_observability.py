@@ -807,3 +807,49 @@ async def test_the_line_about_a_malformed_request_names_its_service_and_partitio
     assert [
         (line["correlation_id"], line.get("service"), line.get("partition")) for line in mine
     ] == [("bad-1", service, f"{service}.p0")]
+
+
+async def test_otel_sdk_disabled_turns_tracing_off(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """`OTEL_SDK_DISABLED=true` (the OpenTelemetry SDK's standard switch) turns tracing off
+    where an endpoint is set: the caller's trace context reaches the microservice as sent."""
+    endpoint, spans = otlp
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SDK_DISABLED": "true",
+    }
+    await stack.dequeuer(service, target.url, env=env)
+    _, url = await stack.enqueuer(env=env)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with http.get(f"{url}/{service}/echo/x", headers={"traceparent": traceparent}) as r:
+        assert r.status == 200
+    assert dict(target.seen[0].headers)["traceparent"] == traceparent
+    await asyncio.sleep(0.5)
+    assert not spans
+
+
+async def test_the_traces_endpoint_alone_turns_tracing_on(
+    stack: Stack,
+    service: str,
+    http: aiohttp.ClientSession,
+    otlp: tuple[str, list[tuple[str, Span]]],
+) -> None:
+    """`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, the OpenTelemetry SDK's variable for the traces'
+    endpoint alone (the full URL), turns tracing on as `OTEL_EXPORTER_OTLP_ENDPOINT` does: it
+    was ignored, and no span was exported."""
+    endpoint, spans = otlp
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{endpoint}/v1/traces"}
+    env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    _, url = await stack.enqueuer(env=env)
+    async with http.get(f"{url}/not-{service}/x") as response:
+        assert response.status == 404
+    async with asyncio.timeout(10):
+        while not spans:
+            await asyncio.sleep(0.1)
+    assert {s.name for _, s in spans} == {"GET /{service}"}
