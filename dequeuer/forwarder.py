@@ -166,6 +166,10 @@ class HttpTransport:
     def __init__(self, target: str, connections: int, max_body: int) -> None:
         self.target = target.rstrip("/")
         self._base = URL(self.target)
+        # A target's own user and password (Basic auth) are what the microservice checks: a
+        # caller's `Authorization` beside them made aiohttp refuse the call, and the request
+        # was dead-lettered as a defect of the dequeuer's.
+        self._own_credentials = aiohttp.BasicAuth.from_url(self._base) is not None
         self.max_body = max_body
         connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
         # No option of aiohttp's chooses the protocol: its private factory is replaced.
@@ -222,11 +226,14 @@ class HttpTransport:
         )
 
     async def _send(self, url: URL, request: HttpRequest, timeout: float) -> HttpResponse:
+        headers = one_spelling(request.headers)
+        if self._own_credentials:
+            headers = [(n, v) for n, v in headers if n.lower() != "authorization"]
         try:
             async with self.session.request(
                 request.method,
                 url,
-                headers=one_spelling(request.headers),
+                headers=headers,
                 data=request.body or None,
                 allow_redirects=False,
                 skip_auto_headers=_SKIP_AUTO,

@@ -31,7 +31,11 @@ class DequeuerSettings(SidecarSettings):
     prog = "proxymq-dequeuer"
 
     service: Name = Field(description="the service this dequeuer serves (its exchange and queues)")
-    target: Url = Field("http://127.0.0.1:8000", description="base URL of the microservice")
+    target: Url = Field(
+        "http://127.0.0.1:8000",
+        description="base URL of the microservice; a user and password in it are sent as "
+        "Basic auth, in place of a caller's Authorization",
+    )
     admin_port: Port = Field(
         9081, ge=0, le=65535, description="port of /healthz, /readyz, /metrics"
     )

@@ -4,6 +4,7 @@ ProxyMQ's own message headers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 
 import aiohttp
@@ -134,3 +135,21 @@ async def test_a_head_that_trickles_in_is_closed_at_the_idle_timeout(
     finally:
         trickling.cancel()
         writer.close()
+
+
+async def test_a_target_with_a_password_is_called_with_it_whatever_the_caller_sends(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A `--target` with a user and password authenticates the dequeuer to the microservice.
+    A caller's own `Authorization` beside it made aiohttp refuse the call ("Cannot combine
+    AUTHORIZATION header with ... credentials encoded in URL"): taken for a defect of the
+    dequeuer's, the request was dead-lettered with a traceback and its caller got 502."""
+    await stack.dequeuer(service, f"http://probe:s3cret@127.0.0.1:{target.port}")
+    _, url = await stack.enqueuer()
+    async with http.get(
+        f"{url}/{service}/echo/x", headers={"Authorization": "Bearer the-callers"}
+    ) as response:
+        assert response.status == 200
+        sent = [v for n, v in (await response.json())["headers"] if n.lower() == "authorization"]
+    assert sent == ["Basic " + base64.b64encode(b"probe:s3cret").decode()]
+    assert "Traceback" not in stack.log_text()
