@@ -289,6 +289,23 @@ def test_values_that_could_never_work_are_refused_at_start(
     assert load(EnqueuerSettings, ["--amqp-url", "amqps://a:1/,amqp://b/"]).amqp_url
 
 
+@pytest.mark.parametrize("password", ["s3c/ret", "s3c/r@et9", "s3c/ret:x7y"])
+@pytest.mark.parametrize(
+    ("flag", "url"),
+    [("--amqp-url", "amqp://proxymq:{}@rabbitmq:5672/"), ("--target", "http://probe:{}@svc:80")],
+)
+def test_a_password_not_percent_encoded_is_hidden_in_the_refusal(
+    flag: str, url: str, password: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `/` written raw in a URL's password (the Secret's comment warns against it) ends the
+    authority early, and the URL does not parse: the refusal, written to the pod's log, showed
+    the password whole, `'amqp://proxymq:s3c/ret@rabbitmq:5672/' is not a URL`."""
+    assert exit_code(DequeuerSettings, ["--service", "s", flag, url.format(password)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a" in err
+    assert not any(part in err for part in re.split("[/@:]", password) if len(part) > 2), err
+
+
 @pytest.mark.parametrize(
     "url",
     ["AMQPS://broker.example/", "amqp://a.example/,amqps://b.example/", " amqps://broker.example/"],
