@@ -470,8 +470,15 @@ class Consumer:
         connection leaves nothing behind (a stale mark once dropped a reply after a later,
         short restart). A nacked reply (a `reject-publish` queue that is full) is waited for
         the same way: given up by the publish retries around it, it left its request held on a
-        live channel for good."""
+        live channel for good.
+
+        A `reply_to` naming a request queue (`topology.REQUEST_QUEUE`) gets no reply: the
+        dequeuer may write to every queue, and a client allowed to publish to one service's
+        exchange alone had its reply put into another service's partition, taken for a request."""
         if not reply_to:
+            return
+        if topology.REQUEST_QUEUE.match(reply_to):
+            log.warning("reply dropped: reply_to %s names a request queue", reply_to)
             return
         assert self._reply_channel is not None
         message = envelope.encode_response(response, request_id)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from pathlib import Path
 
+import aio_pika
 import aiohttp
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
+from shared import topology
 from tests.conftest import Stack
 from tests.target import Target
 
@@ -153,3 +157,39 @@ async def test_a_target_with_a_password_is_called_with_it_whatever_the_caller_se
         sent = [v for n, v in (await response.json())["headers"] if n.lower() == "authorization"]
     assert sent == ["Basic " + base64.b64encode(b"probe:s3cret").decode()]
     assert "Traceback" not in stack.log_text()
+
+
+async def test_a_reply_to_naming_a_request_queue_gets_no_reply(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+) -> None:
+    """A reply goes through the default exchange to the queue `reply_to` names, any queue. A
+    client allowed to publish to one service's exchange (and no more: docs/deploy.md's users)
+    named another service's partition, or this one's, or a dead-letter queue: the dequeuer,
+    which may write to every queue, put the reply there, and it was taken for a request (a
+    `POST /` to the other microservice, carrying this one's answer)."""
+    other = topology.Topology(f"t-{uuid.uuid4().hex[:10]}", partitions=1)
+    await topology.declare(amqp, other)
+    try:
+        await stack.dequeuer(service, target.url, "--partitions", "1")
+        channel = await amqp.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(service)
+        queues = [other.queues[0], other.dead_letters, f"{service}.p0", f"{service}.dlq"]
+        for index, queue in enumerate(queues):
+            message = aio_pika.Message(b"x", correlation_id=f"c{index}", reply_to=queue)
+            await exchange.publish(message, routing_key="k")
+        async with asyncio.timeout(10):
+            while len(target.seen) < len(queues):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1)  # a reply taken for a request would be called by now
+        assert len(target.seen) == len(queues)
+        for queue in queues:
+            declared = await channel.declare_queue(queue, passive=True)
+            assert declared.declaration_result.message_count == 0, queue
+        assert stack.log_text().count("names a request queue") == len(queues)
+        await channel.close()
+    finally:
+        await topology.delete(amqp, other)
