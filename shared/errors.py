@@ -21,11 +21,13 @@ error, never an HTTP answer.
 from __future__ import annotations
 
 import json
+import re
 from typing import ClassVar
 
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 
 ERROR_HEADER = "X-ProxyMQ-Error"
+_QUOTED = re.compile(r":\s*(?:bytearray\()?b['\"].*", re.S)  # the request's bytes a message quotes
 
 
 class ProxyMQError(Exception):
@@ -49,12 +51,17 @@ class BadRequest(ProxyMQError):
 
 
 def malformed(error: BaseException) -> BadRequest:
-    """What aiohttp's parser refused, in its words without the bytes it quotes ("Invalid
-    method encountered:\n\n  b'FOO / HTTP/1.1'\n     ^"); a body's error wraps the parser's."""
+    """What aiohttp's parser refused, in its words without what it quotes of the request
+    ("Invalid method encountered:\n\n  b'FOO / HTTP/1.1'\n     ^", "Got more than 8190 bytes
+    when reading: b'session=...'", a target it cannot read): header values and targets, a
+    cookie's or a token's, which the answer's warning line would hold. A body's error wraps
+    the parser's."""
     if isinstance(error.__cause__, HttpProcessingError):
         error = error.__cause__
     text = error.message if isinstance(error, HttpProcessingError) else str(error)
-    words = " ".join(text.split("\n\n", 1)[0].split()).rstrip(":")[:200]
+    if isinstance(error, InvalidURLError) and "\n\n" not in text:
+        text = "Invalid URL"  # the message is the target alone
+    words = " ".join(_QUOTED.sub("", text.split("\n\n", 1)[0]).split()).rstrip(":")[:200]
     return BadRequest(f"malformed HTTP request: {words}")
 
 

@@ -69,3 +69,29 @@ async def test_a_body_refused_after_its_head_fails_its_read(port: int) -> None:
     answer = await exchange(port, head + b"3\r\nabc\r\n", b"zz\r\n")
     assert answer.startswith(b"HTTP/1.1 422 "), answer
     assert answer.endswith(b"refused: malformed HTTP request: Invalid character in chunk size")
+
+
+LONG = "Got more than 8190 bytes when reading"
+
+
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: x\r\nCookie: session=s3cret" + b"a" * 9000 + b"\r\n", LONG),
+        (b"POST /?token=s3cret" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n", LONG),
+        (b"GET http:///?token=s3cret HTTP/1.1\r\nHost: x\r\n", "Invalid URL"),
+        (b"CONNECT x:1?token=s3cret HTTP/1.1\r\nHost: x\r\n", "Invalid URL"),
+    ],
+)
+async def test_a_refusal_quotes_no_header_value_or_target(
+    port: int, head: bytes, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line over 8,190 bytes was refused with its first 100 bytes quoted, a target aiohttp
+    could not read with the whole target, in the answer and in its warning line: a session
+    cookie's or a token's, where the logs hold no header value."""
+    answer = await exchange(port, head + b"\r\n")
+    assert answer.split(b"\r\n")[0].split()[1] == b"400"
+    message = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"]
+    assert message == f"malformed HTTP request: {reason}"
+    assert "refused a malformed HTTP request" in caplog.text
+    assert "s3cret" not in caplog.text
