@@ -19,6 +19,11 @@ def read_token(path: str | None) -> bytes | None:
         raise ValueError(f"cannot read the auth token file {path}: {exc.strerror}") from None
     if not token:
         raise ValueError(f"the auth token file {path} is empty")
+    if any(byte < 0x20 or byte == 0x7F for byte in token):
+        # No caller could send it in a header: every call would be answered 401.
+        raise ValueError(
+            f"the auth token in {path} holds a line break or another control character"
+        )
     return token
 
 

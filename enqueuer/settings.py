@@ -43,7 +43,8 @@ class EnqueuerSettings(SidecarSettings):
     auth_token_file: FilePath | None = Field(
         None,
         description="file holding a bearer token callers must send (Authorization: Bearer "
-        "TOKEN); without it, any process that reaches --host:--port may call",
+        "TOKEN), read at start: a new token needs a restart; without it, any process that "
+        "reaches --host:--port may call",
     )
     max_headers: int = Field(
         100,

@@ -453,6 +453,18 @@ def test_enqueuer_key_sources_and_token_file_are_checked_with_the_rest(
     assert err.startswith("proxymq-enqueuer: invalid configuration: ") and says in err
 
 
+@pytest.mark.parametrize("token", ["s3c\nret", "s3c\x00ret", "s3c\tret"])
+def test_a_token_no_header_can_carry_is_refused(
+    token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line break or another control character inside the token: no caller could ever send
+    it, and the enqueuer started to answer every call 401."""
+    path = tmp_path / "token"
+    path.write_text(token + "\n")
+    assert exit_code(EnqueuerSettings, ["--auth-token-file", str(path)]) == 2
+    assert "holds a line break or another control character" in capsys.readouterr().err
+
+
 def test_a_readable_token_file_is_taken(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
