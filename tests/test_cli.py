@@ -503,6 +503,35 @@ async def test_status_shows_depth_per_partition(
     assert len(counted["partitions"]) == 4
 
 
+async def test_a_management_url_with_credentials_is_used_and_never_shown(service: str) -> None:
+    """Credentials written in the management URL, as KEDA's host has them, are the management
+    user's: `status` fell back to AMQP ("Cannot combine AUTHORIZATION header with ...
+    credentials encoded in URL") and printed the URL, password included."""
+    declared = await proxymq("topology", "declare", "--service", service, "--partitions", "2")
+    assert declared.code == 0, declared.output
+    status = await proxymq(
+        "status",
+        "--service",
+        service,
+        "--json",
+        "--management-url",
+        "http://guest:guest@127.0.0.1:15672",
+    )
+    assert status.code == 0, status.output
+    assert json.loads(status.stdout)["source"] == "management"
+    with closed_port() as port:
+        unavailable = await proxymq(
+            "status",
+            "--service",
+            service,
+            "--management-url",
+            f"http://guest:s3cret-pw@127.0.0.1:{port}",
+        )
+    assert unavailable.code == 0, unavailable.output
+    assert "management API unavailable" in unavailable.output
+    assert "s3cret-pw" not in unavailable.output
+
+
 async def test_status_names_the_active_consumer_and_its_standby(
     service: str, amqp: AbstractRobustConnection
 ) -> None:

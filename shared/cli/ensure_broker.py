@@ -106,6 +106,14 @@ def basic_auth(amqp_url: str) -> str:
     return "Basic " + b64encode(token).decode()
 
 
+def management_access(base: str, amqp_url: str) -> tuple[str, str]:
+    """The management API's base URL without credentials, and its Authorization header: the
+    credentials written in the URL (as KEDA's host has them), else the AMQP user's. aiohttp
+    refuses a URL with credentials beside the header, and messages show the URL."""
+    parsed = URL(base.rstrip("/"))
+    return str(parsed.with_user(None)), basic_auth(base if parsed.user else amqp_url)
+
+
 def is_local(host: str) -> bool:
     """True when `host` is this machine: loopback, or an address one of our interfaces has
     (binding to it succeeds). Only then may we start or install a broker for the URL."""
@@ -254,9 +262,9 @@ async def has_consistent_hash(url: str) -> bool:
 
 
 def management_answers(amqp_url: str, timeout: float = 3.0) -> bool:
+    base, authorization = management_access(management_url(amqp_url), amqp_url)
     request = urllib.request.Request(
-        management_url(amqp_url) + "/api/overview",
-        headers={"Authorization": basic_auth(amqp_url)},
+        base + "/api/overview", headers={"Authorization": authorization}
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -343,7 +351,7 @@ class Checker:
                     f"on the broker run `rabbitmq-plugins enable {' '.join(PLUGINS)}`",
                 )
             self.say(
-                f"the management API does not answer at {management_url(self.url)}; "
+                f"the management API does not answer at {redact(management_url(self.url))}; "
                 "`proxymq status` will show AMQP counts only (on the broker: "
                 "`rabbitmq-plugins enable rabbitmq_management`)"
             )
@@ -367,7 +375,9 @@ class Checker:
         deadline = time.monotonic() + 20
         while not await asyncio.to_thread(management_answers, self.url):
             if time.monotonic() > deadline:
-                self.say(f"the management API does not answer yet at {management_url(self.url)}")
+                self.say(
+                    f"the management API does not answer yet at {redact(management_url(self.url))}"
+                )
                 return
             await asyncio.sleep(0.5)
 

@@ -35,7 +35,7 @@ from shared.cli.common import (
     add_setting,
     management_url,
 )
-from shared.cli.ensure_broker import BrokerProblem, basic_auth, connect
+from shared.cli.ensure_broker import BrokerProblem, connect, management_access
 from shared.cli.ensure_broker import management_url as default_management_url
 
 MANAGEMENT_TIMEOUT = 5.0
@@ -98,10 +98,10 @@ class Management:
 
     def __init__(self, session: aiohttp.ClientSession, base: str, amqp_url: str) -> None:
         self.session = session
-        self.base = base.rstrip("/")
+        self.base, authorization = management_access(base, amqp_url)
         self.url = amqp_url
         self.vhost = quote(vhost_of(amqp_url), safe="")
-        self.headers = {"Authorization": basic_auth(amqp_url)}
+        self.headers = {"Authorization": authorization}
 
     async def get(self, path: str) -> Any:
         """GET `path` (already percent-encoded); None on 404."""
@@ -365,7 +365,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=management_url,
         default=MANAGEMENT_FROM_ENVIRONMENT,
         help="RabbitMQ management API (default: the AMQP URL's host on port 15672; "
-        "credentials are the AMQP URL's) [env PROXYMQ_MANAGEMENT_URL]",
+        "credentials: the URL's own, http://USER:PASSWORD@HOST:15672, else the AMQP URL's) "
+        "[env PROXYMQ_MANAGEMENT_URL]",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
