@@ -104,25 +104,49 @@ def preferences(value: str) -> list[str]:
     return _PREFERENCE.findall(value) if '"' in value else value.split(",")
 
 
+def preference_name(part: str) -> str:
+    """`Wait = 5; x=1` -> `wait`: names are case-insensitive, and a value may have spaces
+    around its `=` (RFC 7240)."""
+    return part.split(";", 1)[0].partition("=")[0].strip().lower()
+
+
 def wants_async(request: web.Request) -> bool:
     return any(
-        part.split(";", 1)[0].strip().lower() == "respond-async"
+        preference_name(part) == "respond-async"
         for value in request.headers.getall("Prefer", ())
         for part in preferences(value)
     )
 
 
+def wait_of(request: web.Request) -> float:
+    """The seconds of `Prefer: wait=N` (RFC 7240: digits; the first of repeats), 0 if none."""
+    for value in request.headers.getall("Prefer", ()):
+        for part in preferences(value):
+            if preference_name(part) == "wait":
+                seconds = part.split(";", 1)[0].partition("=")[2].strip().strip('"')
+                return float(seconds) if seconds.isascii() and seconds.isdigit() else 0.0
+    return 0.0
+
+
+async def replied_within(future: asyncio.Future[HttpResponse], seconds: float) -> bool:
+    """Whether the reply came within `seconds`. The wait never cancels the future: when it
+    ends, or its caller hangs up, the reply is still the 202's result (or a repeat's)."""
+    if seconds > 0:
+        await asyncio.wait((future,), timeout=seconds)
+    return seconds > 0 and future.done()
+
+
 def without_respond_async(headers: envelope.Headers) -> envelope.Headers:
-    """The enqueuer honours `respond-async` itself; passed on, a microservice that honours it
-    too answered 202 with a `Location` of its own, and that 202 became the polled result. The
-    other preferences (`return=minimal`, say) are the microservice's."""
+    """The enqueuer honours `respond-async` and its `wait` itself; passed on, a microservice
+    that honours them too answered 202 with a `Location` of its own, and that 202 became the
+    polled result. The other preferences (`return=minimal`, say) are the microservice's."""
     kept = []
     for name, value in headers:
         if name.lower() == "prefer":
             value = ", ".join(
                 part.strip()
                 for part in preferences(value)
-                if part.split(";", 1)[0].strip().lower() not in ("respond-async", "")
+                if preference_name(part) not in ("respond-async", "wait", "")
             )
             if not value:
                 continue
@@ -206,7 +230,9 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
             await publish(enqueuer, message, future)
             if asynchronous:
                 expire_at(future, deadline)  # its lifetime is the message's, not the caller's
-    if asynchronous:
+    # `Prefer: respond-async, wait=N` (RFC 7240): a reply within N s is answered as to a call.
+    wait = min(wait_of(request), _remaining(deadline, timeout), timeout) if asynchronous else 0
+    if asynchronous and not await replied_within(future, wait):
         return accept(request_id, service, future, enqueuer, entry, repeat=first is not None)
     try:
         async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):

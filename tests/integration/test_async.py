@@ -343,3 +343,30 @@ async def test_an_asynchronous_repeat_of_a_synchronous_first_says_whose_deadline
     message = (await result.json())["error"]["message"]
     assert "the first request with this Idempotency-Key" in message
     assert [seen.path for seen in target.seen].count("/delay/3") == 1
+
+
+async def test_respond_async_with_wait_answers_a_quick_reply_at_once(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """`Prefer: respond-async, wait=N` (RFC 7240): a reply within N seconds is the answer, a
+    slower one a 202 at N. Every caller got a 202 at once, and polled for an answer that had
+    come in milliseconds. `wait` is the enqueuer's to apply: the microservice is not told."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer()
+    headers = {"Prefer": "respond-async, wait=5"}
+    async with http.post(f"{url}/{service}/echo", data=b"quick", headers=headers) as response:
+        assert response.status == 200
+        assert "Preference-Applied" not in response.headers
+        assert (await response.json())["body"] == "cXVpY2s="
+    assert [v for n, v in target.seen[0].headers if n.lower() == "prefer"] == []
+    started = time.monotonic()
+    async with http.get(
+        f"{url}/{service}/delay/3", headers={"Prefer": "respond-async, wait=1"}
+    ) as response:
+        assert response.status == 202
+        assert 0.9 < time.monotonic() - started < 2.5
+        location = url + response.headers["Location"]
+    assert (await poll(http, location)).status == 200
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    labels = {"service": service}
+    assert await metric(http, admin, "proxymq_enqueuer_async_accepted_total", labels) == 1

@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from pamqp import encode
 
 from enqueuer import handlers
-from enqueuer.handlers import deadline_of, split_target, wants_async
+from enqueuer.handlers import deadline_of, split_target, wait_of, wants_async
 from shared.envelope import HttpRequest, RequestEnvelope, encode_request
 
 NOW = 1_700_000_000.0
@@ -56,6 +56,7 @@ def request_with(*headers: tuple[str, str]) -> web.Request:
         ["respond-async; foo=bar"],
         [" respond-async "],
         ["return=minimal", "respond-async"],
+        ['respond-async=""'],  # an empty value is none (RFC 7240)
     ],
 )
 def test_wants_async(prefer: list[str]) -> None:
@@ -76,6 +77,26 @@ def test_wants_async(prefer: list[str]) -> None:
 )
 def test_does_not_want_async(prefer: list[str]) -> None:
     assert not wants_async(request_with(*(("Prefer", value) for value in prefer)))
+
+
+@pytest.mark.parametrize(
+    ("prefer", "seconds"),
+    [
+        ([], 0.0),
+        (["respond-async"], 0.0),
+        (["respond-async, wait=5"], 5.0),
+        (["respond-async", "Wait = 3; x=1"], 3.0),
+        (['wait="4"'], 4.0),
+        (["wait=2, wait=9"], 2.0),
+        (["wait=1.5"], 0.0),  # delta-seconds: digits only
+        (["wait=-1"], 0.0),
+        (["wait="], 0.0),
+        (["respond-async; wait=5"], 0.0),  # a parameter of respond-async, not the preference
+        (['note="wait=5"'], 0.0),
+    ],
+)
+def test_wait_of(prefer: list[str], seconds: float) -> None:
+    assert wait_of(request_with(*(("Prefer", value) for value in prefer))) == seconds
 
 
 class Clock:
