@@ -147,7 +147,12 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
             ),
         ),
         replies=ReplyWaiter(instance, settings.max_in_flight, metrics.late_replies.inc),
-        results=ResultStore(settings.result_ttl, settings.max_results, settings.max_result_bytes),
+        results=ResultStore(
+            settings.result_ttl,
+            settings.max_results,
+            settings.max_result_bytes,
+            metrics.dropped_results.inc,
+        ),
         idempotency=IdempotencyStore(
             settings.idempotency_window, settings.max_results, settings.max_result_bytes
         ),

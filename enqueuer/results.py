@@ -2,14 +2,16 @@
 
 Memory is bounded: pending entries count against the enqueuer's in-flight cap, and finished ones
 expire after a TTL or, beyond `capacity` results or `max_bytes` of bodies, oldest first. The
-newest result is kept whatever its size (it is at most the dequeuer's --max-response).
+newest result is kept whatever its size (it is at most the dequeuer's --max-response). A result
+dropped before its TTL is counted (`on_dropped`): its poller gets 404 like for an unknown id, and
+only the count tells an operator that the bounds are too small for the traffic.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from shared.envelope import HttpResponse
@@ -28,10 +30,17 @@ class Outcome:
 
 
 class ResultStore:
-    def __init__(self, ttl: float, capacity: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        capacity: int,
+        max_bytes: int,
+        on_dropped: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ttl = ttl
         self.capacity = capacity
         self.max_bytes = max_bytes
+        self._on_dropped = on_dropped
         self.bytes = 0  # of the finished results' bodies
         self._pending: dict[str, Outcome] = {}
         self._finished: OrderedDict[str, Outcome] = OrderedDict()
@@ -67,8 +76,10 @@ class ResultStore:
             within = len(self._finished) <= self.capacity and (
                 self.bytes <= self.max_bytes or len(self._finished) == 1
             )
-            if oldest.finished_at >= horizon and within:
-                break
+            if oldest.finished_at >= horizon:
+                if within:
+                    break
+                self._on_dropped()
             self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:

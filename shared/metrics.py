@@ -71,6 +71,12 @@ class EnqueuerMetrics:
             ["service", "outcome"],
             registry=self.registry,
         )
+        self.dropped_results = Counter(
+            "proxymq_enqueuer_async_results_dropped",
+            "Asynchronous results dropped before --result-ttl to stay within --max-results and "
+            "--max-result-bytes (their polls get 404)",
+            registry=self.registry,
+        )
         self.breaker_open = Gauge(
             "proxymq_enqueuer_breaker_open",
             "1 while the breaker on the broker connection is open (callers get 503 at once)",

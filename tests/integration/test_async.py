@@ -370,3 +370,25 @@ async def test_respond_async_with_wait_answers_a_quick_reply_at_once(
     admin = enqueuer.admin_port  # type: ignore[attr-defined]
     labels = {"service": service}
     assert await metric(http, admin, "proxymq_enqueuer_async_accepted_total", labels) == 1
+
+
+async def test_results_dropped_for_space_are_counted(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A result dropped before --result-ttl to stay within --max-results (or
+    --max-result-bytes) left its poller a 404 and the operator no sign that the bound was too
+    small; one that expired is not counted."""
+    await stack.dequeuer(service, target.url)
+    enqueuer, url = await stack.enqueuer("--max-results", "1", "--result-ttl", "1")
+    admin = enqueuer.admin_port  # type: ignore[attr-defined]
+    locations = []
+    for _ in range(3):
+        async with http.get(f"{url}/{service}/echo", headers={"Prefer": "respond-async"}) as r:
+            locations.append(url + r.headers["Location"])
+        assert (await poll(http, locations[-1])).status == 200
+    await asyncio.sleep(1.2)
+    for location in locations:
+        async with http.get(location) as response:
+            assert response.status == 404
+    name = "proxymq_enqueuer_async_results_dropped_total"
+    assert await metric(http, admin, name, {}) == 2

@@ -170,3 +170,15 @@ def test_expiry_gives_the_bytes_back(clock: Clock) -> None:
     clock.now += 11
     assert store.get("r1") is None
     assert store.bytes == 0
+
+
+def test_only_results_dropped_before_their_ttl_are_counted(clock: Clock) -> None:
+    dropped: list[None] = []
+    store = ResultStore(ttl=10, capacity=1, max_bytes=1000, on_dropped=lambda: dropped.append(None))
+    for request_id, body in (("a", b"a"), ("b", b"b" * 2000), ("c", b"c")):
+        store.add(request_id)
+        store.finish(request_id, ok(body), None)
+    assert len(dropped) == 2  # a for --max-results, b for both bounds
+    clock.now += 11
+    assert store.get("c") is None
+    assert len(dropped) == 2, "expired, not dropped"
