@@ -425,8 +425,8 @@ def report_change(
         )
         if fate is Fate.REPLAY and done:
             session.out.print(
-                "[dim]their original callers are gone: the replies go to the old reply queues "
-                "and are dropped there (see docs/dead-letters.md)[/dim]"
+                "[dim]their original callers are gone: replies to reply queues still there "
+                "are dropped there, the others are not sent (see docs/dead-letters.md)[/dim]"
             )
         if result.stopped:
             session.err.print("stopped on request: the rest was kept unchanged")

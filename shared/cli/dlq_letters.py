@@ -243,9 +243,10 @@ def replay_of(letter: DeadLetter, *, keep_deadline: bool) -> tuple[aio_pika.Mess
 
     Our dead-letter headers and the broker's death records go (the dequeuer would otherwise carry
     an old failure along); the deadline goes too unless asked to keep it, since a past deadline
-    makes the dequeuer drop the request unanswered as expired. All else stays: ids, reply_to,
-    HTTP headers, body. The routing key is the partition key, so the request lands in the
-    partition its key hashes to; without one, the request id, as the enqueuer does."""
+    makes the dequeuer drop the request unanswered as expired. All else stays: ids, reply_to
+    (the pass removes one whose queue is gone), HTTP headers, body. The routing key is the
+    partition key, so the request lands in the partition its key hashes to; without one, the
+    request id, as the enqueuer does."""
     drop = DEQUEUER_HEADERS | BROKER_HEADERS
     if not keep_deadline:
         drop = drop | {envelope.H_DEADLINE}

@@ -142,6 +142,7 @@ class DeadLetterQueue:
         self.connection = connection
         self.service = service
         self.name = topology.dead_letter_queue(service)
+        self._reply_queues: dict[str, bool] = {}  # reply queue -> there, when first asked
 
     async def depth(self) -> int:
         found = await passive(self.connection, self.name)
@@ -266,6 +267,8 @@ class DeadLetterQueue:
             replay, routing_key = replay_of(letter, keep_deadline=keep_deadline)
         except ValueError as exc:
             return str(exc)
+        if replay.reply_to and not await self._reply_queue_there(replay.reply_to):
+            replay.reply_to = None
         try:
             await exchange.publish(
                 replay, routing_key=routing_key, mandatory=True, timeout=OPERATION_TIMEOUT
@@ -278,6 +281,26 @@ class DeadLetterQueue:
         except aiormq.exceptions.DeliveryError:
             return "the broker refused it (its partition is full: x-max-length)"
         return None
+
+    async def _reply_queue_there(self, name: str) -> bool:
+        """Whether a replay's reply queue still exists, asked once a pass per queue. A dead
+        letter's is usually gone (its enqueuer's, gone a minute after it), and the dequeuer
+        waits 15 s for a missing reply queue with the request held, every later request of its
+        key behind it: a replay whose reply nobody can take is sent without `reply_to`. Only
+        a queue the broker says is missing counts as gone: an exclusive one of another
+        connection is locked to us, not gone."""
+        if name not in self._reply_queues:
+            channel = await self.connection.channel()
+            self._reply_queues[name] = True
+            try:
+                await channel.declare_queue(name, passive=True, timeout=OPERATION_TIMEOUT)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self._reply_queues[name] = False
+            except aiormq.exceptions.ChannelClosed:
+                pass  # RESOURCE_LOCKED, ACCESS_REFUSED: there, as far as we know
+            finally:
+                await _close(channel)
+        return self._reply_queues[name]
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:

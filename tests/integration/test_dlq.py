@@ -703,3 +703,49 @@ async def test_json_of_an_empty_or_unmatched_pass_has_the_usual_shape(
     assert unmatched.json()[key] == []
     assert unmatched.json()["total"] == 1
     assert await depth(amqp, topology.dead_letter_queue(service)) == 1
+
+
+@pytest.mark.rabbit
+async def test_a_replay_whose_reply_queue_is_gone_does_not_hold_its_key(
+    stack: Stack,
+    service: str,
+    target: Target,
+    amqp: AbstractRobustConnection,
+    amqp_url: str,
+) -> None:
+    """A dead letter's reply queue is usually gone (its enqueuer restarted since): the replay's
+    reply is not waited for. The dequeuer held each replayed request 15 s for a missing reply
+    queue (REPLY_QUEUE_WAIT), and every later request of its key waited behind it. A reply
+    queue that is still there gets its reply."""
+    await stack.dequeuer(service, target.url)
+    channel = await amqp.channel(publisher_confirms=True)
+    live = await channel.declare_queue(exclusive=True)
+    letters = [("g1", "proxymq.replies.gone-1"), ("g2", "proxymq.replies.gone-2"), ("l", live.name)]
+    for request_id, reply_to in letters:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                b"",
+                headers={
+                    envelope.H_KEY: "k",
+                    envelope.H_PATH: f"/orders/{request_id}",
+                    envelope.H_DEAD_REASON: "connect: reset",
+                },
+                correlation_id=request_id,
+                reply_to=reply_to,
+            ),
+            routing_key=topology.dead_letter_queue(service),
+        )
+    started = time.monotonic()
+    replay = await dlq(amqp_url, "replay", "--service", service, "--yes")
+    assert replay.code == 0, replay.err
+    async with asyncio.timeout(8):
+        while len(orders(target)) < 3:
+            await asyncio.sleep(0.02)
+    assert [seen.path for seen in orders(target)] == ["/orders/g1", "/orders/g2", "/orders/l"]
+    assert time.monotonic() - started < 8
+    reply = await live.get(timeout=5, fail=False)
+    async with asyncio.timeout(5):
+        while reply is None:
+            await asyncio.sleep(0.05)
+            reply = await live.get(timeout=5, fail=False)
+    assert reply.correlation_id == "l"
