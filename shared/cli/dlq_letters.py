@@ -46,7 +46,8 @@ BROKER_HEADERS = frozenset(
         "x-delivery-count",
     }
 )
-PREVIEW_BYTES = 256
+PREVIEW_BYTES = 256  # of a binary body, in hex
+TEXT_PREVIEW_BYTES = 65_536  # of a text body
 MAX_ROUTING_KEY = 255  # bytes: an AMQP short string
 # Ages beyond this are no dead letter's (and `now - age` must stay a date).
 MAX_AGE_SECONDS = 100 * 365 * 86400
