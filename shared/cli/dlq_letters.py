@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import string
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -244,15 +245,18 @@ def replay_of(letter: DeadLetter, *, keep_deadline: bool) -> tuple[aio_pika.Mess
 
     Our dead-letter headers and the broker's death records go (the dequeuer would otherwise carry
     an old failure along); the deadline goes too unless asked to keep it, since a past deadline
-    makes the dequeuer drop the request unanswered as expired. All else stays: ids, reply_to
-    (the pass removes one whose queue is gone), HTTP headers, body. The routing key is the
-    partition key, so the request lands in the partition its key hashes to; without one, the
-    request id, as the enqueuer does."""
+    makes the dequeuer drop the request unanswered as expired. `x-proxymq-sent-at` becomes now:
+    it times the queue-wait histogram, where the original's counted a letter's age as its wait.
+    All else stays: ids, reply_to (the pass removes one whose queue is gone), HTTP headers, body.
+    The routing key is the partition key, so the request lands in the partition its key hashes
+    to; without one, the request id, as the enqueuer does."""
     drop = DEQUEUER_HEADERS | BROKER_HEADERS
     if not keep_deadline:
         drop = drop | {envelope.H_DEADLINE}
     message = letter.message
     headers = {k: v for k, v in (message.headers or {}).items() if k not in drop}
+    if envelope.H_SENT_AT in headers:
+        headers[envelope.H_SENT_AT] = int(time.time() * 1000)
     routing_key = letter.partition_key or message.correlation_id or uuid.uuid4().hex
     if len(routing_key.encode()) > MAX_ROUTING_KEY:
         raise ValueError(

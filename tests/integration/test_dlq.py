@@ -341,6 +341,20 @@ def test_replay_strips_dead_letter_headers_and_deadline() -> None:
     assert kept_copy(message).headers["x-death"] == headers["x-death"]
 
 
+def test_a_replay_is_sent_when_it_is_replayed() -> None:
+    """`x-proxymq-sent-at` feeds the queue-wait histogram ("from publish to the first call"):
+    a replay kept the original's, and each replayed letter a day old counted a day's wait."""
+    day_ago = int(time.time() * 1000) - 86_400_000
+    letter = read(
+        aio_pika.Message(b"", headers={envelope.H_SENT_AT: day_ago}, correlation_id="c"), 1
+    )
+    before = int(time.time() * 1000)
+    replay, _ = replay_of(letter, keep_deadline=True)
+    sent = replay.headers[envelope.H_SENT_AT]
+    assert isinstance(sent, int)
+    assert before <= sent <= int(time.time() * 1000)
+
+
 def test_selection() -> None:
     now = datetime.now(UTC)
     old = read(
