@@ -1,4 +1,5 @@
-"""`proxymq-dequeuer`: serve the service's partitions until SIGTERM, then hand them over."""
+"""`proxymq-dequeuer`: serve the service's partitions until SIGTERM (or `POST /drain`), then hand
+them over."""
 
 from __future__ import annotations
 
@@ -144,6 +145,16 @@ async def serve(settings: DequeuerSettings) -> int:
 
     ring_wake = asyncio.Event()
     background: list[asyncio.Task[None]] = []
+    stopping = asyncio.Event()
+
+    def drain() -> float:
+        """`POST /drain` from the pod's preStop hook: the stop SIGTERM starts, asked for over
+        loopback, so the microservice's container needs no view of this process (a shared
+        process namespace also showed it this one's environment and files, the AMQP
+        credentials among them)."""
+        stopping.set()
+        return settings.shutdown_grace
+
     broker.on_connect(on_connect)
     try:
         admin = await service.start_site(
@@ -153,10 +164,12 @@ async def serve(settings: DequeuerSettings) -> int:
                     "microservice_ready": readiness.ready.is_set(),
                     "breaker_closed": breaker.state != OPEN,
                     "member": membership.available,
-                    # From SIGTERM on it finishes what it holds and takes nothing new.
+                    # From SIGTERM (or POST /drain) on it finishes what it holds and takes
+                    # nothing new.
                     "not_stopping": not membership.leaving,
                 },
                 metrics.registry,
+                drain,
             ),
             settings.admin_host,
             settings.admin_port,
@@ -167,7 +180,7 @@ async def serve(settings: DequeuerSettings) -> int:
     broker.start()
     code = 0
     try:
-        await service.wait_for_stop(broker.task)
+        await service.wait_for_stop(broker.task, stop=stopping)
     except Exception as exc:
         log.error("cannot serve %s: %s", settings.service, exc)
         code = 1

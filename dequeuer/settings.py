@@ -37,7 +37,11 @@ class DequeuerSettings(SidecarSettings):
         "Basic auth, in place of a caller's Authorization",
     )
     admin_port: Port = Field(
-        9081, ge=0, le=65535, description="port of /healthz, /readyz, /metrics"
+        9081,
+        ge=0,
+        le=65535,
+        description="port of /healthz, /readyz, /metrics, and of POST /drain (the same stop "
+        "as SIGTERM, for the pod's preStop hook; answered on the loopback only)",
     )
     admin_host: Host = Field("0.0.0.0", description="address of the admin port")
     partitions: int = Field(
@@ -149,7 +153,7 @@ class DequeuerSettings(SidecarSettings):
     shutdown_grace: Seconds = Field(
         25.0,
         ge=0,
-        description="seconds a stopping dequeuer (SIGTERM) "
+        description="seconds a stopping dequeuer (SIGTERM, POST /drain) "
         "or a partition handover waits for requests in flight; fits "
         "Kubernetes' default 30 s",
     )

@@ -1,18 +1,59 @@
-"""The admin port of both sidecars: `/healthz` (alive), `/readyz` (ready for work), `/metrics`."""
+"""The admin port of both sidecars: `/healthz` (alive), `/readyz` (ready for work), `/metrics`;
+the dequeuer's also `POST /drain`, for its pod's preStop hook (deploy/docker/drain.py)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+log = logging.getLogger(__name__)
+
 ReadinessCheck = Callable[[], Mapping[str, bool]]
+# Starts the same stop as SIGTERM (again: nothing more) and returns its grace in seconds.
+Drain = Callable[[], float]
 
 
-def admin_app(readiness: ReadinessCheck, registry: CollectorRegistry) -> web.Application:
-    """`readiness` names each condition, so a 503 from `/readyz` says which one is failing."""
+def from_loopback(peer: str | None) -> bool:
+    """Whether `peer` (aiohttp's `request.remote`) is this host's loopback: 127.0.0.0/8, ::1,
+    or 127.x mapped into IPv6 by a dual-stack socket. Only the containers of the pod share
+    it: the admin port listens on every address for the kubelet's probes, and nobody else in
+    the cluster may stop the dequeuer."""
+    try:
+        address = ipaddress.ip_address(peer or "")
+    except ValueError:  # None (not a TCP peer) or no address at all
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def drain_endpoint(drain: Drain) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A peer off the loopback gets 403 and stops nothing."""
+
+    async def drained(request: web.Request) -> web.Response:
+        if not from_loopback(request.remote):
+            log.warning("POST /drain from %s refused: only the pod's loopback", request.remote)
+            return web.json_response(
+                {"error": "forbidden", "message": "POST /drain is for 127.0.0.1 and ::1 only"},
+                status=403,
+            )
+        log.info("drain requested on the admin port")
+        return web.json_response({"draining": True, "grace": drain()}, status=202)
+
+    return drained
+
+
+def admin_app(
+    readiness: ReadinessCheck, registry: CollectorRegistry, drain: Drain | None = None
+) -> web.Application:
+    """`readiness` names each condition, so a 503 from `/readyz` says which one is failing.
+    `drain` adds `POST /drain` (a POST: a GET, all that url-fetcher or a probe sends, cannot
+    stop anything)."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -35,4 +76,6 @@ def admin_app(readiness: ReadinessCheck, registry: CollectorRegistry) -> web.App
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if drain is not None:
+        app.router.add_post("/drain", drain_endpoint(drain))
     return app

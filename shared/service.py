@@ -58,24 +58,29 @@ async def start_site(
     return runner
 
 
-async def wait_for_stop(*watched: asyncio.Task[Any]) -> None:
-    """Return on SIGTERM or SIGINT; re-raise if a watched background task fails first, so a fatal
+async def wait_for_stop(*watched: asyncio.Task[Any], stop: asyncio.Event | None = None) -> None:
+    """Return on SIGTERM or SIGINT, or once `stop` is set (the dequeuer's `POST /drain`: the
+    same stop without a signal); re-raise if a watched background task fails first, so a fatal
     startup error (a topology mismatch, say) ends the process instead of leaving it half alive.
 
     A second signal, during the graceful stop that follows, stops the process at once (what an
     operator pressing Ctrl-C again means): a second SIGINT used to be a traceback in the middle of
-    the stop, a second SIGTERM an exit without a word."""
+    the stop, a second SIGTERM an exit without a word. Setting `stop` again changes nothing."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stopping = asyncio.Event() if stop is None else stop
+
+    def signalled() -> None:
+        log.info("stop signal received")
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopper = asyncio.create_task(stop.wait())
+        loop.add_signal_handler(sig, signalled)
+    stopper = asyncio.create_task(stopping.wait())
     try:
         pending = {stopper, *watched}
         while True:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if stopper in done:
-                log.info("stop signal received")
                 return
             for task in done:
                 task.result()

@@ -1175,6 +1175,41 @@ async def test_a_draining_dequeuer_is_not_ready(
     assert await asyncio.to_thread(dequeuer.popen.wait, 15) == 0
 
 
+def own_address() -> str | None:
+    """This machine's IPv4 address on its default route, not a loopback one (a UDP socket's
+    connect picks it and sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+async def test_a_drain_from_off_the_loopback_stops_nothing(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The admin port listens on every address, for the kubelet's probes: a `POST /drain` from
+    anywhere but the pod's own loopback (another pod, the node) is refused and the dequeuer
+    goes on serving."""
+    address = own_address()
+    if address is None:
+        pytest.skip("this machine has no address besides the loopback")
+    _, url = await stack.enqueuer()
+    dequeuer = await stack.dequeuer(service, target.url)
+    assert dequeuer.popen is not None
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    async with http.post(f"http://{address}:{admin}/drain") as response:
+        assert response.status == 403
+    async with http.get(f"http://127.0.0.1:{admin}/readyz") as response:
+        assert response.status == 200, await response.text()
+    async with http.get(f"{url}/{service}/delay/0") as response:
+        assert response.status == 200
+    assert dequeuer.popen.poll() is None
+    assert f"POST /drain from {address} refused" in stack.log_text()
+
+
 async def test_broker_down_at_startup(
     stack: Stack, service: str, http: aiohttp.ClientSession
 ) -> None:
