@@ -6,100 +6,93 @@ Why: Kubernetes stops a native sidecar (an init container with `restartPolicy: A
 after the main containers have exited. That order suits the enqueuer (the API stops calling it
 first) but is backwards for the dequeuer, which calls the microservice: if the microservice
 stopped first, requests the dequeuer still holds would fail and be retried, dead-lettered or
-handed back late. This hook runs before the microservice gets its SIGTERM; it sends SIGTERM to
-the dequeuer (which leaves the group, finishes what is in flight within its shutdown grace and
-closes its connection, its partition channels with it, so held requests go back to the head of
-their queues) and waits until that process is gone. The kubelet does not restart containers of
-a terminating pod.
+handed back late. This hook runs before the microservice gets its SIGTERM; it sends the
+dequeuer `POST /drain` on its admin port over the pod's loopback (the same stop as SIGTERM: it
+leaves the group, finishes what is in flight within its shutdown grace and closes its
+connection, its partition channels with it, so held requests go back to the head of their
+queues) and waits until that port no longer accepts connections: the dequeuer has exited. The
+kubelet does not restart containers of a terminating pod.
 
-How long it waits: the dequeuer's own shutdown grace (its `--shutdown-grace` flag, else its
-PROXYMQ_SHUTDOWN_GRACE, else the default 25 s), read from /proc, plus 10 s to leave the group
-and close its channels; so raising PROXYMQ_SHUTDOWN_GRACE (and terminationGracePeriodSeconds)
-is enough, the hook follows. `--timeout` sets a fixed wait instead.
+How long it waits: the shutdown grace the dequeuer answers with (its `--shutdown-grace` or
+PROXYMQ_SHUTDOWN_GRACE, 25 s by default) plus 10 s to leave the group and close its channels;
+so raising PROXYMQ_SHUTDOWN_GRACE (and terminationGracePeriodSeconds) is enough, the hook
+follows. `--timeout` sets a fixed wait instead.
 
-Needs `shareProcessNamespace: true` in the pod and the same user id in both containers (a
-process may signal another of its own uid). Without them it finds no dequeuer, says so and
-returns at once, so the pod still stops, only without the drain-first order.
+The pod needs nothing else: no shared process namespace, no common user id (both let this
+container read the dequeuer's environment and files, its AMQP credentials among them). Without
+a dequeuer on the port (connection refused) it says so and returns at once, so the pod still
+stops, only without the drain-first order. Standard library only: it runs in the microservice's
+image.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import signal
+import socket
 import sys
 import time
-from pathlib import Path
+import urllib.error
+import urllib.request
 
-PROC = Path("/proc")
-DEFAULT_GRACE = 25.0  # the dequeuer's --shutdown-grace default (dequeuer/settings.py)
+DEFAULT_PORT = 9081  # the dequeuer's --admin-port default (dequeuer/settings.py)
+DEFAULT_GRACE = 25.0  # its --shutdown-grace default, for an answer without one
 STOP_MARGIN = 10.0  # after the grace: leave the group, close the partition channels, exit
+CALL_TIMEOUT = 5.0
 
 
-def dequeuer_pids(name: str) -> list[int]:
-    """Processes whose command line runs the console script `name` (`python .../name ...`)."""
-    found = []
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue  # gone meanwhile, or not ours to read
-        if any(os.path.basename(arg.decode(errors="replace")) == name for arg in argv[:3]):
-            found.append(int(entry.name))
-    return found
+class NoDequeuer(Exception):
+    """Nothing to drain: no dequeuer listens on the port, or it refused the drain."""
 
 
-def _number(value: bytes) -> float | None:
+def request_drain(port: int) -> float:
+    """POST /drain; the dequeuer's shutdown grace in seconds. Never through an HTTP proxy: the
+    container's `http_proxy` would send this pod's own loopback call elsewhere."""
+    url = f"http://127.0.0.1:{port}/drain"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if 0 <= number < float("inf") else None
-
-
-def shutdown_grace(pid: int) -> float:
-    """The grace the dequeuer `pid` was given: its flag wins over its environment, as in the
-    dequeuer; the default when neither is set or readable."""
-    try:
-        argv = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
-        environ = (PROC / str(pid) / "environ").read_bytes().split(b"\0")
-    except OSError:
+        with direct.open(urllib.request.Request(url, method="POST"), timeout=CALL_TIMEOUT) as got:
+            body = got.read()
+    except urllib.error.HTTPError as exc:
+        raise NoDequeuer(f"{url}: {exc.code} {exc.read()[:200]!r}") from None
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        if not isinstance(reason, TimeoutError):
+            raise NoDequeuer(f"{url}: {reason}") from None
+        # Something listens: a dequeuer too busy to answer may still drain, so wait for it.
+        print(f"{url}: no answer within {CALL_TIMEOUT:g} s; waiting all the same", file=sys.stderr)
         return DEFAULT_GRACE
-    for index, arg in enumerate(argv):
-        if arg == b"--shutdown-grace" and index + 1 < len(argv):
-            found = _number(argv[index + 1])
-        elif arg.startswith(b"--shutdown-grace="):
-            found = _number(arg.partition(b"=")[2])
-        else:
-            continue
-        return DEFAULT_GRACE if found is None else found
-    for entry in environ:
-        name, _, value = entry.partition(b"=")
-        if name == b"PROXYMQ_SHUTDOWN_GRACE":
-            found = _number(value)
-            return DEFAULT_GRACE if found is None else found
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None  # the drain started all the same
+    grace = answer.get("grace") if isinstance(answer, dict) else None
+    if isinstance(grace, int | float) and 0 <= grace < float("inf"):
+        return float(grace)
     return DEFAULT_GRACE
 
 
-def drain_wait(pids: list[int]) -> float:
-    """Seconds to wait for the dequeuers `pids` to drain and exit."""
-    return max(shutdown_grace(pid) for pid in pids) + STOP_MARGIN
-
-
-def running(pid: int) -> bool:
-    """A process that exited but is not reaped yet (a zombie) counts as gone."""
+def listening(port: int) -> bool:
+    """The admin port is closed only as the dequeuer exits (its last step); anything but a
+    refusal (a connect timeout under load, say) counts as still there."""
     try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except ConnectionRefusedError:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Drain the dequeuer sidecar before this exits.")
-    parser.add_argument("--name", default="proxymq-dequeuer", help="console script to signal")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"the dequeuer's admin port (default: $PROXYMQ_ADMIN_PORT, else {DEFAULT_PORT})",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -108,23 +101,25 @@ def main(argv: list[str] | None = None) -> int:
         "under terminationGracePeriodSeconds",
     )
     args = parser.parse_args(argv)
-    pids = dequeuer_pids(args.name)
-    if not pids:
-        print(f"no {args.name} process visible (is shareProcessNamespace on?)", file=sys.stderr)
+    port = args.port
+    if port is None:
+        given = os.environ.get("PROXYMQ_ADMIN_PORT") or str(DEFAULT_PORT)
+        if not given.isdigit():
+            parser.error(f"PROXYMQ_ADMIN_PORT={given!r} is not a port")
+        port = int(given)
+    try:
+        grace = request_drain(port)
+    except NoDequeuer as exc:
+        print(f"no dequeuer drained: {exc}", file=sys.stderr)
         return 0
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError as exc:  # another uid, or already gone
-            print(f"cannot signal {args.name} (pid {pid}): {exc}", file=sys.stderr)
-    wait = args.timeout if args.timeout is not None else drain_wait(pids)
+    wait = args.timeout if args.timeout is not None else grace + STOP_MARGIN
     deadline = time.monotonic() + wait
-    while any(running(pid) for pid in pids):
+    while listening(port):
         if time.monotonic() >= deadline:
-            print(f"{args.name} still running after {wait:.0f} s", file=sys.stderr)
+            print(f"the dequeuer on port {port} still runs after {wait:g} s", file=sys.stderr)
             return 0
         time.sleep(0.2)
-    print(f"{args.name} drained and stopped")
+    print("the dequeuer drained and stopped")
     return 0
 
 

@@ -21,9 +21,10 @@ main containers, and the dequeuer is only ready once the microservice answers, s
 `terminationGracePeriodSeconds` is raised to what the dequeuer's drain needs: its
 PROXYMQ_SHUTDOWN_GRACE (a user's own value included) plus GRACE_MARGIN. With --drain-hook, as
 in deploy/k8s, the microservice's container gets a preStop hook running drain.py, which makes
-the dequeuer drain before the microservice stops, and the pod `shareProcessNamespace: true` for
-it to find the dequeuer (a container's own preStop is kept). It is not the default: the hook
-needs Python and drain.py in the microservice's image, which a user's image seldom has.
+the dequeuer drain before the microservice stops (`POST /drain` on its admin port, over the
+pod's loopback: no shared process namespace, no common user; a container's own preStop is
+kept). It is not the default: the hook needs Python and drain.py in the microservice's image,
+which a user's image seldom has.
 """
 
 from __future__ import annotations
@@ -259,6 +260,12 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
     if not isinstance(grace, int) or grace < required_grace(added):
         pod["terminationGracePeriodSeconds"] = required_grace(added)
     report.injected.append(name)
+    if pod.get("shareProcessNamespace") is True:
+        report.notes.append(
+            f"{name}: shareProcessNamespace is true: its containers of uid {SIDECAR_UID} (the "
+            "sidecar's) or root can read the dequeuer's environment and files, the AMQP URL "
+            "among them; the drain hook no longer needs it, remove it unless something else does"
+        )
     main = target_container(pod, port)
     if main is None or (main.get("lifecycle") or {}).get("preStop"):
         return
@@ -269,16 +276,11 @@ def inject_workload(workload: CommentedMap, at: At, injection: Injection, report
             "give it a preStop that lets the dequeuer drain first (docs/deploy.md#draining)"
         )
         return
-    add_drain_hook(pod, main)
-    if pod.get("shareProcessNamespace") is False:
-        report.notes.append(
-            f"{name}: shareProcessNamespace is false: the drain hook cannot see the dequeuer"
-        )
+    add_drain_hook(main)
     report.notes.append(
         f"{name}: container {main.get('name')!r} gets the preStop hook `python {DRAIN_SCRIPT}` "
         "(docs/deploy.md#draining): its image needs Python and that file (proxymq's images "
-        f"have both: deploy/docker/drain.py), and it must run as uid {SIDECAR_UID} (the "
-        "sidecar's) or root to signal the dequeuer"
+        "have both: deploy/docker/drain.py)"
     )
 
 
@@ -297,14 +299,13 @@ def drop_own_amqp_url(container: CommentedMap) -> bool:
     return bool(own)
 
 
-def add_drain_hook(pod: CommentedMap, main: CommentedMap) -> None:
+def add_drain_hook(main: CommentedMap) -> None:
     """What deploy/k8s gives url-fetcher: the dequeuer drains before its microservice gets
     SIGTERM (Kubernetes stops a native sidecar after the main containers, the wrong order for
-    a consumer). drain.py finds the dequeuer's process in the shared process namespace."""
+    a consumer). drain.py asks it over the pod's loopback, on the admin port the sidecar is
+    given (ADMIN_PORT, drain.py's default)."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    if pod.get("shareProcessNamespace") is None:
-        pod["shareProcessNamespace"] = True
     lifecycle = main.get("lifecycle")
     if lifecycle is None:  # pod_spec checked it is a mapping when present
         lifecycle = main["lifecycle"] = CommentedMap()
@@ -593,8 +594,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--drain-hook",
         action="store_true",
         help="give the microservice's container the preStop hook that drains the dequeuer "
-        f"first (python {DRAIN_SCRIPT}), and the pod shareProcessNamespace; its image needs "
-        "Python and that file, as proxymq's images have",
+        f"first (python {DRAIN_SCRIPT}); its image needs Python and that file, as proxymq's "
+        "images have",
     )
     parser.set_defaults(run=run)
 

@@ -3,22 +3,24 @@ and exec probe, and the preStop hook that drains the dequeuer before its microse
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import aiohttp
 import pytest
 import yaml
 
 from dequeuer.settings import DequeuerSettings
+from tests.conftest import Stack, closed_port
 from tests.deploy.support import (
     IMAGES,
     ROOT,
@@ -27,6 +29,7 @@ from tests.deploy.support import (
     image_command,
     pod_specs,
 )
+from tests.target import Target
 
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
 DRAIN = ROOT / "deploy" / "docker" / "drain.py"
@@ -186,43 +189,56 @@ def test_example_api_checks_follow_its_port_and_never_ask_a_proxy(
     assert result.returncode == 0, f"{where}: {result.stderr.decode()[-300:]}"
 
 
-FAKE_DEQUEUER = """\
-import signal, sys, time
-def stop(*_):
-    time.sleep(0.6)  # the drain
-    sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
-print("ready", flush=True)
-while True:
-    time.sleep(0.05)
-"""
+class FakeDequeuer(BaseHTTPRequestHandler):
+    """Answers POST /drain as the dequeuer does, and stops listening a moment later (it exits)."""
+
+    answer = b'{"draining": true, "grace": 0.5}'
+    drains: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.drains.append(self.path)
+        self.send_response(202 if self.path == "/drain" else 404)
+        self.end_headers()
+        self.wfile.write(self.answer)
+        if self.path == "/drain":
+            threading.Timer(0.5, self.exit, args=(self.server,)).start()
+
+    @staticmethod
+    def exit(server: Any) -> None:
+        server.shutdown()
+        server.server_close()
+        server.closed = True
+
+    def log_message(self, *_: object) -> None:
+        pass
 
 
-def test_drain_signals_the_dequeuer_and_waits_until_it_is_gone(tmp_path: Path) -> None:
-    name = f"fake-dequeuer-{uuid.uuid4().hex[:8]}"  # never a real dequeuer of another test
-    script = tmp_path / name
-    script.write_text(FAKE_DEQUEUER)
-    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
-        started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, str(DRAIN), "--name", name, "--timeout", "20"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        elapsed = time.monotonic() - started
-        assert result.returncode == 0, result.stderr
-        assert "drained" in result.stdout
-        assert elapsed >= 0.5, "the hook returned before the drain finished"
-        assert child.wait(timeout=5) == 0, "the dequeuer got SIGTERM and exited cleanly"
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+def drain_hook(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DRAIN), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "PROXYMQ_ADMIN_PORT"} | (env or {}),
+    )
+
+
+@pytest.mark.parametrize("by", ["flag", "variable"])
+def test_drain_posts_to_the_dequeuers_admin_port_and_waits_until_it_is_closed(by: str) -> None:
+    httpd = HTTPServer(("127.0.0.1", 0), FakeDequeuer)
+    httpd.closed = False  # type: ignore[attr-defined]
+    FakeDequeuer.drains = []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = str(httpd.server_address[1])
+    if by == "flag":
+        result = drain_hook("--port", port, env={"PROXYMQ_ADMIN_PORT": "1"})  # the flag wins
+    else:
+        result = drain_hook(env={"PROXYMQ_ADMIN_PORT": port})
+    assert result.returncode == 0, result.stderr
+    assert FakeDequeuer.drains == ["/drain"]
+    assert "drained" in result.stdout
+    assert httpd.closed, "the hook returned while the dequeuer still listened"  # type: ignore[attr-defined]
 
 
 def load_drain() -> Any:
@@ -234,46 +250,125 @@ def load_drain() -> Any:
 
 
 @pytest.mark.parametrize(
-    ("env", "args", "wait"),
+    ("answer", "grace"),
     [
-        ({}, [], 25 + 10),  # the dequeuer's default grace
-        ({"PROXYMQ_SHUTDOWN_GRACE": "60"}, [], 60 + 10),  # raised as operations.md says
-        ({"PROXYMQ_SHUTDOWN_GRACE": "60"}, ["--shutdown-grace", "90"], 90 + 10),  # flag wins
-        ({}, ["--shutdown-grace=5.5"], 5.5 + 10),
-        ({"PROXYMQ_SHUTDOWN_GRACE": "soon"}, [], 25 + 10),  # unreadable: the default
+        (b'{"draining": true, "grace": 60.0}', 60.0),  # raised as operations.md says
+        (b'{"draining": true, "grace": 0}', 0.0),
+        (b'{"draining": true}', 25.0),  # no grace said: the dequeuer's default
+        (b"not json", 25.0),
     ],
 )
-def test_drain_waits_as_long_as_the_dequeuers_own_grace(
-    env: dict[str, str], args: list[str], wait: float
-) -> None:
+def test_drain_waits_as_long_as_the_dequeuers_own_grace(answer: bytes, grace: float) -> None:
     """Without --timeout the hook outwaits the drain the dequeuer was given: a fixed 35 s in the
     manifest cut a drain raised to 60 s short, and url-fetcher stopped under its calls."""
     drain = load_drain()
     assert DequeuerSettings.model_fields["shutdown_grace"].default == drain.DEFAULT_GRACE
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)", *args],
-        env={k: v for k, v in os.environ.items() if k != "PROXYMQ_SHUTDOWN_GRACE"} | env,
-    )
-    try:
-        for _ in range(100):  # until the exec is done and /proc shows the child's own command
-            if b"sleep(30)" in Path(f"/proc/{child.pid}/cmdline").read_bytes():
-                break
-            time.sleep(0.02)
-        assert drain.drain_wait([child.pid]) == wait
-    finally:
-        child.kill()
-        child.wait()
+    assert DequeuerSettings.model_fields["admin_port"].default == drain.DEFAULT_PORT
+
+    class Answer(FakeDequeuer):
+        def do_POST(self) -> None:
+            self.send_response(202)
+            self.end_headers()
+            self.wfile.write(answer)
+
+    for port in serve(Answer):
+        assert drain.request_drain(port) == grace
 
 
-def test_drain_returns_at_once_when_no_dequeuer_is_visible() -> None:
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(DRAIN), "--name", f"absent-{uuid.uuid4().hex}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+def test_drain_gives_up_after_its_timeout() -> None:
+    """A dequeuer that never exits holds the hook for --timeout, not for good."""
+
+    class Stuck(FakeDequeuer):
+        def do_POST(self) -> None:
+            self.send_response(202)
+            self.end_headers()
+            self.wfile.write(b'{"draining": true, "grace": 600}')
+
+    for port in serve(Stuck):
+        result = drain_hook("--port", str(port), "--timeout", "0.5")
+        assert result.returncode == 0
+        assert "still runs after 0.5 s" in result.stderr
+
+
+def test_drain_waits_for_a_dequeuer_too_busy_to_answer() -> None:
+    """A port that accepts and never answers is a dequeuer all the same: the POST may still be
+    read, and the microservice must not stop under its calls."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # never accepted: the connection waits in the backlog
+        result = drain_hook("--port", str(listener.getsockname()[1]), "--timeout", "0.5")
     assert result.returncode == 0
-    assert "shareProcessNamespace" in result.stderr
+    assert "waiting all the same" in result.stderr
+    assert "still runs after 0.5 s" in result.stderr
+
+
+def test_drain_returns_at_once_when_no_dequeuer_answers() -> None:
+    with closed_port() as port:
+        started = time.monotonic()
+        result = drain_hook("--port", str(port))
+    assert result.returncode == 0
+    assert "no dequeuer drained" in result.stderr and "refused" in result.stderr
     assert time.monotonic() - started < 5
+
+
+def test_drain_refused_by_the_dequeuer_returns_at_once() -> None:
+    """An answer other than 2xx (a dequeuer older than /drain: 404) started no stop to wait
+    for; the hook says what it got."""
+
+    class Older(FakeDequeuer):
+        def do_POST(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+            self.wfile.write(b"404: Not Found")
+
+    for port in serve(Older):
+        result = drain_hook("--port", str(port))
+        assert result.returncode == 0
+        assert "no dequeuer drained" in result.stderr and "404" in result.stderr
+
+
+def test_drain_refuses_an_admin_port_variable_that_is_no_port() -> None:
+    result = drain_hook(env={"PROXYMQ_ADMIN_PORT": "90x"})
+    assert result.returncode == 2
+    assert "PROXYMQ_ADMIN_PORT='90x' is not a port" in result.stderr
+
+
+@pytest.mark.rabbit
+async def test_drain_hook_lets_a_real_dequeuer_finish_its_call_and_exit(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The pod's stop as Kubernetes runs it: the hook drains the dequeuer over its admin port
+    (no shared process namespace), which finishes the call in flight and exits 0 within its
+    grace; a second POST /drain meanwhile changes nothing."""
+    _, url = await stack.enqueuer()
+    dequeuer = await stack.dequeuer(service, target.url, "--shutdown-grace", "10")
+    assert dequeuer.popen is not None
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    call = asyncio.create_task(http.get(f"{url}/{service}/delay/2"))
+    async with asyncio.timeout(10):
+        while not any(seen.path == "/delay/2" for seen in target.seen):
+            await asyncio.sleep(0.05)
+    started = time.monotonic()
+    hook = asyncio.create_task(asyncio.to_thread(drain_hook, "--port", str(admin)))
+    async with asyncio.timeout(5):  # the hook's POST started the stop
+        while True:
+            async with http.get(f"http://127.0.0.1:{admin}/readyz") as response:
+                if response.status == 503 and not (await response.json())["checks"]["not_stopping"]:
+                    break
+            await asyncio.sleep(0.05)
+    async with http.post(f"http://127.0.0.1:{admin}/drain") as response:
+        assert response.status == 202
+        assert await response.json() == {"draining": True, "grace": 10.0}
+    result = await hook
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "drained and stopped" in result.stdout
+    assert took < 10 + 10
+    # The admin port closes as the dequeuer's last step, its connection already closed.
+    assert await asyncio.to_thread(dequeuer.popen.wait, 5) == 0
+    async with await call as answered:
+        assert answered.status == 200
+        assert await answered.text() == "late"
+    logged = stack.log_text()
+    assert "drain requested on the admin port" in logged
+    assert "second stop signal" not in logged and "Traceback" not in logged

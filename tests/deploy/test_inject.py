@@ -518,10 +518,10 @@ def test_the_amqp_secret_is_readable_by_the_sidecar_alone_as_in_the_manifest() -
     assert secret_volume(kept)["secret"]["defaultMode"] == 0o440
 
 
-def test_drain_hook_gives_the_pod_the_hook_and_shared_process_namespace_of_the_manifest() -> None:
+def test_drain_hook_gives_the_pod_the_hook_of_the_manifest() -> None:
     """deploy/k8s/url-fetcher.yaml drains the dequeuer before its microservice stops (a preStop
-    running drain.py, which finds the dequeuer through the shared process namespace); inject
-    added neither, so the microservice stopped first under the requests the dequeuer held."""
+    running drain.py, which asks it over the pod's loopback); inject added no such hook, so the
+    microservice stopped first under the requests the dequeuer held."""
     from tests.deploy.support import by_kind
 
     manifest = next(d for d in by_kind("Deployment") if d["metadata"]["name"] == "url-fetcher")
@@ -529,7 +529,8 @@ def test_drain_hook_gives_the_pod_the_hook_and_shared_process_namespace_of_the_m
     (injected, _) = documents(inject_text(SAMPLE, Injection("url-fetcher", drain_hook=True))[0])
     (ours,) = [c for c in pod(injected)["containers"] if c["name"] == "url-fetcher"]
     assert ours["lifecycle"]["preStop"] == theirs["lifecycle"]["preStop"]
-    assert pod(injected)["shareProcessNamespace"] is pod(manifest)["shareProcessNamespace"] is True
+    for spec in (pod(injected), pod(manifest)):
+        assert "shareProcessNamespace" not in spec, "the hook asks over the loopback"
     validate_k8s(injected, VERSION, strict=True)
 
     own = SAMPLE.replace(
@@ -552,3 +553,23 @@ def test_drain_hook_gives_the_pod_the_hook_and_shared_process_namespace_of_the_m
     hooked = run_cli(SAMPLE, "--service", "url-fetcher", "--drain-hook")
     assert hooked.returncode == 0, hooked.stderr
     assert "drain.py" in hooked.stdout and "needs Python" in hooked.stderr
+    assert "uid" not in hooked.stderr, "the hook needs no user of the sidecar's"
+
+
+def test_a_shared_process_namespace_is_no_longer_added_and_is_pointed_out() -> None:
+    """The drain hook used to find and signal the dequeuer through `shareProcessNamespace:
+    true`, which let the microservice's container (of the sidecar's uid) read the dequeuer's
+    environment and files, the AMQP URL among them. It asks over the loopback now: a pod
+    injected before, or shared for reasons of its own, keeps the field, with a note."""
+    (deployment, _) = documents(SAMPLE)
+    pod(deployment)["shareProcessNamespace"] = True
+    shared = yaml.safe_dump(deployment)
+    for args in ([], ["--drain-hook"]):
+        result = run_cli(shared, "--service", "url-fetcher", *args)
+        assert result.returncode == 0, result.stderr
+        (injected,) = documents(result.stdout)
+        assert pod(injected)["shareProcessNamespace"] is True, "a user's field is kept"
+        assert "shareProcessNamespace is true" in result.stderr, args
+        assert "AMQP URL" in result.stderr
+    result = run_cli(SAMPLE, "--service", "url-fetcher", "--drain-hook")
+    assert "shareProcessNamespace" not in result.stdout + result.stderr

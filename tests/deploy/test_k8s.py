@@ -139,12 +139,24 @@ def test_url_fetcher_drains_before_it_stops() -> None:
     assert "--timeout" not in hook, "the hook's wait must follow the dequeuer's own grace"
     timeout = shutdown + 10
     assert shutdown < timeout < grace, "the hook must outwait the drain and leave url-fetcher time"
-    assert spec["shareProcessNamespace"] is True
-    uid = spec["securityContext"]["runAsUser"]
-    for container in (dequeuer, fetcher):
-        assert container.get("securityContext", {}).get("runAsUser", uid) == uid
+    # drain.py POSTs to port 9081 (the dequeuer's default, test_container_scripts.py): there.
+    assert "--port" not in hook
+    assert "PROXYMQ_ADMIN_PORT" not in {e["name"] for e in fetcher.get("env", [])}
+    assert env["PROXYMQ_ADMIN_PORT"] == str(DequeuerSettings.model_fields["admin_port"].default)
     assert env["PROXYMQ_TARGET"] == "http://127.0.0.1:8000"
     assert "replicas" not in pod["spec"], "KEDA owns the replica count"
+
+
+def test_only_the_sidecars_see_the_amqp_secret() -> None:
+    """No pod shares its process namespace, and only the sidecar mounts the Secret: url-fetcher
+    (which fetches what callers name) read the dequeuer's AMQP URL through /proc/PID/root and
+    /proc/PID/environ when the drain hook still signalled the dequeuer that way."""
+    for workload, spec in pod_specs():
+        assert not spec.get("shareProcessNamespace"), workload
+        secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+        for container in spec["containers"]:
+            mounted = {m["name"] for m in container.get("volumeMounts", [])}
+            assert not mounted & secrets, f"{workload} {container['name']}"
 
 
 def test_api_reaches_its_enqueuer_on_localhost_and_is_served() -> None:
