@@ -40,6 +40,7 @@ from shared.errors import (
     Unauthorized,
     UnknownRequest,
     UnknownService,
+    clipped,
 )
 from shared.metrics import OWN_PATHS_LABEL, UNKNOWN_SERVICE, EnqueuerMetrics, status_class
 
@@ -214,7 +215,7 @@ async def expect_continue(max_body: int, request: web.Request) -> None:
 async def own_path_unknown(request: web.Request) -> web.StreamResponse:
     """Paths under /_proxymq/ are the enqueuer's own, never a service's (the contract)."""
     raise UnknownRequest(
-        f"{request.method} {request.path} is none of the enqueuer's own paths: it serves "
+        f"{request.method} {clipped(request.path)} is none of the enqueuer's own paths: it serves "
         f"GET {REQUESTS_PATH}{{id}} (the result of a Prefer: respond-async request)"
     )
 

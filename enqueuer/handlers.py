@@ -33,6 +33,7 @@ from shared.errors import (
     ServiceFailed,
     UnknownRequest,
     UnknownService,
+    clipped,
     malformed,
 )
 from shared.metrics import EnqueuerMetrics, status_class
@@ -419,9 +420,9 @@ async def request_status(request: web.Request, enqueuer: Enqueuer) -> web.Stream
     outcome = enqueuer.results.get(request_id)
     if outcome is None:
         raise UnknownRequest(
-            f"no request {request_id!r} here: it is unknown, was sent to another enqueuer, or its "
-            f"result expired ({enqueuer.settings.result_ttl:g} s after it finished, or sooner "
-            "to stay within --max-results and --max-result-bytes)"
+            f"no request {clipped(request_id)!r} here: it is unknown, was sent to another "
+            f"enqueuer, or its result expired ({enqueuer.settings.result_ttl:g} s after it "
+            "finished, or sooner to stay within --max-results and --max-result-bytes)"
         )
     request["request_id"] = request_id  # the request's own id, as in its logs
     if outcome.pending:

@@ -30,6 +30,12 @@ ERROR_HEADER = "X-ProxyMQ-Error"
 _QUOTED = re.compile(r":\s*(?:bytearray\()?b['\"].*", re.S)  # the request's bytes a message quotes
 
 
+def clipped(text: str, limit: int = 100) -> str:
+    """A name a caller chose (a request id, a path, a service), as an error repeats it: it may
+    be as long as a request line (8 KiB), and each 404 and its log line held all of it."""
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 class ProxyMQError(Exception):
     """Base of the errors a caller can receive from ProxyMQ itself."""
 

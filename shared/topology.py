@@ -23,7 +23,7 @@ from pamqp.common import FieldTable
 
 from shared import hash_ring
 from shared.broker import closed_within
-from shared.errors import QueueInUse, TopologyMismatch
+from shared.errors import QueueInUse, TopologyMismatch, clipped
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def check_service_name(service: str) -> str:
     """Dots are refused so that `S.p<N>` can never be another service's name plus a suffix."""
     if not SERVICE_NAME.fullmatch(service):
         raise ValueError(
-            f"{service!r} is not a service name: use letters, digits, '-' and '_' (at most 100)"
+            f"{clipped(service)!r} is not a service name: use letters, digits, '-' and '_' "
+            "(at most 100)"
         )
     return service
 

@@ -191,6 +191,28 @@ async def test_unknown_request(stack: Stack, http: aiohttp.ClientSession) -> Non
         assert response.headers["X-ProxyMQ-Error"] == "unknown_request"
 
 
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("/_proxymq/requests/" + "a" * 8000, "no request 'aaaa"),
+        ("/_proxymq/other/" + "a" * 8000, "GET /_proxymq/other/aaaa"),
+        ("/" + "a" * 8000 + "/x", "'aaaa"),
+    ],
+)
+async def test_a_long_unknown_name_is_not_repeated_whole(
+    stack: Stack, http: aiohttp.ClientSession, path: str, said: str
+) -> None:
+    """A poll's id, an own path or a service name is the caller's to choose, up to the 8,190
+    bytes of a request line: its 404 and its log line repeated all of it (8 KiB each, for a
+    typo or a scan)."""
+    _, url = await stack.enqueuer()
+    async with http.get(url + path) as response:
+        assert response.status == 404
+        message = (await response.json())["error"]["message"]
+    assert message.startswith(said) and len(message) < 500, message[:300]
+    assert "a" * 200 not in stack.log_text()
+
+
 async def test_result_expires(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
