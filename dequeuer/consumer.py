@@ -164,15 +164,32 @@ class Consumer:
                 partition=partition,
             )
             with self.process_span(partition, message.headers, message.correlation_id):
-                await self.dead_letter(
+                if await self.dead_letter(
                     partition, message, reason=f"malformed: {exc}", outcome="malformed"
-                )
+                ):
+                    await self.tell_malformed(message, exc)
             return
         self.metrics.in_flight.labels(self.settings.service, partition).inc()
         sub.job_added()
         self.lanes.submit(
             self.lane_of(partition, request), partial(self.settle, sub, message, request)
         )
+
+    async def tell_malformed(self, message: AbstractIncomingMessage, error: Exception) -> None:
+        """Answer 502 at once the caller of a request that could not be read, when its
+        correlation_id and reply_to can carry the answer: it waited for its deadline (504), a
+        request of a newer enqueuer that an older dequeuer refuses in a rolling upgrade too.
+        Best effort: the request is already in `S.dlq`."""
+        if not message.correlation_id:
+            return
+        failed = ServiceFailed(
+            f"the dequeuer could not read the request, malformed: {error}; it is in "
+            f"{self.topology.dead_letters}"
+        )
+        try:
+            await self.publish_reply(message.reply_to, message.correlation_id, _answer(failed))
+        except BROKER_ERRORS as exc:
+            log.warning("could not tell the caller its request was malformed: %s", exc)
 
     def lane_of(self, partition: str, request: RequestEnvelope) -> Hashable:
         if self.settings.ordering == "partition":
@@ -319,9 +336,7 @@ class Consumer:
             partition, message, reason=last, attempts=attempts, outcome="dead_lettered"
         ):
             return  # the broker dead-letters it, and S.notify answers its caller
-        answer = HttpResponse(
-            error.status, (), error.body(), error=error.code, error_message=error.message
-        )
+        answer = _answer(error)
         await self._while_held(message, lambda: self.reply(request, answer))
 
     async def call(
@@ -538,13 +553,7 @@ class Consumer:
             error, outcome = self._broker_dead_letter(reason)
             log.warning("caller told of a broker dead letter: %s", reason)
             self.metrics.messages.labels(self.settings.service, partition, outcome).inc()
-            await self.publish_reply(
-                message.reply_to,
-                message.correlation_id or "",
-                HttpResponse(
-                    error.status, (), error.body(), error=error.code, error_message=error.message
-                ),
-            )
+            await self.publish_reply(message.reply_to, message.correlation_id or "", _answer(error))
 
     def _broker_dead_letter(self, reason: str) -> tuple[ProxyMQError, str]:
         """What the caller of a request RabbitMQ dead-lettered is told, and its outcome."""
@@ -690,6 +699,13 @@ def _held(message: AbstractIncomingMessage) -> bool:
         return not message.channel.is_closed
     except aiormq.exceptions.ChannelInvalidStateError:
         return False
+
+
+def _answer(error: ProxyMQError) -> HttpResponse:
+    """The reply that tells a caller of ProxyMQ's own error, as the enqueuer renders it."""
+    return HttpResponse(
+        error.status, (), error.body(), error=error.code, error_message=error.message
+    )
 
 
 def _describe(outcome: HttpResponse | CallFailed) -> str:

@@ -1337,14 +1337,18 @@ async def test_malformed_message_is_dead_lettered(
     reason: str,
     correlation_id: str,
 ) -> None:
+    """Dead-lettered at once, and its caller answered 502 at once (a newer enqueuer's request
+    that an older dequeuer cannot read, in a rolling upgrade): it waited for its deadline."""
     await stack.dequeuer(service, target.url)
     channel = await amqp.channel(publisher_confirms=True)
+    replies = await channel.declare_queue(exclusive=True)
     exchange = await channel.get_exchange(service)
     await exchange.publish(
         aio_pika.Message(
             b"x",
             headers=headers,  # type: ignore[arg-type]
             correlation_id=correlation_id,
+            reply_to=replies.name,
         ),
         routing_key="k",
     )
@@ -1357,8 +1361,47 @@ async def test_malformed_message_is_dead_lettered(
     assert dead is not None
     await dead.ack()
     assert reason in str(dead.headers["x-proxymq-dead-reason"])
+    async with asyncio.timeout(5):
+        while (reply := await replies.get(fail=False)) is None:
+            await asyncio.sleep(0.1)
+    await reply.ack()
+    assert reply.correlation_id == correlation_id
+    answer = envelope.decode_response(reply.headers, reply.body)
+    assert (answer.status, answer.error) == (502, "service_failed")
+    assert answer.error_message is not None and reason in answer.error_message
+    assert f"{service}.dlq" in answer.error_message
     assert target.seen == []
     assert "Traceback" not in stack.log_text()
+
+
+async def test_a_malformed_message_without_a_usable_reply_to_gets_no_reply(
+    stack: Stack, service: str, target: Target, amqp: AbstractRobustConnection
+) -> None:
+    """No correlation_id to answer with, or a reply_to naming a request queue: dead-lettered
+    and not answered (a reply into a partition is taken for a request)."""
+    await stack.dequeuer(service, target.url)
+    channel = await amqp.channel(publisher_confirms=True)
+    replies = await channel.declare_queue(exclusive=True)
+    exchange = await channel.get_exchange(service)
+    partition = topology.Topology(service).queues[0]
+    bad = {envelope.H_PATH: "no-slash"}
+    for correlation_id, reply_to in [(None, replies.name), ("bad-1", partition)]:
+        message = aio_pika.Message(
+            b"x",
+            headers=bad,  # type: ignore[arg-type]
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+        )
+        await exchange.publish(message, routing_key="k")
+    dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
+    async with asyncio.timeout(10):
+        while ((await dlq.declare()).message_count or 0) < 2:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    assert await replies.get(fail=False) is None
+    assert "names a request queue" in stack.log_text()
+    assert target.seen == []
+    await channel.close()
 
 
 async def test_topology_mismatch_stops_the_dequeuer(
@@ -1994,12 +2037,17 @@ async def test_header_strings_that_are_no_utf8(
             reply_to=replies.name,
         )
         await exchange.publish(message, routing_key="k")
+    answered: dict[str | None, int] = {}
     async with asyncio.timeout(10):
-        while (reply := await replies.get(fail=False)) is None:
-            await asyncio.sleep(0.1)
-    await reply.ack()
-    assert reply.correlation_id == "keyed"
-    assert envelope.decode_response(reply.headers, reply.body).status == 200
+        while len(answered) < 2:
+            if (reply := await replies.get(fail=False)) is None:
+                await asyncio.sleep(0.1)
+                continue
+            await reply.ack()
+            answered[reply.correlation_id] = envelope.decode_response(
+                reply.headers, reply.body
+            ).status
+    assert answered == {"keyed": 200, "malformed": 502}
     dlq = await channel.declare_queue(topology.dead_letter_queue(service), passive=True)
     async with asyncio.timeout(10):
         while (dead := await dlq.get(fail=False)) is None:
