@@ -26,12 +26,11 @@ REPLY_QUEUE_EXPIRES_MS = 60_000  # survives a reconnect, gone a minute after its
 LEASE_EXPIRES_MS = 600_000  # the lease queue outlives its reply queue by nine minutes
 WATCH_INTERVAL = 2.0  # seconds between checks that the reply queue is there and consumed
 LOOK_TIMEOUT = 5.0  # seconds one check may take
-LEASE_SUFFIX = ".lease"
 
 
 class ReplyWaiter:
     def __init__(self, instance_id: str, capacity: int, on_late_reply: Callable[[], None]) -> None:
-        self.queue_name = f"proxymq.replies.{instance_id}"
+        self.queue_name = topology.reply_queue(instance_id)
         self.capacity = capacity
         self._futures: dict[str, asyncio.Future[HttpResponse]] = {}
         self._on_late_reply = on_late_reply
@@ -71,7 +70,7 @@ class ReplyWaiter:
                 queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
             )
             self._lease = await channel.declare_queue(
-                self.queue_name + LEASE_SUFFIX,
+                topology.lease_queue(self.queue_name),
                 durable=False,
                 arguments={"x-expires": LEASE_EXPIRES_MS},
                 robust=False,

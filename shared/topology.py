@@ -38,6 +38,7 @@ NOTIFY_ARGS: FieldTable = {"x-queue-type": "quorum", "x-message-ttl": 3_600_000}
 DELETE_GAP = 8  # partitions missing in a row after which `delete` stops looking
 LAYOUT_CHECKS, LAYOUT_CHECK_PAUSE = 10, 0.3
 PLUGIN_HINT = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"
+REPLY_QUEUE_PREFIX = "proxymq.replies."
 
 
 def check_service_name(service: str) -> str:
@@ -65,6 +66,17 @@ def dead_letter_queue(service: str) -> str:
 def dead_letter_exchange(service: str) -> str:
     """Fanout: what the broker dead-letters reaches both `S.dlq` and `S.notify`."""
     return f"{service}.dead"
+
+
+def reply_queue(instance_id: str) -> str:
+    return f"{REPLY_QUEUE_PREFIX}{instance_id}"
+
+
+def lease_queue(reply_queue: str) -> str:
+    """An empty queue beside an enqueuer's reply queue, declared every 2 s with a 10-minute
+    `x-expires`: it outlives a reply queue that expired (its enqueuer gone, or cut off for a
+    minute), and goes with one a broker restart or the loss of its node takes."""
+    return f"{reply_queue}.lease"
 
 
 def notify_queue(service: str) -> str:
