@@ -22,7 +22,7 @@ from yarl import URL
 
 from shared.amqp_transport import CoalescingTransportFactory, read_text_leniently
 from shared.errors import BrokerUnavailable
-from shared.settings import SidecarSettings
+from shared.settings import SidecarSettings, masked
 
 log = logging.getLogger(__name__)
 read_text_leniently()
@@ -302,10 +302,8 @@ async def _answers_tls(host: str, port: int, timeout: float) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL(s) without password, for logs and error messages."""
-    return ",".join(
-        str(URL(u).with_password("***")) if URL(u).password else u for u in split_urls(url)
-    )
+    """The broker URL(s) without password, for logs and error messages."""
+    return ",".join(masked(u) for u in split_urls(url))
 
 
 def split_urls(url: str) -> list[str]:

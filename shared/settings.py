@@ -210,22 +210,23 @@ def check_url(value: str, schemes: tuple[str, ...], like: str) -> URL:
         url = URL(value)
         url.port  # noqa: B018  (an out-of-range port raises only when read)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{_refused(value)!r} is not a URL: {exc}") from None
+        raise ValueError(f"{masked(value)!r} is not a URL: {exc}") from None
     if url.scheme not in schemes or not url.host:
-        raise ValueError(f"{_refused(value)!r} is not {like}")
+        raise ValueError(f"{masked(value)!r} is not {like}")
     return url
 
 
 def masked(url: str) -> str:
-    """A URL that may not parse, its password hidden all the same."""
-    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
-
-
-def _refused(url: str) -> str:
-    """A refused URL as its refusal shows it: hidden up to its last `@`, since a `/`, `?` or
-    `#` written raw in a password is what ends its authority early (`masked` showed the
-    password of `amqp://user:pa/ss@host/` whole)."""
-    return re.sub(r"(://[^/@:]*:).*@", r"\1***@", url)
+    """`url` with its password as `***`, for logs and messages. The password is the one yarl,
+    and so every connection, reads: up to the authority's last `@` (hidden up to the first,
+    `http://user:s3@cret@host/` showed `cret`). A URL that does not parse is hidden up to its
+    last `@`, since a `/`, `?` or `#` written raw in a password is what ends its authority early
+    (`amqp://user:pa/ss@host/`)."""
+    try:
+        parsed = URL(url)
+        return str(parsed.with_password("***")) if parsed.password else url
+    except (ValueError, TypeError):
+        return re.sub(r"(://[^/@:]*:).*@", r"\1***@", url)
 
 
 SettingsT = TypeVar("SettingsT", bound=CommandSettings)

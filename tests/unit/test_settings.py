@@ -9,9 +9,10 @@ from typing import get_args
 
 import pytest
 
+from dequeuer.readiness import Readiness
 from dequeuer.settings import DequeuerSettings
 from enqueuer.settings import EnqueuerSettings
-from shared.broker import for_sidecar
+from shared.broker import for_sidecar, redact
 from shared.settings import DEFAULT_AMQP_URL, CommandSettings, _metavar, load
 from tests.reliability.conftest import make_certs
 from url_fetcher.settings import UrlFetcherSettings
@@ -304,6 +305,19 @@ def test_a_password_not_percent_encoded_is_hidden_in_the_refusal(
     err = capsys.readouterr().err
     assert "is not a" in err
     assert not any(part in err for part in re.split("[/@:]", password) if len(part) > 2), err
+
+
+@pytest.mark.parametrize("password", ["s3@cret", "s3cr@t@x7y"])
+def test_a_target_password_holding_an_at_sign_is_not_logged(password: str) -> None:
+    """yarl, and so the dequeuer's calls, read a target's password up to the authority's last
+    `@`; the readiness lines hid it up to its first, and wrote the rest out (`microservice ready
+    at http://probe:***@cret@svc:80/`)."""
+    url = f"http://probe:{password}@svc:80"
+    assert load(DequeuerSettings, ["--service", "s", "--target", url]).target == url
+    shown = Readiness(url, None, timeout=1, interval=1).shown
+    assert shown.startswith("http://probe:***@svc") and "cr" not in shown, shown
+    broker = redact(f"amqp://proxymq:{password}@rabbitmq:5672/")
+    assert broker == "amqp://proxymq:***@rabbitmq:5672/"
 
 
 @pytest.mark.parametrize(
