@@ -261,7 +261,8 @@ async def publish(
     wait = _remaining(request.deadline, PUBLISH_TIMEOUT)
     try:
         async with asyncio.timeout(min(wait, PUBLISH_TIMEOUT)):
-            # Before its span, which is named after it: not after any name a caller made up.
+            # The request's one lookup, before its span, which is named after the service: not
+            # after any name a caller made up. `Publisher.publish` relies on it.
             await enqueuer.publisher.check(request.service)
             message = envelope.encode_request(request)
             with tracing.span(

@@ -180,7 +180,9 @@ class Publisher:
         return None if self._connection is None else self._connection.transport
 
     async def publish(self, service: str, routing_key: str, message: envelope.Outgoing) -> None:
-        await self.check(service)
+        """Publish to a service `check` has just found: the handler checks first, before the
+        span it names after the service (checked again here, it was a second lookup per
+        request for the same verdict)."""
         probe = self.breaker.admit_now()
         if probe is None:
             raise BrokerUnavailable(
