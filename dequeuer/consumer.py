@@ -490,13 +490,14 @@ class Consumer:
         the same way: given up by the publish retries around it, it left its request held on a
         live channel for good. A missing queue that expired (`_expired`) is not waited for.
 
-        A `reply_to` naming a request queue (`topology.REQUEST_QUEUE`) gets no reply: the
+        A `reply_to` naming a service's queue (`topology.SERVICE_QUEUE`) gets no reply: the
         dequeuer may write to every queue, and a client allowed to publish to one service's
-        exchange alone had its reply put into another service's partition, taken for a request."""
+        exchange alone had its reply put into another service's partition, taken for a request,
+        or into a dequeuer's heartbeat queue, taken for a member."""
         if not reply_to:
             return
-        if topology.REQUEST_QUEUE.match(reply_to):
-            log.warning("reply dropped: reply_to %s names a request queue", reply_to)
+        if topology.SERVICE_QUEUE.match(reply_to):
+            log.warning("reply dropped: reply_to %s names a queue of a service's", reply_to)
             return
         assert self._reply_channel is not None
         message = envelope.encode_response(response, request_id)

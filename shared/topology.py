@@ -27,10 +27,11 @@ from shared.errors import QueueInUse, TopologyMismatch, clipped
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
-# Any service's queues whose messages ProxyMQ reads as requests or dead letters: never a reply
-# queue, whatever a request's `reply_to` says.
-REQUEST_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}\.(?:p\d+|dlq|notify)$")
+_SERVICE = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"
+SERVICE_NAME = re.compile(rf"^{_SERVICE}$")
+# Any service's queues that ProxyMQ reads (requests, dead letters, heartbeats) or holds as a
+# lock: never a reply queue, whatever a request's `reply_to` says.
+SERVICE_QUEUE = re.compile(rf"^{_SERVICE}\.(?:p\d+|dlq|notify|ring-lock|members\..+)$")
 # Quorum, like the partitions: a classic durable queue lives on one node, and while that node
 # is down every dequeuer fails to declare it again and cannot reconnect at all. The TTL: no
 # caller waits longer than that.

@@ -159,6 +159,36 @@ async def test_a_target_with_a_password_is_called_with_it_whatever_the_caller_se
     assert "Traceback" not in stack.log_text()
 
 
+async def test_a_reply_to_naming_a_heartbeat_queue_gets_no_reply(
+    stack: Stack, service: str, target: Target, amqp: AbstractRobustConnection
+) -> None:
+    """A dequeuer's heartbeat queue (`S.members.ID`) takes any message as a heartbeat: a reply
+    put there by `reply_to`, whose body the caller chose (an echo), made a member up, and the
+    dequeuer handed it partitions that nobody then served."""
+    instance = f"d-{uuid.uuid4().hex[:8]}"
+    beat = b'{"id": "phantom", "available": true, "leaving": false}'
+    target.raw_response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(beat), beat)
+    await stack.dequeuer(
+        service,
+        f"http://127.0.0.1:{target.raw_port}",
+        "--partitions",
+        "2",
+        "--instance-id",
+        instance,
+    )
+    channel = await amqp.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(service)
+    reply_to = f"{topology.members_exchange(service)}.{instance}"
+    await exchange.publish(aio_pika.Message(b"x", correlation_id="c", reply_to=reply_to), "k")
+    async with asyncio.timeout(10):
+        while not target.raw_seen:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1)  # a heartbeat it was taken for would be in the members line by now
+    await channel.close()
+    assert "phantom" not in stack.log_text()
+    assert f"reply_to {reply_to} names a queue" in stack.log_text()
+
+
 async def test_a_reply_to_naming_a_request_queue_gets_no_reply(
     stack: Stack,
     service: str,
@@ -189,7 +219,7 @@ async def test_a_reply_to_naming_a_request_queue_gets_no_reply(
         for queue in queues:
             declared = await channel.declare_queue(queue, passive=True)
             assert declared.declaration_result.message_count == 0, queue
-        assert stack.log_text().count("names a request queue") == len(queues)
+        assert stack.log_text().count("names a queue of a service's") == len(queues)
         await channel.close()
     finally:
         await topology.delete(amqp, other)
