@@ -87,7 +87,7 @@ MAX_SECONDS = 30 * 86400
 Seconds = Annotated[float, Field(le=MAX_SECONDS), Metavar("SECONDS")]
 Milliseconds = Annotated[int, Field(le=MAX_SECONDS * 1000), Metavar("MS")]
 # A cap of 1e12 was taken, and is none: --max-in-flight let requests pile up until memory ran
-# out instead of answering 429. Counts with a lower bound of their own are plain `int`s (a
+# out instead of answering 429. Counts with an upper bound of their own are plain `int`s (a
 # Field's `le` beside this one is overridden by it).
 MAX_COUNT = 1_000_000
 Count = Annotated[int, Field(le=MAX_COUNT)]
