@@ -38,6 +38,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from enqueuer.settings import EnqueuerSettings
 from shared import topology
 from shared.broker import redact
 from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack, ensure_broker
@@ -56,7 +57,7 @@ ORDERING_MIN_REQUESTS = 8
 MAX_CONCURRENCY = 256
 # The bench's enqueuer keeps its default --max-body: a larger body is answered 413, every
 # ProxyMQ request failed once the stack had started (and 1e12 bytes were to be built in memory).
-MAX_BODY = 1024 * 1024
+MAX_BODY: int = EnqueuerSettings.model_fields["max_body"].default
 
 
 def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
