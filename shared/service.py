@@ -65,16 +65,23 @@ async def wait_for_stop(*watched: asyncio.Task[Any], stop: asyncio.Event | None 
 
     A second signal, during the graceful stop that follows, stops the process at once (what an
     operator pressing Ctrl-C again means): a second SIGINT used to be a traceback in the middle of
-    the stop, a second SIGTERM an exit without a word. Setting `stop` again changes nothing."""
+    the stop, a second SIGTERM an exit without a word. Setting `stop` again changes nothing, and
+    the first signal after it is the first: a plain container's SIGTERM during its preStop
+    hook's drain ended the drain at once."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event() if stop is None else stop
+    signals = 0
 
-    def signalled() -> None:
+    def signalled(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            _stop_now(sig)
         log.info("stop signal received")
         stopping.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signalled)
+        loop.add_signal_handler(sig, signalled, sig)
     stopper = asyncio.create_task(stopping.wait())
     try:
         pending = {stopper, *watched}
@@ -88,8 +95,8 @@ async def wait_for_stop(*watched: asyncio.Task[Any], stop: asyncio.Event | None 
         stopper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await stopper
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, _stop_now, sig)
+        if not stopping.is_set():  # a watched task failed: any signal now stops at once
+            signals = 1
 
 
 def _stop_now(sig: signal.Signals) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -372,3 +373,31 @@ async def test_drain_hook_lets_a_real_dequeuer_finish_its_call_and_exit(
     logged = stack.log_text()
     assert "drain requested on the admin port" in logged
     assert "second stop signal" not in logged and "Traceback" not in logged
+
+
+async def test_a_signal_during_a_drain_is_the_first_not_the_second(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A dequeuer run as a plain container gets its SIGTERM while the preStop hook's drain is
+    under way: that is its first stop signal, and the call in flight still finishes (it was
+    taken for a second one, and the dequeuer exited at once). A second signal still stops it
+    at once."""
+    _, url = await stack.enqueuer()
+    dequeuer = await stack.dequeuer(service, target.url, "--shutdown-grace", "10")
+    assert dequeuer.popen is not None
+    admin = dequeuer.admin_port  # type: ignore[attr-defined]
+    call = asyncio.create_task(http.get(f"{url}/{service}/delay/2"))
+    async with asyncio.timeout(10):
+        while not any(seen.path == "/delay/2" for seen in target.seen):
+            await asyncio.sleep(0.05)
+    async with http.post(f"http://127.0.0.1:{admin}/drain") as response:
+        assert response.status == 202
+    async with asyncio.timeout(10):
+        while "drain requested on the admin port" not in stack.log_text():
+            await asyncio.sleep(0.05)
+    dequeuer.popen.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(dequeuer.popen.wait, 15) == 0
+    async with await call as answered:
+        assert answered.status == 200
+        assert await answered.text() == "late"
+    assert "second stop signal" not in stack.log_text()
