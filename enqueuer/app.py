@@ -115,7 +115,7 @@ def _record(
     else:  # a name refused before it was looked up (400, 413, 429) may be made up
         label = UNKNOWN_SERVICE
     metrics.requests.labels(label, outcome).inc()
-    # Synchronous calls only: a microservice's own 202 is one's answer, not respond-async's.
+    # Calls answered as calls only: a microservice's own 202 is one's answer, not respond-async's.
     if service and response is not None and not request.get("asynchronous"):
         metrics.duration.labels(label).observe(elapsed)
     request_id: str = request["request_id"]

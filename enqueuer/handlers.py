@@ -233,8 +233,10 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
                 expire_at(future, deadline)  # its lifetime is the message's, not the caller's
     # `Prefer: respond-async, wait=N` (RFC 7240): a reply within N s is answered as to a call.
     wait = min(wait_of(request), _remaining(deadline, timeout), timeout) if asynchronous else 0
-    if asynchronous and not await replied_within(future, wait):
-        return accept(request_id, service, future, enqueuer, entry, repeat=first is not None)
+    if asynchronous:
+        if not await replied_within(future, wait):
+            return accept(request_id, service, future, enqueuer, entry, repeat=first is not None)
+        request["asynchronous"] = False  # answered as a call: timed as one
     try:
         async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):
             reply = await (asyncio.shield(future) if idempotency_key else future)

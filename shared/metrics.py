@@ -48,7 +48,7 @@ class EnqueuerMetrics:
         )
         self.duration = Histogram(
             "proxymq_enqueuer_request_duration_seconds",
-            "From request received to answer, for synchronous calls",
+            "From request received to answer, for calls answered as calls (not respond-async 202s)",
             ["service"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

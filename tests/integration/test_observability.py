@@ -566,18 +566,23 @@ async def test_an_error_code_another_replier_made_up_is_counted_as_service_faile
 async def test_a_synchronous_call_the_microservice_answers_202_has_its_duration(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
-    """The duration histogram is for synchronous calls, and a microservice's own 202 (a job it
-    accepted) answers one: it was left out as if it were the enqueuer's `respond-async` 202, so
-    a service that answers 202 had no latency on the dashboard and in ProxyMQSlowRequests."""
+    """The duration histogram is for calls answered as calls, and a microservice's own 202 (a
+    job it accepted) answers one: it was left out as if it were the enqueuer's `respond-async`
+    202, so a service that answers 202 had no latency on the dashboard and in
+    ProxyMQSlowRequests."""
     await stack.dequeuer(service, target.url)
     enqueuer, url = await stack.enqueuer()
     async with http.post(f"{url}/{service}/status/202") as response:
         assert response.status == 202
     async with http.post(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as response:
         assert response.status == 202
+    # A reply within `wait` is answered as a call, and timed as one (it was left out).
+    waited = {"Prefer": "respond-async, wait=10"}
+    async with http.post(f"{url}/{service}/x", headers=waited) as response:
+        assert response.status == 200
     admin = enqueuer.admin_port  # type: ignore[attr-defined]
     durations = "proxymq_enqueuer_request_duration_seconds_count"
-    assert await metric(http, admin, durations, {"service": service}) == 1
+    assert await metric(http, admin, durations, {"service": service}) == 2
 
 
 async def test_every_line_about_a_request_the_broker_dead_lettered_names_it(
