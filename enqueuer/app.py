@@ -147,7 +147,12 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
                 on_state=lambda state: metrics.breaker_open.set(state == OPEN),
             ),
         ),
-        replies=ReplyWaiter(instance, settings.max_in_flight, metrics.late_replies.inc),
+        replies=ReplyWaiter(
+            instance,
+            settings.max_in_flight,
+            settings.in_flight_share(),
+            metrics.late_replies.inc,
+        ),
         results=ResultStore(
             settings.result_ttl,
             settings.max_results,

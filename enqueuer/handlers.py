@@ -220,7 +220,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         if asynchronous:
             headers = without_respond_async(headers)
         http = HttpRequest(request.method, path, query, headers, body)
-        future = enqueuer.replies.expect(request_id)
+        future = enqueuer.replies.expect(request_id, service)
         message = RequestEnvelope(
             request_id, service, http, key, deadline, enqueuer.replies.queue_name
         )
@@ -305,8 +305,9 @@ async def publish(
     except BaseException:
         future.cancel()
         raise
-    enqueuer.metrics.in_flight.inc()
-    future.add_done_callback(lambda _: enqueuer.metrics.in_flight.dec())
+    in_flight = enqueuer.metrics.in_flight.labels(request.service)
+    in_flight.inc()
+    future.add_done_callback(lambda _: in_flight.dec())
 
 
 async def publish_first(

@@ -29,10 +29,18 @@ LOOK_TIMEOUT = 5.0  # seconds one check may take
 
 
 class ReplyWaiter:
-    def __init__(self, instance_id: str, capacity: int, on_late_reply: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        capacity: int,
+        share: int,
+        on_late_reply: Callable[[], None],
+    ) -> None:
         self.queue_name = topology.reply_queue(instance_id)
         self.capacity = capacity
+        self.share = share
         self._futures: dict[str, asyncio.Future[HttpResponse]] = {}
+        self._by_service: dict[str, int] = {}  # services with replies awaited, and how many
         self._on_late_reply = on_late_reply
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractRobustQueue | None = None
@@ -173,15 +181,32 @@ class ReplyWaiter:
                 )
             )
 
-    def expect(self, request_id: str) -> asyncio.Future[HttpResponse]:
+    def expect(self, request_id: str, service: str) -> asyncio.Future[HttpResponse]:
+        """A slot for the reply, within `capacity` and the service's `share` of it: the calls of
+        a service that does not answer, each held until its deadline, took every slot, and
+        callers of every other service got 429 until they timed out."""
         if len(self._futures) >= self.capacity:
             raise Backpressure(
                 f"{len(self._futures)} requests are already waiting for a reply", retry_after=1
             )
+        held = self._by_service.get(service, 0)
+        if held >= self.share:
+            raise Backpressure(
+                f"service {service!r} has {held} requests waiting for a reply already, its "
+                "share of this enqueuer (--max-in-flight-per-service)",
+                retry_after=1,
+            )
+        self._by_service[service] = held + 1
         future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
-        future.add_done_callback(lambda _: self._futures.pop(request_id, None))
+        future.add_done_callback(lambda _: self._release(request_id, service))
         return future
+
+    def _release(self, request_id: str, service: str) -> None:
+        self._futures.pop(request_id, None)
+        held = self._by_service.pop(service) - 1
+        if held:
+            self._by_service[service] = held
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         """Acked once handled, the answer first. Consumed without acks, a reply the broker

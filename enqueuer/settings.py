@@ -100,6 +100,13 @@ class EnqueuerSettings(SidecarSettings):
         description="requests waiting for a reply at once, "
         "asynchronous ones included (at most 1,000,000); more get 429 backpressure",
     )
+    max_in_flight_per_service: Count | None = Field(
+        None,
+        gt=0,
+        description="requests of one service waiting for a reply at once, so that a slow or "
+        "stuck service leaves slots to the others; more get 429 backpressure; default: half of "
+        "--max-in-flight, all of it when --services names one service",
+    )
     result_ttl: Seconds = Field(
         600.0, gt=0, description="seconds an asynchronous result is kept after it is done"
     )
@@ -149,6 +156,14 @@ class EnqueuerSettings(SidecarSettings):
         "proxymq.replies.ID.lease), one per "
         "enqueuer: a second one with the same id stops at startup; default: a random id",
     )
+
+    def in_flight_share(self) -> int:
+        """The slots one service may hold (`--max-in-flight-per-service`)."""
+        if self.max_in_flight_per_service is not None:
+            return min(self.max_in_flight_per_service, self.max_in_flight)
+        if len(self.services) == 1:
+            return self.max_in_flight
+        return max(1, self.max_in_flight // 2)
 
     @field_validator("partition_key")
     @classmethod

@@ -56,6 +56,7 @@ class EnqueuerMetrics:
         self.in_flight = Gauge(
             "proxymq_enqueuer_in_flight_requests",
             "Requests published and waiting for a reply (asynchronous ones included)",
+            ["service"],
             registry=self.registry,
         )
         self.accepted_async = Counter(

@@ -1602,12 +1602,12 @@ async def test_a_reply_queue_lost_without_notice_comes_back(
     queue again. The lost notice is simulated by ignoring the broker's cancel."""
     monkeypatch.setattr(RobustChannel, "_on_consumer_cancel", lambda self, frame: None)
     monkeypatch.setattr("enqueuer.replies.WATCH_INTERVAL", 0.2, raising=False)
-    waiter = ReplyWaiter(f"lost-{uuid.uuid4().hex[:8]}", 10, lambda: None)
+    waiter = ReplyWaiter(f"lost-{uuid.uuid4().hex[:8]}", 10, 10, lambda: None)
     await waiter.start(amqp, linger=0)
     channel = await amqp.channel(on_return_raises=True)
     try:
         await channel.queue_delete(waiter.queue_name)
-        future = waiter.expect("r-1")
+        future = waiter.expect("r-1", "s")
         reply = aio_pika.Message(b"back", correlation_id="r-1", headers={"x-proxymq-status": 200})
         async with asyncio.timeout(10):
             while True:
@@ -1800,7 +1800,9 @@ async def test_a_connection_lost_while_the_enqueuer_sets_up_is_set_up_again(
     await stack.dequeuer(service, target.url)
     proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
     try:
-        proxy.reset_when = [ReplyWaiter("x", 1, lambda: None).queue_name.removesuffix("x").encode()]
+        proxy.reset_when = [
+            ReplyWaiter("x", 1, 1, lambda: None).queue_name.removesuffix("x").encode()
+        ]
         _, url = await stack.enqueuer(env={"PROXYMQ_AMQP_URL": proxy.url})
         assert not proxy.reset_when  # the cut happened
         async with http.get(f"{url}/{service}/x") as response:

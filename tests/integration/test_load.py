@@ -33,7 +33,7 @@ async def test_ten_thousand_in_flight(
     amqp: AbstractRobustConnection,
 ) -> None:
     await topology.declare(amqp, topology.Topology(service))
-    enqueuer, url = await stack.enqueuer("--max-in-flight", str(IN_FLIGHT))
+    enqueuer, url = await stack.enqueuer("--max-in-flight", str(IN_FLIGHT), "--services", service)
     admin = enqueuer.admin_port  # type: ignore[attr-defined]
     before = rss_mib(enqueuer.pid)
     counter = iter(range(IN_FLIGHT))

@@ -62,7 +62,7 @@ async def test_in_flight_cap_is_backpressure(
     stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
 ) -> None:
     await topology.declare(amqp, topology.Topology(service))
-    _, url = await stack.enqueuer("--max-in-flight", "3")
+    _, url = await stack.enqueuer("--max-in-flight", "3", "--services", service)
     statuses = []
     for _ in range(5):
         async with http.post(f"{url}/{service}/x", headers={"Prefer": "respond-async"}) as r:
@@ -71,6 +71,38 @@ async def test_in_flight_cap_is_backpressure(
                 assert "already waiting for a reply" in await expect_error(r, 429, "backpressure")
                 assert int(r.headers["Retry-After"]) >= 1
     assert statuses == [202, 202, 202, 429, 429]
+
+
+async def test_a_stuck_service_leaves_in_flight_slots_to_the_others(
+    stack: Stack, service: str, http: aiohttp.ClientSession, amqp: AbstractRobustConnection
+) -> None:
+    """Requests of a service that does not answer held every --max-in-flight slot (measured:
+    400 calls to a hung service, `--max-in-flight 300`: every call to a healthy one got 429
+    until they timed out); a service may now hold half of them."""
+    stuck = f"{service}-stuck"
+    try:
+        for name in (service, stuck):
+            await topology.declare(amqp, topology.Topology(name))
+        enqueuer, url = await stack.enqueuer("--max-in-flight", "4")
+
+        async def statuses(name: str, count: int) -> list[int]:
+            got = []
+            for _ in range(count):
+                async with http.post(f"{url}/{name}/x", headers={"Prefer": "respond-async"}) as r:
+                    got.append(r.status)
+                    if r.status == 429 and name == stuck:
+                        message = await expect_error(r, 429, "backpressure")
+                        assert f"service {name!r} has 2 requests waiting" in message
+            return got
+
+        assert await statuses(stuck, 3) == [202, 202, 429]
+        assert await statuses(service, 3) == [202, 202, 429]  # the enqueuer's 4 are taken
+        admin = enqueuer.admin_port  # type: ignore[attr-defined]
+        for name in (service, stuck):
+            labels = {"service": name}
+            assert await metric(http, admin, "proxymq_enqueuer_in_flight_requests", labels) == 2
+    finally:
+        await topology.delete(amqp, topology.Topology(stuck))
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

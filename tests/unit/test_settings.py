@@ -510,3 +510,20 @@ def test_counts_have_an_upper_bound(
 
 def test_every_class_has_counts() -> None:
     assert {cls for cls, _ in COUNTS} == {EnqueuerSettings, DequeuerSettings, UrlFetcherSettings}
+
+
+@pytest.mark.parametrize(
+    ("args", "share"),
+    [
+        ([], 5000),
+        (["--max-in-flight", "1"], 1),
+        (["--services", "a,b", "--max-in-flight", "9"], 4),
+        (["--services", "a", "--max-in-flight", "9"], 9),
+        (["--max-in-flight-per-service", "300"], 300),
+        (["--max-in-flight", "9", "--max-in-flight-per-service", "300"], 9),
+    ],
+)
+def test_one_service_holds_a_share_of_the_in_flight_slots(args: list[str], share: int) -> None:
+    """By default a service may hold half of the slots, so that one that does not answer
+    leaves the rest to the others; an enqueuer for one service alone gives it all."""
+    assert load(EnqueuerSettings, args).in_flight_share() == share
