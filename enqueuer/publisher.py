@@ -41,7 +41,9 @@ class Publisher:
     def __init__(self, allowed: frozenset[str], breaker: ServiceBreaker) -> None:
         self.allowed = allowed
         self.breaker = breaker
-        self._channel: AbstractChannel | None = None
+        # A publishing channel per service found: a nack from one service's partitions replaces
+        # its channel alone (`_renew_channel`).
+        self._channels: dict[str, AbstractChannel] = {}
         self._connection: AbstractRobustConnection | None = None
         # service -> until, and the connection that found its hash ring in order (held
         # weakly: a verdict kept a lost connection, with its channels, until its service was
@@ -52,14 +54,15 @@ class Publisher:
         self._missing: dict[str, Verdict] = {}
         self._checks: dict[str, asyncio.Future[bool]] = {}
         self._lookup_turn = asyncio.Lock()
-        self._renew_at = 0.0
+        self._renew_at: dict[str, float] = {}
         self._renewals: set[asyncio.Task[None]] = set()
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        self._connection, self._channel = connection, await confirming_channel(connection)
+        self._connection = connection
 
-    def _renew_channel(self) -> None:
-        """After a nack, publish on a new channel (at most once every RENEW_AFTER_NACK).
+    def _renew_channel(self, service: str) -> None:
+        """After a nack, publish the service's requests on a new channel (at most once every
+        RENEW_AFTER_NACK).
 
         A nack usually means a full partition, but on RabbitMQ 3.10 a channel that published to
         a quorum queue while its leader was being re-elected (the leader's node died) goes on
@@ -68,26 +71,45 @@ class Publisher:
 
         The old channel is closed at once, its unconfirmed publishes failing (503): left open,
         it sent a pending publish again once the new leader was known, after newer requests of
-        the same key had gone through the new channel, and broke their order."""
+        the same key had gone through the new channel, and broke their order. With one channel
+        for all services, that close failed other services' publishes too (503), so many at a
+        time that they opened the breaker for every service."""
         now = time.monotonic()
-        if self._connection is None or now < self._renew_at:
+        if self._connection is None or now < self._renew_at.get(service, 0.0):
             return
-        self._renew_at = now + RENEW_AFTER_NACK
-        task = asyncio.ensure_future(self._replace_channel(self._connection))
+        self._renew_at[service] = now + RENEW_AFTER_NACK
+        task = asyncio.ensure_future(self._replace_channel(self._connection, service))
         self._renewals.add(task)
         task.add_done_callback(self._renewals.discard)
 
-    async def _replace_channel(self, connection: AbstractRobustConnection) -> None:
+    async def _replace_channel(self, connection: AbstractRobustConnection, service: str) -> None:
         try:
             channel = await confirming_channel(connection)
         except Exception as exc:  # the connection is down: the robust one is restored anyway
             log.debug("could not open a new publishing channel: %s", exc)
             return
-        old, self._channel = self._channel, channel
+        old = self._channels.get(service)
+        if old is None:  # forgotten meanwhile
+            await self._close(channel)
+            return
+        self._channels[service] = channel
         log.info("publishing on a new channel after a nack")
-        if old is not None and not old.is_closed:
+        await self._close(old)
+
+    def _drop_channel(self, service: str) -> None:
+        """Close the channel of a service forgotten or gone from the broker."""
+        self._renew_at.pop(service, None)
+        channel = self._channels.pop(service, None)
+        if channel is not None:
+            task = asyncio.ensure_future(self._close(channel))
+            self._renewals.add(task)
+            task.add_done_callback(self._renewals.discard)
+
+    @staticmethod
+    async def _close(channel: AbstractChannel) -> None:
+        if not channel.is_closed:
             with contextlib.suppress(Exception):
-                await old.close()
+                await channel.close()
 
     async def check(self, service: str) -> None:
         """`UnknownService` unless the service's request exchange exists; concurrent first calls
@@ -138,7 +160,7 @@ class Publisher:
             topology.check_service_name(service)
         except ValueError:
             return False
-        if self._connection is None or self._channel is None:
+        if self._connection is None:
             raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
         transport = self._transport()
         try:
@@ -148,11 +170,15 @@ class Publisher:
                 # Outside the turn: it may wait for another sidecar's rebuild, and lookups of
                 # other services must not wait with it.
                 await hash_ring.ensure(self._connection, service)
+                if service not in self._channels:
+                    self._channels[service] = await confirming_channel(self._connection)
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
         now = time.monotonic()
         self._found.pop(service, None)  # the newest verdict goes last, evicted last
         self._missing.pop(service, None)
+        if not exists:
+            self._drop_channel(service)
         (self._found if exists else self._missing)[service] = (
             now + (KNOWN_FOR if exists else UNKNOWN_FOR),
             None if transport is None else weakref.ref(transport),
@@ -168,7 +194,9 @@ class Publisher:
             del self._missing[next(iter(self._missing))]
         while len(self._found) + len(self._missing) > MAX_REMEMBERED:
             oldest = self._missing or self._found
-            del oldest[next(iter(oldest))]
+            service = next(iter(oldest))
+            del oldest[service]
+            self._drop_channel(service)
 
     def _found_now(self, found_on: weakref.ref[object] | None) -> bool:
         """Whether a verdict was made on the connection there is now."""
@@ -183,6 +211,7 @@ class Publisher:
         """Publish to a service `check` has just found: the handler checks first, before the
         span it names after the service (checked again here, it was a second lookup per
         request for the same verdict)."""
+        channel = self._channels.get(service)
         probe = self.breaker.admit_now()
         if probe is None:
             raise BrokerUnavailable(
@@ -191,7 +220,7 @@ class Publisher:
             )
         failed: bool | None = True
         try:
-            await self._publish(service, routing_key, message)
+            await self._publish(service, channel, routing_key, message)
             failed = False
         except (UnknownService, Backpressure, BodyTooLarge, HeadersTooLarge):
             failed = False  # the broker answered: it is up
@@ -214,11 +243,17 @@ class Publisher:
         """RabbitMQ did not confirm a publish in time (a blocked or silent broker)."""
         self.breaker.record(failed=True, probe=False)
 
-    async def _publish(self, service: str, routing_key: str, message: envelope.Outgoing) -> None:
-        if self._channel is None:
+    async def _publish(
+        self,
+        service: str,
+        channel: AbstractChannel | None,
+        routing_key: str,
+        message: envelope.Outgoing,
+    ) -> None:
+        if channel is None:
             raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
         try:
-            await envelope.publish(self._channel, message, service, routing_key, mandatory=True)
+            await envelope.publish(channel, message, service, routing_key, mandatory=True)
         except envelope.TooLargeForAFrame as exc:
             raise HeadersTooLarge(
                 f"the request's headers, path and query do not fit in a message: {exc}; "
@@ -229,7 +264,7 @@ class Publisher:
                 f"service {service!r} has no partition queue bound to its exchange"
             ) from exc
         except aiormq.exceptions.DeliveryError as exc:
-            self._renew_channel()
+            self._renew_channel(service)
             # RabbitMQ's nack does not say why; a quorum queue electing a leader nacks too.
             raise Backpressure(
                 f"the partition of service {service!r} for this key refused the request: it "
@@ -238,6 +273,7 @@ class Publisher:
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             self._found.pop(service, None)
+            self._drop_channel(service)
             raise UnknownService(f"service {service!r} was removed from the broker") from exc
         except BROKER_ERRORS as exc:
             if refused_for_size(exc, len(message.body)):

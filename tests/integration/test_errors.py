@@ -31,7 +31,7 @@ from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from shared import envelope, topology
 from shared.breaker import ServiceBreaker
-from shared.broker import BROKER_ERRORS, unless_closed
+from shared.broker import BROKER_ERRORS, confirming_channel, unless_closed
 from shared.errors import BrokerUnavailable, UnknownService
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
@@ -1581,15 +1581,15 @@ async def test_channels_closed_leave_nothing_behind_on_their_connection(
         gc.collect()
         return sum(isinstance(o, asyncio.Future) for o in gc.get_objects())
 
+    publisher._channels["s"] = await confirming_channel(amqp)
     for _ in range(3):
-        await publisher._replace_channel(amqp)
+        await publisher._replace_channel(amqp, "s")
     before = futures()
     for _ in range(50):
-        await publisher._replace_channel(amqp)
+        await publisher._replace_channel(amqp, "s")
     kept = futures() - before
     assert kept < 10, f"{kept} futures more after 50 channels replaced"
-    assert publisher._channel is not None
-    await publisher._channel.close()
+    await publisher._channels["s"].close()
 
 
 async def test_a_reply_queue_lost_without_notice_comes_back(

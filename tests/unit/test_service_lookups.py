@@ -32,7 +32,7 @@ async def test_verdicts_on_made_up_names_go_once_expired(monkeypatch: pytest.Mon
     monkeypatch.setattr("enqueuer.publisher.hash_ring.ensure", ensure)
     publisher = Publisher(frozenset(), ServiceBreaker(5, 10))
     publisher._connection = SimpleNamespace(transport=Transport())  # type: ignore[assignment]
-    publisher._channel = SimpleNamespace()  # type: ignore[assignment]
+    publisher._channels["real"] = SimpleNamespace()  # type: ignore[assignment]
 
     await publisher.check("real")
     for i in range(50):
