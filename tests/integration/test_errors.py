@@ -1399,7 +1399,7 @@ async def test_a_malformed_message_without_a_usable_reply_to_gets_no_reply(
             await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)
     assert await replies.get(fail=False) is None
-    assert "names a request queue" in stack.log_text()
+    assert "names a queue of a service's" in stack.log_text()
     assert target.seen == []
     await channel.close()
 

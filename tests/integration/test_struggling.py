@@ -75,6 +75,8 @@ async def test_a_full_service_fails_no_publish_of_another(
         await topology.declare(amqp, topology.Topology(service))
         await topology.declare(amqp, topology.Topology(full, partitions=1, max_length=1))
         await publisher.start(amqp)
+        for name in (full, service):  # as the handler does before each publish
+            await publisher.check(name)
 
         def message(name: str, i: int) -> envelope.Outgoing:
             http = envelope.HttpRequest("POST", "/x", "", (), b"x" * 100)
