@@ -84,6 +84,8 @@ async def fault_cycle(
     return backlog, timings
 
 
+# rabbitmqctl alone: stop_app took 6 s on an idle machine, 20 s beside a busy suite
+@pytest.mark.timeout(240)
 async def test_stop_app_and_full_restart_under_load(
     node: LocalCluster,
     stacks: Callable[[str], Stack],
