@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from dequeuer.settings import DequeuerSettings
+from shared.processes import Process
 from tests.conftest import Stack, closed_port
 from tests.deploy.support import (
     IMAGES,
@@ -334,6 +335,20 @@ def test_drain_refuses_an_admin_port_variable_that_is_no_port() -> None:
     assert "PROXYMQ_ADMIN_PORT='90x' is not a port" in result.stderr
 
 
+async def a_call_in_flight(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> tuple[Process, int, asyncio.Task[aiohttp.ClientResponse]]:
+    """An enqueuer, a dequeuer with a 10 s grace and its admin port, and a 2 s call the target
+    has begun: what a drain must let finish."""
+    _, url = await stack.enqueuer()
+    dequeuer = await stack.dequeuer(service, target.url, "--shutdown-grace", "10")
+    call = asyncio.create_task(http.get(f"{url}/{service}/delay/2"))
+    async with asyncio.timeout(10):
+        while not any(seen.path == "/delay/2" for seen in target.seen):
+            await asyncio.sleep(0.05)
+    return dequeuer, dequeuer.admin_port, call  # type: ignore[attr-defined]
+
+
 @pytest.mark.rabbit
 async def test_drain_hook_lets_a_real_dequeuer_finish_its_call_and_exit(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
@@ -341,14 +356,8 @@ async def test_drain_hook_lets_a_real_dequeuer_finish_its_call_and_exit(
     """The pod's stop as Kubernetes runs it: the hook drains the dequeuer over its admin port
     (no shared process namespace), which finishes the call in flight and exits 0 within its
     grace; a second POST /drain meanwhile changes nothing."""
-    _, url = await stack.enqueuer()
-    dequeuer = await stack.dequeuer(service, target.url, "--shutdown-grace", "10")
+    dequeuer, admin, call = await a_call_in_flight(stack, service, target, http)
     assert dequeuer.popen is not None
-    admin = dequeuer.admin_port  # type: ignore[attr-defined]
-    call = asyncio.create_task(http.get(f"{url}/{service}/delay/2"))
-    async with asyncio.timeout(10):
-        while not any(seen.path == "/delay/2" for seen in target.seen):
-            await asyncio.sleep(0.05)
     started = time.monotonic()
     hook = asyncio.create_task(asyncio.to_thread(drain_hook, "--port", str(admin)))
     async with asyncio.timeout(5):  # the hook's POST started the stop
@@ -375,21 +384,15 @@ async def test_drain_hook_lets_a_real_dequeuer_finish_its_call_and_exit(
     assert "second stop signal" not in logged and "Traceback" not in logged
 
 
+@pytest.mark.rabbit
 async def test_a_signal_during_a_drain_is_the_first_not_the_second(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
     """A dequeuer run as a plain container gets its SIGTERM while the preStop hook's drain is
     under way: that is its first stop signal, and the call in flight still finishes (it was
-    taken for a second one, and the dequeuer exited at once). A second signal still stops it
-    at once."""
-    _, url = await stack.enqueuer()
-    dequeuer = await stack.dequeuer(service, target.url, "--shutdown-grace", "10")
+    taken for a second one, and the dequeuer exited at once)."""
+    dequeuer, admin, call = await a_call_in_flight(stack, service, target, http)
     assert dequeuer.popen is not None
-    admin = dequeuer.admin_port  # type: ignore[attr-defined]
-    call = asyncio.create_task(http.get(f"{url}/{service}/delay/2"))
-    async with asyncio.timeout(10):
-        while not any(seen.path == "/delay/2" for seen in target.seen):
-            await asyncio.sleep(0.05)
     async with http.post(f"http://127.0.0.1:{admin}/drain") as response:
         assert response.status == 202
     async with asyncio.timeout(10):
