@@ -62,7 +62,6 @@ CONTEXT_HEADERS = frozenset(
 )
 REPLY_QUEUE_WAIT = 15.0  # seconds a missing reply queue is waited for (its enqueuer reconnecting)
 REPLY_QUEUE_GONE_FOR = 60.0  # then replies to it are dropped at once for a while (its x-expires)
-LOOK_TIMEOUT = 5.0  # seconds the look for an expired reply queue's lease may take
 MAX_GONE_REPLY_QUEUES = 1000
 SETTLE_RETRY_FOR = 15.0  # seconds a reply is published again while its request is held
 RECENT_ANSWERS = 64  # answers whose durations tell a slow microservice from a hurried caller
@@ -129,7 +128,6 @@ class Consumer:
         )
         self.lanes = Lanes()
         self.slots = asyncio.Semaphore(settings.concurrency)  # calls to the microservice at once
-        self._connection: AbstractRobustConnection | None = None
         self._reply_channel: AbstractChannel | None = None
         self._gone_reply_queues: dict[str, float] = {}  # reply queue -> given up on at
         self._answered_in: deque[float] = deque(maxlen=RECENT_ANSWERS)  # seconds, per answer
@@ -143,7 +141,6 @@ class Consumer:
         return max(1, self.settings.concurrency)
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        self._connection = connection
         self._reply_channel = await confirming_channel(connection)
 
     async def on_message(self, sub: Subscription, message: AbstractIncomingMessage) -> None:
@@ -488,7 +485,7 @@ class Consumer:
         connection leaves nothing behind (a stale mark once dropped a reply after a later,
         short restart). A nacked reply (a `reject-publish` queue that is full) is waited for
         the same way: given up by the publish retries around it, it left its request held on a
-        live channel for good. A missing queue that expired (`_expired`) is not waited for.
+        live channel for good.
 
         A `reply_to` naming a service's queue (`topology.SERVICE_QUEUE`) gets no reply: the
         dequeuer may write to every queue, and a client allowed to publish to one service's
@@ -501,15 +498,14 @@ class Consumer:
             return
         assert self._reply_channel is not None
         message = envelope.encode_response(response, request_id)
-        delay, first_refused, looked = 0.05, None, False
+        delay, first_refused = 0.05, None
         while True:
             try:
                 await envelope.publish(self._reply_channel, message, "", reply_to, mandatory=True)
                 self._gone_reply_queues.pop(reply_to, None)
                 return
-            except aiormq.exceptions.DeliveryError as exc:
-                # returned (no such queue) or nacked (a full one): again, for a while
-                returned = isinstance(exc.frame, Basic.Return)
+            except aiormq.exceptions.DeliveryError:
+                pass  # returned (no such queue) or nacked (a full one): again, for a while
             except envelope.TooLargeForAFrame as exc:
                 raise ReplyRefused(f"the response does not fit in a reply: {exc}") from None
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
@@ -528,11 +524,6 @@ class Consumer:
             if deadline is not None and time.time() + delay >= deadline:
                 log.warning("reply dropped: reply queue %s refused it past the deadline", reply_to)
                 return
-            if returned and not looked and await self._expired(reply_to):
-                log.warning("reply dropped: reply queue %s expired (its lease is there)", reply_to)
-                self._gone(reply_to, now)
-                return
-            looked = True
             if now - first_refused + delay > REPLY_QUEUE_WAIT:
                 log.warning("reply dropped: reply queue %s missing or full for long", reply_to)
                 self._gone(reply_to, now)
@@ -544,27 +535,6 @@ class Consumer:
         self._gone_reply_queues[reply_to] = now
         while len(self._gone_reply_queues) > MAX_GONE_REPLY_QUEUES:
             del self._gone_reply_queues[next(iter(self._gone_reply_queues))]
-
-    async def _expired(self, reply_to: str) -> bool:
-        """Whether a missing reply queue of an enqueuer expired (`x-expires`, a minute unused)
-        rather than went with a broker restart or its node, which take its lease queue too:
-        the lease is there. Its enqueuer then crashed, or was cut off for over a minute and
-        ends the requests it awaited with 504 itself once back; waiting for the queue held the
-        request, and its key behind it, 15 s for nothing. One passive declare, on the first
-        refusal only; any doubt (the connection lost, no answer) waits as before."""
-        if not reply_to.startswith(topology.REPLY_QUEUE_PREFIX) or self._connection is None:
-            return False
-        try:
-            async with asyncio.timeout(LOOK_TIMEOUT):
-                channel = await topology.plain_channel(self._connection)
-                try:
-                    await channel.queue_declare(topology.lease_queue(reply_to), passive=True)
-                finally:
-                    if not channel.is_closed:
-                        await channel.close()
-        except (*BROKER_ERRORS, TimeoutError):
-            return False
-        return True
 
     async def on_dead_letter_notice(self, message: AbstractIncomingMessage) -> None:
         """RabbitMQ dead-lettered a request itself (it exceeded the delivery limit: it may be
