@@ -26,7 +26,7 @@ from aio_pika.abc import (
 )
 from aiohttp import web
 
-from shared import envelope, topology
+from shared import envelope, processes, topology
 from shared.processes import Process, free_port
 from shared.settings import DEFAULT_AMQP_URL
 from tests.target import Target
@@ -36,6 +36,14 @@ AMQP_URL = os.environ.get("PROXYMQ_AMQP_URL", DEFAULT_AMQP_URL)
 REPORT_ENV = "PROXYMQ_RELIABILITY_REPORT"
 REPORT_FILE = Path(tempfile.gettempdir()) / f"proxymq-reliability-report-{os.getpid()}.jsonl"
 os.environ.setdefault(REPORT_ENV, str(REPORT_FILE))
+# Each pytest-xdist worker picks its processes' ports from a slice of its own: two workers
+# once picked the same admin port, and a test's readiness check was answered by the other
+# worker's enqueuer while its own was still starting (its API port then refused the call).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and _WORKER[2:].isdigit():
+    processes.LISTEN_PORTS = processes.LISTEN_PORTS[
+        int(_WORKER[2:]) :: int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    ]
 
 
 def broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
