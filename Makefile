@@ -58,9 +58,9 @@ tools:
 
 # Cheap checks first, so a typo fails in seconds instead of after the integration tests.
 test: install lint typecheck broker tools
-	@# four workers on two cores (most tests wait on processes and the broker); the fault
+	@# three workers on two cores (most tests wait on processes and the broker); the fault
 	@# tests share one (tests/conftest.py: pytest_xdist_make_scheduler)
-	@$(BIN)/pytest -q -n 4 $(PYTEST_ARGS)
+	@$(BIN)/pytest -q -n 3 $(PYTEST_ARGS)
 
 lint: install
 	@$(BIN)/ruff check --quiet --output-format concise .
