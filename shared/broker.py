@@ -413,10 +413,6 @@ class Broker:
         """Run once when the first connection is made (declarations, consumers)."""
         self._on_connect.append(callback)
 
-    async def wait_connected(self, timeout: float | None = None) -> AbstractRobustConnection:
-        await asyncio.wait_for(self._ready.wait(), timeout)
-        return self.connection
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._connect(), name=f"connect {self.name}")
 

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from shared.cli.bench_load import Run, Summary
@@ -151,16 +150,6 @@ class Verdict:
             "overhead_goal_ms": OVERHEAD_GOAL_MS,
             "overhead_target_ms": OVERHEAD_TARGET_MS,
         }
-
-
-def print_report(
-    console: Console, summaries: Sequence[Summary], concurrencies: Sequence[int], requests: int
-) -> Verdict:
-    for concurrency in concurrencies:
-        console.print(table(concurrency, summaries, requests))
-    verdict = Verdict.of(summaries)
-    console.print(verdict.line())
-    return verdict
 
 
 def write_json(

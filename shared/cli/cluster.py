@@ -264,9 +264,6 @@ class LocalCluster:
         """`rabbitmqctl -n NODE ...`: always with `-n`, so the shared node is never addressed."""
         return self._run(node, "rabbitmqctl", "-n", node.name, *args, timeout=timeout, check=check)
 
-    def queues_ctl(self, node: Node, *args: str, timeout: float = CTL_TIMEOUT) -> str:
-        return self._run(node, "rabbitmq-queues", "-n", node.name, *args, timeout=timeout)
-
     def _run(self, node: Node, tool: str, *args: str, timeout: float, check: bool = True) -> str:
         try:
             done = subprocess.run(
