@@ -41,7 +41,7 @@ from functools import partial
 
 from opentelemetry.trace import SpanContext, SpanKind
 
-from dequeuer.consumer import DEADLINE_HEADER
+from dequeuer.consumer import DEADLINE_HEADER, MIN_BUDGET
 from dequeuer.forwarder import (
     FRAME_MAX,
     CallFailed,
@@ -73,6 +73,7 @@ class _Item:
     batch: _Batch | None = None
     expiry: asyncio.TimerHandle | None = None
     span: SpanContext | None = None  # its call span, which the batch call's span links to
+    sent: bool = False  # taken into its batch call, so the microservice may have run it
 
 
 @dataclass(eq=False, slots=True)
@@ -165,7 +166,11 @@ class BatchingTransport:
         others. (With the batch's timeout the smallest of its items', one caller's
         `X-Request-Timeout: 1` timed out every item of its batch: they were retried and run
         twice, and their timeouts counted against the breaker.)"""
-        _settle(item, CallFailed("timeout", f"no answer from {self.path} within its timeout"))
+        if item.sent:
+            failure = CallFailed("timeout", f"no answer from {self.path} within its timeout")
+        else:
+            failure = _ran_out()
+        _settle(item, failure)
         self._cancel_if_unwanted(item.batch)
 
     def _forget(self, item: _Item) -> None:
@@ -231,10 +236,11 @@ class BatchingTransport:
         for item in items:
             if item.future.done():
                 continue  # its caller gave up since the flush: its message goes back unsent
-            if item.deadline > now:
+            if item.deadline - now >= MIN_BUDGET:  # never `X-Request-Timeout: 0.000`
+                item.sent = True
                 live.append(item)
             else:
-                _settle(item, CallFailed("timeout", "no time left when its batch was sent"))
+                _settle(item, _ran_out())
         if not live:
             return
         # Each item stops waiting at its own deadline (`_expire`); the call serves the last one.
@@ -326,6 +332,13 @@ def answer_limit(size: int, max_response: int) -> int:
     """The largest batch answer read: `size` answers of up to `max_response` bytes, in base64,
     each with room for its status and headers (a reply's headers fit in one AMQP frame)."""
     return size * (4 * -(-max_response // 3) + FRAME_MAX)
+
+
+def _ran_out() -> CallFailed:
+    """An item whose time ran out before its batch call took it: the microservice never got
+    it, so, like a plain request whose deadline passed before its call, it is no attempt and
+    no failure of the microservice's (the consumer drops it as expired)."""
+    return CallFailed("timeout", "its time ran out before its batch was sent", sent=False)
 
 
 def _settle(item: _Item, outcome: HttpResponse | CallFailed) -> None:

@@ -384,7 +384,13 @@ class Consumer:
                         self.metrics.queue_wait.labels(self.settings.service).observe(
                             max(0.0, time.time() - request.sent_at)
                         )
-                    outcome = await self.send(request, remaining, attempt, earlier)
+                    answer = await self.send(request, remaining, attempt, earlier)
+                    if isinstance(answer, CallFailed) and answer.expired:
+                        # Its deadline passed before the call left (waiting for its batch):
+                        # as above, no attempt, and nothing the breaker should count.
+                        self.breaker.abandon_probe(probe)
+                        return outcome, attempt - 1
+                    outcome = answer
             except BaseException:
                 self.breaker.abandon_probe(probe)
                 raise
@@ -439,6 +445,8 @@ class Consumer:
         except CallFailed as failure:
             outcome, label = failure, failure.kind
         took = time.perf_counter() - started
+        if isinstance(outcome, CallFailed) and outcome.expired:
+            return outcome  # no call was made: nothing to time
         if isinstance(outcome, HttpResponse):
             self._answered_in.append(took)
         self.metrics.forward_duration.labels(self.settings.service, label).observe(took)

@@ -144,12 +144,18 @@ class CallFailed(Exception):
     """No usable HTTP answer: the connection failed, the call ran out of time, or the answer
     was larger than the dequeuer carries back or not HTTP it can read (those two are never
     retried: the next answer would be the same). `sent` is False only for a request that
-    never left (no connection could be made): the microservice cannot have processed it."""
+    never left (no connection could be made, or its time ran out first, waiting for its
+    batch): the microservice cannot have processed it."""
 
     def __init__(self, kind: FailureKind, detail: str, *, sent: bool = True) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.sent = sent
+
+    @property
+    def expired(self) -> bool:
+        """The request's time ran out before it could be sent: no call was made."""
+        return self.kind == "timeout" and not self.sent
 
 
 class Transport(Protocol):

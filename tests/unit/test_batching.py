@@ -19,10 +19,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from dequeuer.batching import BatchingTransport, answer_limit, decode_batch, encode_batch
+from dequeuer.consumer import Consumer
 from dequeuer.forwarder import CallFailed, HttpTransport
 from dequeuer.settings import DequeuerSettings
+from shared.breaker import CLOSED, ServiceBreaker
 from shared.cli import bench_batch
-from shared.envelope import HttpRequest, HttpResponse
+from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope
+from shared.metrics import DequeuerMetrics
 from shared.processes import free_port
 from shared.settings import load
 from tests.conftest import serving
@@ -351,6 +354,46 @@ async def test_time_spent_waiting_for_the_batch_counts(inner: FakeInner) -> None
     ((items, timeout),) = inner.calls
     assert [i["path"] for i in items] == ["/long"]
     assert timeout <= 4.95
+
+
+async def test_a_request_whose_time_ran_out_in_its_batch_is_expired_unsent() -> None:
+    """A request whose caller's deadline passed while its batch filled was never sent, yet it
+    was reported as a call that timed out: counted against the breaker (here it opened it),
+    as an attempt, and dead-lettered as the microservice's timeout. A plain request whose
+    deadline passes before its call is dropped as expired, and so is this one."""
+    inner = FakeInner()
+    transport = batcher(inner, size=2, wait=5.0)
+    flags = ["--service", "hunt-batching-expiry", "--batch-size", "2", "--concurrency", "2"]
+    breaker = ServiceBreaker(1, 60.0)
+    ready = asyncio.Event()
+    ready.set()
+    consumer = Consumer(load(DequeuerSettings, flags), transport, DequeuerMetrics(), breaker, ready)
+
+    def envelope(path: str, deadline: float | None = None) -> RequestEnvelope:
+        http = HttpRequest("GET", path, "", (), b"")
+        return RequestEnvelope(path, "s", http, None, deadline, None)
+
+    # A full batch, answered at once: the microservice is known to be quick.
+    answered = await asyncio.gather(
+        consumer.call(envelope("/a"), asyncio.Event()),
+        consumer.call(envelope("/b"), asyncio.Event()),
+    )
+    assert [outcome.status for outcome, _ in answered] == [200, 200]  # type: ignore[union-attr]
+    async with asyncio.timeout(2):
+        late = await consumer.call(envelope("/late", time.time() + 0.05), asyncio.Event())
+    assert late == (None, 0)
+    assert breaker.state == CLOSED
+    assert inner.sizes == [2]
+
+
+async def test_an_item_with_less_than_a_millisecond_left_is_not_sent(inner: FakeInner) -> None:
+    """It was sent with `X-Request-Timeout: 0.000`, which a microservice may read as no limit:
+    the plain call's rule (`MIN_BUDGET`) holds for the time left when the batch is sent."""
+    transport = batcher(inner, size=1)
+    with pytest.raises(CallFailed) as caught:
+        await transport.send(req("/due"), 0.0004)
+    assert (caught.value.kind, caught.value.sent) == ("timeout", False)
+    assert inner.calls == []
 
 
 async def test_the_time_left_an_item_tells_is_what_is_left_when_its_batch_is_sent(
