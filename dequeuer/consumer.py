@@ -135,9 +135,10 @@ class Consumer:
     @property
     def prefetch(self) -> int:
         """Enough held messages to find `concurrency` distinct keys, and no more: every held
-        message returned on a close costs one delivery against the delivery limit."""
+        message returned on a close costs one delivery against the delivery limit. A partition
+        that is its own lane runs one request at a time, batched or not: one running, one next."""
         if self.settings.ordering == "partition":
-            return 2 * self.settings.batch_size
+            return 2
         return max(1, self.settings.concurrency)
 
     async def start(self, connection: AbstractRobustConnection) -> None:

@@ -843,3 +843,17 @@ async def test_bench_microservice_serialises_calls_and_speaks_the_protocol() -> 
             stats = await response.json()
     assert (stats["calls"], stats["items"], stats["largest"]) == (2, 5, 4)
     assert elapsed >= 0.010 + 0.002 + 0.0105  # one after the other, not side by side
+
+
+@pytest.mark.parametrize("size", [1, 16])
+def test_a_partition_ordered_dequeuer_holds_two_requests_per_partition(size: int) -> None:
+    """With `--ordering partition` a partition runs one request at a time, batched or not, yet
+    it held 2 x --batch-size: 32 held messages per partition did nothing but wait, and each
+    handover (a rebalance, the breaker's) returned all of them, counting one delivery against
+    each one's --delivery-limit (RabbitMQ counts a return on a channel close)."""
+    flags = ["--service", "hunt-batching-prefetch", "--ordering", "partition"]
+    settings = load(DequeuerSettings, [*flags, "--batch-size", str(size), "--concurrency", "64"])
+    consumer = Consumer(
+        settings, FakeInner(), DequeuerMetrics(), ServiceBreaker(5, 10.0), asyncio.Event()
+    )
+    assert consumer.prefetch == 2
