@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -88,3 +91,35 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def silent_dns_server(asked: set[str]) -> Iterator[str]:
+    """A DNS server on a loopback UDP port that reads queries and never answers them, as a
+    dead or firewalled one; yields its `127.0.0.1:PORT` and adds each name asked to `asked`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.1)
+        stopped = threading.Event()
+
+        def swallow() -> None:
+            while not stopped.is_set():
+                with contextlib.suppress(OSError):
+                    asked.add(_query_name(sock.recv(4096)))
+
+        reader = threading.Thread(target=swallow, daemon=True)
+        reader.start()
+        try:
+            yield f"127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            stopped.set()
+            reader.join()
+
+
+def _query_name(packet: bytes) -> str:
+    """The name a DNS query asks about (its first question, after the 12-byte header)."""
+    labels, at = [], 12
+    while at < len(packet) and packet[at]:
+        labels.append(packet[at + 1 : at + 1 + packet[at]].decode("ascii", "replace"))
+        at += 1 + packet[at]
+    return ".".join(labels)

@@ -7,10 +7,12 @@ else by the real rules, and a stub resolver stands in for DNS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
 from urllib.parse import quote
@@ -20,7 +22,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from tests.conftest import serving
-from tests.url_fetcher.support import BIG_SIZE, PAGE, free_port
+from tests.url_fetcher.support import BIG_SIZE, PAGE, free_port, silent_dns_server
 from url_fetcher.fetch import Fetcher, FetchError, FetchLimits, create_session
 from url_fetcher.guard import TargetGuard
 from url_fetcher.title import TitleScanner
@@ -355,3 +357,53 @@ async def test_malformed_urls_are_bad_requests(fetcher: Fetcher, raw: object, me
         await fetcher.fetch(raw)
     assert (caught.value.code, caught.value.http_status) == ("bad_request", 400)
     assert message in caught.value.message
+
+
+@pytest.fixture
+def dns_never_answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
+    """This machine's DNS server never answers: names asked about are collected in the set.
+
+    url-fetcher's resolver asks a loopback server that swallows queries; the system's
+    getaddrinfo() waits as long on every `.test` name, so that no query of the test can leave
+    the machine either way.
+    """
+    asked: set[str] = set()
+    with silent_dns_server(asked) as server:
+        monkeypatch.setattr("url_fetcher.fetch.DNS_SERVERS", [server])
+        released = threading.Event()
+        system = socket.getaddrinfo
+
+        def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+            if isinstance(host, str) and host.endswith(".test"):
+                asked.add(host)
+                released.wait(30)
+                raise socket.gaierror(socket.EAI_AGAIN, "no answer")
+            return system(host, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        yield asked
+        released.set()
+
+
+async def test_names_whose_dns_never_answers_hold_up_no_other_fetch(
+    site: str, dns_never_answers: set[str]
+) -> None:
+    """Names were resolved by getaddrinfo() in the loop's default thread pool (6 threads on 2
+    cores): a few dozen fetches of names whose DNS never answered held every thread, and every
+    other fetch of a name timed out behind them, still after they had timed out themselves."""
+    guard = TargetGuard(allow_private=True)
+    limits = FetchLimits(timeout=3)
+    hung = [f"http://host{i}.hang.test/" for i in range(40)]
+    async with create_session(guard, limits) as session:
+        fetcher = Fetcher(session, guard, limits)
+        waiting = [asyncio.ensure_future(fetcher.fetch(url)) for url in hung]
+        with contextlib.suppress(TimeoutError):  # the thread pool let only a few be asked
+            async with asyncio.timeout(2):
+                while len(dns_never_answers) < len(hung):
+                    await asyncio.sleep(0.01)
+        by_name = await fetcher.fetch(f"http://localhost:{_port(site)}/page")  # /etc/hosts
+        by_address = await fetcher.fetch(f"{site}/page")
+        assert not any(fetch.done() for fetch in waiting)
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert (by_name.status, by_address.status) == (200, 200)
+    assert {getattr(outcome, "code", outcome) for outcome in outcomes} == {"fetch_timeout"}

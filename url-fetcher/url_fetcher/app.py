@@ -66,10 +66,9 @@ def _client_session(
             max_redirects=settings.max_redirects,
         )
         target_guard = guard or TargetGuard(allow_private=settings.allow_private)
-        session = create_session(
+        async with create_session(
             target_guard, limits, resolver, connections=settings.max_connections
-        )
-        async with session:
+        ) as session:
             app[SESSION] = session
             app[FETCHER] = Fetcher(session, target_guard, limits)
             yield

@@ -6,13 +6,15 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.abc import AbstractResolver
-from aiohttp.resolver import DefaultResolver
+from aiohttp.resolver import AsyncResolver
 from yarl import URL
 
 from url_fetcher.guard import (
@@ -32,6 +34,7 @@ MAX_URL_CHARS = 8192
 MAX_REASON_CHARS = 300  # of a failed fetch's reason, which may quote the target
 MAX_CONNECTIONS = 1000  # to fetch targets at once, unless --max-connections says otherwise
 _CHUNK = 64 * 1024
+DNS_SERVERS: list[str] = []  # `host[:port]` to resolve names with; empty: /etc/resolv.conf's
 
 # Error codes, each with the HTTP status /fetch answers it with.
 BAD_REQUEST = "bad_request"
@@ -147,31 +150,37 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "an object" if isinstance(value, dict) else type(value).__name__)
 
 
-def create_session(
+@asynccontextmanager
+async def create_session(
     guard: TargetGuard,
     limits: FetchLimits,
     resolver: AbstractResolver | None = None,
     *,
     connections: int = MAX_CONNECTIONS,
-) -> aiohttp.ClientSession:
+) -> AsyncIterator[aiohttp.ClientSession]:
     """The process's client session, connecting only where `guard` allows, with at most
     `connections` open at once (--max-connections; aiohttp's default of 100 made the 101st
     concurrent fetch wait behind slow targets until it timed out).
 
-    Environment proxies are ignored (a proxy would connect on our behalf, past the guard) and
-    cookies are not kept, so one caller's fetch cannot leak into another's.
+    Names are resolved by c-ares (aiodns), many at once on the event loop: getaddrinfo() took
+    a thread of the loop's small default pool for each, so a few dozen names whose DNS never
+    answered held up every other name. Environment proxies are ignored (a proxy would connect
+    on our behalf, past the guard) and cookies are not kept, so one caller's fetch cannot leak
+    into another's.
     """
-    connector = aiohttp.TCPConnector(
-        limit=connections,
-        resolver=GuardedResolver(resolver or DefaultResolver(), guard),
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
+    guarded = GuardedResolver(resolver or AsyncResolver(nameservers=DNS_SERVERS or None), guard)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, resolver=guarded),
         timeout=aiohttp.ClientTimeout(total=limits.timeout),
         headers={hdrs.USER_AGENT: USER_AGENT},
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
     )
+    try:
+        async with session:
+            yield session
+    finally:
+        await guarded.close()  # a resolver passed in is not closed by the connector
 
 
 class Fetcher:
