@@ -217,3 +217,22 @@ async def test_max_connections_sizes_the_fetch_pool(monkeypatch: pytest.MonkeyPa
     async with serve(monkeypatch, "--max-connections", "7") as client:
         assert client.app is not None
         assert client.app[SESSION].connector.limit == 7  # type: ignore[union-attr]
+
+
+async def test_a_batch_answers_within_batch_timeout(
+    monkeypatch: pytest.MonkeyPatch, site: str
+) -> None:
+    """A batch took as long as its fetches, --batch-concurrency at a time: 100 URLs that never
+    answered took 70 s by default, past the dequeuer's 60 s --call-timeout, and its caller got
+    nothing at all. What is fetched by --batch-timeout is answered; the rest is fetch_timeout."""
+    flags = ["--fetch-timeout", "5", "--batch-concurrency", "1", "--batch-timeout", "1"]
+    urls = [f"{site}/page", f"{site}/slow", f"{site}/slow", f"{site}/page"]
+    async with serve(monkeypatch, *flags) as client:
+        status, answer = await post(client, "/fetch/batch", json.dumps(urls).encode())
+    assert status == 200 and isinstance(answer, dict)
+    first, *late = answer["results"]
+    assert first["status"] == 200
+    assert [entry["error"]["code"] for entry in late] == ["fetch_timeout"] * 3
+    assert {entry["error"]["message"] for entry in late} == {
+        f"the batch reached its --batch-timeout of 1 s before {url} was fetched" for url in urls[1:]
+    }

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -13,7 +14,15 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
 from url_fetcher.batch_endpoint import BatchLimits, batch_handler
-from url_fetcher.fetch import BAD_REQUEST, Fetcher, FetchError, FetchLimits, create_session
+from url_fetcher.fetch import (
+    BAD_REQUEST,
+    FETCH_TIMEOUT,
+    Fetcher,
+    FetchError,
+    FetchLimits,
+    create_session,
+    log_failure,
+)
 from url_fetcher.guard import TargetGuard
 from url_fetcher.settings import UrlFetcherSettings
 
@@ -135,7 +144,9 @@ async def fetch_batch(request: web.Request) -> web.Response:
     """POST /fetch/batch: fetch many URLs concurrently; one result or error per URL, in order.
 
     Accepts {"urls": [...]} or a bare list; items are URL strings or {"url": ...} objects. A bad
-    item only fails its own slot, so one typo does not cost the whole batch.
+    item only fails its own slot, so one typo does not cost the whole batch. The batch answers
+    within --batch-timeout: an item not fetched by then is `fetch_timeout` in its slot (a batch
+    of slow URLs took 70 s by default, past a dequeuer's 60 s call, whose caller got nothing).
     """
     body = await _json_body(request)
     items = body.get("urls") if isinstance(body, dict) else body
@@ -149,17 +160,27 @@ async def fetch_batch(request: web.Request) -> web.Response:
         )
     fetcher = request.app[FETCHER]
     slots = asyncio.Semaphore(settings.batch_concurrency)
+    started = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + settings.batch_timeout
 
     async def one(item: object) -> dict[str, object]:
         url = item.get("url") if isinstance(item, dict) else item
-        async with slots:
-            try:
+        try:
+            async with asyncio.timeout_at(deadline), slots:
                 return (await fetcher.fetch(url)).to_json()
-            except FetchError as exc:
-                return exc.to_json(url)
-            except Exception:
-                log.exception("fetch url=%r failed", url)
-                return {"url": url, **error_body(INTERNAL_ERROR, _FAILED)}
+        except FetchError as exc:
+            return exc.to_json(url)
+        except TimeoutError:
+            message = (
+                f"the batch reached its --batch-timeout of {settings.batch_timeout:g} s "
+                f"before {url} was fetched"
+            )
+            cut = FetchError(FETCH_TIMEOUT, message)
+            log_failure(url, cut, started)
+            return cut.to_json(url)
+        except Exception:
+            log.exception("fetch url=%r failed", url)
+            return {"url": url, **error_body(INTERNAL_ERROR, _FAILED)}
 
     results = await asyncio.gather(*(one(item) for item in items))
     return web.json_response({"results": results})

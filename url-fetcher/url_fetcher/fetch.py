@@ -199,14 +199,7 @@ class Fetcher:
         try:
             result = await self._fetch(raw_url, started)
         except FetchError as exc:
-            log.info(
-                "fetch url=%s status=%d error=%s elapsed_ms=%.1f message=%s",
-                _redacted(repr(raw_url)),
-                exc.http_status,
-                exc.code,
-                _elapsed_ms(started),
-                _redacted(_one_line(exc.message)),
-            )
+            log_failure(raw_url, exc, started)
             raise
         log.info(
             "fetch url=%s status=%d elapsed_ms=%.1f size=%d redirects=%d%s",
@@ -293,6 +286,18 @@ class Fetcher:
             redirects=redirects,
             truncated=truncated,
         )
+
+
+def log_failure(raw_url: object, exc: FetchError, started: float) -> None:
+    """The log line of a fetch that produced no page, `started` at `time.perf_counter()`."""
+    log.info(
+        "fetch url=%s status=%d error=%s elapsed_ms=%.1f message=%s",
+        _redacted(repr(raw_url)),
+        exc.http_status,
+        exc.code,
+        _elapsed_ms(started),
+        _redacted(_one_line(exc.message)),
+    )
 
 
 def _next_hop(url: URL, location: str) -> URL:

@@ -60,6 +60,12 @@ class UrlFetcherSettings(CommandSettings):
         description="Fetches (or items) run at the same time within one /fetch/batch or "
         "/batch request (at most 1,000,000).",
     )
+    batch_timeout: Seconds = Field(
+        30.0,
+        gt=0,
+        description="Seconds one /fetch/batch request may take; URLs not fetched by then are "
+        "answered fetch_timeout in their entries. Keep it below the dequeuer's --call-timeout.",
+    )
     max_batch: Count = Field(
         100,
         ge=1,
