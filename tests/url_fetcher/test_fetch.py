@@ -407,3 +407,34 @@ async def test_names_whose_dns_never_answers_hold_up_no_other_fetch(
         outcomes = await asyncio.gather(*waiting, return_exceptions=True)
     assert (by_name.status, by_address.status) == (200, 200)
     assert {getattr(outcome, "code", outcome) for outcome in outcomes} == {"fetch_timeout"}
+
+
+async def test_what_a_target_sends_unasked_is_no_later_fetchs_answer(fetcher: Fetcher) -> None:
+    """A target that sent a second response after the first, unasked, had it taken as the
+    answer to the next fetch of that host (any caller's): the connection went back to the pool
+    with it waiting there."""
+    connections = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                path = (await reader.readuntil(b"\r\n\r\n")).split(b" ")[1]
+                writer.write(_html_response(b"<title>" + path + b"</title>"))
+                await writer.drain()
+                await asyncio.sleep(0.1)  # after the first response was read
+                writer.write(_html_response(b"<title>unasked</title>"))
+                await writer.drain()
+
+    async with await asyncio.start_server(answer, "127.0.0.1", 0) as server:
+        base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        assert (await fetcher.fetch(f"{base}/first")).title == "/first"
+        await asyncio.sleep(0.3)  # the unasked response is there by now
+        assert (await fetcher.fetch(f"{base}/second")).title == "/second"
+    assert connections == 2
+
+
+def _html_response(body: bytes) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body

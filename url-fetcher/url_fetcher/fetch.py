@@ -162,6 +162,10 @@ async def create_session(
     `connections` open at once (--max-connections; aiohttp's default of 100 made the 101st
     concurrent fetch wait behind slow targets until it timed out).
 
+    Every fetch has connections of its own, closed after it (`force_close`): a target could
+    send a response unasked, and a pooled connection handed it to the next fetch of that host,
+    any caller's, as its answer.
+
     Names are resolved by c-ares (aiodns), many at once on the event loop: getaddrinfo() took
     a thread of the loop's small default pool for each, so a few dozen names whose DNS never
     answered held up every other name. Environment proxies are ignored (a proxy would connect
@@ -170,7 +174,7 @@ async def create_session(
     """
     guarded = GuardedResolver(resolver or AsyncResolver(nameservers=DNS_SERVERS or None), guard)
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=connections, resolver=guarded),
+        connector=aiohttp.TCPConnector(limit=connections, resolver=guarded, force_close=True),
         timeout=aiohttp.ClientTimeout(total=limits.timeout),
         headers={hdrs.USER_AGENT: USER_AGENT},
         cookie_jar=aiohttp.DummyCookieJar(),
