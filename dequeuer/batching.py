@@ -16,7 +16,8 @@ How a failed batch call reaches each caller, as if each had made a single call:
     no answer within the item's timeout -> CallFailed("timeout", ...)     retried by default
     answer too large, or not valid HTTP -> CallFailed("too_large" or      never retried
       (over `answer_limit`)                "bad_answer", ...)
-    batch answered 5xx                  -> that HttpResponse, per item    503 retried, 500 not
+    batch answered 5xx                  -> its status (and Retry-After),  503 retried, 500 not
+                                           no body, per item
     batch answered another non-200,     -> CallFailed("connect", ...)     the batch endpoint is
       or 200 with a malformed array                                       broken: retried, then
                                                                           dead-lettered (reason)
@@ -282,12 +283,18 @@ class BatchingTransport:
 
     def outcomes(self, answer: HttpResponse, count: int) -> list[HttpResponse | CallFailed]:
         """Each item's outcome from the batch call's answer (see the table in the docstring)."""
+        if answer.status != 200:
+            # Not its body: it may echo the callers' requests, and bodies are never logged.
+            log.warning(
+                "batch endpoint %s answered %d, not 200 (%d bytes)",
+                self.path,
+                answer.status,
+                len(answer.body),
+            )
         if answer.status >= 500:
-            return [answer] * count
+            return [_status_alone(answer)] * count
         if answer.status != 200:
             reason = f"batch endpoint {self.path} answered {answer.status}, not 200"
-            # Not its body: it may echo the callers' requests, and bodies are never logged.
-            log.warning("%s (%d bytes)", reason, len(answer.body))
             return [CallFailed("connect", reason) for _ in range(count)]
         try:
             return decode_batch(answer.body, count)
@@ -326,6 +333,15 @@ def _time_left(request: HttpRequest, left: float) -> HttpRequest:
         for name, value in request.headers
     )
     return replace(request, headers=headers)
+
+
+def _status_alone(answer: HttpResponse) -> HttpResponse:
+    """A whole batch's error answer as each item's: its status and `Retry-After` (which the
+    item's retry waits for), not its body or other headers. Those are the whole batch's: a
+    framework's debug page repeats the batch request, every caller's headers included, and a
+    `Set-Cookie` is meant for no caller in particular."""
+    retry_after = tuple((n, v) for n, v in answer.headers if n.lower() == "retry-after")
+    return HttpResponse(answer.status, retry_after[:1], b"")
 
 
 def answer_limit(size: int, max_response: int) -> int:

@@ -332,3 +332,59 @@ async def test_max_response_counts_each_requests_answer(
     status, body = answers[3]
     assert status == 502
     assert b"too_large" in body and b"--max-response" in body
+
+
+@dataclass
+class FailingBatches:
+    """A batch endpoint that fails whole, with a framework's debug page repeating the batch
+    request: 503 with `Retry-After` the first time, 500 from then on."""
+
+    attempts: Counter[str] = field(default_factory=Counter)
+    calls: int = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        items = await request.json()
+        for item in items:
+            self.attempts[dict(item["headers"])["X-Correlation-ID"]] += 1
+        page = f"<h1>Internal error</h1><pre>{json.dumps(items)}</pre>"
+        headers = {"Set-Cookie": "debug-session=s3cr3t"}
+        if self.calls == 1:
+            headers["Retry-After"] = "1"
+            return web.Response(status=503, text=page, headers=headers)
+        return web.Response(status=500, text=page, headers=headers)
+
+
+async def test_a_failed_batch_gives_its_callers_the_status_not_the_page(
+    stack: Stack, service: str, http: aiohttp.ClientSession
+) -> None:
+    """Every caller of a batch answered 500 got that answer's body and headers: a debug page
+    repeating the whole batch (each caller read the others' requests, `X-Api-Key` included)
+    and its `Set-Cookie`. Each gets the status alone; a 503 is still retried item by item."""
+    failing = FailingBatches()
+    app = web.Application()
+    app.router.add_post("/batch", failing.handle)
+    async with serving(app) as target:
+        await stack.dequeuer(service, target, "--batch-size", "2", "--batch-wait-ms", "2000")
+        _, url = await stack.enqueuer()
+
+        async def call(name: str) -> tuple[str, int, dict[str, str], bytes]:
+            async with http.get(
+                f"{url}/{service}/{name}",
+                headers={"X-Partition-Key": name, "X-Api-Key": f"key-of-{name}"},
+            ) as response:
+                return (
+                    response.headers["X-Correlation-ID"],
+                    response.status,
+                    dict(response.headers),
+                    await response.read(),
+                )
+
+        async with asyncio.timeout(30):
+            answers = await asyncio.gather(call("a"), call("b"))
+    for request_id, status, headers, body in answers:
+        assert (status, body) == (500, b"")
+        assert "Set-Cookie" not in headers
+        assert failing.attempts[request_id] == 2  # the 503 retried, the 500 not
+    assert "answered 503" in stack.log_text() and "answered 500" in stack.log_text()
+    assert "key-of-" not in stack.log_text()

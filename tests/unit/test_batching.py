@@ -204,14 +204,31 @@ async def test_no_answer_fails_every_item_the_same_way(
     assert "batch of 3" in str(outcomes[0])
 
 
-async def test_a_5xx_batch_answer_is_every_items_answer(inner: FakeInner) -> None:
-    async def overloaded(items: list[dict[str, object]]) -> HttpResponse:
-        return HttpResponse(503, (("Retry-After", "1"),), b"busy")
+@pytest.mark.parametrize(
+    ("status", "retry_after"), [(503, (("Retry-After", "1"),)), (500, ())], ids=["503", "500"]
+)
+async def test_a_5xx_batch_answer_gives_each_item_its_status_alone(
+    inner: FakeInner,
+    status: int,
+    retry_after: tuple[tuple[str, str], ...],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each item gets the status (and a `Retry-After`, which its retry waits for), not the
+    batch answer's body and headers: a framework's debug page repeats the batch request, so
+    each caller read the others' requests, headers included, and every caller got its
+    `Set-Cookie`. The operator has the status in the log; the body is not logged either."""
+    secret = b"<pre>X-Api-Key: secret of /a</pre>"
 
-    inner.answer = overloaded
+    async def failed(items: list[dict[str, object]]) -> HttpResponse:
+        headers = (("Content-Type", "text/html"), ("Set-Cookie", "session=1"), *retry_after)
+        return HttpResponse(status, headers, secret)
+
+    inner.answer = failed
     transport = batcher(inner, size=2)
     answers = await asyncio.gather(transport.send(req("/a"), 5), transport.send(req("/b"), 5))
-    assert [(a.status, a.body) for a in answers] == [(503, b"busy"), (503, b"busy")]
+    assert list(answers) == [HttpResponse(status, retry_after, b"")] * 2
+    assert f"answered {status}" in caplog.text
+    assert secret.decode() not in caplog.text
 
 
 @pytest.mark.parametrize(
