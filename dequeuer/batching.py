@@ -56,7 +56,9 @@ from shared.envelope import HOP_BY_HOP, HttpRequest, HttpResponse, end_to_end, v
 
 log = logging.getLogger(__name__)
 
-JSON_HEADERS = (("Content-Type", "application/json"),)
+# The batch answer is read as it comes (the client does not decompress: a plain call's answer
+# passes through as sent), and a server may compress for a request that names no coding.
+BATCH_HEADERS = (("Content-Type", "application/json"), ("Accept-Encoding", "identity"))
 _DEADLINE = DEADLINE_HEADER.lower()
 
 
@@ -249,7 +251,7 @@ class BatchingTransport:
         if self.on_batch is not None:
             self.on_batch(len(live))
         requests = [_time_left(item.request, item.deadline - now) for item in live]
-        batch = HttpRequest("POST", self.path, "", JSON_HEADERS, encode_batch(requests))
+        batch = HttpRequest("POST", self.path, "", BATCH_HEADERS, encode_batch(requests))
         links = [item.span for item in live if item.span is not None]
         try:
             with tracing.span(f"POST {self.path}", SpanKind.INTERNAL, links=links):

@@ -607,6 +607,36 @@ async def test_over_http_answer_over_max_response(
     assert len(seen) == 1
 
 
+async def test_over_http_the_batch_answer_comes_uncompressed() -> None:
+    """A server may compress an answer to a request without `Accept-Encoding` (RFC 9110 12.5.3),
+    and the dequeuer reads the batch answer as it comes: each item was malformed ("not JSON"),
+    retried and dead-lettered. Batch calls ask for `identity`."""
+    asked: list[str | None] = []
+
+    async def compressing(request: web.Request) -> web.Response:
+        accepted = request.headers.get("Accept-Encoding")
+        asked.append(accepted)
+        body = json.dumps([item_answer(200, b"ok") for _ in await request.json()]).encode()
+        if accepted is None or "gzip" in accepted:
+            return web.Response(body=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/batch", compressing)
+    async with serving(app) as url:
+        transport = BatchingTransport(
+            HttpTransport(url, 4, 1 << 20), size=2, wait=0.01, path="/batch"
+        )
+        try:
+            answers = await asyncio.gather(
+                transport.send(req("/a"), 5), transport.send(req("/b"), 5)
+            )
+        finally:
+            await transport.close()
+    assert [a.body for a in answers] == [b"ok", b"ok"]
+    assert asked == ["identity"]
+
+
 def test_the_batch_answer_limit_holds_each_answer_at_max_response() -> None:
     """Room for `size` bodies of --max-response in base64, and for each one's headers."""
     assert answer_limit(4, 3 * 1024) == 4 * (4 * 1024 + 128 * 1024)
