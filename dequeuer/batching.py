@@ -36,7 +36,7 @@ import contextlib
 import contextvars
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -51,7 +51,7 @@ from dequeuer.forwarder import (
     answered,
     traced,
 )
-from shared import tracing
+from shared import logs, tracing
 from shared.envelope import HOP_BY_HOP, HttpRequest, HttpResponse, end_to_end, valid_header
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class _Item:
     request: HttpRequest
     deadline: float
     future: asyncio.Future[HttpResponse]
+    log_context: Mapping[str, str]  # its caller's log fields: its id, its service
     batch: _Batch | None = None
     expiry: asyncio.TimerHandle | None = None
     span: SpanContext | None = None  # its call span, which the batch call's span links to
@@ -154,7 +155,8 @@ class BatchingTransport:
         if self._closed:
             raise CallFailed("connect", "the dequeuer is stopping: no more batch calls")
         loop = asyncio.get_running_loop()
-        item = _Item(request, loop.time() + timeout, loop.create_future(), span=span)
+        context = logs.request_context.get()
+        item = _Item(request, loop.time() + timeout, loop.create_future(), context, span=span)
         item.expiry = loop.call_at(item.deadline, self._expire, item)
         item.future.add_done_callback(lambda _: self._forget(item))
         self._pending.append(item)
@@ -211,10 +213,8 @@ class BatchingTransport:
         batch = _Batch(items)
         for item in items:
             item.batch = batch
-        # In a context of its own: the batch call is no part of the request whose turn sent it
-        # (its span was that request's child, its log lines had that request's id).
         batch.task = asyncio.get_running_loop().create_task(
-            self._call(items), context=contextvars.Context()
+            self._call(items), context=_batch_context(items)
         )
         self._calls.add(batch.task)
         batch.task.add_done_callback(partial(self._call_done, items))
@@ -230,7 +230,7 @@ class BatchingTransport:
         try:
             await self._call_and_settle(items)
         except Exception as exc:  # a bug below must not leave callers waiting forever
-            log.exception("batch call to %s failed unexpectedly", self.path)
+            log.exception("batch call to %s failed unexpectedly", self.path, extra=_ids(items))
             _fail_all(items, "connect", f"batch call failed: {exc!r}")
 
     async def _call_and_settle(self, items: list[_Item]) -> None:
@@ -267,7 +267,7 @@ class BatchingTransport:
             for item in live:
                 _settle(item, CallFailed(failure.kind, detail, sent=failure.sent))
             return
-        for item, outcome in zip(live, self.outcomes(answer, len(live)), strict=True):
+        for item, outcome in zip(live, self.outcomes(answer, live), strict=True):
             _settle(item, self.own(item.request.method, outcome))
 
     def own(self, method: str, outcome: HttpResponse | CallFailed) -> HttpResponse | CallFailed:
@@ -283,8 +283,11 @@ class BatchingTransport:
             )
         return answer
 
-    def outcomes(self, answer: HttpResponse, count: int) -> list[HttpResponse | CallFailed]:
+    def outcomes(
+        self, answer: HttpResponse, items: Sequence[_Item]
+    ) -> list[HttpResponse | CallFailed]:
         """Each item's outcome from the batch call's answer (see the table in the docstring)."""
+        count = len(items)
         if answer.status != 200:
             # Not its body: it may echo the callers' requests, and bodies are never logged.
             log.warning(
@@ -292,6 +295,7 @@ class BatchingTransport:
                 self.path,
                 answer.status,
                 len(answer.body),
+                extra=_ids(items),
             )
         if answer.status >= 500:
             return [_status_alone(answer)] * count
@@ -302,7 +306,7 @@ class BatchingTransport:
             return decode_batch(answer.body, count)
         except MalformedBatch as exc:
             reason = f"malformed answer from batch endpoint {self.path}: {exc}"
-            log.warning("%s", reason)
+            log.warning("%s", reason, extra=_ids(items))
             return [CallFailed("connect", reason) for _ in range(count)]
 
     async def close(self) -> None:
@@ -325,6 +329,19 @@ class BatchingTransport:
             with contextlib.suppress(asyncio.CancelledError):
                 await call
         await self.inner.close()
+
+
+def _batch_context(items: Sequence[_Item]) -> contextvars.Context:
+    """The batch call's own context, no one request's (its span was the child of the request
+    whose turn sent it, its log lines had that request's id), with the service of them all."""
+    context = contextvars.Context()
+    context.run(logs.bind, service=items[0].log_context.get("service"))
+    return context
+
+
+def _ids(items: Sequence[_Item]) -> dict[str, dict[str, object]]:
+    """A line about a whole batch names its requests, so a search by one's id finds it."""
+    return logs.fields(correlation_ids=[item.log_context.get("correlation_id") for item in items])
 
 
 def _time_left(request: HttpRequest, left: float) -> HttpRequest:

@@ -388,3 +388,49 @@ async def test_a_failed_batch_gives_its_callers_the_status_not_the_page(
         assert failing.attempts[request_id] == 2  # the 503 retried, the 500 not
     assert "answered 503" in stack.log_text() and "answered 500" in stack.log_text()
     assert "key-of-" not in stack.log_text()
+
+
+async def test_lines_about_a_broken_batch_name_its_service_and_requests(
+    stack: Stack, service: str, http: aiohttp.ClientSession
+) -> None:
+    """The lines saying a batch endpoint answered 404, or an answer that was no JSON, had no
+    service and no request id: a search of the logs by either found the retries, not why."""
+    calls: list[list[str]] = []
+
+    async def broken_twice(request: web.Request) -> web.Response:
+        items = await request.json()
+        calls.append([dict(item["headers"])["X-Correlation-ID"] for item in items])
+        if len(calls) == 1:
+            return web.Response(status=404)
+        if len(calls) == 2:
+            return web.Response(text="not json")
+        return web.json_response([{"status": 200} for _ in items])
+
+    app = web.Application()
+    app.router.add_post("/batch", broken_twice)
+    async with serving(app) as target:
+        await stack.dequeuer(
+            service,
+            target,
+            *("--batch-size", "2", "--batch-wait-ms", "2000", "--retry-backoff-ms", "20"),
+            "--json-logs",
+        )
+        _, url = await stack.enqueuer()
+
+        async def call(key: str) -> str:
+            async with http.get(f"{url}/{service}/x", headers={"X-Partition-Key": key}) as r:
+                assert r.status == 200, await r.text()
+                return r.headers["X-Correlation-ID"]
+
+        async with asyncio.timeout(30):
+            ids = sorted(await asyncio.gather(call("a"), call("b")))
+    assert [sorted(batch) for batch in calls] == [ids] * 3
+    lines = [json.loads(x) for x in stack.log_text().splitlines() if x.startswith("{")]
+    about = [line for line in lines if line["logger"] == "dequeuer.batching"]
+    assert [line["msg"].split(":")[0] for line in about] == [
+        "batch endpoint /batch answered 404, not 200 (0 bytes)",
+        "malformed answer from batch endpoint /batch",
+    ]
+    for line in about:
+        assert (line["level"], line.get("service")) == ("warning", service), line
+        assert sorted(line.get("correlation_ids", [])) == ids, line
