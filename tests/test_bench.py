@@ -21,6 +21,7 @@ import aio_pika
 import pytest
 
 from shared import topology
+from shared.broker import TlsFiles
 from shared.cli import ensure_broker
 from shared.cli.main import build_parser
 from shared.processes import http_ok, script
@@ -283,7 +284,7 @@ def test_bench_without_a_broker_says_what_to_run(scenario: str) -> None:
 def test_bench_on_a_broker_without_the_hash_exchange_says_what_to_enable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def unknown(url: str) -> bool:
+    async def unknown(url: str, tls: TlsFiles) -> bool:
         return False
 
     monkeypatch.setattr(ensure_broker, "has_consistent_hash", unknown)

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from shared.broker import NO_TLS, TlsFiles
 from shared.cli import ensure_broker
 from tests.conftest import AMQP_URL, closed_port, serving
 
@@ -248,10 +249,12 @@ class FakeMachine:
     def which(self, name: str) -> str | None:
         return f"/usr/bin/{name}" if self.installed or name == "apt-get" else None
 
-    async def answers(self, url: str, timeout: float = 5.0) -> ensure_broker.BrokerProblem | None:
+    async def answers(
+        self, url: str, timeout: float = 5.0, tls: TlsFiles = NO_TLS
+    ) -> ensure_broker.BrokerProblem | None:
         return None if self.up else ensure_broker.BrokerProblem("RabbitMQ does not answer")
 
-    async def has_hash(self, url: str) -> bool:
+    async def has_hash(self, url: str, tls: TlsFiles = NO_TLS) -> bool:
         return "rabbitmq_consistent_hash_exchange" in self.plugins
 
     async def run(

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from dataclasses import asdict
 from pathlib import Path
 
 import aio_pika
@@ -40,7 +41,7 @@ from rich.progress import (
 
 from enqueuer.settings import EnqueuerSettings
 from shared import topology
-from shared.broker import redact
+from shared.broker import TlsFiles, redact
 from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack, ensure_broker
 from shared.cli.bench_cpu import CpuMeter, local_broker
 from shared.cli.bench_load import RequestFailed, Run, Send, drive, measure, summarize
@@ -343,7 +344,9 @@ async def bench(args: argparse.Namespace, console: Console, logs: Path) -> int:
     async with AsyncExitStack() as stack:
         try:
             connection = await aio_pika.connect(
-                args.amqp_url, client_properties={"connection_name": "proxymq bench"}
+                args.amqp_url,
+                ssl_context=TlsFiles.of(args).context_for(args.amqp_url),
+                client_properties={"connection_name": "proxymq bench"},
             )
         except (aiormq.exceptions.AMQPError, OSError) as exc:
             raise bench_stack.StartFailed(
@@ -355,6 +358,7 @@ async def bench(args: argparse.Namespace, console: Console, logs: Path) -> int:
                 stack,
                 connection,
                 amqp_url=args.amqp_url,
+                tls=TlsFiles.of(args),
                 partitions=args.partitions,
                 prefetch=RPC_PREFETCH,
                 logs=logs,
@@ -438,7 +442,14 @@ async def outcome(args: argparse.Namespace, console: Console, logs: Path) -> int
         work = bench(args, console, logs)
     else:
         work = bench_partitions.run(
-            args.scenario, args.amqp_url, args.requests, args.trials, args.json, console, logs
+            args.scenario,
+            args.amqp_url,
+            TlsFiles.of(args),
+            args.requests,
+            args.trials,
+            args.json,
+            console,
+            logs,
         )
     try:
         return await bench_stack.stopped_by_signal(work)
@@ -453,10 +464,10 @@ async def outcome(args: argparse.Namespace, console: Console, logs: Path) -> int
         return EXIT_INTERRUPTED
 
 
-async def check_broker(url: str) -> None:
+async def check_broker(url: str, tls: TlsFiles) -> None:
     """Before any process starts: the broker answers, and knows the exchange type partitions
     need; else `BrokerProblem` says what to run."""
-    if not await ensure_broker.has_consistent_hash(url):
+    if not await ensure_broker.has_consistent_hash(url, tls):
         raise ensure_broker.BrokerProblem(
             f"the broker at {redact(url)} has no x-consistent-hash exchange type",
             f"on the broker run `rabbitmq-plugins enable {' '.join(ensure_broker.PLUGINS)}`",
@@ -497,13 +508,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     console = Console()
     try:
-        asyncio.run(check_broker(args.amqp_url))
+        asyncio.run(check_broker(args.amqp_url, TlsFiles.of(args)))
     except ensure_broker.BrokerProblem as exc:
         say(str(exc))
         return 1
     if args.scenario == "batching":
         argv = ["--requests", str(args.requests), "--partitions", str(args.partitions)]
         argv += ["--amqp-url", args.amqp_url]
+        for name, value in asdict(TlsFiles.of(args)).items():
+            argv += [f"--{name.replace('_', '-')}", value] if value else []
         bench_batch.main([*argv, *(["--json", str(args.json)] if args.json else [])])
     runner: Callable[[Coroutine[object, object, int]], int] = asyncio.run
     with contextlib.suppress(ImportError):

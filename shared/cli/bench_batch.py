@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import envelope, service, topology
-from shared.broker import redact
+from shared.broker import TlsFiles, redact
 from shared.cli import bench_stack
 from shared.cli.bench_report import shown
 from shared.cli.common import add_amqp_url
@@ -204,7 +204,7 @@ async def measure(
     """One fresh microservice, service and dequeuer per batch size; all torn down after."""
     logs = Path(args.logs)
     name = f"bench-batch-{uuid.uuid4().hex[:8]}"
-    env = {"PROXYMQ_AMQP_URL": args.amqp_url}
+    env = {"PROXYMQ_AMQP_URL": args.amqp_url, **TlsFiles.of(args).environment()}
     async with AsyncExitStack() as stack, aiohttp.ClientSession() as http:
         port = free_port()
         microservice = bench_stack.module_process(
@@ -242,7 +242,9 @@ async def bench(args: argparse.Namespace, console: Console) -> int:
         f"time; broker {redact(args.amqp_url)}"
     )
     connection = await aio_pika.connect(
-        args.amqp_url, client_properties={"connection_name": "proxymq bench-batch"}
+        args.amqp_url,
+        ssl_context=TlsFiles.of(args).context_for(args.amqp_url),
+        client_properties={"connection_name": "proxymq bench-batch"},
     )
     results = []
     try:

@@ -34,6 +34,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from shared import envelope, topology
+from shared.broker import TlsFiles
 from shared.cli.bench_report import shown
 from shared.cli.bench_stack import Child, launch, module_process, while_running
 from shared.processes import Process, free_port
@@ -44,6 +45,7 @@ PARTITIONS, KEYS, LATENCY_MS = 8, 500, 20.0
 @dataclass
 class Bench:
     amqp_url: str
+    tls: TlsFiles
     connection: AbstractRobustConnection
     logs: Path
     stack: AsyncExitStack
@@ -81,7 +83,7 @@ class Bench:
                 *args,
             ],
             ready_url=f"http://127.0.0.1:{admin}/readyz",
-            env={"PROXYMQ_AMQP_URL": self.amqp_url},
+            env={"PROXYMQ_AMQP_URL": self.amqp_url, **self.tls.environment()},
         )
         process.admin_port = admin  # type: ignore[attr-defined]
         await self.run(process)
@@ -300,6 +302,7 @@ async def failover(bench: Bench, trials: int) -> None:
 async def run(
     scenario: str,
     amqp_url: str,
+    tls: TlsFiles,
     requests: int,
     trials: int,
     json_path: Path | None,
@@ -307,11 +310,13 @@ async def run(
     logs: Path,
 ) -> int:
     connection = await aio_pika.connect_robust(
-        amqp_url, client_properties={"connection_name": "proxymq bench partitions"}
+        amqp_url,
+        ssl_context=tls.context_for(amqp_url),
+        client_properties={"connection_name": "proxymq bench partitions"},
     )
     try:
         async with AsyncExitStack() as stack:
-            bench = Bench(amqp_url, connection, logs, stack, console)
+            bench = Bench(amqp_url, tls, connection, logs, stack, console)
             if scenario == "ordering":
                 await ordering(bench, requests)
             elif scenario == "scaling":

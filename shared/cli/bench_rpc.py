@@ -27,6 +27,7 @@ from aio_pika.abc import (
 )
 
 from shared import service
+from shared.broker import TlsFiles
 from shared.cli.bench_load import RequestFailed
 from shared.cli.common import add_amqp_url
 
@@ -69,9 +70,11 @@ class RpcServer:
         await message.ack()
 
 
-async def serve(url: str, queue: str, prefetch: int) -> int:
+async def serve(url: str, queue: str, prefetch: int, tls: TlsFiles) -> int:
     connection = await aio_pika.connect(
-        url, client_properties={"connection_name": f"proxymq bench rpc server {queue}"}
+        url,
+        ssl_context=tls.context_for(url),
+        client_properties={"connection_name": f"proxymq bench rpc server {queue}"},
     )
     try:
         await RpcServer(queue, prefetch).start(connection)
@@ -148,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     add_amqp_url(parser)
     args = parser.parse_args(argv)
-    service.run(serve(args.amqp_url, args.queue, args.prefetch))
+    service.run(serve(args.amqp_url, args.queue, args.prefetch, TlsFiles.of(args)))
 
 
 if __name__ == "__main__":

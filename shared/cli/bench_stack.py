@@ -25,6 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from shared import topology
+from shared.broker import TlsFiles
 from shared.cli import bench_rpc
 from shared.processes import Process, free_port
 
@@ -246,6 +247,7 @@ async def start_all(
     connection: AbstractConnection,
     *,
     amqp_url: str,
+    tls: TlsFiles,
     partitions: int,
     prefetch: int,
     logs: Path,
@@ -254,7 +256,7 @@ async def start_all(
     variable, so a password never shows in `ps`."""
     suffix = uuid.uuid4().hex[:8]
     service, rpc_queue = f"bench-{suffix}", f"proxymq.bench.rpc.{suffix}"
-    env = {"PROXYMQ_AMQP_URL": amqp_url}
+    env = {"PROXYMQ_AMQP_URL": amqp_url, **tls.environment()}
     echo, echo_port = await start_echo(stack, logs)
     stack.push_async_callback(delete_topology, connection, service)
     target = ["--service", service, "--target", f"http://127.0.0.1:{echo_port}"]

@@ -8,11 +8,13 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from yarl import URL
 
-from shared.settings import DEFAULT_AMQP_URL, check_amqp_url, read_secret_file
+from shared.broker import TlsFiles
+from shared.settings import DEFAULT_AMQP_URL, SidecarSettings, check_amqp_url, read_secret_file
 
 
 def environment(variable: str) -> str | None:
@@ -80,6 +82,8 @@ def amqp_url(value: str) -> str:
 
 
 def add_amqp_url(parser: argparse.ArgumentParser) -> None:
+    """--amqp-url and the TLS files of an amqps:// broker, as the sidecars take them (their
+    settings' descriptions are the help), so an operator reaches the brokers they reach."""
     add_setting(
         parser,
         "--amqp-url",
@@ -88,6 +92,10 @@ def add_amqp_url(parser: argparse.ArgumentParser) -> None:
         help="RabbitMQ URL, or a cluster's node URLs separated by commas (default "
         f"{DEFAULT_AMQP_URL}; PROXYMQ_AMQP_URL_FILE reads it from a file)".replace("%", "%%"),
     )
+    for field in fields(TlsFiles):
+        flag = "--" + field.name.replace("_", "-")
+        description = SidecarSettings.model_fields[field.name].description
+        add_setting(parser, flag, metavar="FILE", help=str(description))
 
 
 MANAGEMENT_FROM_ENVIRONMENT = "$PROXYMQ_MANAGEMENT_URL"
@@ -103,6 +111,17 @@ def management_url(value: str) -> str | None:
         return checked_management_url(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_management_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--management-url",
+        type=management_url,
+        default=MANAGEMENT_FROM_ENVIRONMENT,
+        help="RabbitMQ management API (default: the AMQP URL's host on port 15672; "
+        "credentials: the URL's own, http://USER:PASSWORD@HOST:15672, else the AMQP URL's) "
+        "[env PROXYMQ_MANAGEMENT_URL]",
+    )
 
 
 def configured_management_url() -> str | None:

@@ -32,7 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared import topology
-from shared.broker import redact
+from shared.broker import TlsFiles, redact
 from shared.cli import demo_plan
 from shared.cli.common import add_amqp_url
 from shared.cli.ensure_broker import BrokerProblem, connect, quiet_amqp_logs
@@ -58,8 +58,9 @@ class Interrupted(BaseException):
 class Stack:
     """The demo's processes, started in dependency order and stopped in reverse."""
 
-    def __init__(self, amqp_url: str, logs: Path) -> None:
+    def __init__(self, amqp_url: str, logs: Path, tls: TlsFiles) -> None:
         self.amqp_url = amqp_url
+        self.tls = tls
         self.logs = logs
         self.processes: list[Process] = []
         self._files: list[IO[bytes]] = []
@@ -68,9 +69,8 @@ class Stack:
         log = (self.logs / f"{len(self.processes)}-{label}.log").open("ab")
         self._files.append(log)
         # The URL goes by environment, never on a command line (`ps` shows those).
-        process = Process(
-            name, args, ready_url=ready_url, env={"PROXYMQ_AMQP_URL": self.amqp_url}, log=log
-        )
+        env = {"PROXYMQ_AMQP_URL": self.amqp_url, **self.tls.environment()}
+        process = Process(name, args, ready_url=ready_url, env=env, log=log)
         process.name = label
         self.processes.append(process)
         process.start()
@@ -118,11 +118,11 @@ def uninterruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-async def prepare(amqp_url: str, service: str) -> None:
+async def prepare(amqp_url: str, service: str, tls: TlsFiles) -> None:
     """Refuse a service name in real use (consumers, or waiting messages): the demo would steal
     its requests and then delete its queues. An idle leftover (a killed demo) is removed, since
     its partition count may not match."""
-    connection = await connect(amqp_url, f"proxymq demo {service}")
+    connection = await connect(amqp_url, f"proxymq demo {service}", tls=tls)
     try:
         try:
             found = await from_amqp(service, connection, note="")
@@ -141,8 +141,8 @@ async def prepare(amqp_url: str, service: str) -> None:
         await connection.close()
 
 
-async def cleanup(amqp_url: str, service: str) -> None:
-    connection = await connect(amqp_url, f"proxymq demo {service} cleanup")
+async def cleanup(amqp_url: str, service: str, tls: TlsFiles) -> None:
+    connection = await connect(amqp_url, f"proxymq demo {service} cleanup", tls=tls)
     try:
         await topology.delete(connection, topology.Topology(service))
     finally:
@@ -267,13 +267,14 @@ def run(args: argparse.Namespace) -> int:
     # A log or a pipe is not a terminal: rich would wrap at 80 columns, too narrow for the table.
     console = Console() if sys.stdout.isatty() else Console(width=130)
     service: str = args.service
+    tls = TlsFiles.of(args)
     try:
-        asyncio.run(prepare(args.amqp_url, service))
+        asyncio.run(prepare(args.amqp_url, service, tls))
     except (BrokerProblem, DemoFailed) as exc:
         print(f"proxymq demo: {exc}", file=sys.stderr)
         return 1
     logs = Path(tempfile.mkdtemp(prefix="proxymq-demo-"))
-    stack = Stack(args.amqp_url, logs)
+    stack = Stack(args.amqp_url, logs, tls)
     code = 1
     dead_port = socket.socket()  # bound, never listening: fetching it is refused at once
     try:
@@ -294,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
             dead_port.close()
             stack.stop()
             try:
-                asyncio.run(cleanup(args.amqp_url, service))
+                asyncio.run(cleanup(args.amqp_url, service, tls))
             except BrokerProblem as exc:
                 print(f"proxymq demo: could not delete {service}'s queues: {exc}", file=sys.stderr)
                 code = code or 1

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from shared import hash_ring, topology
-from shared.broker import redact
+from shared.broker import TlsFiles, redact
 from shared.cli.common import add_amqp_url, add_setting, confirm
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
@@ -472,7 +472,8 @@ async def with_connection(args: argparse.Namespace, action: Action) -> int:
         if not session.asking:
             session.err.print("stopping: keeping the rest in place (Ctrl-C again to abort)")
 
-    connection = await connect(args.amqp_url, f"proxymq dlq {args.action} {args.service}")
+    name = f"proxymq dlq {args.action} {args.service}"
+    connection = await connect(args.amqp_url, name, tls=TlsFiles.of(args))
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, on_interrupt)
     try:

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -41,7 +42,14 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from shared.broker import redact, scheme_mismatch, split_urls
+from shared.broker import (
+    NO_TLS,
+    TLS_PORT,
+    TlsFiles,
+    redact,
+    scheme_mismatch,
+    split_urls,
+)
 from shared.cli.common import add_amqp_url, configured_management_url
 
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
@@ -135,20 +143,27 @@ def is_local(host: str) -> bool:
 
 
 async def connect(
-    url: str, name: str, timeout: float = CONNECT_TIMEOUT
+    url: str, name: str, timeout: float = CONNECT_TIMEOUT, tls: TlsFiles = NO_TLS
 ) -> aio_pika.abc.AbstractConnection:
     """A plain (not robust) connection for a command that runs once, or `BrokerProblem`
     saying why the broker did not answer and what to run. A cluster's nodes (`a,b,c`) are tried
     in turn, as the sidecars do."""
     quiet_amqp_logs()
+    try:
+        context = tls.context_for(url)
+    except ValueError as exc:
+        raise BrokerProblem(str(exc), advice=None) from None
     problems: list[BrokerProblem] = []
     for node in split_urls(url):
         try:
             return await aio_pika.connect(
-                node, timeout=timeout, client_properties={"connection_name": name}
+                node,
+                timeout=timeout,
+                ssl_context=context,
+                client_properties={"connection_name": name},
             )
         except Exception as exc:  # whatever the cause, it becomes the one-line reason
-            problems.append(await _problem(node, exc, timeout))
+            problems.append(await _problem(node, exc, timeout, context))
     if len(problems) == 1:
         raise problems[0]
     refused = [p for p in problems if isinstance(p, CredentialsRefused)]
@@ -157,7 +172,9 @@ async def connect(
     raise BrokerProblem("no node answers: " + "; ".join(p.message for p in problems))
 
 
-async def _problem(url: str, exc: BaseException, timeout: float) -> BrokerProblem:
+async def _problem(
+    url: str, exc: BaseException, timeout: float, context: ssl.SSLContext | None
+) -> BrokerProblem:
     """Why `url` gave no connection: refused by a broker that answered, something that is no
     broker, or nothing at all."""
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
@@ -179,6 +196,9 @@ async def _problem(url: str, exc: BaseException, timeout: float) -> BrokerProble
     mismatch = await scheme_mismatch(url, min(timeout, 2.0))
     if mismatch is not None:
         return BrokerProblem(mismatch, advice=None)
+    refused = await _tls_refusal(url, context, min(timeout, 2.0))
+    if refused is not None:
+        return refused
     greeting = await _greeting(url, min(timeout, 2.0))
     if greeting is not None and not greeting.startswith((b"\x01", b"AMQP")):
         said = f"it said {greeting.splitlines()[0][:40]!r}" if greeting else "it said nothing"
@@ -188,6 +208,60 @@ async def _problem(url: str, exc: BaseException, timeout: float) -> BrokerProble
             f"{MANAGEMENT_PORT} is its management API, over HTTP",
         )
     return BrokerProblem(f"RabbitMQ does not answer at {redact(url)} ({_reason(exc)})")
+
+
+async def _tls_refusal(
+    url: str, context: ssl.SSLContext | None, timeout: float
+) -> CredentialsRefused | None:
+    """Why a TLS handshake with `url` fails, from a probe connection of its own: aiormq reports
+    it as a connection error, mostly a reset (a TLS 1.3 broker refuses a client certificate
+    after the handshake, and its alert is lost to the AMQP header written meanwhile), which
+    read as a broker that does not answer. The probe writes nothing and waits for that alert."""
+    parsed = URL(url)
+    if context is None or parsed.scheme != "amqps":
+        return None
+    try:
+        connecting = asyncio.open_connection(
+            parsed.host, parsed.explicit_port or TLS_PORT, ssl=context
+        )
+        reader, writer = await asyncio.wait_for(connecting, timeout)
+    except ssl.SSLError as exc:
+        return _refused(url, exc)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        await asyncio.wait_for(reader.read(1), timeout)
+    except ssl.SSLError as exc:
+        return _refused(url, exc)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    return None
+
+
+def _refused(url: str, exc: ssl.SSLError) -> CredentialsRefused | None:
+    """What the broker's certificate or its alert says; None for another failure."""
+    where = f"RabbitMQ at {redact(url)}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return CredentialsRefused(
+            f"the certificate of {where} cannot be verified ({exc.verify_message})",
+            "give the CA that signed it: --amqp-ca-file / PROXYMQ_AMQP_CA_FILE (and connect by "
+            "a name the certificate has)",
+        )
+    if str(exc.reason).endswith("CERTIFICATE_REQUIRED"):
+        return CredentialsRefused(
+            f"{where} wants a client certificate",
+            "give one: --amqp-cert-file and --amqp-key-file / PROXYMQ_AMQP_CERT_FILE and "
+            "PROXYMQ_AMQP_KEY_FILE",
+        )
+    if "_ALERT_" not in str(exc.reason):
+        return None
+    return CredentialsRefused(
+        f"{where} refused the TLS handshake ({exc.reason})",
+        "a client certificate must come from a CA the broker trusts: --amqp-cert-file / "
+        "PROXYMQ_AMQP_CERT_FILE",
+    )
 
 
 async def _greeting(url: str, timeout: float) -> bytes | None:
@@ -212,10 +286,12 @@ async def _greeting(url: str, timeout: float) -> bytes | None:
         writer.close()
 
 
-async def answers(url: str, timeout: float = CONNECT_TIMEOUT) -> BrokerProblem | None:
+async def answers(
+    url: str, timeout: float = CONNECT_TIMEOUT, tls: TlsFiles = NO_TLS
+) -> BrokerProblem | None:
     """None when an AMQP session opens at `url`, else why not."""
     try:
-        connection = await connect(url, "proxymq broker check", timeout)
+        connection = await connect(url, "proxymq broker check", timeout, tls)
     except BrokerProblem as exc:
         return exc
     await connection.close()
@@ -232,12 +308,12 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
-async def has_consistent_hash(url: str) -> bool:
+async def has_consistent_hash(url: str, tls: TlsFiles = NO_TLS) -> bool:
     """Declare (and drop) a throwaway x-consistent-hash exchange: works on any broker we can
     reach, where `rabbitmq-plugins` only works on this machine. An unknown exchange type
     closes the whole connection, so the check has a connection of its own. A user that may
     not declare it is `CredentialsRefused`."""
-    connection = await connect(url, "proxymq plugin check")
+    connection = await connect(url, "proxymq plugin check", tls=tls)
     name = f"proxymq.check-{uuid.uuid4().hex[:8]}"
     try:
         channel = await connection.channel()
@@ -276,8 +352,11 @@ def management_answers(amqp_url: str, timeout: float = 3.0) -> bool:
 class Checker:
     """One run of the check; `say` reports progress (stderr) so stdout stays one line."""
 
-    def __init__(self, url: str, connect_timeout: float, start_timeout: float) -> None:
+    def __init__(
+        self, url: str, connect_timeout: float, start_timeout: float, tls: TlsFiles = NO_TLS
+    ) -> None:
         self.url = url
+        self.tls = tls
         self.parsed = URL(url)
         self.connect_timeout = connect_timeout
         self.start_timeout = start_timeout
@@ -286,7 +365,7 @@ class Checker:
         print(f"broker: {text}", file=sys.stderr, flush=True)
 
     async def ensure(self) -> None:
-        problem = await answers(self.url, self.connect_timeout)
+        problem = await answers(self.url, self.connect_timeout, self.tls)
         if problem is not None:
             await self.start_local(problem)
         await self.ensure_plugins()
@@ -319,7 +398,7 @@ class Checker:
             check=False,
         )
         deadline = time.monotonic() + self.start_timeout
-        while await answers(self.url, self.connect_timeout) is not None:
+        while await answers(self.url, self.connect_timeout, self.tls) is not None:
             if time.monotonic() > deadline:
                 raise BrokerProblem(
                     f"rabbitmq-server was started but {redact(self.url)} still does not answer "
@@ -337,7 +416,7 @@ class Checker:
         await self.run(["apt-get", "install", "-y", "-qq", "rabbitmq-server"], env=env)
 
     async def ensure_plugins(self) -> None:
-        hash_ok = await has_consistent_hash(self.url)
+        hash_ok = await has_consistent_hash(self.url, self.tls)
         management_ok = await asyncio.to_thread(management_answers, self.url)
         if hash_ok and management_ok:
             return
@@ -362,7 +441,7 @@ class Checker:
         if missing:
             self.say(f"enabling {' '.join(missing)}")
             await self.run(["rabbitmq-plugins", "enable", *missing])
-        if not await has_consistent_hash(self.url):
+        if not await has_consistent_hash(self.url, self.tls):
             raise BrokerProblem(
                 "x-consistent-hash is still unknown to the broker after enabling the plugin",
                 "check `rabbitmq-plugins list` and the broker log (/var/log/rabbitmq/)",
@@ -457,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
-    checker = Checker(url, args.connect_timeout, args.start_timeout)
+    checker = Checker(url, args.connect_timeout, args.start_timeout, TlsFiles.of(args))
     try:
         asyncio.run(checker.ensure())
     except BrokerProblem as exc:

@@ -28,13 +28,8 @@ from rich.table import Table
 from yarl import URL
 
 from shared import topology
-from shared.broker import redact
-from shared.cli.common import (
-    MANAGEMENT_FROM_ENVIRONMENT,
-    add_amqp_url,
-    add_setting,
-    management_url,
-)
+from shared.broker import NO_TLS, TlsFiles, redact
+from shared.cli.common import add_amqp_url, add_management_url, add_setting
 from shared.cli.ensure_broker import BrokerProblem, connect, management_access
 from shared.cli.ensure_broker import management_url as default_management_url
 
@@ -253,11 +248,13 @@ async def from_amqp(service: str, connection: AbstractConnection, note: str) -> 
     )
 
 
-async def collect(service: str, amqp_url: str, management_base: str | None) -> ServiceStatus:
+async def collect(
+    service: str, amqp_url: str, management_base: str | None, tls: TlsFiles = NO_TLS
+) -> ServiceStatus:
     """AMQP first: the management API on the URL's host says nothing about the URL's port,
     vhost or credentials, and only a broker that answered can say a service has no queues. The
     management API asked is the one of the node that answered."""
-    connection = await connect(amqp_url, f"proxymq status {service}")
+    connection = await connect(amqp_url, f"proxymq status {service}", tls=tls)
     try:
         url = str(connection.url) if isinstance(connection, aio_pika.Connection) else amqp_url
         timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
@@ -331,7 +328,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"proxymq status: {exc}", file=sys.stderr)
         return 2
     try:
-        status = asyncio.run(collect(args.service, args.amqp_url, args.management_url))
+        status = asyncio.run(
+            collect(args.service, args.amqp_url, args.management_url, TlsFiles.of(args))
+        )
     except BrokerProblem as exc:
         print(f"proxymq status: {exc}", file=sys.stderr)
         return 1
@@ -360,13 +359,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_setting(parser, "--service", required=True, help="the service (its exchange and queues)")
     add_amqp_url(parser)
-    parser.add_argument(
-        "--management-url",
-        type=management_url,
-        default=MANAGEMENT_FROM_ENVIRONMENT,
-        help="RabbitMQ management API (default: the AMQP URL's host on port 15672; "
-        "credentials: the URL's own, http://USER:PASSWORD@HOST:15672, else the AMQP URL's) "
-        "[env PROXYMQ_MANAGEMENT_URL]",
-    )
+    add_management_url(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)

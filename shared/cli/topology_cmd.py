@@ -23,11 +23,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared import topology
-from shared.broker import redact
+from shared.broker import TlsFiles, redact
 from shared.cli.common import (
     add_amqp_url,
+    add_management_url,
     add_setting,
-    configured_management_url,
     confirm,
     integer,
 )
@@ -58,7 +58,8 @@ partition_count = integer(1, topology.MAX_PARTITIONS)
 async def with_connection(
     args: argparse.Namespace, action: Callable[[AbstractConnection], Awaitable[int]]
 ) -> int:
-    connection = await connect(args.amqp_url, f"proxymq topology {args.action} {args.service}")
+    name = f"proxymq topology {args.action} {args.service}"
+    connection = await connect(args.amqp_url, name, tls=TlsFiles.of(args))
     try:
         return await action(connection)
     finally:
@@ -120,11 +121,11 @@ def delete(args: argparse.Namespace) -> int:
         consumers = sum(found[1] for found in present.values())
         if consumers and not args.force:
             held = {name: found[1] for name, found in present.items() if found[1]}
+            who = await _consumers(connection, held, args.management_url)
             print(
-                f"{PROG} delete: refusing: {consumers} consumer(s) attached "
-                f"({await _consumers(connection, held)}); deleting the queues would cancel "
-                "them and drop what they hold: stop the service's dequeuers first, or pass "
-                "--force to delete anyway",
+                f"{PROG} delete: refusing: {consumers} consumer(s) attached ({who}); deleting "
+                "the queues would cancel them and drop what they hold: stop the service's "
+                "dequeuers first, or pass --force to delete anyway",
                 file=sys.stderr,
             )
             return 1
@@ -146,7 +147,7 @@ def delete(args: argparse.Namespace) -> int:
         print(f"deleted {what}")
         return 0
 
-    return _run(args, action, asks_management=True)
+    return _run(args, action)
 
 
 def show(args: argparse.Namespace) -> int:
@@ -169,7 +170,8 @@ def show(args: argparse.Namespace) -> int:
         table.add_row("partition queues", ", ".join(partitions or layout.queues))
         arguments = _args(layout)
         if declared:
-            arguments = await _declared_args(connection, partitions[0]) or (
+            found = await _declared_args(connection, partitions[0], args.management_url)
+            arguments = found or (
                 arguments + " [yellow](ProxyMQ's defaults: only the management API can tell "
                 "the queues' own, and it did not answer)[/yellow]"
             )
@@ -204,7 +206,7 @@ def show(args: argparse.Namespace) -> int:
         console.print(table)
         return 0
 
-    return _run(args, action, asks_management=True)
+    return _run(args, action)
 
 
 async def _ring_state(connection: AbstractConnection, service: str) -> str:
@@ -218,24 +220,28 @@ async def _ring_state(connection: AbstractConnection, service: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _management(connection: AbstractConnection) -> AsyncIterator[Management]:
-    """The management API of the node that answered; ManagementUnavailable when it cannot be
-    asked."""
+async def _management(
+    connection: AbstractConnection, base: str | None
+) -> AsyncIterator[Management]:
+    """The management API at `base`, by default the one of the node that answered;
+    ManagementUnavailable when it cannot be asked."""
     if not isinstance(connection, aio_pika.Connection):
         raise ManagementUnavailable("no AMQP URL to find the management API by")
     url = str(connection.url)
     timeout = aiohttp.ClientTimeout(total=MANAGEMENT_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        yield Management(session, management_url(url), url)
+        yield Management(session, base or management_url(url), url)
 
 
-async def _consumers(connection: AbstractConnection, counts: dict[str, int]) -> str:
+async def _consumers(
+    connection: AbstractConnection, counts: dict[str, int], management_base: str | None
+) -> str:
     """Who consumes each queue: the consumers' connection names from the management API (a
     dequeuer names its connection `proxymq-dequeuer S INSTANCE`), else how many there are. The
     API's statistics lag by up to 5 s: a consumer that just attached may be counted unnamed."""
     names: dict[str, list[str]] = {}
     with contextlib.suppress(ManagementUnavailable, KeyError, TypeError, AttributeError):
-        async with _management(connection) as management:
+        async with _management(connection, management_base) as management:
             connections = await management.connection_names()
             for queue in counts:
                 found = await management.queue(queue)
@@ -247,12 +253,14 @@ async def _consumers(connection: AbstractConnection, counts: dict[str, int]) -> 
     )
 
 
-async def _declared_args(connection: AbstractConnection, queue: str) -> str | None:
+async def _declared_args(
+    connection: AbstractConnection, queue: str, management_base: str | None
+) -> str | None:
     """The arguments the partition was declared with, which may not be today's defaults (a
     layout made with another --delivery-limit); AMQP cannot read them, the management API of
     the node that answered can. None when it cannot be asked."""
     try:
-        async with _management(connection) as management:
+        async with _management(connection, management_base) as management:
             found = await management.queue(queue)
     except ManagementUnavailable:
         return None
@@ -289,21 +297,7 @@ def _args(layout: topology.Topology) -> str:
     )
 
 
-def _run(
-    args: argparse.Namespace,
-    action: Callable[[AbstractConnection], Awaitable[int]],
-    *,
-    asks_management: bool = False,
-) -> int:
-    """`asks_management`: the action may ask the management API, so a PROXYMQ_MANAGEMENT_URL
-    that is none is a usage error before anything is contacted (it was an API that did not
-    answer, and `show` fell back to the default arguments)."""
-    try:
-        if asks_management:
-            configured_management_url()
-    except ValueError as exc:
-        print(f"{PROG} {args.action}: {exc}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace, action: Callable[[AbstractConnection], Awaitable[int]]) -> int:
     try:
         return asyncio.run(with_connection(args, action))
     except BrokerProblem as exc:
@@ -354,6 +348,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="delete even while consumers (running dequeuers) are attached; without it such a "
         "service is refused, with --yes or not",
     )
+    add_management_url(delete_parser)
     delete_parser.set_defaults(run=delete)
 
     show_parser = action("show", "show the names, queue arguments and the KEDA pattern")
@@ -364,4 +359,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=8,
         help="count shown when the service is not declared yet (default 8)",
     )
+    add_management_url(show_parser)
     show_parser.set_defaults(run=show)

@@ -6,12 +6,13 @@ Two listeners: the shared single node verifies a client certificate when one is 
 (`verify_peer`), a node of this module's own also requires one (`fail_if_no_peer_cert`). The
 password of a user made for the test is read from `PROXYMQ_AMQP_URL_FILE` or the environment, and
 must not appear in any sidecar log line, in /metrics or in an error answer, also when the broker
-refuses it.
+refuses it. `proxymq` takes the same TLS options, and says which one is wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from shared.processes import Process, free_port
 from tests.conftest import Stack
 from tests.reliability.conftest import Certs, start_nodes, tls_config
 from tests.reliability.support import TimedTarget
+from tests.test_cli import proxymq
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.reliability]
 USER = "proxymq-tls"
@@ -246,3 +248,74 @@ async def test_refused_connections_answer_503_and_keep_the_secret(
     }[case]
     assert reason in stack.log_text()
     await assert_secret_kept(http, stack, [enqueuer, dequeuer], tried)
+
+
+def tls_environment(certs: Certs) -> dict[str, str]:
+    """The sidecars' TLS variables, with a client certificate."""
+    return {
+        "PROXYMQ_AMQP_CA_FILE": str(certs.ca),
+        "PROXYMQ_AMQP_CERT_FILE": str(certs.client_cert),
+        "PROXYMQ_AMQP_KEY_FILE": str(certs.client_key),
+    }
+
+
+async def test_proxymq_takes_the_sidecars_tls_options(
+    strict_node: LocalCluster, certs: Certs, service: str
+) -> None:
+    """`proxymq` on a broker with a CA of its own that requires a client certificate, with the
+    sidecars' flags and variables; `demo` hands them on to the sidecars it starts. It had no
+    such options, so an operator could not look at, fix or try out such a broker at all. The
+    management API is the node's own (`topology show` and `delete` had no --management-url)."""
+    node = strict_node.nodes[0]
+    env = {"PROXYMQ_AMQP_URL": node.amqps_url()}  # guest: from the loopback, also an admin
+    flags, management = tls_args(certs, client=True), ["--management-url", node.management_url]
+    steps = [
+        (["topology", "declare", "--partitions", "2", *flags], env),
+        (["status", "--json", *management, *flags], env),
+        (["topology", "show", *management], {**env, **tls_environment(certs)}),
+        (["dlq", "list", *flags], env),
+        (["topology", "delete", "--yes", "--force", *management, *flags], env),
+    ]
+    runs = [await proxymq(*command, "--service", service, env=given) for command, given in steps]
+    for run in runs:
+        assert run.code == 0, run.output
+    status, shown = json.loads(runs[1].stdout), " ".join(runs[2].stdout.split())
+    assert status["source"] == "management" and len(status["partitions"]) == 2, status
+    assert "x-delivery-limit=20" in shown and "ProxyMQ's defaults" not in shown, shown
+    demo = await proxymq(
+        "demo", "--service", f"{service}-demo", env={**env, **tls_environment(certs)}, timeout=120
+    )
+    assert demo.code == 0, demo.output
+    assert "12/12 calls got the expected answer" in " ".join(demo.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("no CA file", "cannot be verified (self-signed certificate in certificate chain)"),
+        ("no client certificate", "wants a client certificate"),
+        ("untrusted client certificate", "refused the TLS handshake (TLSV1_ALERT_UNKNOWN_CA)"),
+        ("missing CA file", "--amqp-ca-file /nonexistent/ca.pem: No such file or directory"),
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["topology", "show"]])
+async def test_proxymq_says_which_tls_option_is_wrong(
+    case: str, says: str, command: list[str], strict_node: LocalCluster, certs: Certs
+) -> None:
+    """One line naming what is wrong and the option that fixes it, exit 1: a refused handshake
+    was "RabbitMQ does not answer ... (Connection reset by peer)" with the advice to start a
+    broker, and an unreadable CA file would be a traceback."""
+    tls = {
+        "no CA file": [],
+        "no client certificate": tls_args(certs, client=False),
+        "untrusted client certificate": tls_args(certs, client=True, rogue=True),
+        "missing CA file": tls_args(certs, client=True, ca=Path("/nonexistent/ca.pem")),
+    }[case]
+    node = strict_node.nodes[0]
+    run = await proxymq(
+        *command, "--service", "unused", "--management-url", node.management_url, *tls,
+        env={"PROXYMQ_AMQP_URL": node.amqps_url()},
+    )  # fmt: skip
+    assert run.code == 1, run.output
+    assert says in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert "make broker" not in run.stderr and not run.stdout
