@@ -134,8 +134,8 @@ def _timed_out(future: asyncio.Future[HttpResponse]) -> bool:
 
 
 def _size(first: First) -> int:
-    """The bytes an entry holds: its answer's body, once there is one."""
+    """The bytes an entry holds: its answer, once there is one."""
     future = first.future
     if not future.done() or future.cancelled() or future.exception() is not None:
         return 0
-    return len(future.result().body)
+    return future.result().size

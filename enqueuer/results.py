@@ -1,8 +1,9 @@
 """Results of `Prefer: respond-async` requests, kept for `GET /_proxymq/requests/{id}`.
 
 Memory is bounded: pending entries count against the enqueuer's in-flight cap, and finished ones
-expire after a TTL or, beyond `capacity` results or `max_bytes` of bodies, oldest first. The
-newest result is kept whatever its size (it is at most the dequeuer's --max-response). A result
+expire after a TTL or, beyond `capacity` results or `max_bytes` (bodies and headers), oldest
+first. The newest result is kept whatever its size (at most the dequeuer's --max-response and an
+AMQP frame of headers). A result
 dropped before its TTL is counted (`on_dropped`): its poller gets 404 like for an unknown id, and
 only the count tells an operator that the bounds are too small for the traffic.
 """
@@ -89,4 +90,4 @@ class ResultStore:
 
 
 def _size(outcome: Outcome) -> int:
-    return 0 if outcome.response is None else len(outcome.response.body)
+    return 0 if outcome.response is None else outcome.response.size

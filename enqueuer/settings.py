@@ -118,9 +118,9 @@ class EnqueuerSettings(SidecarSettings):
     )
     max_result_bytes: ByteSize = Field(
         64 * 1024 * 1024,
-        description="bytes of answers kept at most (e.g. 64MiB) by each of the asynchronous "
-        "results and the Idempotency-Key repeats; the oldest go first, the newest is always "
-        "kept",
+        description="bytes of answers (bodies and headers) kept at most (e.g. 64MiB) by each "
+        "of the asynchronous results and the Idempotency-Key repeats; the oldest go first, "
+        "the newest is always kept",
     )
     idempotency_window: Seconds = Field(
         300.0,

@@ -101,6 +101,12 @@ class HttpResponse:
     error: str | None = None  # a ProxyMQ error code when ProxyMQ answered, not the microservice
     error_message: str | None = None
 
+    @property
+    def size(self) -> int:
+        """The bytes it holds where answers are kept: its body and its headers, which may
+        fill an AMQP frame (128 KiB) whatever the body's size."""
+        return len(self.body) + sum(len(name) + len(value) for name, value in self.headers)
+
 
 @dataclass(frozen=True, slots=True)
 class RequestEnvelope:

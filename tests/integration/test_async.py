@@ -229,8 +229,8 @@ async def test_result_expires(
 async def test_results_beyond_max_result_bytes_go_oldest_first(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
-    """Finished results are kept within --max-result-bytes of bodies: the oldest is dropped
-    (404 unknown_request that says why), the newest served."""
+    """Finished results are kept within --max-result-bytes (bodies and headers): the oldest
+    is dropped (404 unknown_request that says why), the newest served."""
     await stack.dequeuer(service, target.url)
     _, url = await stack.enqueuer("--max-result-bytes", "1KiB")
     locations = []

@@ -167,3 +167,16 @@ async def test_a_repeat_fails_as_its_first_did() -> None:
     other.settle(ConnectionResetError())
     with pytest.raises(BrokerUnavailable):
         await other.wait_published()
+
+
+async def test_headers_count_against_max_bytes() -> None:
+    """An answer's headers may take a whole AMQP frame (128 KiB) with no body."""
+    store = IdempotencyStore(window=60, capacity=100, max_bytes=1000)
+    loop = asyncio.get_running_loop()
+    for key in ("a", "b", "c"):
+        future: asyncio.Future[HttpResponse] = loop.create_future()
+        store.remember("svc", key, key, future)
+        future.set_result(HttpResponse(204, (("X-Big", "v" * 395),), b""))
+    await asyncio.sleep(0)  # the done callbacks
+    assert store.get("svc", "a") is None
+    assert store.bytes == 800

@@ -145,10 +145,11 @@ def test_bodies_beyond_max_bytes_evict_the_oldest(clock: Clock) -> None:
         clock.now += 1
     assert store.get("r1") is None  # 1200 bytes: the oldest went
     assert store.get("r2") is not None and store.get("r3") is not None
-    assert store.bytes == 800
+    held = 2 * ok(b"x" * 400).size
+    assert store.bytes == held
     store.add("r4")
     store.finish("r4", None, GatewayTimeout("late"))  # an error holds no body
-    assert store.bytes == 800 and len(store) == 3
+    assert store.bytes == held and len(store) == 3
 
 
 def test_the_newest_result_is_kept_whatever_its_size(clock: Clock) -> None:
@@ -160,7 +161,7 @@ def test_the_newest_result_is_kept_whatever_its_size(clock: Clock) -> None:
     assert store.get("small") is None
     outcome = store.get("huge")
     assert outcome is not None and outcome.response is not None
-    assert store.bytes == 5000
+    assert store.bytes == ok(b"x" * 5000).size
 
 
 def test_expiry_gives_the_bytes_back(clock: Clock) -> None:
@@ -182,3 +183,15 @@ def test_only_results_dropped_before_their_ttl_are_counted(clock: Clock) -> None
     clock.now += 11
     assert store.get("c") is None
     assert len(dropped) == 2, "expired, not dropped"
+
+
+def test_headers_count_against_max_bytes(clock: Clock) -> None:
+    """A reply's headers may take a whole AMQP frame (128 KiB) with no body: counted as
+    nothing, 1,500 such results held 150 MiB with --max-result-bytes 1MiB."""
+    store = ResultStore(ttl=600, capacity=100, max_bytes=1000)
+    heavy = HttpResponse(204, (("X-Big", "v" * 395),), b"")
+    for request_id in ("r1", "r2", "r3"):
+        store.add(request_id)
+        store.finish(request_id, heavy, None)
+    assert store.get("r1") is None
+    assert store.bytes == 800
