@@ -16,7 +16,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from enqueuer.guard import CallerGuard
-from enqueuer.idempotency import First, IdempotencyStore
+from enqueuer.idempotency import First, IdempotencyStore, fingerprint
 from enqueuer.publisher import Publisher
 from enqueuer.replies import ReplyWaiter
 from enqueuer.responses import PassThroughResponse
@@ -201,7 +201,8 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
         required=enqueuer.settings.require_partition_key,
     )
     idempotency_key = request.headers.get("Idempotency-Key")
-    first = enqueuer.idempotency.get(service, idempotency_key) if idempotency_key else None
+    same = fingerprint(request.method, path, query, body) if idempotency_key else b""
+    first = enqueuer.idempotency.get(service, idempotency_key, same) if idempotency_key else None
     entry = first
     if first is not None:
         try:  # the first's publish may take PUBLISH_TIMEOUT: this caller's deadline comes first
@@ -225,7 +226,9 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
             request_id, service, http, key, deadline, enqueuer.replies.queue_name
         )
         if idempotency_key:  # before publishing, so that concurrent repeats find it and wait
-            entry = enqueuer.idempotency.remember(service, idempotency_key, request_id, future)
+            entry = enqueuer.idempotency.remember(
+                service, idempotency_key, request_id, future, same
+            )
             await outliving_its_caller(enqueuer, publish_first(enqueuer, message, future, entry))
         else:
             await publish(enqueuer, message, future)

@@ -1,5 +1,6 @@
 """`Idempotency-Key`: a repeated key gets the first request's id and result instead of a second
-message while the first runs and within the window from its arrival. Kept per enqueuer, in
+message while the first runs and within the window from its arrival; a key sent with another
+request (method, path, query or body) is refused. Kept per enqueuer, in
 memory; the answers kept are bounded by count and by their bytes (the newest whatever its size),
 the requests still running by the reply waiter's cap; a key whose request ran out of time, or
 lost its reply with an expired reply queue, is forgotten, so a retry after a 504 really tries
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from shared.envelope import HttpResponse
-from shared.errors import BrokerUnavailable, GatewayTimeout, ProxyMQError
+from shared.errors import BrokerUnavailable, GatewayTimeout, IdempotencyKeyReused, ProxyMQError
 
 
 @dataclass(slots=True)
@@ -24,6 +25,7 @@ class First:
     request_id: str
     future: asyncio.Future[HttpResponse]
     expires: float
+    fingerprint: bytes
     published: asyncio.Event = field(default_factory=asyncio.Event)
     refused: BaseException | None = None
     counted: int = 0  # the bytes of its answer in the store's total
@@ -69,7 +71,9 @@ class IdempotencyStore:
         slot = f"{service}\0{key}".encode(errors="surrogateescape")
         return hashlib.blake2b(slot, digest_size=16).digest()
 
-    def get(self, service: str, key: str) -> First | None:
+    def get(self, service: str, key: str, fingerprint: bytes = b"") -> First | None:
+        """The first request with this key, if it is still kept; `IdempotencyKeyReused` when
+        it was another request than the one of `fingerprint`."""
         self._evict()
         slot = self._slot(service, key)
         first = self._running.get(slot) or self._answered.get(slot)
@@ -80,14 +84,25 @@ class IdempotencyStore:
         ):
             self._drop(slot)
             return None
+        if first.fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key came with another request (method, path, query or body) "
+                "within --idempotency-window: a retry must repeat its request, a new request "
+                "needs a new key"
+            )
         return first
 
     def remember(
-        self, service: str, key: str, request_id: str, future: asyncio.Future[HttpResponse]
+        self,
+        service: str,
+        key: str,
+        request_id: str,
+        future: asyncio.Future[HttpResponse],
+        fingerprint: bytes = b"",
     ) -> First:
         slot = self._slot(service, key)
         self._drop(slot)
-        first = First(request_id, future, time.monotonic() + self.window)
+        first = First(request_id, future, time.monotonic() + self.window, fingerprint)
         self._running[slot] = first
         future.add_done_callback(partial(self._answered_now, slot, first))
         self._evict()
@@ -123,6 +138,16 @@ class IdempotencyStore:
         gone = self._answered.pop(slot, None)
         if gone is not None:
             self.bytes -= gone.counted
+
+
+def fingerprint(method: str, path: str, query: str, body: bytes) -> bytes:
+    """What a repeat must share with its first. Not its headers: a retry's `traceparent`, its
+    `Date` or its token may well differ."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (method, path, query):
+        digest.update(part.encode(errors="surrogateescape") + b"\0")
+    digest.update(body)
+    return digest.digest()
 
 
 def _timed_out(future: asyncio.Future[HttpResponse]) -> bool:

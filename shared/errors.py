@@ -7,6 +7,7 @@
      +-- UnknownService       404 unknown_service
      +-- UnknownRequest       404 unknown_request
      +-- BodyTooLarge         413 body_too_large
+     +-- IdempotencyKeyReused 422 idempotency_key_reused
      +-- HeadersTooLarge      431 headers_too_large
      +-- Backpressure         429 backpressure        (Retry-After)
      +-- ServiceFailed        502 service_failed
@@ -101,6 +102,13 @@ class BodyTooLarge(ProxyMQError):
     code = "body_too_large"
 
 
+class IdempotencyKeyReused(ProxyMQError):
+    """draft-ietf-httpapi-idempotency-key-header: a key reused with another payload is 422."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
 class Backpressure(ProxyMQError):
     status = 429
     code = "backpressure"
@@ -131,6 +139,7 @@ BY_CODE: dict[str, type[ProxyMQError]] = {
         UnknownService,
         UnknownRequest,
         BodyTooLarge,
+        IdempotencyKeyReused,
         Backpressure,
         ServiceFailed,
         BrokerUnavailable,

@@ -180,6 +180,37 @@ async def test_idempotency_key(
     assert len(target.seen) == 2
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("GET", "/echo/pay", b"once"), ("POST", "/echo/refund", b"once"), ("POST", "/echo/pay", b"x")],
+)
+async def test_a_key_reused_for_another_request_is_refused(
+    stack: Stack,
+    service: str,
+    target: Target,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    body: bytes,
+) -> None:
+    """A key sent again with another method, path, query or body is a caller's mistake
+    (draft-ietf-httpapi-idempotency-key-header: 422): it got the first request's answer, a
+    payment's for a refund, and the refund was never sent."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    headers = {"Idempotency-Key": "order-44"}
+    async with http.post(f"{url}/{service}/echo/pay", data=b"once", headers=headers) as r:
+        assert r.status == 200
+        first_id = r.headers["X-Correlation-ID"]
+    async with http.request(method, f"{url}/{service}{path}", data=body, headers=headers) as r:
+        message = await expect_error(r, 422, "idempotency_key_reused")
+        assert r.headers["X-Correlation-ID"] != first_id
+    assert "another request" in message
+    async with http.post(f"{url}/{service}/echo/pay", data=b"once", headers=headers) as r:
+        assert r.status == 200 and r.headers["X-Correlation-ID"] == first_id
+    assert len(target.seen) == 1
+
+
 async def test_an_idempotency_key_past_its_window_is_a_new_request(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:

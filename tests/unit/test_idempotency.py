@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from enqueuer.idempotency import IdempotencyStore
+from enqueuer.idempotency import IdempotencyStore, fingerprint
 from shared.envelope import HttpResponse
-from shared.errors import Backpressure, BrokerUnavailable, GatewayTimeout
+from shared.errors import Backpressure, BrokerUnavailable, GatewayTimeout, IdempotencyKeyReused
 
 
 async def test_repeat_gets_the_first() -> None:
@@ -180,3 +180,20 @@ async def test_headers_count_against_max_bytes() -> None:
     await asyncio.sleep(0)  # the done callbacks
     assert store.get("svc", "a") is None
     assert store.bytes == 800
+
+
+async def test_a_key_reused_for_another_request_is_refused() -> None:
+    store = IdempotencyStore(window=60, capacity=10, max_bytes=1 << 20)
+    future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
+    pay = fingerprint("POST", "/pay", "", b"1")
+    store.remember("svc", "k", "id-1", future, pay)
+    first = store.get("svc", "k", fingerprint("POST", "/pay", "", b"1"))
+    assert first is not None and first.request_id == "id-1"
+    for other in (
+        ("PUT", "/pay", "", b"1"),
+        ("POST", "/pay", "a", b"1"),
+        ("POST", "/pay", "", b""),
+    ):
+        with pytest.raises(IdempotencyKeyReused):
+            store.get("svc", "k", fingerprint(*other))
+    assert fingerprint("POST", "/pa", "y", b"") != fingerprint("POST", "/pay", "", b"")
