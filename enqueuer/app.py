@@ -36,6 +36,7 @@ from shared.errors import (
     BadRequest,
     BodyTooLarge,
     BrokerUnavailable,
+    MethodNotAllowed,
     ProxyMQError,
     Unauthorized,
     UnknownRequest,
@@ -58,6 +59,8 @@ def error_response(error: ProxyMQError) -> web.Response:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="proxymq"'
+    if isinstance(error, MethodNotAllowed):
+        headers["Allow"] = error.allow
 
     response = web.Response(
         status=error.status, body=error.body(), headers=headers, content_type="application/json"
@@ -197,6 +200,7 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
         return await request_status(request, enqueuer)
 
     app.router.add_get(REQUESTS_PATH + "{request_id}", handle_status)
+    app.router.add_route("*", REQUESTS_PATH + "{request_id}", status_method_not_allowed)
     app.router.add_route("*", OWN_PATHS + "{tail:(/.*)?}", own_path_unknown)
     app.router.add_route(
         "*", "/{tail:.*}", handle_proxy, expect_handler=partial(expect_continue, settings.max_body)
@@ -215,6 +219,15 @@ async def expect_continue(max_body: int, request: web.Request) -> None:
     if expect == "100-continue" and request.version >= HttpVersion11 and not too_large:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer has not started yet
+
+
+async def status_method_not_allowed(request: web.Request) -> web.StreamResponse:
+    """A request's status is read, never changed (RFC 9110: 405 with `Allow`)."""
+    raise MethodNotAllowed(
+        f"{request.method} {REQUESTS_PATH}{{id}} is not served: a request's result is read "
+        "with GET (or HEAD), and can be neither changed nor cancelled",
+        allow="GET, HEAD",
+    )
 
 
 async def own_path_unknown(request: web.Request) -> web.StreamResponse:

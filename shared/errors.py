@@ -6,6 +6,7 @@
      +-- Unauthorized         401 unauthorized        (--auth-token-file is set)
      +-- UnknownService       404 unknown_service
      +-- UnknownRequest       404 unknown_request
+     +-- MethodNotAllowed     405 method_not_allowed  (Allow)
      +-- BodyTooLarge         413 body_too_large
      +-- IdempotencyKeyReused 422 idempotency_key_reused
      +-- HeadersTooLarge      431 headers_too_large
@@ -97,6 +98,17 @@ class UnknownRequest(ProxyMQError):
     code = "unknown_request"
 
 
+class MethodNotAllowed(ProxyMQError):
+    """A method the enqueuer's own resource does not serve; `allow` names those it does."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
 class BodyTooLarge(ProxyMQError):
     status = 413
     code = "body_too_large"
@@ -129,6 +141,8 @@ class GatewayTimeout(ProxyMQError):
     code = "timeout"
 
 
+# The codes a reply may carry (`x-proxymq-error`), as the enqueuer raises them again: not 405,
+# which its own path alone answers.
 BY_CODE: dict[str, type[ProxyMQError]] = {
     cls.code: cls
     for cls in (

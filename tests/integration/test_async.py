@@ -414,3 +414,22 @@ async def test_results_dropped_for_space_are_counted(
             assert response.status == 404
     name = "proxymq_enqueuer_async_results_dropped_total"
     assert await metric(http, admin, name, {}) == 2
+
+
+async def test_the_result_of_a_head_request(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A HEAD's result has no body: a GET poll frames what it sends (`Content-Length: 0`), a
+    HEAD poll keeps the microservice's length (what a GET would send, RFC 9110 9.3.2)."""
+    await stack.dequeuer(service, target.url)
+    _, url = await stack.enqueuer()
+    async with http.head(
+        f"{url}/{service}/bytes/1234", headers={"Prefer": "respond-async"}
+    ) as response:
+        assert response.status == 202
+        location = url + response.headers["Location"]
+    polled = await poll(http, location)
+    assert polled.status == 200 and polled.headers["Content-Length"] == "0"
+    assert polled.headers["Content-Type"] == "application/octet-stream"
+    async with http.head(location) as head:
+        assert head.status == 200 and head.headers["Content-Length"] == "1234"

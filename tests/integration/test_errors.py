@@ -232,8 +232,6 @@ async def test_a_malformed_chunk_after_the_head(
         ("GET", "/_proxymq"),
         ("GET", "/_proxymq/"),
         ("GET", "/_proxymq/requests/"),
-        ("POST", "/_proxymq/requests/abc"),
-        ("DELETE", "/_proxymq/requests/abc"),
         ("GET", "/_proxymq/requests/abc/more"),
         ("PUT", "/_proxymq/other"),
     ],
@@ -248,6 +246,22 @@ async def test_the_enqueuers_own_paths(
         message = await expect_error(response, 404, "unknown_request")
     assert f"{method} {path} is none of the enqueuer's own paths" in message
     assert "GET /_proxymq/requests/{id}" in message
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_a_request_status_is_read_with_get_or_head_only(
+    stack: Stack, http: aiohttp.ClientSession, method: str
+) -> None:
+    """`/_proxymq/requests/{id}` is a resource with methods (RFC 9110 15.5.6: 405 and
+    `Allow`): a DELETE or a POST to the Location of a 202 was answered 404, "none of the
+    enqueuer's own paths", though it is the path the enqueuer gave."""
+    _, url = await stack.enqueuer()
+    async with http.request(method, f"{url}/_proxymq/requests/abc") as response:
+        message = await expect_error(response, 405, "method_not_allowed")
+        assert response.headers["Allow"] == "GET, HEAD"
+    assert f"{method} /_proxymq/requests/{{id}}" in message
+    async with http.head(f"{url}/_proxymq/requests/abc") as response:
+        assert response.status == 404
 
 
 async def test_a_flood_of_unknown_services(

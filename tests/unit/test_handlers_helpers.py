@@ -13,7 +13,8 @@ from pamqp import encode
 
 from enqueuer import handlers
 from enqueuer.handlers import deadline_of, split_target, wait_of, wants_async
-from shared.envelope import HttpRequest, RequestEnvelope, encode_request
+from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope, encode_request
+from shared.errors import ProxyMQError
 
 NOW = 1_700_000_000.0
 
@@ -162,3 +163,11 @@ def test_uncapped_huge_timeout_still_encodes(header: str) -> None:
         RequestEnvelope("id", "svc", HttpRequest("GET", "/", "", (), b""), None, deadline, None)
     )
     encode.field_table(message.headers)  # what publishing does with them
+
+
+@pytest.mark.parametrize("code", ["method_not_allowed", "idempotency_key_reused", "made-up"])
+def test_any_error_code_of_a_reply_is_raised_as_a_proxymq_error(code: str) -> None:
+    """Any AMQP client may reply with any `x-proxymq-error`."""
+    reply = HttpResponse(502, (), b"", error=code, error_message="m")
+    with pytest.raises(ProxyMQError):
+        handlers.answer(reply, "GET")
