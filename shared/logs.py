@@ -7,14 +7,18 @@ import asyncio
 import contextvars
 import json
 import logging
+import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
 from aiormq.exceptions import AMQPConnectionError
+from yarl import URL
+
+from shared.broker import failure_reason, redact, refusal
 
 request_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "proxymq_request_context", default=MappingProxyType({})
@@ -50,6 +54,55 @@ class _ConnectionLosses(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "a channel waits for the broker connection to be restored: %s"
             record.args = (record.args[2],)
+        return True
+
+
+class _ConnectAttempts(logging.Filter):
+    """A broker down, or refusing the sidecar (a wrong password, a vhost it may not use), is
+    tried again every second for as long as that lasts. Each attempt was two lines: aiormq's
+    ERROR with the exception's repr, and aio-pika's warning naming the URL with its internal
+    options (`?heartbeat=15&fail_fast=0&...`) and, for a vhost, `got <Connection.Close object at
+    0x...>`. One warning says what failed and what to fix, and again once a minute while the
+    same failure goes on."""
+
+    REPEAT_EVERY = 60.0
+    # Failures further apart than this are two outages: the second is told at once.
+    OUTAGE_GAP = 30.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.told: dict[str, tuple[float, float, int]] = {}  # line -> told, last seen, untold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "aiormq.connection":
+            return not str(record.msg).startswith("error when creating transport")
+        args = record.args
+        if not (
+            str(record.msg).startswith("Connection attempt to")
+            and isinstance(args, tuple)
+            and len(args) == 3
+        ):
+            return True
+        connection, error, interval = args
+        if not isinstance(error, BaseException):
+            return True
+        url = redact(str(URL(str(getattr(connection, "url", ""))).with_query(None)))
+        refused = refusal(url, error)
+        line = (
+            f"{refused[0]}: {refused[1]}"
+            if refused
+            else f"cannot connect to {url}: {failure_reason(error)}"
+        )
+        now = self.clock()
+        told, seen, untold = self.told.get(line, (-math.inf, -math.inf, 0))
+        if now - told < self.REPEAT_EVERY and now - seen < self.OUTAGE_GAP:
+            self.told[line] = (told, now, untold + 1)
+            return False
+        self.told = {k: v for k, v in self.told.items() if now - v[1] < self.OUTAGE_GAP}
+        self.told[line] = (now, now, 0)
+        again = f" (failed alike {untold} more times since it was last logged)" if untold else ""
+        record.msg, record.args = "%s; trying again every %g s%s", (line, interval, again)
         return True
 
 
@@ -160,8 +213,9 @@ def setup(level: str = "info", json_logs: bool = False) -> None:
     root.setLevel(level.upper())
     logging.getLogger("aiormq").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("aio_pika").setLevel(max(root.level, logging.WARNING))
-    for name in ("aiormq.connection", "aio_pika.tools"):
-        logging.getLogger(name).filters[:] = [_ConnectionLosses()]
+    attempts = _ConnectAttempts()
+    for name in ("aiormq.connection", "aio_pika.tools", "aio_pika.robust_connection"):
+        logging.getLogger(name).filters[:] = [_ConnectionLosses(), attempts]
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server = logging.getLogger("aiohttp.server")
     server.filters[:] = [_MalformedRequests()]

@@ -46,7 +46,9 @@ from shared.broker import (
     NO_TLS,
     TLS_PORT,
     TlsFiles,
+    failure_reason,
     redact,
+    refusal,
     scheme_mismatch,
     split_urls,
 )
@@ -177,28 +179,15 @@ async def _problem(
 ) -> BrokerProblem:
     """Why `url` gave no connection: refused by a broker that answered, something that is no
     broker, or nothing at all."""
-    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-        return CredentialsRefused(
-            f"RabbitMQ at {redact(url)} refused the credentials ({_reason(exc)})",
-            "fix the user and password in --amqp-url / PROXYMQ_AMQP_URL",
-        )
-    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
-        # The broker closed the connection when asked for the vhost; aiormq drops its reason.
-        parsed = URL(url)
-        vhost, user = parsed.path[1:] or "/", parsed.user or "guest"
-        return CredentialsRefused(
-            f"RabbitMQ at {redact(url)} refused vhost {vhost!r}: it does not exist, or user "
-            f"{user!r} has no access to it",
-            "fix the vhost in --amqp-url / PROXYMQ_AMQP_URL, or on the broker: "
-            f"rabbitmqctl add_vhost {vhost}; rabbitmqctl set_permissions -p {vhost} {user} "
-            "'.*' '.*' '.*'",
-        )
+    refused = refusal(url, exc)
+    if refused is not None:
+        return CredentialsRefused(*refused)
     mismatch = await scheme_mismatch(url, min(timeout, 2.0))
     if mismatch is not None:
         return BrokerProblem(mismatch, advice=None)
-    refused = await _tls_refusal(url, context, min(timeout, 2.0))
-    if refused is not None:
-        return refused
+    tls_refused = await _tls_refusal(url, context, min(timeout, 2.0))
+    if tls_refused is not None:
+        return tls_refused
     greeting = await _greeting(url, min(timeout, 2.0))
     if greeting is not None and not greeting.startswith((b"\x01", b"AMQP")):
         said = f"it said {greeting.splitlines()[0][:40]!r}" if greeting else "it said nothing"
@@ -207,7 +196,7 @@ async def _problem(
             f"is the port right? RabbitMQ takes AMQP on port {NODE_PORT} (amqps:// on 5671); "
             f"{MANAGEMENT_PORT} is its management API, over HTTP",
         )
-    return BrokerProblem(f"RabbitMQ does not answer at {redact(url)} ({_reason(exc)})")
+    return BrokerProblem(f"RabbitMQ does not answer at {redact(url)} ({failure_reason(exc)})")
 
 
 async def _tls_refusal(
@@ -329,7 +318,7 @@ async def has_consistent_hash(url: str, tls: TlsFiles = NO_TLS) -> bool:
         user, vhost = first.user or "guest", first.path[1:] or "/"
         raise CredentialsRefused(
             f"RabbitMQ at {redact(url)} refused user {user!r} the configure permission the "
-            f"plugin check needs ({_reason(exc)})",
+            f"plugin check needs ({failure_reason(exc)})",
             "the demo, the benchmarks and the tests declare services' exchanges and queues: "
             f"rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*', or use another user",
         ) from None
@@ -498,15 +487,6 @@ async def _close_quietly(connection: AbstractConnection) -> None:
     if not connection.is_closed:
         with contextlib.suppress(aiormq.exceptions.AMQPError, OSError):
             await connection.close()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and len(exc.args) == 2:
-        return str(exc.args[1])
-    text = str(exc.args[0]) if exc.args else ""
-    return text or type(exc).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Log lines: a request aiohttp's parser refuses is one warning, not an error with a traceback."""
+"""Log lines: a request aiohttp's parser refuses is one warning, not an error with a traceback;
+a broker connection that keeps failing is one line a minute."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
+from aiormq.exceptions import AMQPConnectionError, ProbableAuthenticationError
 
 from shared import logs
 
@@ -46,3 +48,55 @@ def test_other_server_errors_keep_their_traceback(stream: io.StringIO) -> None:
         logging.getLogger("aiohttp.server").error("Error handling request", exc_info=error)
     logging.getLogger().handlers[0].flush()
     assert "ERROR" in stream.getvalue() and "Traceback" in stream.getvalue()
+
+
+class _Connection:
+    url = "amqp://guest:s3cret@127.0.0.1:5999/?heartbeat=15&fail_fast=0&reconnect_interval=1.0"
+
+
+def _attempt(error: BaseException) -> logging.LogRecord:
+    """The record aio-pika's robust connection logs for each failed attempt."""
+    return logging.LogRecord(
+        "aio_pika.robust_connection",
+        logging.WARNING,
+        __file__,
+        1,
+        'Connection attempt to "%s" failed: %s. Reconnecting after %r seconds.',
+        (_Connection(), error, 1.0),
+        None,
+    )
+
+
+def test_a_failing_broker_connection_is_one_line_a_minute() -> None:
+    """Each attempt, once a second, was an aiormq ERROR with a repr and an aio-pika warning
+    with the URL's internal options; a wrong password did not say what to fix."""
+    now = [0.0]
+    attempts = logs._ConnectAttempts(clock=lambda: now[0])
+    refused = AMQPConnectionError(111, "Connection refused")
+    creating = logging.LogRecord(
+        "aiormq.connection", logging.ERROR, __file__, 1, "error when creating transport: %r",
+        (refused,), None,
+    )  # fmt: skip
+    assert not attempts.filter(creating)
+    first = _attempt(refused)
+    assert attempts.filter(first)
+    assert first.getMessage() == (
+        "cannot connect to amqp://guest:***@127.0.0.1:5999/: Connection refused; "
+        "trying again every 1 s"
+    )
+    told = []
+    for _ in range(119):
+        now[0] += 1.0
+        record = _attempt(refused)
+        if attempts.filter(record):
+            told.append(record.getMessage())
+    assert told == [
+        "cannot connect to amqp://guest:***@127.0.0.1:5999/: Connection refused; trying again "
+        "every 1 s (failed alike 59 more times since it was last logged)"
+    ]
+    wrong = _attempt(ProbableAuthenticationError("ACCESS_REFUSED - Login was refused"))
+    assert attempts.filter(wrong)  # another failure is told at once
+    assert "refused the credentials (ACCESS_REFUSED" in wrong.getMessage()
+    assert "fix the user and password in --amqp-url / PROXYMQ_AMQP_URL" in wrong.getMessage()
+    now[0] += attempts.OUTAGE_GAP
+    assert attempts.filter(_attempt(refused))  # a later outage is told at once too
