@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 import aiohttp
@@ -51,11 +52,12 @@ class Readiness:
             )
         return self._session
 
-    async def probe(self) -> bool:
-        """The status decides; the body is not waited for. Read, an endless one (a `/` that is
-        an event stream) timed every probe out, and the microservice was never ready; a large
-        one was read into memory at each probe. Left unread, a body that has all arrived keeps
-        the connection for the next probe; a longer one closes it."""
+    async def probe(self) -> str | None:
+        """None when the microservice is up, else why not. The status decides; the body is not
+        waited for. Read, an endless one (a `/` that is an event stream) timed every probe out,
+        and the microservice was never ready; a large one was read into memory at each probe.
+        Left unread, a body that has all arrived keeps the connection for the next probe; a
+        longer one closes it."""
         try:
             async with self.session.get(
                 self.url,
@@ -63,18 +65,27 @@ class Readiness:
                 headers=PROBE_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as r:
-                return 200 <= r.status < 300 if self.strict else r.status < 500
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return False
+                up = 200 <= r.status < 300 if self.strict else r.status < 500
+                return None if up else f"it answered {r.status}"
+        except TimeoutError:
+            return f"no answer within {self.timeout:g} s"
+        except aiohttp.ClientConnectorError as exc:  # its text repeats the URL
+            code = exc.os_error.errno or 0  # DNS errors are negative
+            reason = os.strerror(code) if code > 0 else exc.os_error.strerror
+            return f"cannot connect: {reason}"
+        except (aiohttp.ClientError, OSError) as exc:
+            return str(exc) or type(exc).__name__
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="microservice readiness")
 
     async def _watch(self) -> None:
-        delay, failures = 0.1, 0
+        """Says once why nothing is consumed yet: a wrong --target or --ready-path left the
+        dequeuer silent, its requests waiting, with only `/readyz` to tell."""
+        delay, failures, told = 0.1, 0, False
         while True:
-            ok = await self.probe()
-            if ok:
+            why = await self.probe()
+            if why is None:
                 failures = 0
                 if not self.ready.is_set():
                     log.info("microservice ready at %s", self.shown)
@@ -83,13 +94,23 @@ class Readiness:
             else:
                 failures += 1
                 if self.ready.is_set() and failures >= self.failures_to_pause:
-                    log.warning("microservice stopped answering at %s: pausing", self.shown)
+                    log.warning(
+                        "microservice stopped answering at %s (%s): pausing", self.shown, why
+                    )
                     self.ready.clear()
                     self.on_change(False)
+                elif not self.ready.is_set() and not told:
+                    log.info(
+                        "waiting for the microservice at %s (%s): nothing is consumed until "
+                        "it is ready",
+                        self.shown,
+                        why,
+                    )
+                told = True
             if self.ready.is_set():
                 delay = self.interval
             else:  # back off while it boots, up to the normal interval
-                delay = min(self.interval, delay * 2 if not ok else self.interval)
+                delay = min(self.interval, delay * 2 if why is not None else self.interval)
             await asyncio.sleep(delay)
 
     async def stop(self) -> None:

@@ -36,6 +36,9 @@ async def test_requests_wait_for_a_booting_microservice(
         assert (await ready.json())["checks"]["microservice_ready"] is False
     await asyncio.sleep(1)
     assert booting.seen == []
+    # Said once, with the reason: the log said nothing, and a wrong --target looked like this.
+    waiting = f"waiting for the microservice at {booting.url}/status/200 (cannot connect: "
+    assert stack.log_text().count(waiting) == 1, stack.log_text()
     await booting.start()
     try:
         result = await poll(http, url + location, timeout=20)
