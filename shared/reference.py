@@ -6,22 +6,15 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from pydantic_core import PydanticUndefined
+from pydantic.fields import FieldInfo
 
-from shared.settings import CommandSettings
+from shared.settings import CommandSettings, shown_default
 
 
-def _default(field: object) -> str:
-    default = getattr(field, "default", PydanticUndefined)
-    if default is PydanticUndefined:
+def _default(field: FieldInfo) -> str:
+    if field.is_required():
         return "(required)"
-    if default is None:
-        return "-"
-    if isinstance(default, list):
-        return ",".join(default) or "(empty)"
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    return str(default)
+    return shown_default(field) or "-"
 
 
 def section(settings: type[CommandSettings]) -> str:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -283,11 +284,37 @@ def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:
 
 def _name_values(parser: argparse.ArgumentParser, cls: type[CommandSettings]) -> None:
     """`--max-body SIZE`, not `--max-body int`: the type a flag parses to is not what it takes
-    (`1MiB`). Switches and choices keep theirs (`--json-logs | --no-json-logs`, `{key,none}`)."""
+    (`1MiB`). Switches and choices keep theirs (`--json-logs | --no-json-logs`, `{key,none}`).
+    Defaults are shown as a flag takes them (`1MiB`, `a,b`, `off`), not as Python prints them
+    (`1048576`, `['a', 'b']`, `False`); none at all where the help says what no value means."""
     for action in parser._actions:
         field = cls.model_fields.get(action.dest)
-        if field is not None and action.metavar is not None:
+        if field is None:
+            continue
+        if action.metavar is not None:
             action.metavar = _metavar(field) or ("N" if action.metavar == "int" else action.metavar)
+        if action.help and " (default: " in action.help:
+            head = action.help.rsplit(" (default: ", 1)[0]
+            default = shown_default(field)
+            action.help = head if default is None else f"{head} (default: {default})"
+
+
+def shown_default(field: FieldInfo) -> str | None:
+    """A field's default as one would write it on the command line; None when it has none."""
+    default = field.default
+    if default is None or default == [] or default is PydanticUndefined:
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return ",".join(str(item) for item in default)
+    if isinstance(default, float):
+        return f"{default:g}"
+    if isinstance(default, int) and _metavar(field) == "SIZE":
+        for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+            if default % size == 0:
+                return f"{default // size}{unit}"
+    return str(default)
 
 
 def _metavar(field: FieldInfo) -> str | None:

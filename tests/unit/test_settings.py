@@ -527,3 +527,25 @@ def test_one_service_holds_a_share_of_the_in_flight_slots(args: list[str], share
     """By default a service may hold half of the slots, so that one that does not answer
     leaves the rest to the others; an enqueuer for one service alone gives it all."""
     assert load(EnqueuerSettings, args).in_flight_share() == share
+
+
+def test_help_shows_defaults_as_they_are_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` showed Python: `(default: ['header:X-Partition-Key'])`, `(default: None)`
+    after a help that says what no value means, `(default: False)`, sizes in bytes beside an
+    example in MiB (`(default: 1048576)`), `30.0` seconds."""
+    shown = {}
+    for cls in (EnqueuerSettings, DequeuerSettings):
+        assert exit_code(cls, ["--help"]) == 0
+        shown[cls] = " ".join(capsys.readouterr().out.split())
+    enqueuer, dequeuer = shown[EnqueuerSettings], shown[DequeuerSettings]
+    for out in (enqueuer, dequeuer):
+        assert "(default: None)" not in out and "(default: [" not in out
+        assert "(default: False)" not in out and "(default: off)" in out
+    assert "(default: header:X-Partition-Key)" in enqueuer
+    assert "--max-body SIZE largest request body (e.g. 1MiB)" in enqueuer
+    assert "(default: 1MiB)" in enqueuer and "(default: 64KiB)" in enqueuer
+    assert "in seconds (at most 30 days); X-Request-Timeout may ask for less (default: 30)" in (
+        enqueuer
+    )
+    assert "(default: connect,timeout,502,503,504)" in dequeuer
+    assert "(default: 16MiB)" in dequeuer and "(default: 0.5)" in dequeuer
