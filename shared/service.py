@@ -52,10 +52,15 @@ async def start_site(
     except OSError as exc:
         await runner.cleanup()  # stops what the app started, its broker connection included
         program = os.path.basename(sys.argv[0])
-        raise SystemExit(
-            f"{program}: cannot listen on {host}:{port}: {exc.strerror or exc}"
-        ) from None
+        raise SystemExit(f"{program}: cannot listen on {host}:{port}: {bind_error(exc)}") from None
     return runner
+
+
+def bind_error(exc: OSError) -> str:
+    """Why a listening socket could not be bound, in a few words: asyncio's text repeats the
+    address (`error while attempting to bind on address ('127.0.0.1', 8080): address already in
+    use`) after our message has named it."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 async def wait_for_stop(*watched: asyncio.Task[Any], stop: asyncio.Event | None = None) -> None:

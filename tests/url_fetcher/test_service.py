@@ -300,6 +300,20 @@ def test_sigterm_stops_cleanly_after_logging_each_fetch(tmp_path: Path) -> None:
     assert "Traceback" not in log
 
 
+def test_a_taken_port_is_one_clear_line(tmp_path: Path, open_service: Service) -> None:
+    """The address was said twice: `cannot serve on 127.0.0.1:P: [Errno 98] error while
+    attempting to bind on address ('127.0.0.1', P): address already in use`."""
+    port = open_service.base.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [str(URL_FETCHER), "--host", "127.0.0.1", "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert done.returncode == 1
+    assert done.stderr.endswith(f"cannot listen on 127.0.0.1:{port}: address already in use\n")
+
+
 async def test_sigterm_lets_the_longest_batch_finish(tmp_path: Path, site: str) -> None:
     """A batch may take ceil(--max-batch / --batch-concurrency) x --fetch-timeout: here 50
     fetches cut at 0.05 s, one at a time, 2.5 s and more. SIGTERM used to give requests in flight

@@ -9,6 +9,7 @@ import sys
 
 from aiohttp import web
 
+from shared.service import bind_error
 from shared.settings import load
 from url_fetcher.app import create_app
 from url_fetcher.settings import UrlFetcherSettings
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
             loop=_event_loop(),
         )
     except OSError as exc:
-        log.error("cannot serve on %s:%d: %s", settings.host, settings.port, exc)
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, bind_error(exc))
         sys.exit(1)
 
 
