@@ -147,7 +147,8 @@ class Publisher:
                 raise UnknownService(str(exc)) from None
             raise UnknownService(
                 f"service {service!r} has no topology on the broker: start its dequeuer "
-                "(proxymq-dequeuer --service NAME) or declare it (proxymq topology declare)"
+                f"(proxymq-dequeuer --service {service}) or declare it (proxymq topology "
+                f"declare --service {service})"
             )
 
     def exists(self, service: str) -> bool:

@@ -59,7 +59,11 @@ async def test_unknown_service(stack: Stack, http: aiohttp.ClientSession) -> Non
     _, url = await stack.enqueuer()
     async with http.get(f"{url}/no-such-service/x") as response:
         message = await expect_error(response, 404, "unknown_service")
-    assert "no-such-service" in message
+    assert message == (  # the commands to run, as `proxymq status` says them (was `NAME`)
+        "service 'no-such-service' has no topology on the broker: start its dequeuer "
+        "(proxymq-dequeuer --service no-such-service) or declare it "
+        "(proxymq topology declare --service no-such-service)"
+    )
     async with http.get(f"{url}/") as response:
         await expect_error(response, 404, "unknown_service")
     async with http.get(f"{url}/bad.name/x") as response:
