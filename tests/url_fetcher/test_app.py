@@ -39,9 +39,11 @@ async def serve(monkeypatch: pytest.MonkeyPatch, *flags: str) -> AsyncIterator[C
         yield test_client
 
 
-async def post(client: Client, path: str, body: bytes) -> tuple[int, object]:
+async def post(
+    client: Client, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, object]:
     """Status and JSON answer; the answer must be strict JSON (no NaN, no Infinity)."""
-    async with client.post(path, data=body) as response:
+    async with client.post(path, data=body, headers=headers) as response:
         assert response.content_type == "application/json"
         text = await response.text()
     return response.status, json.loads(text, parse_constant=_no_constant)
@@ -54,6 +56,11 @@ def _no_constant(name: str) -> object:
 def _code(answer: object) -> object:
     assert isinstance(answer, dict)
     return answer["error"]["code"]
+
+
+def _error(answer: object) -> object:
+    assert isinstance(answer, dict)
+    return answer["error"]
 
 
 BAD_HOSTS = ["http://a..b/", "http://xn--a/", "http://xn--/", f"http://{'a' * 64}.example/"]
@@ -236,3 +243,76 @@ async def test_a_batch_answers_within_batch_timeout(
     assert {entry["error"]["message"] for entry in late} == {
         f"the batch reached its --batch-timeout of 1 s before {url} was fetched" for url in urls[1:]
     }
+
+
+def fetch_item(url: str, timeout: str | None = None) -> dict[str, object]:
+    """A /batch envelope of `POST /fetch {"url": url}`, with `X-Request-Timeout: timeout`."""
+    body = base64.b64encode(json.dumps({"url": url}).encode()).decode()
+    headers = [] if timeout is None else [["X-Request-Timeout", timeout]]
+    return {"method": "POST", "path": "/fetch", "headers": headers, "body": body}
+
+
+def unpacked(answers: object) -> list[tuple[int, dict[str, object]]]:
+    """Status and JSON body of each response envelope of a /batch answer."""
+    assert isinstance(answers, list)
+    return [(a["status"], json.loads(base64.b64decode(a["body"]))) for a in answers]
+
+
+def ran_out(url: str) -> str:
+    return f"the caller's time ran out (X-Request-Timeout) before {url} was fetched"
+
+
+async def test_fetches_stop_when_the_callers_time_runs_out(client: Client, site: str) -> None:
+    """The dequeuer tells each call the time its caller has left (`X-Request-Timeout`); the
+    fetches went on to --fetch-timeout (--batch-timeout for a batch) after nobody waited."""
+    slow = f"{site}/slow"
+    hurry = {"X-Request-Timeout": "0.2"}
+    status, answer = await post(client, "/fetch", json.dumps({"url": slow}).encode(), hurry)
+    assert (status, answer) == (
+        504,
+        {"url": slow, "error": {"code": "fetch_timeout", "message": ran_out(slow)}},
+    )
+    body = json.dumps([f"{site}/page", slow]).encode()
+    status, answer = await post(client, "/fetch/batch", body, hurry)
+    assert status == 200 and isinstance(answer, dict)
+    page, late = answer["results"]
+    assert page["status"] == 200
+    assert late["error"] == {"code": "fetch_timeout", "message": ran_out(slow)}
+
+
+async def test_each_batch_item_has_its_own_time(monkeypatch: pytest.MonkeyPatch, site: str) -> None:
+    """An item's time counts from the batch's arrival: waiting for its turn spends it."""
+    slow, page = f"{site}/slow", f"{site}/page"
+    items = [fetch_item(slow, "0.3"), fetch_item(page, "0.1"), fetch_item(page, "30")]
+    async with serve(monkeypatch, "--batch-concurrency", "1") as client:
+        status, answers = await post(client, "/batch", json.dumps(items).encode())
+    assert status == 200
+    (first, cut), (second, spent), (third, fetched) = unpacked(answers)
+    assert (first, cut["error"]) == (504, {"code": "fetch_timeout", "message": ran_out(slow)})
+    assert (second, spent["error"]) == (504, {"code": "fetch_timeout", "message": ran_out(page)})
+    assert (third, fetched["status"]) == (200, 200)
+
+
+@pytest.mark.parametrize(
+    "value", ["soon", "-1", "nan", "inf", "1e999", "1e300", "1_0", "\u0663", ""]
+)
+async def test_an_x_request_timeout_that_is_no_duration_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, site: str, value: str
+) -> None:
+    """Not a number, negative or huge: the own caps apply, no 400, no 500, no wait past them."""
+    slow = f"{site}/slow"
+    own = f"fetching {slow} took longer than 0.3 s"
+    headers = {"X-Request-Timeout": value}
+    async with serve(monkeypatch, "--fetch-timeout", "0.3") as client:
+        status, answer = await post(
+            client, "/fetch", json.dumps({"url": f"{site}/page"}).encode(), headers
+        )
+        assert status == 200
+        status, answer = await post(client, "/fetch", json.dumps({"url": slow}).encode(), headers)
+        assert (status, _error(answer)) == (504, {"code": "fetch_timeout", "message": own})
+        status, answers = await post(
+            client, "/batch", json.dumps([fetch_item(slow, value)]).encode()
+        )
+        assert status == 200
+        [(status, answer)] = unpacked(answers)
+        assert (status, _error(answer)) == (504, {"code": "fetch_timeout", "message": own})

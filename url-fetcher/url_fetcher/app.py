@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
 from url_fetcher.batch_endpoint import BatchLimits, batch_handler
+from url_fetcher.budget import CALLER_TIMEOUT, caller_deadline
 from url_fetcher.fetch import (
     BAD_REQUEST,
     FETCH_TIMEOUT,
@@ -128,15 +129,24 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def fetch_one(request: web.Request) -> web.Response:
-    """POST /fetch {"url": ...}: the fetch result, or an error with a status naming its kind."""
+    """POST /fetch {"url": ...}: the fetch result, or an error with a status naming its kind.
+
+    The fetch stops when its caller does (`X-Request-Timeout`), if before --fetch-timeout.
+    """
+    deadline = caller_deadline(request, request.app[SETTINGS].fetch_timeout)
     body = await _json_body(request)
     if not isinstance(body, dict) or "url" not in body:
         raise BadInput('expected a JSON object like {"url": "https://example.com/"}')
     url = body["url"]
+    started = time.perf_counter()
     try:
-        result = await request.app[FETCHER].fetch(url)
+        async with asyncio.timeout_at(deadline):
+            result = await request.app[FETCHER].fetch(url)
     except FetchError as exc:
         return web.json_response(exc.to_json(url), status=exc.http_status)
+    except TimeoutError:
+        cut = cut_short(url, CALLER_TIMEOUT, started)
+        return web.json_response(cut.to_json(url), status=cut.http_status)
     return web.json_response(result.to_json())
 
 
@@ -145,14 +155,20 @@ async def fetch_batch(request: web.Request) -> web.Response:
 
     Accepts {"urls": [...]} or a bare list; items are URL strings or {"url": ...} objects. A bad
     item only fails its own slot, so one typo does not cost the whole batch. The batch answers
-    within --batch-timeout: an item not fetched by then is `fetch_timeout` in its slot (a batch
-    of slow URLs took 70 s by default, past a dequeuer's 60 s call, whose caller got nothing).
+    within --batch-timeout, or its caller's `X-Request-Timeout` if shorter: an item not fetched
+    by then is `fetch_timeout` in its slot (a batch of slow URLs took 70 s by default, past a
+    dequeuer's 60 s call, whose caller got nothing).
     """
+    settings = request.app[SETTINGS]
+    deadline = caller_deadline(request, settings.batch_timeout)
+    reason = CALLER_TIMEOUT
+    if deadline is None:
+        deadline = asyncio.get_running_loop().time() + settings.batch_timeout
+        reason = f"the batch reached its --batch-timeout of {settings.batch_timeout:g} s"
     body = await _json_body(request)
     items = body.get("urls") if isinstance(body, dict) else body
     if not isinstance(items, list):
         raise BadInput('expected {"urls": ["https://...", ...]} or a JSON list of URLs')
-    settings = request.app[SETTINGS]
     if len(items) > settings.max_batch:
         raise BadInput(
             f"{len(items)} URLs in one batch; at most {settings.max_batch} are accepted "
@@ -161,7 +177,6 @@ async def fetch_batch(request: web.Request) -> web.Response:
     fetcher = request.app[FETCHER]
     slots = asyncio.Semaphore(settings.batch_concurrency)
     started = time.perf_counter()
-    deadline = asyncio.get_running_loop().time() + settings.batch_timeout
 
     async def one(item: object) -> dict[str, object]:
         url = item.get("url") if isinstance(item, dict) else item
@@ -171,19 +186,21 @@ async def fetch_batch(request: web.Request) -> web.Response:
         except FetchError as exc:
             return exc.to_json(url)
         except TimeoutError:
-            message = (
-                f"the batch reached its --batch-timeout of {settings.batch_timeout:g} s "
-                f"before {url} was fetched"
-            )
-            cut = FetchError(FETCH_TIMEOUT, message)
-            log_failure(url, cut, started)
-            return cut.to_json(url)
+            return cut_short(url, reason, started).to_json(url)
         except Exception:
             log.exception("fetch url=%r failed", url)
             return {"url": url, **error_body(INTERNAL_ERROR, _FAILED)}
 
     results = await asyncio.gather(*(one(item) for item in items))
     return web.json_response({"results": results})
+
+
+def cut_short(url: object, reason: str, started: float) -> FetchError:
+    """The `fetch_timeout` of a fetch of `url` stopped for `reason`, logged as a fetch's failure
+    is (the fetch itself was cancelled: it logs nothing)."""
+    cut = FetchError(FETCH_TIMEOUT, f"{reason} before {url} was fetched")
+    log_failure(url, cut, started)
+    return cut
 
 
 class BadInput(Exception):

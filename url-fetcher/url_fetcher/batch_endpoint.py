@@ -34,10 +34,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from shared.envelope import HOP_BY_HOP
+from url_fetcher.budget import DEADLINE_HEADER, budget_of
 
 log = logging.getLogger("url_fetcher")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_DEADLINE = DEADLINE_HEADER.lower()
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Control characters, and lone surrogates (JSON's `"\udce9"`), which no header can be written with.
@@ -104,21 +106,25 @@ async def batch(request: web.Request, limits: BatchLimits) -> web.Response:
             "(--max-batch)",
         )
     slots = asyncio.Semaphore(limits.concurrency)
+    loop = asyncio.get_running_loop()
+    received = loop.time()
 
     async def one(item: object) -> dict[str, object]:
         async with slots:
-            return await answer_item(request, item, limits.batch_paths)
+            return await answer_item(request, item, limits.batch_paths, loop.time() - received)
 
     answers = await asyncio.gather(*(one(item) for item in items))
     return web.json_response(answers)
 
 
 async def answer_item(
-    batch_request: web.Request, item: object, batch_paths: frozenset[str]
+    batch_request: web.Request, item: object, batch_paths: frozenset[str], waited: float
 ) -> dict[str, object]:
-    """One item's response envelope; nothing an item does can fail the batch."""
+    """One item's response envelope, after `waited` seconds for its turn; nothing an item does
+    can fail the batch."""
     try:
         parsed = decompressed(parse_item(item, batch_paths), batch_request.client_max_size)
+        parsed = time_left(parsed, waited)
     except BadItem as exc:
         return envelope_of(_error(400, "bad_request", f"malformed batch item: {exc}"))
     try:
@@ -179,6 +185,22 @@ def parse_item(item: object, batch_paths: frozenset[str]) -> ItemRequest:
     except (binascii.Error, ValueError) as exc:
         raise BadItem(f'"body" is not base64: {exc}') from None
     return ItemRequest(method, path, query, tuple(headers), body)
+
+
+def time_left(item: ItemRequest, waited: float) -> ItemRequest:
+    """`item` telling its handler the time its caller has now: its `X-Request-Timeout` was
+    written when the batch was sent, and the `waited` seconds for the item's turn are spent (0
+    when none is left). A value that is no duration is the handler's to ignore."""
+    headers = tuple(
+        (name, _less(value, waited)) if name.lower() == _DEADLINE else (name, value)
+        for name, value in item.headers
+    )
+    return replace(item, headers=headers)
+
+
+def _less(value: str, waited: float) -> str:
+    budget = budget_of(value)
+    return value if budget is None else f"{max(budget - waited, 0):.3f}"
 
 
 def decompressed(item: ItemRequest, limit: int) -> ItemRequest:
