@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from shared.settings import load
+from url_fetcher.__main__ import longest_request
 from url_fetcher.app import SESSION, create_app
 from url_fetcher.fetch import Fetcher, FetchResult
 from url_fetcher.settings import UrlFetcherSettings
@@ -31,12 +32,17 @@ async def client(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Client]:
 async def serve(monkeypatch: pytest.MonkeyPatch, *flags: str) -> AsyncIterator[Client]:
     """url-fetcher with `flags`, allowed to fetch the local site; the runner's PROXYMQ_* are
     kept out."""
+    settings = settings_of(monkeypatch, "--allow-private", "--fetch-timeout", "2", *flags)
+    async with TestClient(TestServer(create_app(settings))) as test_client:
+        yield test_client
+
+
+def settings_of(monkeypatch: pytest.MonkeyPatch, *flags: str) -> UrlFetcherSettings:
+    """Settings from `flags` alone: the runner's PROXYMQ_* are kept out."""
     for name in list(os.environ):
         if name.startswith("PROXYMQ_"):
             monkeypatch.delenv(name)
-    settings = load(UrlFetcherSettings, ["--allow-private", "--fetch-timeout", "2", *flags])
-    async with TestClient(TestServer(create_app(settings))) as test_client:
-        yield test_client
+    return load(UrlFetcherSettings, list(flags))
 
 
 async def post(
@@ -316,3 +322,42 @@ async def test_an_x_request_timeout_that_is_no_duration_is_ignored(
         assert status == 200
         [(status, answer)] = unpacked(answers)
         assert (status, _error(answer)) == (504, {"code": "fetch_timeout", "message": own})
+
+
+async def test_a_batch_of_requests_answers_within_batch_timeout(
+    monkeypatch: pytest.MonkeyPatch, site: str
+) -> None:
+    """A /batch took as long as its items, --batch-concurrency at a time: up to 70 s by
+    default, past the dequeuer's 60 s --call-timeout. What is answered by --batch-timeout is
+    in its slot; an item still running or waiting for its turn is fetch_timeout."""
+    flags = ["--fetch-timeout", "3", "--batch-concurrency", "1", "--batch-timeout", "1"]
+    page, slow = f"{site}/page", f"{site}/slow"
+    items = [
+        fetch_item(page),
+        fetch_item(slow),
+        fetch_item(slow),
+        {"method": "GET", "path": "/healthz"},
+    ]
+    async with serve(monkeypatch, *flags) as client:
+        status, answers = await post(client, "/batch", json.dumps(items).encode())
+    assert status == 200
+    (first, fetched), *late = unpacked(answers)
+    assert (first, fetched["title"]) == (200, "Caf\u00e9 au lait")
+    cut = "the batch reached its --batch-timeout of 1 s before {} was answered"
+    assert late == [
+        (504, {"error": {"code": "fetch_timeout", "message": cut.format(line)}})
+        for line in ["POST /fetch", "POST /fetch", "GET /healthz"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "seconds"),
+    [([], 30), (["--batch-timeout", "5"], 10), (["--fetch-timeout", "40"], 40)],
+)
+def test_a_stop_waits_as_long_as_a_request_may_take(
+    monkeypatch: pytest.MonkeyPatch, flags: list[str], seconds: float
+) -> None:
+    """A batch of either kind is done within --batch-timeout, a fetch within --fetch-timeout:
+    a stop needs to wait no longer (it waited for ceil(--max-batch / --batch-concurrency)
+    fetches, 70 s by default, yet a /fetch/batch in a /batch could take longer still)."""
+    assert longest_request(settings_of(monkeypatch, *flags)) == seconds

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 
 from aiohttp import web
@@ -39,11 +38,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def longest_request(settings: UrlFetcherSettings) -> float:
-    """Seconds the longest request may legitimately take, so SIGTERM lets it finish: a batch of
-    --max-batch items run --batch-concurrency at a time, each a single fetch within
-    --fetch-timeout. (A `/fetch/batch` inside a `/batch` may take longer; through a dequeuer,
-    a call cut at exit is tried again.)"""
-    return math.ceil(settings.max_batch / settings.batch_concurrency) * settings.fetch_timeout
+    """Seconds the longest request may legitimately take, so SIGTERM lets it finish: a fetch
+    within --fetch-timeout, a batch (of either kind, nested too) within --batch-timeout."""
+    return max(settings.fetch_timeout, settings.batch_timeout)
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

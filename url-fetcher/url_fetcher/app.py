@@ -55,6 +55,7 @@ def create_app(
     app.router.add_post("/fetch/batch", fetch_batch)
     batch = BatchLimits(
         concurrency=settings.batch_concurrency,
+        timeout=settings.batch_timeout,
         max_items=settings.max_batch,
         max_body=settings.max_batch_body,
         batch_paths=frozenset({"/batch"}),

@@ -63,8 +63,9 @@ class UrlFetcherSettings(CommandSettings):
     batch_timeout: Seconds = Field(
         30.0,
         gt=0,
-        description="Seconds one /fetch/batch request may take; URLs not fetched by then are "
-        "answered fetch_timeout in their entries. Keep it below the dequeuer's --call-timeout.",
+        description="Seconds one /fetch/batch or /batch request may take; URLs (or items) not "
+        "done by then are answered fetch_timeout in their entries. Keep it below the dequeuer's "
+        "--call-timeout.",
     )
     max_batch: Count = Field(
         100,
