@@ -36,6 +36,7 @@ from shared.errors import (
     BadRequest,
     BodyTooLarge,
     BrokerUnavailable,
+    InternalError,
     MethodNotAllowed,
     ProxyMQError,
     Unauthorized,
@@ -94,6 +95,16 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
     except asyncio.CancelledError:  # the caller hung up: its handler was cancelled
         _record(request, started, None, DISCONNECTED, "the caller hung up before the answer")
         raise
+    except Exception:  # a defect: aiohttp's answer was plain text without the request's id
+        log.exception(
+            "could not handle the request",
+            extra=logs.fields(correlation_id=request["request_id"]),
+        )
+        crashed = InternalError(
+            "the enqueuer failed unexpectedly; its log has the details under this request's "
+            "X-Correlation-ID"
+        )
+        response, outcome, message = error_response(crashed), crashed.code, crashed.message
     response.headers[CORRELATION_HEADER] = _record(request, started, response, outcome, message)
     return response
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry.trace import SpanKind
 
 from enqueuer.guard import CallerGuard
@@ -170,7 +171,9 @@ async def read_body(request: web.Request, limit: int, within: float) -> bytes:
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"the body is larger than {limit} bytes") from None
-    except web.RequestPayloadError as error:  # the parser refused the body (a bad chunk, say)
+    except (web.RequestPayloadError, HttpProcessingError) as error:
+        # The parser refused the body (a bad chunk, say); aiohttp's Python parser raises its
+        # own error unwrapped, which only the connection's `handle_error` answered (400).
         request.content.feed_eof()  # nothing more will come: aiohttp must not wait to drain it
         raise malformed(error) from None
     except TimeoutError:

@@ -14,6 +14,7 @@
      +-- ServiceFailed        502 service_failed
      +-- BrokerUnavailable    503 broker_unavailable  (Retry-After)
      +-- GatewayTimeout       504 timeout
+     +-- InternalError        500 internal_error      (a defect of ours; logged with its traceback)
 
 They are raised anywhere and rendered in one place (the enqueuer's error middleware), so every
 answer carries the same JSON body and `X-ProxyMQ-Error` header. `TopologyMismatch` is a startup
@@ -141,8 +142,15 @@ class GatewayTimeout(ProxyMQError):
     code = "timeout"
 
 
+class InternalError(ProxyMQError):
+    """An exception nothing else caught: a defect. Never from a reply (not in BY_CODE)."""
+
+    status = 500
+    code = "internal_error"
+
+
 # The codes a reply may carry (`x-proxymq-error`), as the enqueuer raises them again: not 405,
-# which its own path alone answers.
+# which its own path alone answers, nor 500, a defect of the enqueuer's own.
 BY_CODE: dict[str, type[ProxyMQError]] = {
     cls.code: cls
     for cls in (
