@@ -328,9 +328,10 @@ class Consumer:
     ) -> None:
         """Dead-letter after the last retryable failure and tell the caller at once (502)."""
         last = str(outcome) if isinstance(outcome, CallFailed) else str(outcome.status)
+        told = outcome.for_caller() if isinstance(outcome, CallFailed) else last
         failed = f"failed {attempts} time(s)" if attempts else "was never reached in time"
         error = ServiceFailed(
-            f"service {self.settings.service!r} {failed}, last: {last}; "
+            f"service {self.settings.service!r} {failed}, last: {told}; "
             f"the request is in {self.topology.dead_letters}"
         )
         if not await self.dead_letter(

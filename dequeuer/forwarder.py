@@ -157,6 +157,19 @@ class CallFailed(Exception):
         """The request's time ran out before it could be sent: no call was made."""
         return self.kind == "timeout" and not self.sent
 
+    def for_caller(self) -> str:
+        """The failure as the caller's 502 tells it: a connection's detail names the
+        microservice's host and port ("Cannot connect to host 10.0.3.7:8000"), which the
+        caller has no use for; the dequeuer's log and the dead letter keep it."""
+        if self.kind != "connect":
+            return str(self)
+        failed = (
+            "the connection to the microservice failed before its answer"
+            if self.sent
+            else "could not connect to the microservice"
+        )
+        return f"connect: {failed} (the dequeuer's log says why)"
+
 
 class Transport(Protocol):
     async def send(self, request: HttpRequest, timeout: float) -> HttpResponse: ...

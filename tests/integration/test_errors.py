@@ -667,6 +667,30 @@ async def test_retryable_status_is_dead_lettered(
     assert len(target.seen) == 2
 
 
+async def test_service_failed_names_no_address_of_the_microservice(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """The microservice refusing connections: the caller's 502 said "Cannot connect to host
+    127.0.0.1:PORT", the microservice's address inside the deployment. The dequeuer's log and
+    the dead letter keep it."""
+    await stack.dequeuer(
+        service,
+        target.url,
+        *("--retry-backoff-ms", "300", "--ready-interval", "60", "--breaker-failures", "100"),
+    )
+    _, url = await stack.enqueuer()
+    address = target.url.removeprefix("http://")
+    await target.stop()
+    try:
+        async with http.get(f"{url}/{service}/x", headers={"X-Request-Timeout": "2"}) as response:
+            message = await expect_error(response, 502, "service_failed")
+    finally:
+        await target.start()
+    assert address not in message and "127.0.0.1" not in message, message
+    assert "could not connect to the microservice" in message, message
+    assert f"Cannot connect to host {address}" in stack.log_text()
+
+
 async def test_every_attempt_timing_out_is_service_failed(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
