@@ -11,11 +11,48 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from shared.errors import ERROR_HEADER, clipped
+
 log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Mapping[str, bool]]
 # Starts the same stop as SIGTERM (again: nothing more) and returns its grace in seconds.
 Drain = Callable[[], float]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    """An admin port's error in the form of the API's (`X-ProxyMQ-Error`, JSON body)."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}},
+        status=status,
+        headers={ERROR_HEADER: code, **headers},
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's plain-text 404 and 405 as `not_found` and `method_not_allowed`, naming what
+    the port serves."""
+    try:
+        return await handler(request)
+    except web.HTTPException as refused:
+        if refused.status < 400:
+            raise
+        serves = ", ".join(
+            sorted(
+                f"{route.method} {route.resource.canonical}"
+                for route in request.app.router.routes()
+                if route.method != "HEAD" and route.resource is not None
+            )
+        )
+        return error(
+            refused.status,
+            refused.reason.lower().replace(" ", "_"),
+            f"{request.method} {clipped(request.path)}: {refused.reason}; "
+            f"the admin port serves {serves}",
+            **{name: refused.headers[name] for name in ("Allow",) if name in refused.headers},
+        )
 
 
 def from_loopback(peer: str | None) -> bool:
@@ -38,10 +75,7 @@ def drain_endpoint(drain: Drain) -> Callable[[web.Request], Awaitable[web.Respon
     async def drained(request: web.Request) -> web.Response:
         if not from_loopback(request.remote):
             log.warning("POST /drain from %s refused: only the pod's loopback", request.remote)
-            return web.json_response(
-                {"error": "forbidden", "message": "POST /drain is for 127.0.0.1 and ::1 only"},
-                status=403,
-            )
+            return error(403, "forbidden", "POST /drain is for 127.0.0.1 and ::1 only")
         log.info("drain requested on the admin port")
         return web.json_response({"draining": True, "grace": drain()}, status=202)
 
@@ -72,7 +106,7 @@ def admin_app(
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -1252,6 +1252,38 @@ async def test_a_drain_from_off_the_loopback_stops_nothing(
     assert f"POST /drain from {address} refused" in stack.log_text()
 
 
+async def test_the_admin_ports_answer_their_errors_in_json(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """An unknown path or a wrong method on either admin port got aiohttp's plain-text 404 or
+    405, where every other error of ProxyMQ's is JSON with X-ProxyMQ-Error."""
+    enqueuer, _ = await stack.enqueuer()
+    dequeuer = await stack.dequeuer(service, target.url)
+    for process, serves in (
+        (enqueuer, "GET /healthz, GET /metrics, GET /readyz"),
+        (dequeuer, "GET /healthz, GET /metrics, GET /readyz, POST /drain"),
+    ):
+        admin = f"http://127.0.0.1:{process.admin_port}"  # type: ignore[attr-defined]
+        async with http.get(f"{admin}/nope") as response:
+            message = await expect_admin_error(response, 404, "not_found")
+        assert message == f"GET /nope: Not Found; the admin port serves {serves}"
+        async with http.delete(f"{admin}/readyz") as response:
+            message = await expect_admin_error(response, 405, "method_not_allowed")
+            assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+        assert message == f"DELETE /readyz: Method Not Allowed; the admin port serves {serves}"
+
+
+async def expect_admin_error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
+    """As `expect_error`, without X-Correlation-ID: the admin port serves no API call."""
+    assert response.status == status
+    assert response.headers["X-ProxyMQ-Error"] == code
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = await response.json()
+    assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message"], body
+    assert body["error"]["code"] == code
+    return str(body["error"]["message"])
+
+
 async def test_broker_down_at_startup(
     stack: Stack, service: str, http: aiohttp.ClientSession
 ) -> None:

@@ -54,6 +54,10 @@ async def test_a_peer_off_the_loopback_stops_nothing() -> None:
     endpoint = drain_endpoint(drain)
     refused = await endpoint(drain_request("192.0.2.2"))
     assert refused.status == 403 and not calls
+    assert refused.headers["X-ProxyMQ-Error"] == "forbidden"
+    assert json.loads(refused.text or "") == {
+        "error": {"code": "forbidden", "message": "POST /drain is for 127.0.0.1 and ::1 only"}
+    }
     for _ in range(2):  # a second request while draining is answered the same
         accepted = await endpoint(drain_request("127.0.0.1"))
         assert accepted.status == 202
