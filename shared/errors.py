@@ -44,11 +44,14 @@ class ProxyMQError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
+    # The codes the contract answers with Retry-After have one, wherever they come from (a
+    # reply's `x-proxymq-error` too).
+    default_retry_after: ClassVar[float | None] = None
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after = retry_after
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
 
     def body(self) -> bytes:
         return json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
@@ -125,6 +128,7 @@ class IdempotencyKeyReused(ProxyMQError):
 class Backpressure(ProxyMQError):
     status = 429
     code = "backpressure"
+    default_retry_after = 1.0
 
 
 class ServiceFailed(ProxyMQError):
@@ -135,6 +139,7 @@ class ServiceFailed(ProxyMQError):
 class BrokerUnavailable(ProxyMQError):
     status = 503
     code = "broker_unavailable"
+    default_retry_after = 1.0
 
 
 class GatewayTimeout(ProxyMQError):

@@ -52,6 +52,8 @@ async def expect_error(response: aiohttp.ClientResponse, status: int, code: str)
     assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message"], body
     assert body["error"]["code"] == code
     assert body["error"]["message"]
+    if code in ("backpressure", "broker_unavailable"):  # the contract's "has Retry-After"
+        assert int(response.headers["Retry-After"]) >= 1
     return str(body["error"]["message"])
 
 
@@ -556,6 +558,31 @@ async def test_a_reply_that_is_no_answer_is_a_502(
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("the asynchronous request never finished")
+    await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(429, "backpressure"), (503, "broker_unavailable"), (504, "timeout")]
+)
+async def test_a_replier_may_answer_with_any_code_of_the_contract(
+    stack: Stack,
+    service: str,
+    http: aiohttp.ClientSession,
+    amqp: AbstractRobustConnection,
+    status: int,
+    code: str,
+) -> None:
+    """A reply's `x-proxymq-error` (any AMQP client may reply) is answered in the contract's
+    shape: a 429 or a 503 had no Retry-After, which the contract promises with them."""
+    headers: HeadersType = {
+        envelope.H_STATUS: status,
+        envelope.H_ERROR: code,
+        envelope.H_ERROR_MESSAGE: "said the replier",
+    }
+    channel = await foreign_replier(amqp, service, headers, b"")
+    _, url = await stack.enqueuer()
+    async with http.get(f"{url}/{service}/x", headers={"X-Request-Timeout": "5"}) as response:
+        assert await expect_error(response, status, code) == "said the replier"
     await channel.close()
 
 

@@ -43,10 +43,7 @@ async def test_full_partition_is_backpressure_and_loses_nothing(
             if response.status == 202:
                 accepted.append(response.headers["Location"])
             else:
-                assert response.status == 429
-                assert response.headers["X-ProxyMQ-Error"] == "backpressure"
-                assert int(response.headers["Retry-After"]) >= 1
-                message = (await response.json())["error"]["message"]
+                message = await expect_error(response, 429, "backpressure")
                 assert "is full, or it is electing a new leader" in message  # a nack says no why
                 refused += 1
     assert 5 <= len(accepted) <= 6 and refused == 10 - len(accepted)  # may overshoot by one
@@ -114,7 +111,6 @@ async def test_in_flight_cap_is_backpressure(
             statuses.append(r.status)
             if r.status == 429:
                 assert "already waiting for a reply" in await expect_error(r, 429, "backpressure")
-                assert int(r.headers["Retry-After"]) >= 1
     assert statuses == [202, 202, 202, 429, 429]
 
 
