@@ -17,6 +17,7 @@ from enqueuer.guard import CallerGuard, read_token
 from enqueuer.handlers import (
     CALL,
     OWN_PATHS,
+    REQUEST_ID,
     REQUESTS_PATH,
     Enqueuer,
     new_request_id,
@@ -79,7 +80,7 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
     count the outcome and log it: one line per request, never a body or a header value."""
     enqueuer = request.app[ENQUEUER]
     request_id = new_request_id()
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     logs.request_context.set({"correlation_id": request_id})
     started = time.perf_counter()
     message = "answered"
@@ -98,7 +99,7 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
     except Exception:  # a defect: aiohttp's answer was plain text without the request's id
         log.exception(
             "could not handle the request",
-            extra=logs.fields(correlation_id=request["request_id"]),
+            extra=logs.fields(correlation_id=request[REQUEST_ID]),
         )
         crashed = InternalError(
             "the enqueuer failed unexpectedly; its log has the details under this request's "
@@ -132,7 +133,7 @@ def _record(
     # Calls answered as calls only: a microservice's own 202 is one's answer, not respond-async's.
     if service and response is not None and not request.get("asynchronous"):
         metrics.duration.labels(label).observe(elapsed)
-    request_id: str = request["request_id"]
+    request_id: str = request[REQUEST_ID]
     log.info(
         message,
         extra=logs.fields(
@@ -193,7 +194,7 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
             return await proxy(request, enqueuer)
         method, attributes = tracing.http_method(request.method)
         attributes["url.path"] = request.path
-        attributes["messaging.message.conversation_id"] = request["request_id"]
+        attributes["messaging.message.conversation_id"] = request[REQUEST_ID]
         with tracing.span(
             f"{method} /{{service}}", SpanKind.SERVER, request.headers, attributes
         ) as current:
@@ -201,9 +202,7 @@ def create_app(settings: EnqueuerSettings) -> web.Application:
                 response = await proxy(request, enqueuer)
             finally:  # a repeated Idempotency-Key is answered under the first request's id
                 if current is not None:
-                    current.set_attribute(
-                        "messaging.message.conversation_id", request["request_id"]
-                    )
+                    current.set_attribute("messaging.message.conversation_id", request[REQUEST_ID])
             tracing.record_status(current, response.status)
             return response
 

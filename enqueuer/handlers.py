@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 CALL = "call /{service}/{path}"
 OWN_PATHS = "/_proxymq"
 REQUESTS_PATH = OWN_PATHS + "/requests/"
+REQUEST_ID = web.RequestKey("request_id", str)  # the id in X-Correlation-ID and the logs
 # One preference: up to a comma outside a quoted string (an unclosed quote runs to the end).
 _PREFERENCE = re.compile(r'(?:[^,"]|"(?:\\.|[^"\\])*(?:"|$))+')
 NAN = float("nan")
@@ -216,10 +217,10 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
                 "the deadline passed while RabbitMQ had not yet confirmed the first request "
                 "with this Idempotency-Key"
             ) from None
-        request["request_id"] = request_id = first.request_id
+        request[REQUEST_ID] = request_id = first.request_id
         future = first.future
     else:
-        request_id = request["request_id"]
+        request_id = request[REQUEST_ID]
         headers = enqueuer.guard.forwarded(envelope.end_to_end(request.headers.items()))
         if asynchronous:
             headers = without_respond_async(headers)
@@ -434,7 +435,7 @@ async def request_status(request: web.Request, enqueuer: Enqueuer) -> web.Stream
             f"enqueuer, or its result expired ({enqueuer.settings.result_ttl:g} s after it "
             "finished, or sooner to stay within --max-results and --max-result-bytes)"
         )
-    request["request_id"] = request_id  # the request's own id, as in its logs
+    request[REQUEST_ID] = request_id  # the request's own id, as in its logs
     if outcome.pending:
         return pending(request_id)
     if outcome.error is not None:
