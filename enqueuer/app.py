@@ -281,7 +281,6 @@ async def _answer_waiting_callers(app: web.Application) -> None:
         BrokerUnavailable(
             "the enqueuer is stopping: the request was published and may still be processed, "
             "but its reply will not come here",
-            retry_after=1,
         ),
         unawaited=enqueuer.results.pending_ids(),
     )

@@ -308,7 +308,7 @@ async def publish(
         # CancelledError: the broker is gone, the caller is not, and gets a 503 rather than a
         # dropped HTTP connection.
         log.warning("publish failed: the connection to RabbitMQ was given up")
-        raise BrokerUnavailable("RabbitMQ did not confirm the request", retry_after=1) from None
+        raise BrokerUnavailable("RabbitMQ did not confirm the request") from None
     except BaseException:
         future.cancel()
         raise

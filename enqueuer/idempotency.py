@@ -45,7 +45,6 @@ class First:
         if self.refused is not None:
             raise BrokerUnavailable(
                 "the first request with this Idempotency-Key was not confirmed by RabbitMQ",
-                retry_after=1,
             )
 
 

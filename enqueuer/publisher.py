@@ -134,7 +134,6 @@ class Publisher:
                     raise Backpressure(
                         f"{len(self._checks)} services not known yet are being looked up on "
                         "the broker already",
-                        retry_after=1,
                     )
                 check = asyncio.ensure_future(self._lookup(service))
                 self._checks[service] = check
@@ -162,7 +161,7 @@ class Publisher:
         except ValueError:
             return False
         if self._connection is None:
-            raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
+            raise BrokerUnavailable("not connected to RabbitMQ yet")
         transport = self._transport()
         try:
             async with self._lookup_turn:
@@ -174,7 +173,7 @@ class Publisher:
                 if service not in self._channels:
                     self._channels[service] = await confirming_channel(self._connection)
         except BROKER_ERRORS as exc:
-            raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}", retry_after=1) from exc
+            raise BrokerUnavailable(f"RabbitMQ did not answer: {exc}") from exc
         now = time.monotonic()
         self._found.pop(service, None)  # the newest verdict goes last, evicted last
         self._missing.pop(service, None)
@@ -252,7 +251,7 @@ class Publisher:
         message: envelope.Outgoing,
     ) -> None:
         if channel is None:
-            raise BrokerUnavailable("not connected to RabbitMQ yet", retry_after=1)
+            raise BrokerUnavailable("not connected to RabbitMQ yet")
         try:
             await envelope.publish(channel, message, service, routing_key, mandatory=True)
         except envelope.TooLargeForAFrame as exc:
@@ -270,7 +269,6 @@ class Publisher:
             raise Backpressure(
                 f"the partition of service {service!r} for this key refused the request: it "
                 "is full, or it is electing a new leader after a RabbitMQ node went down",
-                retry_after=1,
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             self._found.pop(service, None)
@@ -283,4 +281,4 @@ class Publisher:
                     "max_message_size; the enqueuer's --max-body should not be above it"
                 ) from exc
             log.warning("publish failed: %s", exc)
-            raise BrokerUnavailable("RabbitMQ did not confirm the request", retry_after=1) from exc
+            raise BrokerUnavailable("RabbitMQ did not confirm the request") from exc

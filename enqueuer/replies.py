@@ -194,7 +194,6 @@ class ReplyWaiter:
             raise Backpressure(
                 f"service {service!r} has {held} requests waiting for a reply already, its "
                 "share of this enqueuer (--max-in-flight-per-service)",
-                retry_after=1,
             )
         self._by_service[service] = held + 1
         future: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()

@@ -474,7 +474,7 @@ class Broker:
     @property
     def connection(self) -> AbstractRobustConnection:
         if self._connection is None or not self.connected:
-            raise BrokerUnavailable("RabbitMQ cannot be reached right now", retry_after=1)
+            raise BrokerUnavailable("RabbitMQ cannot be reached right now")
         return self._connection
 
     def on_connect(self, callback: OnConnect) -> None:

@@ -93,7 +93,6 @@ async def _ensure_in_turn(
                 raise BrokerUnavailable(
                     f"the hash ring of service {service!r} is being rebuilt by another "
                     f"sidecar for over {LOCK_WAIT:.0f} s",
-                    retry_after=1,
                 )
             await asyncio.sleep(LOCK_PAUSE)
         try:
