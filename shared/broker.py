@@ -11,7 +11,6 @@ import logging
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import aiormq
@@ -23,7 +22,7 @@ from yarl import URL
 
 from shared.amqp_transport import CoalescingTransportFactory, read_text_leniently
 from shared.errors import BrokerUnavailable
-from shared.settings import SidecarSettings, masked
+from shared.settings import SidecarSettings, TlsFiles, masked, split_urls
 
 log = logging.getLogger(__name__)
 read_text_leniently()
@@ -338,11 +337,6 @@ def redact(url: str) -> str:
     return ",".join(masked(u) for u in split_urls(url))
 
 
-def split_urls(url: str) -> list[str]:
-    """`--amqp-url` takes one URL or a comma-separated list of a cluster's nodes."""
-    return [part.strip() for part in url.split(",") if part.strip()]
-
-
 class FailoverConnection(RobustConnection):
     """A robust connection over several broker addresses: each connection attempt, the first
     and every reconnect, goes to the next address in turn, so losing a cluster node moves the
@@ -377,53 +371,6 @@ class FailoverConnection(RobustConnection):
             self.url = url.with_query({**self._options, **url.query})
             self._next += 1
         self._transport = value
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """What an amqps:// connection verifies the broker with (no CA file: the system's CAs) and
-    shows it (a client certificate and its key). The fields are the sidecars' settings of the
-    same names, and `proxymq` reads them as the same flags and variables (`--amqp-ca-file`,
-    PROXYMQ_AMQP_CA_FILE)."""
-
-    amqp_ca_file: str | None = None
-    amqp_cert_file: str | None = None
-    amqp_key_file: str | None = None
-
-    @classmethod
-    def of(cls, options: object) -> TlsFiles:
-        """The files a sidecar's settings or a `proxymq` command's arguments name."""
-        return cls(*(getattr(options, field.name) for field in fields(cls)))
-
-    def context_for(self, url: str) -> ssl.SSLContext | None:
-        """The TLS context of a connection to `url`, None when no node is amqps://. It goes to
-        any amqps:// node, not only to a first one spelt in lower case (`AMQPS://`, a cluster's
-        second node or a space before the URL connected with the system's CAs, --amqp-ca-file
-        ignored). A file that cannot be used is a ValueError naming it (ssl's own errors name
-        neither the file nor the flag)."""
-        if not any(URL(node).scheme == "amqps" for node in split_urls(url)):
-            return None
-        try:
-            context = ssl.create_default_context(cafile=self.amqp_ca_file)
-        except OSError as exc:  # ssl.SSLError is one
-            raise ValueError(f"--amqp-ca-file {self.amqp_ca_file}: {exc.strerror or exc}") from None
-        if self.amqp_cert_file:
-            try:
-                context.load_cert_chain(self.amqp_cert_file, self.amqp_key_file)
-            except OSError as exc:
-                files = f"--amqp-cert-file {self.amqp_cert_file}"
-                if self.amqp_key_file:
-                    files += f" with --amqp-key-file {self.amqp_key_file}"
-                raise ValueError(f"{files}: {exc.strerror or exc}") from None
-        return context
-
-    def environment(self) -> dict[str, str]:
-        """The variables a sidecar this process starts reads the same files from."""
-        values = {field.name: getattr(self, field.name) for field in fields(self)}
-        return {f"PROXYMQ_{name.upper()}": value for name, value in values.items() if value}
-
-
-NO_TLS = TlsFiles()
 
 
 def for_sidecar(settings: SidecarSettings, name: str) -> Broker:

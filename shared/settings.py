@@ -11,14 +11,15 @@ import inspect
 import math
 import os
 import re
+import ssl
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
+from pydantic_core import ErrorDetails, PydanticUndefined
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -170,10 +171,16 @@ class SidecarSettings(CommandSettings):
 
     amqp_url: Url = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
     amqp_ca_file: FilePath | None = Field(
-        None, description="CA bundle to verify an amqps:// broker"
+        None, description="CA bundle (PEM) to verify an amqps:// broker; default: the system's CAs"
     )
-    amqp_cert_file: FilePath | None = Field(None, description="client certificate for amqps://")
-    amqp_key_file: FilePath | None = Field(None, description="client certificate's private key")
+    amqp_cert_file: FilePath | None = Field(
+        None,
+        description="client certificate (PEM) for amqps://, and its private key unless "
+        "--amqp-key-file gives it",
+    )
+    amqp_key_file: FilePath | None = Field(
+        None, description="client certificate's private key (PEM, not encrypted)"
+    )
     amqp_heartbeat: Annotated[int, Metavar("SECONDS")] = Field(
         15,
         ge=0,
@@ -192,11 +199,115 @@ class SidecarSettings(CommandSettings):
         for ever (`foo://x`: `KeyError: 'foo'`)."""
         return check_amqp_url(value)
 
+    @model_validator(mode="after")
+    def _tls_files(self) -> Self:
+        """Read as the broker connection will read them, so a file that cannot be used is a
+        configuration error like any other, not a traceback as the sidecar starts."""
+        TlsFiles.of(self).context_for(self.amqp_url)
+        return self
+
+
+def split_urls(url: str) -> list[str]:
+    """`--amqp-url` takes one URL or a comma-separated list of a cluster's nodes."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----")
+PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
+class _Encrypted(Exception):
+    """Raised in place of a passphrase: OpenSSL otherwise asks for one on the terminal."""
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """What an amqps:// connection verifies the broker with (no CA file: the system's CAs) and
+    shows it (a client certificate and its key). The fields are the sidecars' settings of the
+    same names, and `proxymq` reads them as the same flags and variables (`--amqp-ca-file`,
+    PROXYMQ_AMQP_CA_FILE); both check them with `context_for` before they connect."""
+
+    amqp_ca_file: str | None = None
+    amqp_cert_file: str | None = None
+    amqp_key_file: str | None = None
+
+    @classmethod
+    def of(cls, options: object) -> TlsFiles:
+        """The files a sidecar's settings or a `proxymq` command's arguments name."""
+        return cls(*(getattr(options, field.name) for field in fields(cls)))
+
+    def context_for(self, url: str) -> ssl.SSLContext | None:
+        """The TLS context of a connection to `url`, None when no node is amqps://. It goes to
+        any amqps:// node, not only to a first one spelt in lower case (`AMQPS://`, a cluster's
+        second node or a space before the URL connected with the system's CAs, --amqp-ca-file
+        ignored). A file that cannot be used is a ValueError naming the flag, the file and what
+        is wrong with it (ssl's own errors name neither, and say `PEM lib` of most)."""
+        if not any(URL(node).scheme == "amqps" for node in split_urls(url)):
+            return None
+        if self.amqp_ca_file:
+            _pem("--amqp-ca-file", self.amqp_ca_file, CERTIFICATE, "no PEM certificate")
+        try:
+            context = ssl.create_default_context(cafile=self.amqp_ca_file)
+        except OSError as exc:  # ssl.SSLError is one
+            raise ValueError(f"--amqp-ca-file {self.amqp_ca_file}: {exc.strerror or exc}") from None
+        if self.amqp_cert_file:
+            self._load_client_certificate(context, self.amqp_cert_file)
+        return context
+
+    def _load_client_certificate(self, context: ssl.SSLContext, cert: str) -> None:
+        """The certificate, with its key from --amqp-key-file or, without one, from the
+        certificate's own file."""
+        text = _pem("--amqp-cert-file", cert, CERTIFICATE, "no PEM certificate")
+        if self.amqp_key_file:
+            _pem("--amqp-key-file", self.amqp_key_file, PRIVATE_KEY, "no PEM private key")
+            key = f"--amqp-key-file {self.amqp_key_file}"
+        elif PRIVATE_KEY.search(text):
+            key = f"the key in --amqp-cert-file {cert}"
+        else:
+            raise ValueError(
+                f"--amqp-cert-file {cert} holds no private key: give it with --amqp-key-file"
+            )
+        try:
+            context.load_cert_chain(cert, self.amqp_key_file, password=_no_passphrase)
+        except _Encrypted:
+            raise ValueError(
+                f"{key}: the private key is encrypted, and no passphrase can be given: "
+                "decrypt it (openssl pkey -in KEY -out DECRYPTED)"
+            ) from None
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ValueError(f"{key} is not the key of --amqp-cert-file {cert}") from None
+            raise ValueError(f"--amqp-cert-file {cert}: {exc.strerror or exc}") from None
+
+    def environment(self) -> dict[str, str]:
+        """The variables a sidecar this process starts reads the same files from."""
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        return {f"PROXYMQ_{name.upper()}": value for name, value in values.items() if value}
+
+
+NO_TLS = TlsFiles()
+
+
+def _pem(flag: str, path: str, marker: re.Pattern[str], holds: str) -> str:
+    """The text of the file `flag` names, or a ValueError saying why it cannot be read or that
+    it holds no `marker` (a PEM block's first line)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if not marker.search(text):
+        raise ValueError(f"{flag} {path}: holds {holds}")
+    return text
+
 
 def check_amqp_url(value: str) -> str:
     """One broker URL or a cluster's nodes, comma-separated, each amqp:// or amqps:// with a
     host (the port may be left to the default); a ValueError says what is wrong."""
-    nodes = [node.strip() for node in value.split(",") if node.strip()]
+    nodes = split_urls(value)
     if not nodes:
         raise ValueError("the AMQP URL is empty")
     for node in nodes:
@@ -240,15 +351,19 @@ def load(cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
     try:
         return _parse(cls, args, epilog)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         print(f"{cls.prog}: invalid configuration: {problems}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as exc:
         print(f"{cls.prog}: invalid configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _problem(error: ErrorDetails) -> str:
+    """`--flag: what is wrong`; a check of several settings at once names them itself."""
+    if not error["loc"]:
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    return f"--{'-'.join(str(p) for p in error['loc']).replace('_', '-')}: {error['msg']}"
 
 
 def epilog_for(cls: type[CommandSettings]) -> str:

@@ -21,10 +21,10 @@ import aio_pika
 import pytest
 
 from shared import topology
-from shared.broker import TlsFiles
 from shared.cli import ensure_broker
 from shared.cli.main import build_parser
 from shared.processes import http_ok, script
+from shared.settings import TlsFiles
 from tests.conftest import AMQP_URL, closed_port
 from tests.test_cli import interruptible
 

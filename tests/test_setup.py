@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from shared.broker import NO_TLS, TlsFiles
 from shared.cli import ensure_broker
+from shared.settings import NO_TLS, TlsFiles
 from tests.conftest import AMQP_URL, closed_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent

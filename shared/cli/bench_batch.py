@@ -34,12 +34,13 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import envelope, service, topology
-from shared.broker import TlsFiles, redact
+from shared.broker import redact
 from shared.cli import bench_stack
 from shared.cli.bench_report import shown
 from shared.cli.common import add_amqp_url
 from shared.envelope import HttpRequest, RequestEnvelope
 from shared.processes import free_port
+from shared.settings import TlsFiles
 
 CALL_COST = 0.010  # seconds per call, whatever it holds
 ITEM_COST = 0.0005  # seconds per item of a call

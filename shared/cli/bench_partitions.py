@@ -34,10 +34,10 @@ from rich.progress import Progress
 from rich.table import Table
 
 from shared import envelope, topology
-from shared.broker import TlsFiles
 from shared.cli.bench_report import shown
 from shared.cli.bench_stack import Child, launch, module_process, while_running
 from shared.processes import Process, free_port
+from shared.settings import TlsFiles
 
 PARTITIONS, KEYS, LATENCY_MS = 8, 500, 20.0
 

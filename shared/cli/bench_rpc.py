@@ -27,9 +27,9 @@ from aio_pika.abc import (
 )
 
 from shared import service
-from shared.broker import TlsFiles
 from shared.cli.bench_load import RequestFailed
 from shared.cli.common import add_amqp_url
+from shared.settings import TlsFiles
 
 log = logging.getLogger(__name__)
 CONTENT_TYPE = "application/json"

@@ -25,9 +25,9 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from shared import topology
-from shared.broker import TlsFiles
 from shared.cli import bench_rpc
 from shared.processes import Process, free_port
+from shared.settings import TlsFiles
 
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0

@@ -13,8 +13,13 @@ from typing import Any
 
 from yarl import URL
 
-from shared.broker import TlsFiles
-from shared.settings import DEFAULT_AMQP_URL, SidecarSettings, check_amqp_url, read_secret_file
+from shared.settings import (
+    DEFAULT_AMQP_URL,
+    SidecarSettings,
+    TlsFiles,
+    check_amqp_url,
+    read_secret_file,
+)
 
 
 def environment(variable: str) -> str | None:
@@ -96,6 +101,20 @@ def add_amqp_url(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         description = SidecarSettings.model_fields[field.name].description
         add_setting(parser, flag, metavar="FILE", help=str(description))
+    parser.set_defaults(amqp_parser=parser)
+
+
+def check_tls_files(args: argparse.Namespace) -> None:
+    """The TLS files of a command `add_amqp_url` gave them to, checked as a sidecar checks its
+    own when its settings load: one that cannot be used is a usage error (exit 2) before
+    anything is contacted or started."""
+    parser = getattr(args, "amqp_parser", None)
+    if parser is None:
+        return
+    try:
+        TlsFiles.of(args).context_for(args.amqp_url)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 MANAGEMENT_FROM_ENVIRONMENT = "$PROXYMQ_MANAGEMENT_URL"

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from shared import hash_ring, topology
-from shared.broker import TlsFiles, redact
+from shared.broker import redact
 from shared.cli.common import add_amqp_url, add_setting, confirm
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
@@ -51,6 +51,7 @@ from shared.cli.dlq_pass import Progress as OnProgress  # rich has a Progress of
 from shared.cli.dlq_render import letter_table, render_letter
 from shared.cli.ensure_broker import BrokerProblem, connect
 from shared.cli.topology_cmd import positive, service_name
+from shared.settings import TlsFiles
 
 PROG = "proxymq dlq"
 TABLE_ROWS = 50  # rows of a preview or summary table; --json always has them all

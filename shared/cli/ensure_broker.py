@@ -42,17 +42,9 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from shared.broker import (
-    NO_TLS,
-    TLS_PORT,
-    TlsFiles,
-    failure_reason,
-    redact,
-    refusal,
-    scheme_mismatch,
-    split_urls,
-)
-from shared.cli.common import add_amqp_url, configured_management_url
+from shared.broker import TLS_PORT, failure_reason, redact, refusal, scheme_mismatch
+from shared.cli.common import add_amqp_url, check_tls_files, configured_management_url
+from shared.settings import NO_TLS, TlsFiles, split_urls
 
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
 NODE_PORT = 5672  # where `rabbitmq-server -detached` listens unless configured otherwise
@@ -510,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_tls_files(args)
     url = args.amqp_url
     try:
         configured_management_url()

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from shared.cli import bench, cluster, demo, dlq, docs_cmd, inject, keda, status, topology_cmd
+from shared.cli.common import check_tls_files
 
 
 def commands() -> list[ModuleType]:
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """A Ctrl-C a command does not handle itself (dlq, demo and bench do) is one line and the
     shell's exit code for SIGINT, not a KeyboardInterrupt traceback."""
     args = build_parser().parse_args(argv)
+    check_tls_files(args)
     try:
         code = args.run(args)
     except KeyboardInterrupt:

@@ -28,10 +28,11 @@ from rich.table import Table
 from yarl import URL
 
 from shared import topology
-from shared.broker import NO_TLS, TlsFiles, redact
+from shared.broker import redact
 from shared.cli.common import add_amqp_url, add_management_url, add_setting
 from shared.cli.ensure_broker import BrokerProblem, connect, management_access
 from shared.cli.ensure_broker import management_url as default_management_url
+from shared.settings import NO_TLS, TlsFiles
 
 MANAGEMENT_TIMEOUT = 5.0
 PARTITION_INDEX = re.compile(r"\.p(\d+)$")

@@ -295,7 +295,6 @@ async def test_proxymq_takes_the_sidecars_tls_options(
         ("no CA file", "cannot be verified (self-signed certificate in certificate chain)"),
         ("no client certificate", "wants a client certificate"),
         ("untrusted client certificate", "refused the TLS handshake (TLSV1_ALERT_UNKNOWN_CA)"),
-        ("missing CA file", "--amqp-ca-file /nonexistent/ca.pem: No such file or directory"),
     ],
 )
 @pytest.mark.parametrize("command", [["status"], ["topology", "show"]])
@@ -304,12 +303,11 @@ async def test_proxymq_says_which_tls_option_is_wrong(
 ) -> None:
     """One line naming what is wrong and the option that fixes it, exit 1: a refused handshake
     was "RabbitMQ does not answer ... (Connection reset by peer)" with the advice to start a
-    broker, and an unreadable CA file would be a traceback."""
+    broker."""
     tls = {
         "no CA file": [],
         "no client certificate": tls_args(certs, client=False),
         "untrusted client certificate": tls_args(certs, client=True, rogue=True),
-        "missing CA file": tls_args(certs, client=True, ca=Path("/nonexistent/ca.pem")),
     }[case]
     node = strict_node.nodes[0]
     run = await proxymq(
@@ -319,3 +317,41 @@ async def test_proxymq_says_which_tls_option_is_wrong(
     assert run.code == 1, run.output
     assert says in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "make broker" not in run.stderr and not run.stdout
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("missing CA file", "--amqp-ca-file /nonexistent/ca.pem: No such file or directory"),
+        ("certificate not PEM", "--amqp-cert-file {text}: holds no PEM certificate"),
+        ("missing key", "--amqp-key-file /nonexistent/client.key: No such file or directory"),
+    ],
+)
+async def test_unusable_tls_files_stop_sidecars_and_proxymq_before_they_connect(
+    case: str, says: str, certs: Certs, stacks: Callable[[str], Stack], tmp_path: Path
+) -> None:
+    """The sidecars stopped with a traceback (ValueError, ssl.SSLError `PEM lib`), exit 1, where
+    every other bad setting is one line and exit 2; `proxymq` said so only once it connected,
+    exit 1. Now all three say the same line, exit 2, before anything is contacted."""
+    text = tmp_path / "text"
+    text.write_text("not a certificate\n")
+    cert, key = {
+        "missing CA file": (certs.client_cert, certs.client_key),
+        "certificate not PEM": (text, certs.client_key),
+        "missing key": (certs.client_cert, Path("/nonexistent/client.key")),
+    }[case]
+    ca = Path("/nonexistent/ca.pem") if case == "missing CA file" else certs.ca
+    tls = ["--amqp-ca-file", str(ca), "--amqp-cert-file", str(cert), "--amqp-key-file", str(key)]
+    says = says.format(text=text)
+    url = "amqps://127.0.0.1:1/"  # nothing listens: the files are refused before any connection
+    stack = stacks(url)
+    enqueuer, _ = await stack.enqueuer(*tls, wait=False)
+    dequeuer = await stack.dequeuer("unused", "http://127.0.0.1:9", *tls, wait=False)
+    cli = await proxymq("status", "--service", "unused", *tls, env={"PROXYMQ_AMQP_URL": url})
+    for process in (enqueuer, dequeuer):
+        assert process.popen is not None
+        assert await asyncio.to_thread(process.popen.wait, 20) == 2, stack.log_text()
+        assert f"{process.name}: invalid configuration: {says}\n" in stack.log_text()
+    assert "Traceback" not in stack.log_text(), stack.log_text()
+    assert cli.code == 2, cli.output
+    assert f"proxymq status: error: {says}" in cli.stderr and "Traceback" not in cli.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import get_args
 
@@ -14,7 +15,7 @@ from dequeuer.settings import DequeuerSettings
 from enqueuer.settings import EnqueuerSettings
 from shared.broker import for_sidecar, redact
 from shared.settings import DEFAULT_AMQP_URL, CommandSettings, _metavar, load
-from tests.reliability.conftest import make_certs
+from tests.reliability.conftest import Certs, make_certs
 from url_fetcher.settings import UrlFetcherSettings
 
 
@@ -331,6 +332,96 @@ def test_the_tls_options_go_to_every_amqps_url(url: str, tmp_path: Path) -> None
     settings = load(EnqueuerSettings, ["--amqp-url", url, "--amqp-ca-file", str(ca)])
     context = for_sidecar(settings, "test").ssl_context
     assert context is not None and context.get_ca_certs()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA and a client certificate it signed, with files around them that cannot be used:
+    one holding no PEM at all, the key of another certificate, an encrypted key."""
+    directory = tmp_path_factory.mktemp("certs")
+    made = make_certs(directory)
+    (directory / "text").write_text("not a certificate\n")
+    encrypt = ["openssl", "pkey", "-in", str(made.client_key), "-aes256", "-passout", "pass:s"]
+    subprocess.run([*encrypt, "-out", str(directory / "encrypted.key")], check=True, timeout=30)
+    return made
+
+
+TLS_FILES = "amqps://127.0.0.1:1/"
+UNUSABLE = {  # flags given beside an amqps:// URL: what the refusal says of them
+    "missing CA file": (
+        ["--amqp-ca-file", "/nonexistent/ca.pem"],
+        "--amqp-ca-file /nonexistent/ca.pem: No such file or directory",
+    ),
+    "CA file is a directory": (["--amqp-ca-file", "{dir}"], "--amqp-ca-file {dir}: Is a directory"),
+    "CA file not PEM": (
+        ["--amqp-ca-file", "{dir}/text"],
+        "--amqp-ca-file {dir}/text: holds no PEM certificate",
+    ),
+    "missing certificate": (
+        ["--amqp-cert-file", "/nonexistent/client.pem", "--amqp-key-file", "{dir}/client.key"],
+        "--amqp-cert-file /nonexistent/client.pem: No such file or directory",
+    ),
+    "certificate not PEM": (
+        ["--amqp-cert-file", "{dir}/text", "--amqp-key-file", "{dir}/client.key"],
+        "--amqp-cert-file {dir}/text: holds no PEM certificate",
+    ),
+    "missing key": (
+        ["--amqp-cert-file", "{dir}/client.pem", "--amqp-key-file", "/nonexistent/client.key"],
+        "--amqp-key-file /nonexistent/client.key: No such file or directory",
+    ),
+    "key not PEM": (
+        ["--amqp-cert-file", "{dir}/client.pem", "--amqp-key-file", "{dir}/text"],
+        "--amqp-key-file {dir}/text: holds no PEM private key",
+    ),
+    "certificate without its key": (
+        ["--amqp-cert-file", "{dir}/client.pem"],
+        "--amqp-cert-file {dir}/client.pem holds no private key: give it with --amqp-key-file",
+    ),
+    "key of another certificate": (
+        ["--amqp-cert-file", "{dir}/client.pem", "--amqp-key-file", "{dir}/rogue.key"],
+        "--amqp-key-file {dir}/rogue.key is not the key of --amqp-cert-file {dir}/client.pem",
+    ),
+    "encrypted key": (
+        ["--amqp-cert-file", "{dir}/client.pem", "--amqp-key-file", "{dir}/encrypted.key"],
+        "--amqp-key-file {dir}/encrypted.key: the private key is encrypted",
+    ),
+}
+
+
+def unusable(case: str, certs: Certs) -> tuple[list[str], str]:
+    """The flags of an UNUSABLE case, with its files in `certs`' directory, and what is said."""
+    flags, says = UNUSABLE[case]
+    directory = str(certs.ca.parent)
+    return [flag.format(dir=directory) for flag in flags], says.format(dir=directory)
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+@pytest.mark.parametrize("cls", [EnqueuerSettings, DequeuerSettings])
+def test_unusable_tls_files_are_a_configuration_error(
+    case: str,
+    cls: type[EnqueuerSettings] | type[DequeuerSettings],
+    certs: Certs,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A TLS file that cannot be used stopped the sidecar with a traceback (ValueError,
+    ssl.SSLError: `PEM lib`) once it was starting, exit 1, not as a configuration error (exit 2)
+    naming the flag, the file and what is wrong with it. An encrypted key asked for its
+    passphrase on the terminal."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "s")
+    flags, says = unusable(case, certs)
+    assert exit_code(cls, ["--amqp-url", TLS_FILES, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"{cls.prog}: invalid configuration: {err.split(': ', 2)[2]}", err
+    assert says in err, err
+
+
+def test_a_certificate_file_holding_its_key_needs_no_key_file(certs: Certs, tmp_path: Path) -> None:
+    both = tmp_path / "client-and-key.pem"
+    both.write_text(certs.client_cert.read_text() + certs.client_key.read_text())
+    flags = ["--amqp-ca-file", str(certs.ca), "--amqp-cert-file", str(both)]
+    settings = load(EnqueuerSettings, ["--amqp-url", TLS_FILES, *flags])
+    assert for_sidecar(settings, "test").ssl_context is not None
 
 
 def test_amqp_urls_without_a_port_are_taken() -> None:
