@@ -179,7 +179,9 @@ class SidecarSettings(CommandSettings):
         "--amqp-key-file gives it",
     )
     amqp_key_file: FilePath | None = Field(
-        None, description="client certificate's private key (PEM, not encrypted)"
+        None,
+        description="client certificate's private key (PEM, not encrypted); only with "
+        "--amqp-cert-file",
     )
     amqp_heartbeat: Annotated[int, Metavar("SECONDS")] = Field(
         15,
@@ -246,6 +248,11 @@ class TlsFiles:
         second node or a space before the URL connected with the system's CAs, --amqp-ca-file
         ignored). A file that cannot be used is a ValueError naming the flag, the file and what
         is wrong with it (ssl's own errors name neither, and say `PEM lib` of most)."""
+        if self.amqp_key_file and not self.amqp_cert_file:
+            raise ValueError(
+                f"--amqp-key-file {self.amqp_key_file} needs --amqp-cert-file, the certificate "
+                "it is the key of"
+            )
         if not any(URL(node).scheme == "amqps" for node in split_urls(url)):
             return None
         if self.amqp_ca_file:

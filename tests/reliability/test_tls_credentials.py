@@ -141,18 +141,21 @@ async def test_client_certificate_and_password_file(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    """verify_peer + fail_if_no_peer_cert: CA file, client certificate and key; the URL with the
-    password comes from PROXYMQ_AMQP_URL_FILE, so it is on no command line."""
+    """verify_peer + fail_if_no_peer_cert: CA file, client certificate and key (the dequeuer's
+    in the certificate's own file, without --amqp-key-file); the URL with the password comes
+    from PROXYMQ_AMQP_URL_FILE, so it is on no command line."""
     secret_file = tmp_path / "amqp-url"
     secret_file.write_text(strict_node.nodes[0].amqps_url(USER, password) + "\n")
     secret_file.chmod(0o600)
     stack = stacks("unused")
     env = {"PROXYMQ_AMQP_URL_FILE": str(secret_file)}
     tls = tls_args(certs, client=True)
+    both = tmp_path / "client-and-key.pem"
+    both.write_text(certs.client_cert.read_text() + certs.client_key.read_text())
     target_url = timed_target.url
     dequeuer = await start_sidecar(
-        stack, "proxymq-dequeuer", "--service", service, "--target", target_url, *tls,
-        env=env, ready=True,
+        stack, "proxymq-dequeuer", "--service", service, "--target", target_url,
+        "--amqp-ca-file", str(certs.ca), "--amqp-cert-file", str(both), env=env, ready=True,
     )  # fmt: skip
     api = free_port()
     enqueuer = await start_sidecar(
@@ -325,6 +328,7 @@ async def test_proxymq_says_which_tls_option_is_wrong(
         ("missing CA file", "--amqp-ca-file /nonexistent/ca.pem: No such file or directory"),
         ("certificate not PEM", "--amqp-cert-file {text}: holds no PEM certificate"),
         ("missing key", "--amqp-key-file /nonexistent/client.key: No such file or directory"),
+        ("key without certificate", "--amqp-key-file {key} needs --amqp-cert-file"),
     ],
 )
 async def test_unusable_tls_files_stop_sidecars_and_proxymq_before_they_connect(
@@ -332,17 +336,20 @@ async def test_unusable_tls_files_stop_sidecars_and_proxymq_before_they_connect(
 ) -> None:
     """The sidecars stopped with a traceback (ValueError, ssl.SSLError `PEM lib`), exit 1, where
     every other bad setting is one line and exit 2; `proxymq` said so only once it connected,
-    exit 1. Now all three say the same line, exit 2, before anything is contacted."""
+    exit 1; a key file without a certificate file was ignored by all three. Now all three say
+    the same line, exit 2, before anything is contacted."""
     text = tmp_path / "text"
     text.write_text("not a certificate\n")
     cert, key = {
         "missing CA file": (certs.client_cert, certs.client_key),
         "certificate not PEM": (text, certs.client_key),
         "missing key": (certs.client_cert, Path("/nonexistent/client.key")),
+        "key without certificate": (None, certs.client_key),
     }[case]
     ca = Path("/nonexistent/ca.pem") if case == "missing CA file" else certs.ca
-    tls = ["--amqp-ca-file", str(ca), "--amqp-cert-file", str(cert), "--amqp-key-file", str(key)]
-    says = says.format(text=text)
+    tls = ["--amqp-ca-file", str(ca), "--amqp-key-file", str(key)]
+    tls += ["--amqp-cert-file", str(cert)] if cert else []
+    says = says.format(text=text, key=key)
     url = "amqps://127.0.0.1:1/"  # nothing listens: the files are refused before any connection
     stack = stacks(url)
     enqueuer, _ = await stack.enqueuer(*tls, wait=False)
@@ -351,7 +358,7 @@ async def test_unusable_tls_files_stop_sidecars_and_proxymq_before_they_connect(
     for process in (enqueuer, dequeuer):
         assert process.popen is not None
         assert await asyncio.to_thread(process.popen.wait, 20) == 2, stack.log_text()
-        assert f"{process.name}: invalid configuration: {says}\n" in stack.log_text()
+        assert f"{process.name}: invalid configuration: {says}" in stack.log_text()
     assert "Traceback" not in stack.log_text(), stack.log_text()
     assert cli.code == 2, cli.output
     assert f"proxymq status: error: {says}" in cli.stderr and "Traceback" not in cli.stderr

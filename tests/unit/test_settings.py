@@ -416,6 +416,23 @@ def test_unusable_tls_files_are_a_configuration_error(
     assert says in err, err
 
 
+@pytest.mark.parametrize("url", [TLS_FILES, DEFAULT_AMQP_URL])
+@pytest.mark.parametrize("cls", [EnqueuerSettings, DequeuerSettings])
+def test_a_key_file_without_a_certificate_file_is_refused(
+    url: str,
+    cls: type[EnqueuerSettings] | type[DequeuerSettings],
+    certs: Certs,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The key was ignored without a word, and the broker saw no client certificate."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "s")
+    monkeypatch.setenv("PROXYMQ_AMQP_KEY_FILE", str(certs.client_key))
+    assert exit_code(cls, ["--amqp-url", url]) == 2
+    says = f"--amqp-key-file {certs.client_key} needs --amqp-cert-file, the certificate it is"
+    assert says in capsys.readouterr().err
+
+
 def test_a_certificate_file_holding_its_key_needs_no_key_file(certs: Certs, tmp_path: Path) -> None:
     both = tmp_path / "client-and-key.pem"
     both.write_text(certs.client_cert.read_text() + certs.client_key.read_text())
