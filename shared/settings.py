@@ -254,6 +254,7 @@ class TlsFiles:
                 "it is the key of"
             )
         if not any(URL(node).scheme == "amqps" for node in split_urls(url)):
+            self._refuse_without_tls()
             return None
         if self.amqp_ca_file:
             _pem("--amqp-ca-file", self.amqp_ca_file, CERTIFICATE, "no PEM certificate")
@@ -264,6 +265,17 @@ class TlsFiles:
         if self.amqp_cert_file:
             self._load_client_certificate(context, self.amqp_cert_file)
         return context
+
+    def _refuse_without_tls(self) -> None:
+        """Files given for a broker reached without TLS: the operator meant the connection to
+        be encrypted and verified, and it would be neither, the password sent in clear."""
+        given = [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name)]
+        if given:
+            verb, them = ("is", "it") if len(given) == 1 else ("are", "them")
+            raise ValueError(
+                f"{', '.join(given)} {verb} for amqps:// and --amqp-url names no amqps:// "
+                f"broker: the connection would not be encrypted; use amqps://, or leave {them} out"
+            )
 
     def _load_client_certificate(self, context: ssl.SSLContext, cert: str) -> None:
         """The certificate, with its key from --amqp-key-file or, without one, from the

@@ -329,6 +329,7 @@ async def test_proxymq_says_which_tls_option_is_wrong(
         ("certificate not PEM", "--amqp-cert-file {text}: holds no PEM certificate"),
         ("missing key", "--amqp-key-file /nonexistent/client.key: No such file or directory"),
         ("key without certificate", "--amqp-key-file {key} needs --amqp-cert-file"),
+        ("amqp:// URL", "--amqp-ca-file, --amqp-cert-file, --amqp-key-file are for amqps://"),
     ],
 )
 async def test_unusable_tls_files_stop_sidecars_and_proxymq_before_they_connect(
@@ -336,8 +337,9 @@ async def test_unusable_tls_files_stop_sidecars_and_proxymq_before_they_connect(
 ) -> None:
     """The sidecars stopped with a traceback (ValueError, ssl.SSLError `PEM lib`), exit 1, where
     every other bad setting is one line and exit 2; `proxymq` said so only once it connected,
-    exit 1; a key file without a certificate file was ignored by all three. Now all three say
-    the same line, exit 2, before anything is contacted."""
+    exit 1; a key file without a certificate file, and any of them beside an amqp:// URL, were
+    ignored by all three. Now all three say the same line, exit 2, before anything is
+    contacted."""
     text = tmp_path / "text"
     text.write_text("not a certificate\n")
     cert, key = {
@@ -345,12 +347,14 @@ async def test_unusable_tls_files_stop_sidecars_and_proxymq_before_they_connect(
         "certificate not PEM": (text, certs.client_key),
         "missing key": (certs.client_cert, Path("/nonexistent/client.key")),
         "key without certificate": (None, certs.client_key),
+        "amqp:// URL": (certs.client_cert, certs.client_key),
     }[case]
     ca = Path("/nonexistent/ca.pem") if case == "missing CA file" else certs.ca
     tls = ["--amqp-ca-file", str(ca), "--amqp-key-file", str(key)]
     tls += ["--amqp-cert-file", str(cert)] if cert else []
     says = says.format(text=text, key=key)
-    url = "amqps://127.0.0.1:1/"  # nothing listens: the files are refused before any connection
+    # Nothing listens: the files are refused before any connection.
+    url = "amqp://127.0.0.1:1/" if case == "amqp:// URL" else "amqps://127.0.0.1:1/"
     stack = stacks(url)
     enqueuer, _ = await stack.enqueuer(*tls, wait=False)
     dequeuer = await stack.dequeuer("unused", "http://127.0.0.1:9", *tls, wait=False)

@@ -433,6 +433,32 @@ def test_a_key_file_without_a_certificate_file_is_refused(
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--amqp-ca-file", "{ca}"], "--amqp-ca-file is"),
+        (["--amqp-cert-file", "{cert}", "--amqp-key-file", "{key}"], "--amqp-key-file are"),
+    ],
+)
+@pytest.mark.parametrize("cls", [EnqueuerSettings, DequeuerSettings])
+def test_tls_files_without_an_amqps_url_are_refused(
+    flags: list[str],
+    named: str,
+    cls: type[EnqueuerSettings] | type[DequeuerSettings],
+    certs: Certs,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """They were ignored without a word: the connection went unencrypted, the password in
+    clear, to a broker the operator meant to verify (and be verified by)."""
+    monkeypatch.setenv("PROXYMQ_SERVICE", "s")
+    files = {"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key}
+    argv = [flag.format(**files) for flag in flags]
+    assert exit_code(cls, ["--amqp-url", "amqp://a.example/,AMQP://b.example/", *argv]) == 2
+    says = f"{named} for amqps:// and --amqp-url names no amqps:// broker"
+    assert says in capsys.readouterr().err
+
+
 def test_a_certificate_file_holding_its_key_needs_no_key_file(certs: Certs, tmp_path: Path) -> None:
     both = tmp_path / "client-and-key.pem"
     both.write_text(certs.client_cert.read_text() + certs.client_key.read_text())
