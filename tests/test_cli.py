@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -88,6 +89,64 @@ def test_help_of_every_command(command: list[str]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "usage: proxymq" in done.stdout
+
+
+def parsers() -> list[argparse.ArgumentParser]:
+    """`proxymq` and every command and action under it."""
+    found = [build_parser()]
+    for parser in found:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += action.choices.values()
+    return found
+
+
+def options() -> list[tuple[str, argparse.Action]]:
+    """Every option of every `proxymq` command, with the command's name."""
+    return [
+        (parser.prog, action)
+        for parser in parsers()
+        for action in parser._actions
+        if action.option_strings and action.dest != "help"
+    ]
+
+
+def test_help_reads_like_the_sidecars() -> None:
+    """`proxymq`'s help took values as `--amqp-url AMQP_URL`, `--partitions PARTITIONS`,
+    `--limit LIMIT`, `--base-port BASE_PORT` where the sidecars say `URL`, `N` and `PORT`; wrote
+    defaults as `(default 8)`, `(8)` and `(default: 10, ...)`; left `cluster status --json`
+    without a word, `cluster start --prefix` without its default, and showed Markdown quotes."""
+    shown: dict[str, set[str]] = {}
+    for command, action in options():
+        flag = action.option_strings[0]
+        assert action.help, f"{command} {flag} has no help"
+        assert "`" not in action.help, f"{command} {flag}"
+        assert not re.search(
+            r"\(default [^:]|; default |\([\w.,]+(, [^)]*)?\)( \[env \w+\])?$", action.help
+        ), f"{command} {flag}: {action.help}"
+        if action.nargs != 0 and not action.choices:
+            assert action.metavar, f"{command} {flag} shows argparse's {action.dest.upper()}"
+            shown.setdefault(flag, set()).add(str(action.metavar))
+    same_as_the_sidecars = {
+        "--amqp-url": "URL",
+        "--management-url": "URL",
+        "--service": "NAME",
+        "--partitions": "N",
+        "--delivery-limit": "N",
+        "--max-length": "N",
+        "--limit": "N",
+        "--nodes": "N",
+        "--base-port": "PORT",
+        "--target-port": "PORT",
+    }
+    for flag, metavar in same_as_the_sidecars.items():
+        assert shown[flag] == {metavar}, flag
+    prefix = next(a for c, a in options() if c.endswith("cluster start") and a.dest == "prefix")
+    assert prefix.help and prefix.help.endswith("(default: rabbit)")
+    for parser in parsers():
+        text = parser.description or ""
+        assert "`" not in text and "shown to a person" not in text, parser.prog
+        assert "Debian" not in text, parser.prog
 
 
 def test_help_names_only_variables_there_are() -> None:

@@ -46,7 +46,7 @@ from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack,
 from shared.cli.bench_cpu import CpuMeter, local_broker
 from shared.cli.bench_load import RequestFailed, Run, Send, drive, measure, summarize
 from shared.cli.bench_rpc import RpcClient
-from shared.cli.common import add_amqp_url
+from shared.cli.common import add_amqp_url, description
 from shared.settings import TlsFiles
 
 DEFAULT_BODY = b'{"ping":1}'
@@ -183,7 +183,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser = sub.add_parser(
         "bench",
         help="measure ProxyMQ against plain HTTP and bare RabbitMQ RPC, in the same run",
-        description=__doc__,
+        description=description(__doc__),
         epilog=scenarios_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -191,42 +191,45 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--requests",
         metavar="N",
         type=positive,
-        help="requests per mode and round; the scenarios' requests drained (2000)",
+        help="requests per mode and round; the scenarios' requests drained (default: 2000)",
     )
     parser.add_argument(
         "--concurrency",
-        metavar="C[,C...]",
+        metavar="N[,N...]",
         type=concurrency_list,
         help=f"requests in flight, 1 to {MAX_CONCURRENCY}; a comma list measures each "
-        "(default 1,64)",
+        "(default: 1,64)",
     )
     parser.add_argument(
         "--rounds",
-        metavar="R",
+        metavar="N",
         type=positive,
-        help="rounds alternating the modes; figures are medians over rounds (3)",
+        help="rounds alternating the modes; figures are medians over rounds (default: 3)",
     )
     parser.add_argument(
         "--warmup",
-        metavar="W",
+        metavar="N",
         type=non_negative,
-        help="unmeasured requests per mode before each concurrency's rounds (300)",
+        help="unmeasured requests per mode before each concurrency's rounds (default: 300)",
     )
     parser.add_argument(
         "--body-size",
         metavar="BYTES",
         type=at_least(0, MAX_BODY),
-        help=f"request body in bytes, at most {MAX_BODY} (the enqueuer's --max-body; a JSON "
-        "string padded to size; default a 10-byte JSON)",
+        help=f"request body in bytes, at most {MAX_BODY} (the enqueuer's --max-body): a JSON "
+        "string padded to size (default: a 10-byte JSON)",
     )
     parser.add_argument(
         "--partitions",
-        metavar="P",
+        metavar="N",
         type=partition_count,
-        help=f"partitions of the bench service, 1 to {topology.MAX_PARTITIONS} (8)",
+        help=f"partitions of the bench service, 1 to {topology.MAX_PARTITIONS} (default: 8)",
     )
     parser.add_argument(
-        "--timeout", metavar="SECONDS", type=seconds, help="deadline of each request, seconds (30)"
+        "--timeout",
+        metavar="SECONDS",
+        type=seconds,
+        help="deadline of each request in seconds (default: 30)",
     )
     parser.add_argument(
         "--json", type=output_file(), metavar="FILE", help="write the raw figures as JSON"
@@ -241,11 +244,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--scenario",
         choices=SCENARIOS,
         default="anchors",
-        help="anchors: ProxyMQ against HTTP and RPC (default); ordering: --ordering key against "
+        help="anchors: ProxyMQ against HTTP and RPC; ordering: --ordering key against "
         "partition on one dequeuer; scaling: 1, 2 and 4 dequeuers; failover: rebalance and "
-        "failover times over --trials; batching: --batch-size 32 against 1",
+        "failover times over --trials; batching: --batch-size 32 against 1 (default: anchors)",
     )
-    parser.add_argument("--trials", metavar="T", type=positive, help="failover trials (10)")
+    parser.add_argument(
+        "--trials", metavar="N", type=positive, help="failover trials (default: 10)"
+    )
     add_amqp_url(parser)
     parser.set_defaults(run=run)
 

@@ -425,6 +425,17 @@ class LocalCluster:
 
 
 MAX_NODES = 9
+DESCRIPTION = """\
+proxymq cluster start|stop|status: a RabbitMQ cluster of throwaway nodes on this machine, for
+trying ProxyMQ against a cluster and for fault tests.
+
+The nodes run beside any broker already here and never touch it: each has its own name, ports
+(all on 127.0.0.1), data, logs, config and Erlang cookie, under one state directory (--dir) that
+stop --clean removes. A layout that would use the local broker's name or ports (5672, 15672) is
+refused. start prints the PROXYMQ_AMQP_URL that points the sidecars at every node; stop and
+status work from any shell, as the state directory records the layout. Needs rabbitmq-server
+installed (make broker installs it); see docs/cluster.md.
+"""
 MAX_BASE_PORT = 65535 - 20000 - (MAX_NODES - 1)  # distribution ports are base + 20000 + i
 
 
@@ -495,7 +506,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser = sub.add_parser(
         "cluster",
         help="start, stop or look at a local RabbitMQ cluster for fault tests",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -504,24 +515,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--nodes",
         type=integer(1, MAX_NODES),
         default=3,
-        help=f"how many nodes, 1 to {MAX_NODES} (default 3)",
+        metavar="N",
+        help=f"how many nodes, 1 to {MAX_NODES} (default: 3)",
     )
     start.add_argument(
         "--base-port",
         type=integer(1024, MAX_BASE_PORT),
         default=5681,
-        help="AMQP port of the first node (default 5681); management +10000, distribution "
-        f"+20000, so at most {MAX_BASE_PORT}",
+        metavar="PORT",
+        help="AMQP port of the first node; management is +10000, distribution +20000, so at most "
+        f"{MAX_BASE_PORT} (default: 5681)",
     )
-    start.add_argument("--prefix", default="rabbit", help="node names PREFIX1@localhost, ...")
+    start.add_argument(
+        "--prefix",
+        default="rabbit",
+        metavar="PREFIX",
+        help="node names PREFIX1@localhost, PREFIX2@localhost, ... (default: rabbit)",
+    )
     start.set_defaults(run=_start)
     stop = actions.add_parser("stop", help="stop every node of the state directory")
     stop.add_argument("--clean", action="store_true", help="also delete the state directory")
     stop.set_defaults(run=_stop)
     status = actions.add_parser("status", help="which nodes run and whom each sees")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(run=_status)
     for action in (start, stop, status):
         action.add_argument(
-            "--dir", default=str(DEFAULT_DIR), help=f"state directory (default {DEFAULT_DIR})"
+            "--dir",
+            default=str(DEFAULT_DIR),
+            metavar="DIR",
+            help=f"state directory (default: {DEFAULT_DIR})",
         )

@@ -94,8 +94,11 @@ def add_amqp_url(parser: argparse.ArgumentParser) -> None:
         "--amqp-url",
         amqp_url,
         default=DEFAULT_AMQP_URL,
-        help="RabbitMQ URL, or a cluster's node URLs separated by commas (default "
-        f"{DEFAULT_AMQP_URL}; PROXYMQ_AMQP_URL_FILE reads it from a file)".replace("%", "%%"),
+        metavar="URL",
+        help="RabbitMQ URL, or a cluster's node URLs separated by commas; "
+        f"PROXYMQ_AMQP_URL_FILE reads it from a file (default: {DEFAULT_AMQP_URL})".replace(
+            "%", "%%"
+        ),
     )
     for field in fields(TlsFiles):
         flag = "--" + field.name.replace("_", "-")
@@ -137,6 +140,7 @@ def add_management_url(parser: argparse.ArgumentParser) -> None:
         "--management-url",
         type=management_url,
         default=MANAGEMENT_FROM_ENVIRONMENT,
+        metavar="URL",
         help="RabbitMQ management API (default: the AMQP URL's host on port 15672; "
         "credentials: the URL's own, http://USER:PASSWORD@HOST:15672, else the AMQP URL's) "
         "[env PROXYMQ_MANAGEMENT_URL]",
@@ -162,6 +166,12 @@ def checked_management_url(value: str, source: str = "") -> str:
             f"{value!r}{source} is not an http:// or https:// URL, e.g. http://rabbitmq:15672"
         )
     return value.rstrip("/")
+
+
+def description(doc: str | None) -> str:
+    """A module docstring as `--help` shows it: without Markdown's code quotes, which a terminal
+    prints as they are."""
+    return (doc or "").replace("`", "")
 
 
 def integer(low: int, high: int) -> Callable[[str], int]:

@@ -1,10 +1,10 @@
-"""`proxymq demo`: the whole pipeline on this machine, shown to a person.
+"""`proxymq demo`: the whole pipeline on this machine, a dozen real calls through it.
 
-It starts a small local website (there may be no internet), `url-fetcher --allow-private`, a
-dequeuer for the service and an enqueuer, each as the console script a user runs, on free ports;
-sends a dozen real calls through the enqueuer; prints what came back; then stops everything and
-deletes the service's topology so demos leave no queues behind. It exits 0 only when every call
-got the expected answer, so it doubles as an end-to-end smoke test.
+It starts a small local website (so no internet is needed), `url-fetcher --allow-private`, a
+dequeuer for the service and an enqueuer, each as the console script you would run, on free
+ports; sends a dozen calls through the enqueuer; prints what came back; then stops everything and
+deletes the service's topology, so a demo leaves no queues behind. It exits 0 only when every
+call got the expected answer, so it doubles as an end-to-end smoke test.
 
 Processes are stopped however the demo ends (failure, Ctrl-C, SIGTERM); their output goes to log
 files whose tails are printed when something fails.
@@ -34,7 +34,7 @@ from rich.table import Table
 from shared import topology
 from shared.broker import redact
 from shared.cli import demo_plan
-from shared.cli.common import add_amqp_url
+from shared.cli.common import add_amqp_url, description
 from shared.cli.ensure_broker import BrokerProblem, connect, quiet_amqp_logs
 from shared.cli.status import UnknownService as NoTopology
 from shared.cli.status import from_amqp
@@ -314,7 +314,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser = sub.add_parser(
         "demo",
         help="run the whole pipeline locally and show a dozen calls going through it",
-        description=__doc__,
+        description=description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_amqp_url(parser)
@@ -322,7 +322,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--service",
         default="url-fetcher",
         type=service_name,
-        help="service name the demo uses (its queues are deleted at the end; default %(default)s)",
+        metavar="NAME",
+        help="service name the demo uses; its queues are deleted at the end (default: %(default)s)",
     )
     parser.add_argument(
         "--keep-logs",

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from shared import hash_ring, topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url, add_setting, confirm
+from shared.cli.common import add_amqp_url, add_setting, confirm, description
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
     DeadLetterQueue,
@@ -559,13 +559,15 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
         metavar="ID",
         help="request id (correlation id) or message id; repeat for several",
     )
-    group.add_argument("--reason", help="reason contains this text (case-insensitive)")
-    group.add_argument("--key", help="partition key is exactly this")
+    group.add_argument(
+        "--reason", metavar="TEXT", help="reason contains this text (case-insensitive)"
+    )
+    group.add_argument("--key", metavar="KEY", help="partition key is exactly this")
     group.add_argument(
         "--older-than",
         type=duration_arg,
         metavar="SECONDS",
-        help="dead-lettered more than this long ago (90, 15m, 2h, 1d)",
+        help="dead-lettered more than this long ago (e.g. 90, 15m, 2h, 1d)",
     )
     group.add_argument(
         "--newer-than",
@@ -573,21 +575,25 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="dead-lettered less than this long ago",
     )
-    group.add_argument("--limit", type=positive, help="at most N, the first in queue order")
+    group.add_argument(
+        "--limit", type=positive, metavar="N", help="at most N, the first in queue order"
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "dlq",
         help="list, show, replay or purge a service's dead letters",
-        description=__doc__,
+        description=description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def action(name: str, help_text: str, run: Action) -> argparse.ArgumentParser:
         child = actions.add_parser(name, help=help_text, description=help_text)
-        add_setting(child, "--service", service_name, required=True, help="service name")
+        add_setting(
+            child, "--service", service_name, required=True, metavar="NAME", help="service name"
+        )
         add_amqp_url(child)
         child.set_defaults(run=runner(run))
         return child

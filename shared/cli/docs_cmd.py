@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="print the configuration reference (every flag and variable)",
         description="Render docs/configuration.md from the settings code.",
     )
-    parser.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    parser.add_argument(
+        "--output", type=Path, metavar="FILE", help="write to this file instead of stdout"
+    )
     parser.set_defaults(run=run)
 
 

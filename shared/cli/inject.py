@@ -553,22 +553,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_setting(
         parser,
         "--service",
-        metavar="S",
+        metavar="NAME",
         required=True,
         help="the service the dequeuer consumes for",
     )
     parser.add_argument(
         "--target-port",
-        metavar="P",
+        metavar="PORT",
         type=int,
         help="port of the microservice on localhost (default: the first containerPort, "
         f"else {DEFAULT_TARGET_PORT})",
     )
     parser.add_argument(
         "--image",
-        metavar="IMG",
+        metavar="IMAGE",
         default=DEFAULT_IMAGE,
-        help=f"dequeuer image (default {DEFAULT_IMAGE})",
+        help=f"dequeuer image (default: {DEFAULT_IMAGE})",
     )
     add_setting(
         parser,
@@ -576,13 +576,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         int,
         metavar="N",
         default=8,
-        help="partition queues; every dequeuer of the service must agree (default 8)",
+        help="partition queues; every dequeuer of the service must agree (default: 8)",
     )
     parser.add_argument(
         "--amqp-secret",
         metavar="SECRET",
         default=AMQP_SECRET,
-        help=f"Secret with the AMQP URL under key '{AMQP_SECRET_KEY}' (default {AMQP_SECRET})",
+        help=f"Secret with the AMQP URL under key '{AMQP_SECRET_KEY}' (default: {AMQP_SECRET})",
     )
     parser.add_argument(
         "--ready-path",

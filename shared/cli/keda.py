@@ -331,7 +331,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         ),
     )
     add_setting(
-        parser, "--service", metavar="S", required=True, help="the service whose pods are scaled"
+        parser, "--service", metavar="NAME", required=True, help="the service whose pods are scaled"
     )
     add_setting(
         parser,
@@ -339,7 +339,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         int,
         metavar="N",
         default=8,
-        help=f"partition queues of the service (default 8, at most {PAGE_SIZE})",
+        help=f"partition queues of the service, at most {PAGE_SIZE} (default: 8)",
     )
     parser.add_argument(
         "--min",
@@ -347,7 +347,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=int,
         default=0,
         dest="min_replicas",
-        help="fewest pods; 0 scales to zero",
+        help="fewest pods; 0 scales to zero (default: 0)",
     )
     parser.add_argument(
         "--max",
@@ -362,7 +362,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="N",
         type=int,
         default=20,
-        help="target waiting + in-progress messages per pod (default 20)",
+        help="target waiting + in-progress messages per pod (default: 20)",
     )
     parser.add_argument(
         "--activation",
@@ -370,8 +370,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=int,
         default=0,
         help=(
-            "messages above which a service at zero pods is woken (default 0: any message; "
-            "up to N requests wait at zero pods for good otherwise)"
+            "messages above which a service at zero pods is woken: up to that many requests "
+            "may wait there for good, and 0 wakes it for any message (default: 0)"
         ),
     )
     parser.add_argument(
@@ -379,28 +379,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECONDS",
         type=int,
         default=300,
-        help="seconds idle before scaling to zero (300)",
+        help="seconds idle before scaling to zero (default: 300)",
     )
     parser.add_argument(
         "--scale-down-window",
         metavar="SECONDS",
         type=int,
         default=300,
-        help="HPA scale-down stabilization window in seconds (300, at most "
-        f"{MAX_STABILIZATION_WINDOW})",
+        help="HPA scale-down stabilization window in seconds, at most "
+        f"{MAX_STABILIZATION_WINDOW} (default: 300)",
     )
     parser.add_argument(
         "--polling-interval",
         metavar="SECONDS",
         type=int,
         default=15,
-        help="seconds between queue checks (15)",
+        help="seconds between queue checks (default: 15)",
     )
     parser.add_argument(
         "--kind",
         choices=["Deployment", "StatefulSet"],
         default="Deployment",
-        help="kind of the scaled workload (Deployment)",
+        help="kind of the scaled workload (default: Deployment)",
     )
     parser.add_argument(
         "--name",
@@ -412,7 +412,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--management-secret",
         metavar="SECRET",
         default=MANAGEMENT_SECRET,
-        help=f"Secret holding the management URL (default {MANAGEMENT_SECRET})",
+        help=f"Secret holding the management URL (default: {MANAGEMENT_SECRET})",
     )
     parser.set_defaults(run=run)
 

@@ -29,7 +29,7 @@ from yarl import URL
 
 from shared import topology
 from shared.broker import redact
-from shared.cli.common import add_amqp_url, add_management_url, add_setting
+from shared.cli.common import add_amqp_url, add_management_url, add_setting, description
 from shared.cli.ensure_broker import BrokerProblem, connect, management_access
 from shared.cli.ensure_broker import management_url as default_management_url
 from shared.settings import NO_TLS, TlsFiles
@@ -355,10 +355,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser = sub.add_parser(
         "status",
         help="a service's partitions: depth, consumers, the active one and its standbys",
-        description=__doc__,
+        description=description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_setting(parser, "--service", required=True, help="the service (its exchange and queues)")
+    add_setting(
+        parser,
+        "--service",
+        required=True,
+        metavar="NAME",
+        help="the service (its exchange and queues)",
+    )
     add_amqp_url(parser)
     add_management_url(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

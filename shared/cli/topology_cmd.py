@@ -29,6 +29,7 @@ from shared.cli.common import (
     add_management_url,
     add_setting,
     confirm,
+    description,
     integer,
 )
 from shared.cli.ensure_broker import BrokerProblem, connect, management_url
@@ -310,14 +311,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser = sub.add_parser(
         "topology",
         help="declare, delete or show a service's exchange and queues",
-        description=__doc__,
+        description=description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         child = actions.add_parser(name, help=help_text, description=help_text)
-        add_setting(child, "--service", service_name, required=True, help="service name")
+        add_setting(
+            child, "--service", service_name, required=True, metavar="NAME", help="service name"
+        )
         add_amqp_url(child)
         return child
 
@@ -329,16 +332,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--partitions",
         partition_count,
         default=8,
-        help=f"partition queues, 1 to {topology.MAX_PARTITIONS} (default 8)",
+        metavar="N",
+        help=f"partition queues, 1 to {topology.MAX_PARTITIONS} (default: 8)",
     )
     add_setting(
         declare_parser,
         "--delivery-limit",
         positive,
         default=20,
-        help="quorum x-delivery-limit, at most 2^63-1 (default 20)",
+        metavar="N",
+        help="quorum queue x-delivery-limit: deliveries before the broker dead-letters a "
+        "message, at most 2^63-1 (default: 20)",
     )
-    add_setting(declare_parser, "--max-length", positive, help="x-max-length of each partition")
+    add_setting(
+        declare_parser,
+        "--max-length",
+        positive,
+        metavar="N",
+        help="x-max-length of each partition (reject-publish: the enqueuer answers 429 when "
+        "full); no limit by default",
+    )
     declare_parser.set_defaults(run=declare)
 
     delete_parser = action("delete", "delete the exchange and queues, messages included")
@@ -358,7 +371,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--partitions",
         partition_count,
         default=8,
-        help="count shown when the service is not declared yet (default 8)",
+        metavar="N",
+        help="partition count shown when the service is not declared yet (default: 8)",
     )
     add_management_url(show_parser)
     show_parser.set_defaults(run=show)
