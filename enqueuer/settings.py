@@ -113,8 +113,8 @@ class EnqueuerSettings(SidecarSettings):
     max_results: Count = Field(
         10_000,
         gt=0,
-        description="asynchronous results kept at most (up to 1,000,000); the oldest finished "
-        "ones go first",
+        description="asynchronous results kept (at most 1,000,000); the oldest finished ones "
+        "go first",
     )
     max_result_bytes: ByteSize = Field(
         64 * 1024 * 1024,

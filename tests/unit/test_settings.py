@@ -683,3 +683,13 @@ def test_help_shows_defaults_as_they_are_written(capsys: pytest.CaptureFixture[s
     )
     assert "(default: connect,timeout,502,503,504)" in dequeuer
     assert "(default: 16MiB)" in dequeuer and "(default: 0.5)" in dequeuer
+
+
+def test_help_texts_read_alike() -> None:
+    """url-fetcher's help was sentences (`Address to listen on.`) beside the sidecars' phrases
+    (`address to listen on`), and its caps `up to 1,000,000` beside `at most 1,000,000`."""
+    for cls in (EnqueuerSettings, DequeuerSettings, UrlFetcherSettings):
+        for name, field in cls.model_fields.items():
+            text = field.description or ""
+            assert not re.match(r"[A-Z][a-z]+\b", text), (cls.prog, name)
+            assert not text.endswith(".") and "up to 1,000,000" not in text, (cls.prog, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,6 +285,8 @@ async def test_batch_reports_refused_targets(guarded_service: Service, site: str
 
 
 def test_sigterm_stops_cleanly_after_logging_each_fetch(tmp_path: Path) -> None:
+    """Its lines read like the sidecars' (`12:00:00 INFO    url_fetcher: ...`); they had a
+    format of their own, with the date and a comma before the milliseconds."""
     service = start_service(tmp_path / "url-fetcher.log")
     request = urllib.request.Request(
         f"{service.base}/fetch",
@@ -298,6 +301,8 @@ def test_sigterm_stops_cleanly_after_logging_each_fetch(tmp_path: Path) -> None:
     assert "url-fetcher starting on http://127.0.0.1:" in log
     assert "fetch url='http://10.0.0.1/' status=403 error=forbidden_target" in log
     assert "Traceback" not in log
+    sidecars = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) +[\w.]+: ")
+    assert all(sidecars.match(line) for line in log.splitlines()), log
 
 
 def test_a_taken_port_is_one_clear_line(tmp_path: Path, open_service: Service) -> None:

@@ -8,6 +8,7 @@ import sys
 
 from aiohttp import web
 
+from shared import logs
 from shared.service import bind_error
 from shared.settings import load
 from url_fetcher.app import create_app
@@ -19,9 +20,7 @@ log = logging.getLogger("url_fetcher")
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and environment, then serve; exits 0 on SIGTERM once requests have drained."""
     settings = load(UrlFetcherSettings, argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup()  # the sidecars' format: their lines read alike side by side
     try:
         web.run_app(
             create_app(settings),
