@@ -7,13 +7,16 @@ configuration reference (`docs/configuration.md`), so the two cannot drift.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import math
 import os
 import re
 import ssl
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
@@ -191,7 +194,12 @@ class SidecarSettings(CommandSettings):
         "node, a dropped route) is noticed after about 3 heartbeats and reconnected; 0 turns "
         "heartbeats off",
     )
-    log_level: LogLevel = Field("info", description="debug, info, warning or error")
+    log_level: LogLevel = Field(
+        "info",
+        description="what is logged: error and warning, only what went wrong; info, also a line "
+        "per request and what the sidecar does (partitions taken, retries); debug, also details "
+        "for troubleshooting",
+    )
     json_logs: bool = Field(False, description="one JSON object per log line")
 
     @field_validator("amqp_url")
@@ -397,12 +405,45 @@ def epilog_for(cls: type[CommandSettings]) -> str:
     )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of the description and epilog to the terminal (argparse ran them
+    into one; kept raw, a long one was a single line), and shows the flags a command needs
+    without brackets: argparse must not require them, as a variable may give them instead."""
+
+    def __init__(self, prog: str, required: frozenset[str] = frozenset()) -> None:
+        super().__init__(prog)
+        self.required = required
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n\n".join(fill(part, width, indent) for part in text.split("\n\n"))
+
+    def _format_usage(
+        self,
+        usage: str | None,
+        actions: Iterable[argparse.Action],
+        groups: Iterable[argparse._MutuallyExclusiveGroup],
+        prefix: str | None,
+    ) -> str:
+        shown = [
+            _required(action) if action.dest in self.required else action for action in actions
+        ]
+        return super()._format_usage(usage, shown, groups, prefix)
+
+
+def _required(action: argparse.Action) -> argparse.Action:
+    shown = copy.copy(action)
+    shown.required = True
+    return shown
+
+
 def _parse(cls: type[SettingsT], args: list[str], epilog: str) -> SettingsT:
+    required = frozenset(name for name, field in cls.model_fields.items() if field.is_required())
     parser = argparse.ArgumentParser(
         prog=cls.prog,
         description=inspect.cleandoc(cls.summary or cls.__doc__ or ""),
         epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=partial(HelpFormatter, required=required),
     )
     source: CliSettingsSource[SettingsT] = CliSettingsSource(
         cls,

@@ -693,3 +693,21 @@ def test_help_texts_read_alike() -> None:
             text = field.description or ""
             assert not re.match(r"[A-Z][a-z]+\b", text), (cls.prog, name)
             assert not text.endswith(".") and "up to 1,000,000" not in text, (cls.prog, name)
+
+
+def test_help_fits_the_terminal_and_shows_what_is_required(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment note at the end of `--help` was one line of 200 characters, and so was
+    url-fetcher's list of endpoints; the dequeuer's usage showed `[--service NAME]`, optional,
+    though it does not start without it; `--log-level` said only its choices again."""
+    monkeypatch.setenv("COLUMNS", "80")
+    shown = {}
+    for cls in (EnqueuerSettings, DequeuerSettings, UrlFetcherSettings):
+        assert exit_code(cls, ["--help"]) == 0
+        shown[cls] = capsys.readouterr().out
+        assert max(map(len, shown[cls].splitlines())) <= 80, shown[cls]
+    usage = " ".join(shown[DequeuerSettings].split("\n\n")[0].split())
+    assert " --service NAME " in usage and "[--service NAME]" not in usage
+    assert "[--target URL]" in usage
+    assert "info, also a line per request" in " ".join(shown[EnqueuerSettings].split())

@@ -17,7 +17,7 @@ class UrlFetcherSettings(CommandSettings):
     summary: ClassVar[str] = (
         "Fetch web pages on request and report status, size, timing and title.\n\n"
         'POST /fetch {"url": ...}, POST /fetch/batch {"urls": [...]}, POST /batch (the '
-        "dequeuer's batch protocol), GET /healthz.\n"
+        "dequeuer's batch protocol), GET /healthz.\n\n"
         "Private, loopback and link-local targets are refused unless --allow-private is given."
     )
 
