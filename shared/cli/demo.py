@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -206,11 +207,17 @@ def start_all(stack: Stack, service: str, console: Console) -> Endpoints:
 def render(
     calls: list[demo_plan.Call], answers_: list[demo_plan.Answer], site: str, console: Console
 ) -> None:
+    """The answers, read at 80 columns too: no borders but under the header, a call's path
+    without its method (every one is a POST), and 8 characters of its correlation id."""
     table = Table(
-        title="calls through the enqueuer",
+        title="POST calls through the enqueuer",
         title_justify="left",
-        caption="key: X-Partition-Key; calls with one key are served in order, one at a time",
+        caption="key: X-Partition-Key; calls with one key are served in order, one at a time. "
+        "id: the start of the call's X-Correlation-ID, as the sidecars log it",
         caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
     )
     table.add_column("#", justify="right")
     table.add_column("request")
@@ -218,13 +225,12 @@ def render(
     table.add_column("status")
     table.add_column("ms", justify="right")
     table.add_column("what came back")
-    table.add_column("correlation")
+    table.add_column("id")
     for number, (call, answer) in enumerate(zip(calls, answers_, strict=True), start=1):
         mark = "" if answer.problem is None else f"\n[red]✗ {answer.problem}[/red]"
         table.add_row(
             str(number),
-            f"{call.method} {call.path}{' (async)' if call.asynchronous else ''}"
-            + f"\n[dim]{escape(what_is_fetched(call, site))}[/dim]",
+            f"{call.path}\n[dim]{escape(what_is_fetched(call, site))}[/dim]",
             call.key or "-",
             answer.status,
             f"{answer.latency_ms:.0f}",
