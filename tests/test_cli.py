@@ -444,6 +444,16 @@ async def test_topology_declare_show_delete(service: str) -> None:
     assert "not declared" in shown.stdout
 
 
+async def test_topology_show_of_an_undeclared_service_reads_at_80_columns(service: str) -> None:
+    """Its heading was the table's centred title: wrapped, its end sat alone mid-line."""
+    shown = await proxymq("topology", "show", "--service", service, env={"COLUMNS": "80"})
+    assert shown.code == 0, shown.output
+    heading = shown.stdout[: shown.stdout.index("┌")]
+    assert heading.startswith(f"service {service}: not declared;"), heading
+    assert all(not line.startswith(" ") for line in heading.splitlines()), heading
+    assert "what --partitions 8 would declare" in " ".join(heading.split())
+
+
 async def test_topology_delete_refuses_a_service_with_consumers(
     service: str, amqp: AbstractRobustConnection
 ) -> None:

@@ -163,9 +163,11 @@ def show(args: argparse.Namespace) -> int:
         state = (
             f"declared, {len(partitions)} partitions"
             if declared
-            else f"not declared (shown as --partitions {args.partitions} would make it)"
+            else f"not declared; what --partitions {args.partitions} would declare:"
         )
-        table = Table(title=f"service {args.service}: {state}", show_header=False)
+        # A line of its own, not the table's title: rich centres a title and so its wrapped end.
+        console.print(f"service {args.service}: {state}", highlight=False)
+        table = Table(show_header=False)
         table.add_column("what")
         table.add_column("value")
         table.add_row("exchange", f"{layout.exchange} (x-consistent-hash)" + _missing(exchange))
