@@ -65,7 +65,8 @@ class EnqueuerSettings(SidecarSettings):
         "header:NAME, json:/json/pointer (in a body whose Content-Type names json, or has "
         "none), query:NAME (repeat the flag or separate by commas). A JSON string is the key "
         "as it is; a number, true or false is its text, a whole number as an integer (10.0 "
-        "is 10); null is no key; an object or an array is 400 bad_partition_key",
+        "is 10, 1e16 is 10000000000000000; a fraction or an exponent is read as a double, as "
+        "JavaScript does); null is no key; an object or an array is 400 bad_partition_key",
     )
     require_partition_key: bool = Field(
         False,

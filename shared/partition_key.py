@@ -19,7 +19,6 @@ from shared.errors import BadPartitionKey
 _INDEX = re.compile(r"0|[1-9][0-9]*")  # RFC 6901 array index: ASCII digits, no leading zero
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 MAX_KEY_BYTES = 255  # an AMQP routing key is a short string
-_EXACT = 2.0**53  # whole numbers below it are exact in a double, as most JSON parsers read them
 Kind = Literal["header", "json", "query"]
 
 
@@ -139,8 +138,8 @@ def _as_key(value: object, source: KeySource) -> str | None:
         return None
     if isinstance(value, bool):
         key = "true" if value else "false"
-    elif isinstance(value, float) and value.is_integer() and abs(value) < _EXACT:
-        key = str(int(value))  # JSON has one kind of number: 10.0 is the key 10
+    elif isinstance(value, float) and value.is_integer():
+        key = str(int(value))  # JSON has one kind of number: 10.0 and 1e16 are integers
     elif isinstance(value, str | int | float):
         key = str(value)
     else:

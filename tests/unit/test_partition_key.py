@@ -193,10 +193,34 @@ def test_one_number_is_one_key_however_it_is_written(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("-0.0", "0"), ("0.25", "0.25"), ("1e300", "1e+300")]
+    ("text", "expected"), [("-0.0", "0"), ("0.25", "0.25"), ("1e-7", "1e-07"), ("Infinity", "inf")]
 )
 def test_other_numbers_are_keyed_as_python_writes_them(text: str, expected: str) -> None:
     assert key_of(["json:/id"], raw=b'{"id": ' + text.encode() + b"}") == expected
+
+
+@pytest.mark.parametrize(
+    ("written", "text"),
+    [
+        ("9007199254740992.0", "9007199254740992"),  # 2^53
+        ("1e16", "10000000000000000"),  # Python's json.dumps(1e16)
+        ("1.2345678901234568e+18", "1234567890123456768"),  # an id read into a float64 column
+        ("1e21", "1000000000000000000000"),  # JavaScript's JSON.stringify(1e21)
+    ],
+)
+def test_a_large_whole_number_is_keyed_as_an_integer(written: str, text: str) -> None:
+    """Beyond 2^53, a whole number written with a fraction or an exponent (by Python's or
+    JavaScript's encoder) was keyed as `9007199254740992.0` or `1e+16`: another key, in another
+    partition, than the same number written as an integer by another client."""
+    assert key_of(["json:/id"], raw=b'{"id": ' + written.encode() + b"}") == text
+    assert key_of(["json:/id"], raw=b'{"id": ' + text.encode() + b"}") == text
+
+
+def test_a_number_too_long_as_an_integer_is_refused() -> None:
+    """As is the same number written with all its digits: a key is at most 255 bytes."""
+    for written in (b"1e300", b"1" + b"0" * 300):
+        with pytest.raises(BadPartitionKey, match="255"):
+            key_of(["json:/id"], raw=b'{"id": ' + written + b"}")
 
 
 @pytest.mark.parametrize("value", [{"a": 1}, [1, 2], []])
