@@ -70,8 +70,9 @@ class EnqueuerSettings(SidecarSettings):
     )
     require_partition_key: bool = Field(
         False,
-        description="answer 400 bad_partition_key when no source yields a key (otherwise "
-        "unkeyed requests are spread over the partitions, with no order between them)",
+        description="answer 400 bad_partition_key when no source yields a key (a body that is "
+        "no JSON yields none, and the next source is tried; otherwise unkeyed requests are "
+        "spread over the partitions, with no order between them)",
     )
     timeout: Seconds = Field(
         30.0,

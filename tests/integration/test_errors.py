@@ -439,9 +439,16 @@ async def test_partition_keys(
         f"{url}/{service}/echo", data=b"{broken", headers={"Content-Type": "application/json"}
     ) as response:
         assert "not valid JSON" in await expect_error(response, 400, "bad_partition_key")
+    async with http.post(  # the body is no JSON, the next source has the key
+        f"{url}/{service}/echo",
+        data=b"{broken",
+        params={"user": "u2"},
+        headers={"Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 200
     async with http.post(f"{url}/{service}/echo", json={"user": {"id": "k" * 300}}) as response:
         assert "255" in await expect_error(response, 400, "bad_partition_key")
-    assert len(target.seen) == 2
+    assert len(target.seen) == 3
 
 
 async def test_header_key_keeps_one_partition(

@@ -144,6 +144,30 @@ def test_malformed_json_refused_when_required() -> None:
         key_of(["json:/id"], raw=b'{"id": ', required=True)
 
 
+def test_a_body_that_is_no_json_leaves_the_key_to_the_next_source_when_required() -> None:
+    """`--require-partition-key` refuses a request without a key; this one had a key, which the
+    next source gave it without the flag, and was refused for its body."""
+    specs = ["json:/id", "query:k"]
+    assert key_of(specs, raw=b"{oops", query="k=q", required=True) == "q"
+    with pytest.raises(BadPartitionKey, match=r"looked in json:/id \(the body is not valid JSON"):
+        key_of(specs, raw=b"{oops", required=True)
+
+
+def test_a_required_key_refused_says_why_the_body_was_not_read() -> None:
+    """`curl -d '{"id": 7}'` sends `application/x-www-form-urlencoded`: the body is not read."""
+    with pytest.raises(
+        BadPartitionKey,
+        match=r"looked in json:/id \(the body's Content-Type application/x-www-form-urlencoded "
+        r"is not JSON\), query:k$",
+    ):
+        key_of(
+            ["json:/id", "query:k"],
+            body={"id": 7},
+            content_type="application/x-www-form-urlencoded",
+            required=True,
+        )
+
+
 def test_malformed_json_falls_through_when_not_required() -> None:
     assert key_of(["json:/id", "query:k"], raw=b"{oops", query="k=q") == "q"
     assert key_of(["json:/id"], raw=b"{oops") is None
