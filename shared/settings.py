@@ -172,7 +172,11 @@ class CommandSettings(BaseSettings):
 class SidecarSettings(CommandSettings):
     """What both sidecars share: how to reach RabbitMQ and how to log."""
 
-    amqp_url: Url = Field(DEFAULT_AMQP_URL, description="RabbitMQ URL (amqp:// or amqps://)")
+    amqp_url: Url = Field(
+        DEFAULT_AMQP_URL,
+        description="RabbitMQ URL (amqp:// or amqps://), or a cluster's node URLs separated by "
+        "commas",
+    )
     amqp_ca_file: FilePath | None = Field(
         None, description="CA bundle (PEM) to verify an amqps:// broker; default: the system's CAs"
     )

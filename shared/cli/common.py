@@ -95,10 +95,8 @@ def add_amqp_url(parser: argparse.ArgumentParser) -> None:
         amqp_url,
         default=DEFAULT_AMQP_URL,
         metavar="URL",
-        help="RabbitMQ URL, or a cluster's node URLs separated by commas; "
-        f"PROXYMQ_AMQP_URL_FILE reads it from a file (default: {DEFAULT_AMQP_URL})".replace(
-            "%", "%%"
-        ),
+        help=f"{SidecarSettings.model_fields['amqp_url'].description}; PROXYMQ_AMQP_URL_FILE "
+        f"reads it from a file (default: {DEFAULT_AMQP_URL})".replace("%", "%%"),
     )
     for field in fields(TlsFiles):
         flag = "--" + field.name.replace("_", "-")

@@ -14,6 +14,7 @@ from dequeuer.readiness import Readiness
 from dequeuer.settings import DequeuerSettings
 from enqueuer.settings import EnqueuerSettings
 from shared.broker import for_sidecar, redact
+from shared.cli.main import build_parser
 from shared.settings import DEFAULT_AMQP_URL, CommandSettings, _metavar, load
 from tests.reliability.conftest import Certs, make_certs
 from url_fetcher.settings import UrlFetcherSettings
@@ -711,3 +712,16 @@ def test_help_fits_the_terminal_and_shows_what_is_required(
     assert " --service NAME " in usage and "[--service NAME]" not in usage
     assert "[--target URL]" in usage
     assert "info, also a line per request" in " ".join(shown[EnqueuerSettings].split())
+
+
+def test_amqp_url_help_says_it_takes_a_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    """The sidecars' --amqp-url said only `RabbitMQ URL (amqp:// or amqps://)`, though it takes
+    a cluster's node URLs too, as `proxymq`'s said."""
+    for cls in (EnqueuerSettings, DequeuerSettings):
+        assert exit_code(cls, ["--help"]) == 0
+        assert "node URLs separated by commas" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["status", "--help"])
+    assert "(amqp:// or amqps://), or a cluster's node URLs" in " ".join(
+        capsys.readouterr().out.split()
+    )
