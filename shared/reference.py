@@ -18,14 +18,14 @@ def _default(field: FieldInfo) -> str:
 
 
 def section(settings: type[CommandSettings]) -> str:
-    lines = [
-        f"## `{settings.prog}`",
-        "",
-        inspect.cleandoc(settings.__doc__ or ""),
-        "",
-        "| flag | environment | default | meaning |",
-        "| --- | --- | --- | --- |",
-    ]
+    head = f"## `{settings.prog}`\n\n{inspect.cleandoc(settings.__doc__ or '')}\n\n"
+    return head + table(settings)
+
+
+def table(settings: type[CommandSettings]) -> str:
+    """The command's flags as `--help` tells them, one Markdown row each; url-fetcher's README
+    shows it too."""
+    lines = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "PROXYMQ_" + name.upper()

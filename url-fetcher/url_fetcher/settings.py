@@ -48,7 +48,8 @@ class UrlFetcherSettings(CommandSettings):
         ge=1,
         description="connections to fetch targets open at once, across all fetches (at most "
         "1,000,000); a fetch past them waits for one, within --fetch-timeout. Each is a file "
-        "descriptor: keep it under the open-file limit (ulimit -n)",
+        "descriptor: keep it under the open-file limit (ulimit -n), and above the fetches expected "
+        "at once (a dequeuer's --concurrency, times --batch-concurrency when it batches)",
     )
     batch_concurrency: Count = Field(
         16,
@@ -61,7 +62,7 @@ class UrlFetcherSettings(CommandSettings):
         gt=0,
         description="seconds one /fetch/batch or /batch request may take; URLs (or items) not "
         "done by then are answered fetch_timeout in their entries. Keep it below the dequeuer's "
-        "--call-timeout",
+        "--call-timeout (60 s by default)",
     )
     max_batch: Count = Field(
         100,
