@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
 
 from shared import topology
+from shared.cli.common import is_setting
 from shared.cli.main import build_parser
 from shared.processes import script
 from tests.conftest import AMQP_URL, closed_port, serving
@@ -159,6 +160,18 @@ def test_help_names_only_variables_there_are() -> None:
     )
     assert "amqp" not in fetcher.stdout.lower()
     assert "--host is PROXYMQ_HOST" in fetcher.stdout
+
+
+def test_a_variable_in_an_options_help_is_read_by_it_or_said_to_be_the_dequeuers() -> None:
+    """`proxymq inject --ready-path` said `the microservice's readiness path
+    (PROXYMQ_READY_PATH)`, as if inject read that variable; it writes it into the dequeuer's
+    environment."""
+    for command, action in options():
+        if is_setting(action):
+            continue
+        for variable in re.finditer(r"PROXYMQ_\w+", action.help or ""):
+            before = (action.help or "")[: variable.start()]
+            assert before.endswith("dequeuer's "), f"{command} {action.option_strings[0]}"
 
 
 @pytest.mark.parametrize(

@@ -587,8 +587,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument(
         "--ready-path",
         metavar="PATH",
-        help="the microservice's readiness path (PROXYMQ_READY_PATH): nothing is consumed "
-        "until it answers 2xx",
+        help="the microservice's readiness path, set as the injected dequeuer's "
+        "PROXYMQ_READY_PATH: it consumes nothing until the path answers 2xx",
     )
     parser.add_argument(
         "--drain-hook",
