@@ -337,12 +337,20 @@ def _pem(flag: str, path: str, marker: re.Pattern[str], holds: str) -> str:
 
 def check_amqp_url(value: str) -> str:
     """One broker URL or a cluster's nodes, comma-separated, each amqp:// or amqps:// with a
-    host (the port may be left to the default); a ValueError says what is wrong."""
+    host (the port may be left to the default); a ValueError says what is wrong. A list may not
+    mix the schemes: its amqp:// nodes were reached without TLS, the password sent in clear,
+    where the amqps:// ones say TLS was meant."""
     nodes = split_urls(value)
     if not nodes:
         raise ValueError("the AMQP URL is empty")
-    for node in nodes:
-        check_url(node, ("amqp", "amqps"), "an AMQP URL (amqp://user:password@host:port/vhost)")
+    like = "an AMQP URL (amqp://user:password@host:port/vhost)"
+    urls = [check_url(node, ("amqp", "amqps"), like) for node in nodes]
+    plain = [masked(str(url)) for url in urls if url.scheme == "amqp"]
+    if plain and len(plain) < len(urls):
+        raise ValueError(
+            f"a list of nodes may not mix amqps:// and amqp://: {', '.join(plain)} would be "
+            "reached without TLS, the password sent in clear; give every node amqps://"
+        )
     return value
 
 

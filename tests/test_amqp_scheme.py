@@ -78,3 +78,25 @@ async def test_a_sidecar_says_its_url_asks_for_the_wrong_protocol(
         stack.log_text()
     )
     assert says in stack.log_text()
+
+
+async def test_a_cluster_list_mixing_amqp_and_amqps_is_refused(stack: Stack, service: str) -> None:
+    """A list of nodes with both schemes reached its amqp:// nodes without TLS, the password
+    sent in clear, without a word (the TLS options go to the amqps:// nodes only): the sidecars
+    and `proxymq` now refuse it, exit 2, before they connect."""
+    url = "amqps://guest:s3cret@127.0.0.1:1/,AMQP://guest:s3cret@127.0.0.1:2/"
+    says = (
+        "a list of nodes may not mix amqps:// and amqp://: amqp://guest:***@127.0.0.1:2/ would be "
+        "reached without TLS, the password sent in clear; give every node amqps://"
+    )
+    env = {"PROXYMQ_AMQP_URL": url}
+    enqueuer, _ = await stack.enqueuer(wait=False, env=env)
+    dequeuer = await stack.dequeuer(service, "http://127.0.0.1:9", wait=False, env=env)
+    cli = await proxymq("status", "--service", service, env=env)
+    for process in (enqueuer, dequeuer):
+        assert process.popen is not None
+        assert await asyncio.to_thread(process.popen.wait, 20) == 2, stack.log_text()
+        assert f"{process.name}: invalid configuration: " in stack.log_text()
+    assert says in stack.log_text() and "s3cret" not in stack.log_text(), stack.log_text()
+    assert cli.code == 2, cli.output
+    assert says in cli.stderr and "s3cret" not in cli.stderr, cli.stderr

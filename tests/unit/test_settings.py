@@ -289,7 +289,7 @@ def test_values_that_could_never_work_are_refused_at_start(
     assert exit_code(DequeuerSettings, ["--service", "s", *argv]) == 2
     err = capsys.readouterr().err
     assert says in err and "secret" not in err
-    assert load(EnqueuerSettings, ["--amqp-url", "amqps://a:1/,amqp://b/"]).amqp_url
+    assert load(EnqueuerSettings, ["--amqp-url", "amqps://a:1/,amqps://b/"]).amqp_url
 
 
 @pytest.mark.parametrize("password", ["s3c/ret", "s3c/r@et9", "s3c/ret:x7y"])
@@ -324,7 +324,11 @@ def test_a_target_password_holding_an_at_sign_is_not_logged(password: str) -> No
 
 @pytest.mark.parametrize(
     "url",
-    ["AMQPS://broker.example/", "amqp://a.example/,amqps://b.example/", " amqps://broker.example/"],
+    [
+        "AMQPS://broker.example/",
+        "amqps://a.example/,AMQPS://b.example/",
+        " amqps://broker.example/",
+    ],
 )
 def test_the_tls_options_go_to_every_amqps_url(url: str, tmp_path: Path) -> None:
     """Only a URL spelt `amqps://` at its very start got --amqp-ca-file: these connected with
@@ -469,8 +473,8 @@ def test_a_certificate_file_holding_its_key_needs_no_key_file(certs: Certs, tmp_
 
 
 def test_amqp_urls_without_a_port_are_taken() -> None:
-    url = "amqp://guest:guest@127.0.0.1/,amqps://other.example/vhost"
-    assert load(EnqueuerSettings, ["--amqp-url", url]).amqp_url == url
+    for url in ("amqp://guest:guest@127.0.0.1/,amqp://other.example/vhost", "amqps://a.example/"):
+        assert load(EnqueuerSettings, ["--amqp-url", url]).amqp_url == url
 
 
 def test_help_names_what_size_and_list_flags_take(capsys: pytest.CaptureFixture[str]) -> None:
