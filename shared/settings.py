@@ -345,6 +345,8 @@ def check_amqp_url(value: str) -> str:
         raise ValueError("the AMQP URL is empty")
     like = "an AMQP URL (amqp://user:password@host:port/vhost)"
     urls = [check_url(node, ("amqp", "amqps"), like) for node in nodes]
+    for url in urls:
+        _refuse_tls_query(url)
     plain = [masked(str(url)) for url in urls if url.scheme == "amqp"]
     if plain and len(plain) < len(urls):
         raise ValueError(
@@ -352,6 +354,26 @@ def check_amqp_url(value: str) -> str:
             "reached without TLS, the password sent in clear; give every node amqps://"
         )
     return value
+
+
+# aio-pika's own TLS options, in a URL's query, and what ProxyMQ takes in their place.
+_QUERY_TLS = {
+    "cafile": "give it with --amqp-ca-file",
+    "capath": "give a CA bundle with --amqp-ca-file",
+    "cadata": "give a CA bundle with --amqp-ca-file",
+    "certfile": "give it with --amqp-cert-file",
+    "keyfile": "give it with --amqp-key-file",
+    "no_verify_ssl": "the broker's certificate is always verified: give the CA that signed it "
+    "with --amqp-ca-file",
+}
+
+
+def _refuse_tls_query(url: URL) -> None:
+    """aiormq reads these only when it is given no TLS context, and ProxyMQ gives it one: they
+    were ignored without a word, the broker verified with the system's CAs."""
+    for key in url.query:
+        if key in _QUERY_TLS:
+            raise ValueError(f"the URL's query option {key} is not read: {_QUERY_TLS[key]}")
 
 
 def check_url(value: str, schemes: tuple[str, ...], like: str) -> URL:

@@ -729,3 +729,28 @@ def test_amqp_url_help_says_it_takes_a_cluster(capsys: pytest.CaptureFixture[str
     assert "(amqp:// or amqps://), or a cluster's node URLs" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("cafile=/etc/ca.pem", "cafile is not read: give it with --amqp-ca-file"),
+        ("certfile=/c.pem&keyfile=/k.pem", "certfile is not read: give it with --amqp-cert-file"),
+        ("keyfile=/k.pem", "keyfile is not read: give it with --amqp-key-file"),
+        ("capath=/etc/ssl/certs", "capath is not read: give a CA bundle with --amqp-ca-file"),
+        ("no_verify_ssl=1", "no_verify_ssl is not read: the broker's certificate is always"),
+    ],
+)
+def test_tls_options_in_the_url_query_are_refused(
+    query: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """aio-pika's own TLS options in the URL (`amqps://host/?cafile=...`) were ignored without a
+    word: ProxyMQ hands aiormq a TLS context of its own, made from --amqp-ca-file and the
+    client certificate options, so the broker was verified with the system's CAs."""
+    url = f"amqps://guest:s3cret@broker.example/?heartbeat=5&{query}"
+    assert exit_code(EnqueuerSettings, ["--amqp-url", url]) == 2
+    assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["status", "--service", "s", "--amqp-url", f"amqps://a/,{url}"])
+    err = capsys.readouterr().err
+    assert says in err and "s3cret" not in err
