@@ -193,15 +193,27 @@ def start_all(stack: Stack, service: str, console: Console) -> Endpoints:
             f"--admin-host {local} --admin-port {enqueuer_admin}".split(),
             f"http://{local}:{enqueuer_admin}/readyz",
         )
-    components = Table.grid(padding=(0, 2))
-    components.add_row("website", site, "pages with titles, a redirect, a 404, a slow page")
-    components.add_row("url-fetcher", fetcher, "the microservice (--allow-private)")
-    components.add_row(
+    console.print(components(site, fetcher, dequeuer_admin, enqueuer, enqueuer_admin, service))
+    return Endpoints(enqueuer, site)
+
+
+def components(
+    site: str,
+    fetcher: str,
+    dequeuer_admin: int,
+    enqueuer: str,
+    enqueuer_admin: int,
+    service: str = "url-fetcher",
+) -> Table:
+    """Where each process listens, a row each, read at 80 columns too."""
+    table = Table.grid(padding=(0, 2))
+    table.add_row("website", site, "pages, a redirect, a 404 and a slow page")
+    table.add_row("url-fetcher", fetcher, "the microservice (--allow-private)")
+    table.add_row(
         "dequeuer", f"admin :{dequeuer_admin}", f"consumes {service}.p0..p{PARTITIONS - 1}"
     )
-    components.add_row("enqueuer", enqueuer, f"admin :{enqueuer_admin}")
-    console.print(components)
-    return Endpoints(enqueuer, site)
+    table.add_row("enqueuer", enqueuer, f"admin :{enqueuer_admin}")
+    return table
 
 
 def render(
@@ -258,15 +270,21 @@ def exercise(stack: Stack, service: str, dead_port: int, amqp_url: str, console:
     elapsed = time.perf_counter() - started
     render(calls, results, endpoints.site, console)
     good = sum(answer.problem is None for answer in results)
-    style = "green" if good == len(results) else "red"
-    console.print(
-        f"[{style}]{good}/{len(results)} calls got the expected answer[/{style}] in "
-        f"{elapsed:.1f} s, through RabbitMQ service {service!r} ({PARTITIONS} partitions)"
-    )
+    console.print(summary(good, len(results), elapsed, service))
     if good != len(results):
         console.print(stack.tails(), markup=False, highlight=False)
         return 1
     return 0
+
+
+def summary(good: int, calls: int, elapsed: float, service: str) -> str:
+    """The closing line, in green when every call got the expected answer; the partitions are
+    the dequeuer's row above (it said them again, and wrapped at 80 columns)."""
+    style = "green" if good == calls else "red"
+    return (
+        f"[{style}]{good}/{calls} calls got the expected answer[/{style}] in "
+        f"{elapsed:.1f} s (service {service!r})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,3 +44,17 @@ def test_the_readme_shows_the_table_as_printed() -> None:
     readme = README.read_text()
     for line in head:
         assert f"\n{line}\n" in readme, line
+
+
+def test_the_lines_around_the_table_fit_80_columns() -> None:
+    """At 80 columns the website's row of the component table and the closing summary each
+    wrapped onto a second line."""
+    out = io.StringIO()
+    console = Console(file=out, width=80, no_color=True)
+    console.print(
+        demo.components(SITE, "http://127.0.0.1:15836", 17451, "http://127.0.0.1:17659", 10787)
+    )
+    console.print(demo.summary(12, 12, 1.7, "url-fetcher"))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5, lines
+    assert f"\n{lines[-1]}\n" in README.read_text(), lines[-1]
