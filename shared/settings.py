@@ -422,9 +422,11 @@ def load(cls: type[SettingsT], argv: list[str] | None = None) -> SettingsT:
 
 def _problem(error: ErrorDetails) -> str:
     """`--flag: what is wrong`; a check of several settings at once names them itself."""
+    # A validator's own ValueError reads as its text, not pydantic's "Value error, ..."
+    what = str(error.get("ctx", {}).get("error", error["msg"]))
     if not error["loc"]:
-        return str(error.get("ctx", {}).get("error", error["msg"]))
-    return f"--{'-'.join(str(p) for p in error['loc']).replace('_', '-')}: {error['msg']}"
+        return what
+    return f"--{'-'.join(str(p) for p in error['loc']).replace('_', '-')}: {what}"
 
 
 def epilog_for(cls: type[CommandSettings]) -> str:
