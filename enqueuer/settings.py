@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from pamqp.constants import DOMAIN_REGEX
 from pydantic import Field, field_validator
 
 from enqueuer.guard import read_token
@@ -20,6 +21,8 @@ from shared.settings import (
     Seconds,
     SidecarSettings,
 )
+
+QUEUE_NAME = DOMAIN_REGEX["queue-name"]  # what the AMQP client sends as a queue's name
 
 
 class EnqueuerSettings(SidecarSettings):
@@ -155,7 +158,7 @@ class EnqueuerSettings(SidecarSettings):
     instance_id: Name | None = Field(
         None,
         description="name of this enqueuer (reply queue proxymq.replies.ID, and its lease "
-        "proxymq.replies.ID.lease), one per "
+        "proxymq.replies.ID.lease): letters, digits and - _ . : @ # , / +, one per "
         "enqueuer: a second one with the same id stops at startup; default: a random id",
     )
 
@@ -184,9 +187,17 @@ class EnqueuerSettings(SidecarSettings):
     @field_validator("instance_id")
     @classmethod
     def _fits_a_queue_name(cls, value: str | None) -> str | None:
-        """A queue name is at most 255 bytes: a longer id stopped the enqueuer with a traceback
-        (`Max length exceeded for queue`) once it was already listening."""
-        if value is not None and len(f"proxymq.replies.{value}.lease".encode()) > 255:
+        """A queue name is at most 255 bytes, of characters the AMQP client takes: an id too
+        long or with another character stopped the enqueuer with a traceback (`Max length
+        exceeded for queue`, `Invalid value for queue`) once it was already listening."""
+        if value is None:
+            return value
+        if not QUEUE_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} cannot name a queue: use letters, digits and - _ . : @ # , / + "
+                "(a pod's name is one)"
+            )
+        if len(f"proxymq.replies.{value}.lease") > 255:
             raise ValueError(
                 "at most 233 bytes: it names the queues proxymq.replies.ID and "
                 "proxymq.replies.ID.lease"

@@ -243,6 +243,9 @@ def test_out_of_range_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixt
         (["--timeout", "1e300"], "--timeout: Input should be less than or equal to 2592000"),
         (["--breaker-reset", "inf"], "--breaker-reset: Input should be a finite number"),
         (["--instance-id", "x" * 234], "--instance-id: at most 233 bytes"),
+        (["--instance-id", "api~1"], "--instance-id: 'api~1' cannot name a queue"),
+        (["--instance-id", "api-ü"], "--instance-id: 'api-ü' cannot name a queue"),
+        (["--instance-id", "api\t1"], "--instance-id: 'api\\t1' cannot name a queue"),
     ],
 )
 def test_values_that_fail_the_enqueuer_later_are_refused_at_start(
@@ -251,7 +254,8 @@ def test_values_that_fail_the_enqueuer_later_are_refused_at_start(
     """`--timeout inf` or `1e300` was taken, and every call without X-Request-Timeout got
     aiohttp's plain 500 (its deadline did not fit the message's header); an infinite
     `--breaker-reset` made the 503 of an open breaker a 500 (its Retry-After); an
-    `--instance-id` too long for a queue name stopped the enqueuer with a traceback."""
+    `--instance-id` too long for a queue name, or with a character the AMQP client refuses in
+    one (`Invalid value for queue`), stopped the enqueuer with a traceback."""
     assert exit_code(EnqueuerSettings, argv) == 2
     assert says in capsys.readouterr().err
 
