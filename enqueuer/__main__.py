@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -53,7 +54,8 @@ async def serve(settings: EnqueuerSettings) -> int:
                 settings.port,
                 settings.admin_port,
             )
-            await service.wait_for_stop(broker.task)
+            held = asyncio.create_task(app[ENQUEUER].replies.held(), name="reply queue held")
+            await service.wait_for_stop(broker.task, held)
     except (QueueInUse, *BROKER_ERRORS) as exc:  # the broker refused the set-up: one line
         log.error("cannot serve: %s", exc)
         return 1

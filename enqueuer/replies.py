@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Container
 
 import aiormq
@@ -19,13 +20,14 @@ from pamqp.commands import Queue
 from shared import logs, topology
 from shared.broker import BROKER_ERRORS, closed_within, unless_closed
 from shared.envelope import HttpResponse, MalformedMessage, decode_response
-from shared.errors import Backpressure, GatewayTimeout, ServiceFailed
+from shared.errors import Backpressure, GatewayTimeout, QueueInUse, ServiceFailed
 
 log = logging.getLogger(__name__)
 REPLY_QUEUE_EXPIRES_MS = 60_000  # survives a reconnect, gone a minute after its enqueuer
 LEASE_EXPIRES_MS = 600_000  # the lease queue outlives its reply queue by nine minutes
 WATCH_INTERVAL = 2.0  # seconds between checks that the reply queue is there and consumed
 LOOK_TIMEOUT = 5.0  # seconds one check may take
+ONE_ID_EACH = "give each enqueuer its own --instance-id, or none for a random one"
 
 
 class ReplyWaiter:
@@ -48,6 +50,10 @@ class ReplyWaiter:
         self._consumer_tag: str | None = None
         self._watch: asyncio.Task[None] | None = None
         self._look_now = asyncio.Event()
+        self._linger = 0.0  # seconds a consumer of a lost connection may still be counted
+        self._reopened_at = 0.0
+        self._taken: QueueInUse | None = None
+        self._taken_seen = asyncio.Event()
         # The replies awaited when the connection came back; None once its first look is done.
         self._unsure: list[asyncio.Future[HttpResponse]] | None = None
 
@@ -74,9 +80,7 @@ class ReplyWaiter:
                 arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
                 robust=False,
             )
-            await topology.claim(
-                queue, linger, "give each enqueuer its own --instance-id, or none for a random one"
-            )
+            await topology.claim(queue, linger, ONE_ID_EACH)
             self._lease = await channel.declare_queue(
                 topology.lease_queue(self.queue_name),
                 durable=False,
@@ -88,12 +92,22 @@ class ReplyWaiter:
             await closed_within(channel.close())
             raise
         channel.reopen_callbacks.add(self._reopened)
-        self._connection, self._queue = connection, queue
+        self._connection, self._queue, self._linger = connection, queue, linger
         self._watch = asyncio.create_task(self._keep_consuming(), name="reply queue watch")
 
     def _reopened(self, *_: object) -> None:
+        """The consumer went with the channel: a consumer of the queue now is another's."""
         self._unsure = list(self._futures.values())
+        self._consumer_tag = None
+        self._reopened_at = time.monotonic()
         self._look_now.set()
+
+    async def held(self) -> None:
+        """Raises `QueueInUse` once another process took the reply queue over (see `_look`),
+        which ends the enqueuer (`wait_for_stop`); returns never."""
+        await self._taken_seen.wait()
+        assert self._taken is not None
+        raise self._taken
 
     async def _keep_consuming(self) -> None:
         """Look at once after a reconnect, and every WATCH_INTERVAL, whether the reply queue
@@ -110,6 +124,10 @@ class ReplyWaiter:
             try:  # a channel opened on a connection gone silent waits for good
                 async with asyncio.timeout(LOOK_TIMEOUT):
                     await self._look()
+            except QueueInUse as exc:
+                self._taken = exc
+                self._taken_seen.set()
+                return
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -123,7 +141,12 @@ class ReplyWaiter:
     async def _look(self) -> None:
         """Only right after a reconnect does it matter whether the queue was gone before it
         is declared again (`_lost`); the other looks need no passive declare, whose refusal
-        closes its channel: a channel opened and closed every WATCH_INTERVAL for nothing."""
+        closes its channel: a channel opened and closed every WATCH_INTERVAL for nothing.
+
+        A consumer found on the queue while this enqueuer has none (since a reconnect) is
+        another's, once the one of its lost connection would be gone: a second enqueuer with
+        the same `--instance-id` started while this one was cut off. This one took it for its
+        own consumer and served on, every call a 504."""
         assert self._queue is not None and self._lease is not None
         unsure = self._unsure
         if (
@@ -135,7 +158,12 @@ class ReplyWaiter:
         await self._queue.declare()  # not passive: makes it again if it is gone
         self._unsure = None
         await self._lease.declare()  # renews its lease
-        if not self._queue.declaration_result.consumer_count:
+        consumers = self._queue.declaration_result.consumer_count
+        if consumers and self._consumer_tag is None:
+            if time.monotonic() - self._reopened_at >= self._linger:
+                raise topology.in_use(self.queue_name, consumers, ONE_ID_EACH)
+            log.warning("%s has %d other consumer(s); waiting", self.queue_name, consumers)
+        elif not consumers:
             if unsure is None:
                 log.warning(
                     "reply queue %s was gone or not consumed: consuming it again", self.queue_name

@@ -159,7 +159,8 @@ class EnqueuerSettings(SidecarSettings):
         None,
         description="name of this enqueuer (reply queue proxymq.replies.ID, and its lease "
         "proxymq.replies.ID.lease): letters, digits and - _ . : @ # , / +, one per "
-        "enqueuer: a second one with the same id stops at startup; default: a random id",
+        "enqueuer: a second one with the same id stops at startup (the first stops if it finds "
+        "the second after a reconnect); default: a random id",
     )
 
     def in_flight_share(self) -> int:

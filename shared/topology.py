@@ -202,12 +202,14 @@ async def claim(queue: AbstractQueue, linger: float, hint: str) -> None:
     give_up_at = time.monotonic() + linger
     while (others := queue.declaration_result.consumer_count or 0) > 0:
         if time.monotonic() >= give_up_at:
-            raise QueueInUse(
-                f"another process consumes {queue.name} ({others} consumer(s)): {hint}"
-            )
+            raise in_use(queue.name, others, hint)
         log.warning("%s has %d other consumer(s); waiting", queue.name, others)
         await asyncio.sleep(1)
         await queue.declare()
+
+
+def in_use(queue: str, others: int, hint: str) -> QueueInUse:
+    return QueueInUse(f"another process consumes {queue} ({others} consumer(s)): {hint}")
 
 
 async def _exists(connection: AbstractConnection, name: str, *, exchange: bool) -> bool:

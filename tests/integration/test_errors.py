@@ -1571,6 +1571,35 @@ async def test_two_enqueuers_with_one_instance_id(
         assert response.status == 200
 
 
+async def test_an_enqueuer_whose_reply_queue_another_took_while_it_was_away_stops(
+    stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
+) -> None:
+    """A second enqueuer with the same --instance-id (a fixed id on every replica, the second
+    one restarting after its refusal) that starts while the first is cut off from the broker
+    takes the reply queue over. The first reconnected, found the queue consumed and took that
+    for its own consumer: it served on, and every call through it was a 504, with nothing in
+    any log. It stops instead, once its own consumer of before the cut would be gone."""
+    await stack.dequeuer(service, target.url)
+    instance = f"taken-{service}"
+    proxy = await FaultyProxy(URL(stack.amqp_url).port or 5672).start()
+    try:
+        first, _ = await stack.enqueuer(
+            *("--instance-id", instance, "--amqp-heartbeat", "1"),
+            env={"PROXYMQ_AMQP_URL": proxy.url},
+        )
+        proxy.refuse()
+        proxy.reset()
+        _, url = await stack.enqueuer("--instance-id", instance)
+        proxy.heal()
+        assert first.popen is not None
+        assert await asyncio.to_thread(first.popen.wait, 30) == 1
+    finally:
+        await proxy.stop()
+    assert "give each enqueuer its own --instance-id" in stack.log_text()
+    async with http.get(f"{url}/{service}/echo/after") as response:
+        assert response.status == 200
+
+
 async def test_two_dequeuers_with_one_instance_id(
     stack: Stack, service: str, target: Target, http: aiohttp.ClientSession
 ) -> None:
