@@ -30,6 +30,7 @@ from shared.broker import closed_within
 from shared.topology import members_exchange
 
 log = logging.getLogger(__name__)
+ONE_ID_EACH = "give each dequeuer its own --instance-id, or none for a random one"
 FORGET_AFTER = 60.0  # seconds: as long as the broker keeps a gone member's heartbeat queue
 
 
@@ -86,11 +87,10 @@ class Membership:
                 auto_delete=True,
                 arguments={"x-message-ttl": int(self.expiry * 1000), "x-expires": 60_000},
             )
-            await topology.claim(
-                queue, linger, "give each dequeuer its own --instance-id, or none for a random one"
-            )
+            await topology.claim(queue, linger, ONE_ID_EACH)
             await queue.bind(exchange)
             await queue.consume(self._on_heartbeat, no_ack=True)
+            await topology.alone(queue, ONE_ID_EACH)
         except BaseException:  # closed, it is not restored with the connection
             await closed_within(channel.close())
             raise

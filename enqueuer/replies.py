@@ -88,6 +88,7 @@ class ReplyWaiter:
                 robust=False,
             )
             self._consumer_tag = await queue.consume(self._on_reply)
+            await topology.alone(queue, ONE_ID_EACH)
         except BaseException:  # closed, it is not restored with the connection: no 2nd consumer
             await closed_within(channel.close())
             raise

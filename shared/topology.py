@@ -208,6 +208,16 @@ async def claim(queue: AbstractQueue, linger: float, hint: str) -> None:
         await queue.declare()
 
 
+async def alone(queue: AbstractQueue, hint: str) -> None:
+    """After consuming `queue`: a process started with the same instance id at the same
+    instant found it unconsumed too (`claim` looks before the consumer is there), and both
+    consumed it. Each then sees the other, and stops; started again, one of them serves."""
+    await queue.declare()
+    others = (queue.declaration_result.consumer_count or 0) - 1
+    if others > 0:
+        raise in_use(queue.name, others, hint)
+
+
 def in_use(queue: str, others: int, hint: str) -> QueueInUse:
     return QueueInUse(f"another process consumes {queue} ({others} consumer(s)): {hint}")
 

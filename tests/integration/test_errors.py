@@ -17,6 +17,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -32,7 +33,7 @@ from enqueuer.replies import ReplyWaiter
 from shared import envelope, topology
 from shared.breaker import ServiceBreaker
 from shared.broker import BROKER_ERRORS, confirming_channel, unless_closed
-from shared.errors import BrokerUnavailable, UnknownService
+from shared.errors import BrokerUnavailable, QueueInUse, UnknownService
 from shared.processes import free_port
 from tests.conftest import Stack, closed_port, foreign_replier, metric
 from tests.integration.test_async import poll
@@ -1626,6 +1627,61 @@ async def test_two_dequeuers_with_one_instance_id(
     await stack.dequeuer(service, target.url, "--instance-id", instance)
     async with http.get(f"{url}/{service}/echo/again") as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize("sidecar", ["enqueuer", "dequeuer"])
+async def test_two_sidecars_with_one_instance_id_started_at_one_instant(
+    amqp_url: str, service: str, monkeypatch: pytest.MonkeyPatch, sidecar: str
+) -> None:
+    """Two replicas given the same --instance-id that start together both found the queue
+    named after it unconsumed, and both consumed it: `claim` looks before the consumer is
+    there. No more than one of them may serve; the instant is made certain by holding each
+    after its look until the other has looked too."""
+    looked = asyncio.Barrier(2)
+    claim = topology.claim
+
+    async def claim_together(*args: Any) -> None:
+        await claim(*args)
+        await looked.wait()
+
+    monkeypatch.setattr(topology, "claim", claim_together)
+    connections = [await aio_pika.connect_robust(amqp_url) for _ in range(2)]
+    instance = f"together-{service}"
+    sidecars: list[ReplyWaiter | Membership] = [
+        ReplyWaiter(instance, 10, 10, lambda: None)
+        if sidecar == "enqueuer"
+        else Membership(service, instance)
+        for _ in connections
+    ]
+    queue = (
+        topology.reply_queue(instance)
+        if sidecar == "enqueuer"
+        else f"{topology.members_exchange(service)}.{instance}"
+    )
+    try:
+        started = await asyncio.gather(
+            *(
+                one.start(connection, 0)
+                for one, connection in zip(sidecars, connections, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        assert all(result is None or isinstance(result, QueueInUse) for result in started)
+        assert started.count(None) <= 1
+        channel = await connections[0].channel()
+        consumers = await channel.declare_queue(queue, passive=True)
+        assert (consumers.declaration_result.consumer_count or 0) <= 1
+    finally:
+        for one in sidecars:
+            if isinstance(one, ReplyWaiter):
+                await one.stop(0, RuntimeError("stopped"))
+            else:
+                await one.stop()
+        channel = await connections[0].channel()
+        for name in (queue, topology.lease_queue(queue)):
+            await channel.queue_delete(name)
+        for connection in connections:
+            await connection.close()
 
 
 async def test_channels_lost_with_their_connection_are_not_kept(
