@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 KNOWN_FOR = 10.0  # seconds a service found on the broker is trusted without asking again
 UNKNOWN_FOR = 1.0  # a flood of calls to a missing service costs one passive declare a second
 MAX_REMEMBERED = 10_000  # services remembered, found or not; missing ones go first, oldest first
+# Services found, each with a publishing channel: half of RabbitMQ's default channel_max (2,047),
+# leaving room for lookups and replaced channels. The least recently looked up go first.
+MAX_FOUND = 1_000
 Verdict = tuple[float, "weakref.ref[object] | None"]  # until, and the connection it holds for
 MAX_LOOKUPS = 100  # services waiting to be looked up, one at a time; more get 429
 RENEW_AFTER_NACK = 1.0  # seconds between two replacements of a nacked publishing channel
@@ -189,11 +192,15 @@ class Publisher:
     def _forget(self, now: float) -> None:
         """Expired verdicts on missing names go at once (callers calling made-up names left
         them until MAX_REMEMBERED, which then pushed out the services found); found ones
-        stay, as `exists` labels their metrics."""
+        stay, as `exists` labels their metrics, up to MAX_FOUND. Each holds a channel: kept
+        for every service ever called, 2,047 of them reached RabbitMQ's channel_max, which
+        closed the connection, and again at each reconnect (restoring them all), for good."""
         while self._missing and next(iter(self._missing.values()))[0] <= now:
             del self._missing[next(iter(self._missing))]
-        while len(self._found) + len(self._missing) > MAX_REMEMBERED:
-            oldest = self._missing or self._found
+        while len(self._found) > MAX_FOUND or (
+            len(self._found) + len(self._missing) > MAX_REMEMBERED
+        ):
+            oldest = self._missing if len(self._found) <= MAX_FOUND else self._found
             service = next(iter(oldest))
             del oldest[service]
             self._drop_channel(service)
