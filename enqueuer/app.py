@@ -90,6 +90,10 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
         outcome = status_class(response.status)
     except ProxyMQError as error:
         response, outcome, message = error_response(error), error.code, error.message
+        # The error may be a kept one (an Idempotency-Key's first answer, an async result),
+        # raised again at each repeat: its traceback held this handler's frames, the
+        # request's body among them, for as long as it was kept.
+        error.__traceback__ = error.__context__ = None
     except web.HTTPNotFound:  # no route: a target that is no path (`CONNECT host:443`, `OPTIONS *`)
         missing = UnknownService(f"{request.method} {request.raw_path!r} names no service: {CALL}")
         response, outcome, message = error_response(missing), missing.code, missing.message
