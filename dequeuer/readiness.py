@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Callable
 
 import aiohttp
@@ -70,9 +71,7 @@ class Readiness:
         except TimeoutError:
             return f"no answer within {self.timeout:g} s"
         except aiohttp.ClientConnectorError as exc:  # its text repeats the URL
-            code = exc.os_error.errno or 0  # DNS errors are negative
-            reason = os.strerror(code) if code > 0 else exc.os_error.strerror
-            return f"cannot connect: {reason}"
+            return f"cannot connect: {_connect_failure(exc.os_error)}"
         except (aiohttp.ClientError, OSError) as exc:
             return str(exc) or type(exc).__name__
 
@@ -119,3 +118,12 @@ class Readiness:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+
+def _connect_failure(error: OSError) -> str:
+    """The system's words for a socket's error number; an ssl error's own text, as its number
+    is OpenSSL's (1 read as `Operation not permitted`), and a DNS error's, whose is negative."""
+    code = error.errno or 0
+    if code > 0 and not isinstance(error, ssl.SSLError):
+        return os.strerror(code)
+    return error.strerror or str(error) or type(error).__name__
