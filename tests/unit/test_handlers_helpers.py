@@ -14,7 +14,7 @@ from pamqp import encode
 from enqueuer import handlers
 from enqueuer.handlers import deadline_of, split_target, wait_of, wants_async
 from shared.envelope import HttpRequest, HttpResponse, RequestEnvelope, encode_request
-from shared.errors import ProxyMQError
+from shared.errors import IdempotencyKeyReused, ProxyMQError, ServiceFailed
 
 NOW = 1_700_000_000.0
 
@@ -165,9 +165,22 @@ def test_uncapped_huge_timeout_still_encodes(header: str) -> None:
     encode.field_table(message.headers)  # what publishing does with them
 
 
-@pytest.mark.parametrize("code", ["method_not_allowed", "idempotency_key_reused", "made-up"])
-def test_any_error_code_of_a_reply_is_raised_as_a_proxymq_error(code: str) -> None:
-    """Any AMQP client may reply with any `x-proxymq-error`."""
+@pytest.mark.parametrize(
+    ("code", "raised"),
+    [
+        ("idempotency_key_reused", IdempotencyKeyReused),
+        ("method_not_allowed", ServiceFailed),  # the enqueuer's own path alone answers it
+        ("internal_error", ServiceFailed),  # a defect of the enqueuer's own
+        ("made-up", ServiceFailed),
+    ],
+)
+def test_any_error_code_of_a_reply_is_raised_as_a_proxymq_error(
+    code: str, raised: type[ProxyMQError]
+) -> None:
+    """Any AMQP client may reply with any `x-proxymq-error`; a code a reply may not carry is
+    `service_failed`, as the message format says."""
     reply = HttpResponse(502, (), b"", error=code, error_message="m")
-    with pytest.raises(ProxyMQError):
+    with pytest.raises(ProxyMQError) as caught:
         handlers.answer(reply, "GET")
+    assert type(caught.value) is raised
+    assert handlers.outcome_of(reply) == raised.code
