@@ -1,4 +1,6 @@
-"""ProxyMQ's own errors: one class per code of the contract, each with its HTTP status.
+"""ProxyMQ's own errors: one class per code, each with its HTTP status. The contract's codes
+are bad_partition_key, unknown_service, body_too_large, backpressure, service_failed,
+broker_unavailable and timeout; the others are ProxyMQ's extensions (the README's table).
 
     ProxyMQError
      +-- BadRequest           400 bad_request         (aiohttp's parser refused it)
@@ -43,7 +45,7 @@ class ProxyMQError(Exception):
     """Base of the errors a caller can receive from ProxyMQ itself."""
 
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal"
+    code: ClassVar[str] = "internal_error"
     # The codes the contract answers with Retry-After have one, wherever they come from (a
     # reply's `x-proxymq-error` too).
     default_retry_after: ClassVar[float | None] = None
