@@ -360,8 +360,8 @@ async def test_malformed_urls_are_bad_requests(fetcher: Fetcher, raw: object, me
 
 
 @pytest.fixture
-def dns_never_answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
-    """This machine's DNS server never answers: names asked about are collected in the set.
+def dns_never_answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, set[str]]]:
+    """A DNS server that never answers, and the names asked about (collected in the set).
 
     url-fetcher's resolver asks a loopback server that swallows queries; the system's
     getaddrinfo() waits as long on every `.test` name, so that no query of the test can leave
@@ -369,7 +369,6 @@ def dns_never_answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
     """
     asked: set[str] = set()
     with silent_dns_server(asked) as server:
-        monkeypatch.setattr("url_fetcher.fetch.DNS_SERVERS", [server])
         released = threading.Event()
         system = socket.getaddrinfo
 
@@ -381,25 +380,26 @@ def dns_never_answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
             return system(host, *args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-        yield asked
+        yield server, asked
         released.set()
 
 
 async def test_names_whose_dns_never_answers_hold_up_no_other_fetch(
-    site: str, dns_never_answers: set[str]
+    site: str, dns_never_answers: tuple[str, set[str]]
 ) -> None:
     """Names were resolved by getaddrinfo() in the loop's default thread pool (6 threads on 2
     cores): a few dozen fetches of names whose DNS never answered held every thread, and every
     other fetch of a name timed out behind them, still after they had timed out themselves."""
     guard = TargetGuard(allow_private=True)
     limits = FetchLimits(timeout=3)
+    server, asked = dns_never_answers
     hung = [f"http://host{i}.hang.test/" for i in range(40)]
-    async with create_session(guard, limits) as session:
+    async with create_session(guard, limits, nameservers=[server]) as session:
         fetcher = Fetcher(session, guard, limits)
         waiting = [asyncio.ensure_future(fetcher.fetch(url)) for url in hung]
         with contextlib.suppress(TimeoutError):  # the thread pool let only a few be asked
             async with asyncio.timeout(2):
-                while len(dns_never_answers) < len(hung):
+                while len(asked) < len(hung):
                     await asyncio.sleep(0.01)
         by_name = await fetcher.fetch(f"http://localhost:{_port(site)}/page")  # /etc/hosts
         by_address = await fetcher.fetch(f"{site}/page")

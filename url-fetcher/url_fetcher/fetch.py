@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -34,7 +34,6 @@ MAX_URL_CHARS = 8192
 MAX_REASON_CHARS = 300  # of a failed fetch's reason, which may quote the target
 MAX_CONNECTIONS = 1000  # to fetch targets at once, unless --max-connections says otherwise
 _CHUNK = 64 * 1024
-DNS_SERVERS: list[str] = []  # `host[:port]` to resolve names with; empty: /etc/resolv.conf's
 
 # Error codes, each with the HTTP status /fetch answers it with.
 BAD_REQUEST = "bad_request"
@@ -157,6 +156,7 @@ async def create_session(
     resolver: AbstractResolver | None = None,
     *,
     connections: int = MAX_CONNECTIONS,
+    nameservers: Sequence[str] = (),
 ) -> AsyncIterator[aiohttp.ClientSession]:
     """The process's client session, connecting only where `guard` allows, with at most
     `connections` open at once (--max-connections; aiohttp's default of 100 made the 101st
@@ -170,9 +170,10 @@ async def create_session(
     a thread of the loop's small default pool for each, so a few dozen names whose DNS never
     answered held up every other name. Environment proxies are ignored (a proxy would connect
     on our behalf, past the guard) and cookies are not kept, so one caller's fetch cannot leak
-    into another's.
+    into another's. `nameservers` (`host[:port]`) replace /etc/resolv.conf's.
     """
-    guarded = GuardedResolver(resolver or AsyncResolver(nameservers=DNS_SERVERS or None), guard)
+    dns = resolver or AsyncResolver(nameservers=list(nameservers) or None)
+    guarded = GuardedResolver(dns, guard)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=connections, resolver=guarded, force_close=True),
         timeout=aiohttp.ClientTimeout(total=limits.timeout),
