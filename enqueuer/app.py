@@ -15,10 +15,12 @@ from opentelemetry.trace import SpanKind
 
 from enqueuer.guard import CallerGuard, read_token
 from enqueuer.handlers import (
+    ASYNCHRONOUS,
     CALL,
     OWN_PATHS,
     REQUEST_ID,
     REQUESTS_PATH,
+    SERVICE,
     Enqueuer,
     new_request_id,
     proxy,
@@ -126,7 +128,7 @@ def _record(
     enqueuer = request.app[ENQUEUER]
     metrics = enqueuer.metrics
     elapsed = time.perf_counter() - started
-    service = request.get("service")
+    service = request.get(SERVICE)
     if service is None and request.path.startswith(OWN_PATHS):
         label = OWN_PATHS_LABEL  # polls: never another count of the service's outcomes
     elif service and outcome != "unknown_service" and enqueuer.publisher.exists(service):
@@ -135,7 +137,7 @@ def _record(
         label = UNKNOWN_SERVICE
     metrics.requests.labels(label, outcome).inc()
     # Calls answered as calls only: a microservice's own 202 is one's answer, not respond-async's.
-    if service and response is not None and not request.get("asynchronous"):
+    if service and response is not None and not request.get(ASYNCHRONOUS):
         metrics.duration.labels(label).observe(elapsed)
     request_id: str = request[REQUEST_ID]
     log.info(

@@ -45,6 +45,8 @@ CALL = "call /{service}/{path}"
 OWN_PATHS = "/_proxymq"
 REQUESTS_PATH = OWN_PATHS + "/requests/"
 REQUEST_ID = web.RequestKey("request_id", str)  # the id in X-Correlation-ID and the logs
+SERVICE = web.RequestKey("service", str)  # the service called, once the path names one
+ASYNCHRONOUS = web.RequestKey("asynchronous", bool)  # answered 202, timed as no call
 # One preference: up to a comma outside a quoted string (an unclosed quote runs to the end).
 _PREFERENCE = re.compile(r'(?:[^,"]|"(?:\\.|[^"\\])*(?:"|$))+')
 NAN = float("nan")
@@ -188,9 +190,9 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     service, path, query = split_target(request.raw_path)
     if not service:
         raise UnknownService(f"no service in the path: {CALL}")
-    request["service"] = service
+    request[SERVICE] = service
     logs.bind(service=service)
-    request["asynchronous"] = asynchronous = wants_async(request)
+    request[ASYNCHRONOUS] = asynchronous = wants_async(request)
     deadline = deadline_of(request, None if asynchronous else enqueuer.settings.timeout)
     timeout = enqueuer.settings.timeout
     body = await read_body(
@@ -243,7 +245,7 @@ async def proxy(request: web.Request, enqueuer: Enqueuer) -> web.StreamResponse:
     if asynchronous:
         if not await replied_within(future, wait):
             return accept(request_id, service, future, enqueuer, entry, repeat=first is not None)
-        request["asynchronous"] = False  # answered as a call: timed as one
+        request[ASYNCHRONOUS] = False  # answered as a call: timed as one
     try:
         async with asyncio.timeout(_remaining(deadline, enqueuer.settings.timeout)):
             reply = await (asyncio.shield(future) if idempotency_key else future)
