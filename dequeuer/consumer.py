@@ -388,10 +388,17 @@ class Consumer:
                         )
                     answer = await self.send(request, remaining, attempt, earlier)
                     if isinstance(answer, CallFailed) and answer.expired:
-                        # Its deadline passed before the call left (waiting for its batch):
-                        # as above, no attempt, and nothing the breaker should count.
-                        self.breaker.abandon_probe(probe)
-                        return outcome, attempt - 1
+                        left = request.remaining()
+                        if left is not None and left < MIN_BUDGET:
+                            # Its deadline passed before the call left (waiting for its
+                            # batch): as above, no attempt, nothing the breaker should count.
+                            self.breaker.abandon_probe(probe)
+                            return outcome, attempt - 1
+                        # Its --call-timeout ran out there, not its caller's time (a stall):
+                        # dropped as expired, it got no reply and no dead letter.
+                        answer = CallFailed(
+                            "timeout", "--call-timeout ran out before its batch left"
+                        )
                     outcome = answer
             except BaseException:
                 self.breaker.abandon_probe(probe)

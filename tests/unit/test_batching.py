@@ -403,6 +403,26 @@ async def test_a_request_whose_time_ran_out_in_its_batch_is_expired_unsent() -> 
     assert inner.sizes == [2]
 
 
+async def test_a_request_with_time_left_is_not_dropped_when_its_call_ran_out_in_its_batch() -> None:
+    """Only the caller's deadline makes an unsent request expired. A request without one (or
+    with time left) whose --call-timeout ran out while its batch filled (an event loop stall,
+    a --call-timeout a hair above --batch-wait-ms) was acked and dropped as expired: no reply,
+    no dead letter. It is a timeout of its call, retried and dead-lettered as such."""
+    inner = FakeInner()
+    transport = batcher(inner, size=2, wait=5.0)  # longer than --call-timeout: it never fills
+    flags = ["--service", "s", "--batch-size", "2", "--concurrency", "2"]
+    settings = load(DequeuerSettings, [*flags, "--max-attempts", "1", "--call-timeout", "0.2"])
+    ready = asyncio.Event()
+    ready.set()
+    consumer = Consumer(settings, transport, DequeuerMetrics(), ServiceBreaker(5, 60.0), ready)
+    request = RequestEnvelope("r", "s", HttpRequest("GET", "/r", "", (), b""), None, None, None)
+    async with asyncio.timeout(2):
+        outcome, attempts = await consumer.call(request, asyncio.Event())
+    assert isinstance(outcome, CallFailed) and outcome.kind == "timeout"
+    assert attempts == 1
+    assert inner.calls == []
+
+
 async def test_an_item_with_less_than_a_millisecond_left_is_not_sent(inner: FakeInner) -> None:
     """It was sent with `X-Request-Timeout: 0.000`, which a microservice may read as no limit:
     the plain call's rule (`MIN_BUDGET`) holds for the time left when the batch is sent."""
