@@ -13,8 +13,9 @@ CALLER_TIMEOUT = "the caller's time ran out (X-Request-Timeout)"
 def budget_of(value: str | None) -> float | None:
     """The seconds an `X-Request-Timeout` value gives, 0 meaning none left; None for no value
     or one that is no duration (negative, NaN, not a number), which leaves the service's own
-    caps alone. Read as the enqueuer reads it: the first of repeats folded into one line, ASCII
-    digits only (Python's float() also reads `1_0` and other scripts' digits)."""
+    caps alone. Read as the enqueuer reads it (the first of repeats folded into one line, ASCII
+    digits only: Python's float() also reads `1_0` and other scripts' digits), but for 0: the
+    enqueuer ignores it, and here it is a batch item that spent its time waiting."""
     if value is None:
         return None
     first = value.partition(",")[0]
