@@ -32,8 +32,11 @@ log = logging.getLogger("dequeuer")
 
 
 def instance_name(settings: DequeuerSettings) -> str:
-    raw = settings.instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:100]
+    """The host name, made fit to name a queue (`S.members.ID`), is only the default's start:
+    the random suffix keeps two alike apart. A given id is never altered (its settings check
+    it): two ids made alike were taken for one."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:100]
+    return settings.instance_id or f"{host}-{uuid.uuid4().hex[:6]}"
 
 
 def warn_long_calls(settings: DequeuerSettings) -> None:

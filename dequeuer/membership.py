@@ -83,7 +83,7 @@ class Membership:
                 members_exchange(self.service), aio_pika.ExchangeType.FANOUT, durable=True
             )
             queue = await channel.declare_queue(
-                f"{members_exchange(self.service)}.{self.instance_id}",
+                topology.members_queue(self.service, self.instance_id),
                 auto_delete=True,
                 arguments={"x-message-ttl": int(self.expiry * 1000), "x-expires": 60_000},
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from pamqp.constants import DOMAIN_REGEX
 from pydantic import Field, ValidationInfo, field_validator
 
 from shared.settings import (
@@ -22,6 +23,8 @@ from shared.settings import (
     check_url,
 )
 from shared.topology import INT64_MAX, check_service_name
+
+QUEUE_NAME = DOMAIN_REGEX["queue-name"]  # what the AMQP client sends as a queue's name
 
 
 class DequeuerSettings(SidecarSettings):
@@ -67,8 +70,9 @@ class DequeuerSettings(SidecarSettings):
     instance_id: Name | None = Field(
         None,
         description="name of this dequeuer in the broker's connection list and among the "
-        "service's members, one per dequeuer: a second one with the same id stops at startup; "
-        "default: host name and a random suffix",
+        "service's members (heartbeat queue SERVICE.members.ID): letters, digits and "
+        "- _ . : @ # , / +, at most 253 bytes (a pod's name is one), one per dequeuer: a second "
+        "one with the same id stops at startup; default: host name and a random suffix",
     )
     call_timeout: Seconds = Field(
         60.0,
@@ -171,6 +175,23 @@ class DequeuerSettings(SidecarSettings):
     @classmethod
     def _service_name(cls, value: str) -> str:
         return check_service_name(value)
+
+    @field_validator("instance_id")
+    @classmethod
+    def _names_a_queue(cls, value: str | None) -> str | None:
+        """It names the heartbeat queue: another character was replaced with '-' and the id cut
+        to 100, so that two ids could become one, and the second dequeuer stopped as a duplicate.
+        253 is a pod's name's limit; `members_queue` fits any of them in a queue name."""
+        if value is None:
+            return value
+        if not QUEUE_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} cannot name a queue: use letters, digits and - _ . : @ # , / + "
+                "(a pod's name is one)"
+            )
+        if len(value.encode()) > 253:
+            raise ValueError("at most 253 bytes (a pod's name is at most 253)")
+        return value
 
     @field_validator("retry_on")
     @classmethod

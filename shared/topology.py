@@ -10,6 +10,7 @@ nothing else: not `S.dlq`, not another service's queues.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -89,6 +90,16 @@ def notify_queue(service: str) -> str:
 def members_exchange(service: str) -> str:
     """Fanout exchange of the dequeuers' membership heartbeats."""
     return f"{service}.members"
+
+
+def members_queue(service: str, instance_id: str) -> str:
+    """A dequeuer's heartbeat queue, named after its id (letters, digits and - _ . : @ # , / +).
+    A pod name (up to 253) beside a long service name is over AMQP's 255 bytes: such a name
+    keeps what fits and ends with the digest of the whole id, so that two ids are two queues."""
+    name = f"{members_exchange(service)}.{instance_id}"
+    if len(name) <= 255:
+        return name
+    return f"{name[:190]}.{hashlib.sha256(instance_id.encode()).hexdigest()}"
 
 
 def ring_marker(service: str) -> str:

@@ -1630,6 +1630,27 @@ async def test_two_dequeuers_with_one_instance_id(
         assert response.status == 200
 
 
+async def test_two_long_pod_names_alike_in_their_first_100_are_two_dequeuers(
+    amqp: AbstractRobustConnection,
+) -> None:
+    """The dequeuer cut its id to 100 characters (its heartbeat queue S.members.ID must fit
+    AMQP's 255 bytes): two pods whose names began alike were one id, and the second stopped
+    with "give each dequeuer its own --instance-id". Pod names (up to 253) of a service named
+    with 100 characters both join, each on a queue of its own."""
+    service = f"t-{uuid.uuid4().hex[:10]}".ljust(100, "x")
+    pods = [("a" * 62 + ".") * 4 + end for end in "bc"]
+    members = [Membership(service, pod) for pod in pods]
+    try:
+        for one in members:
+            await one.start(amqp, linger=0)
+        for pod in pods:
+            assert await consumers_of(amqp, topology.members_queue(service, pod)) == 1
+    finally:
+        for one in members:
+            await one.stop()
+        await topology.delete(amqp, topology.Topology(service))
+
+
 async def consumers_of(connection: aio_pika.abc.AbstractRobustConnection, queue: str) -> int:
     """0 when the queue is gone: a heartbeat queue goes with the last of its consumers."""
     channel = await connection.channel()
@@ -1669,7 +1690,7 @@ async def test_two_sidecars_with_one_instance_id_started_at_one_instant(
     queue = (
         topology.reply_queue(instance)
         if sidecar == "enqueuer"
-        else f"{topology.members_exchange(service)}.{instance}"
+        else topology.members_queue(service, instance)
     )
     try:
         started = await asyncio.gather(
@@ -1953,7 +1974,7 @@ async def test_a_heartbeat_nobody_hears_is_dropped_quietly(
     await members.start(amqp, linger=0)
     try:
         channel = await amqp.channel()
-        await channel.queue_delete(f"{topology.members_exchange(service)}.me")
+        await channel.queue_delete(topology.members_queue(service, "me"))
         await channel.close()
         with caplog.at_level(logging.WARNING):
             await members.publish()

@@ -296,6 +296,31 @@ def test_values_that_could_never_work_are_refused_at_start(
     assert load(EnqueuerSettings, ["--amqp-url", "amqps://a:1/,amqps://b/"]).amqp_url
 
 
+@pytest.mark.parametrize(
+    ("instance_id", "says"),
+    [
+        ("api~1", "--instance-id: 'api~1' cannot name a queue: use letters, digits and"),
+        ("api-ü", "--instance-id: 'api-ü' cannot name a queue"),
+        ("x" * 254, "--instance-id: at most 253 bytes"),
+    ],
+)
+def test_dequeuer_ids_it_would_have_to_alter_are_refused(
+    instance_id: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dequeuer replaced such characters with '-' and cut ids to 100 characters, so that
+    `a/b` and `a~b`, or two long pod names alike in their first 100, were one id: the second
+    dequeuer stopped with "give each dequeuer its own --instance-id" though the ids differed."""
+    assert exit_code(DequeuerSettings, ["--service", "s", "--instance-id", instance_id]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_any_pod_name_is_a_dequeuer_id() -> None:
+    """The Kubernetes manifests pass the pod's name: at most 253 of a-z, 0-9, '-' and '.'."""
+    pod = ("a" * 62 + ".") * 4 + "b"
+    settings = load(DequeuerSettings, ["--service", "s" * 100, "--instance-id", pod])
+    assert settings.instance_id == pod
+
+
 @pytest.mark.parametrize("password", ["s3c/ret", "s3c/r@et9", "s3c/ret:x7y"])
 @pytest.mark.parametrize(
     ("flag", "url"),

@@ -14,6 +14,7 @@ from shared.topology import (
     dead_letter_queue,
     declare_partition,
     exchange_name,
+    members_queue,
     partition_pattern,
     partition_queue,
 )
@@ -24,6 +25,18 @@ def test_names() -> None:
     assert partition_queue("orders", 0) == "orders.p0"
     assert partition_queue("orders", 17) == "orders.p17"
     assert dead_letter_queue("orders") == "orders.dlq"
+
+
+def test_heartbeat_queues_fit_and_stay_apart() -> None:
+    """Named after the dequeuer's id, readable when it fits AMQP's 255 bytes; a pod name (up
+    to 253) of a service with a long name does not, and two that differ only past what fits
+    must still name two queues."""
+    assert members_queue("orders", "orders-7d9f-x2k4q") == "orders.members.orders-7d9f-x2k4q"
+    service, pod = "s" * 100, "a" * 252
+    names = {members_queue(service, pod + end) for end in "bc"}
+    assert len(names) == 2
+    for name in names:
+        assert len(name.encode()) <= 255 and name.startswith(f"{service}.members.")
 
 
 def test_topology_lists_every_name() -> None:
