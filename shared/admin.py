@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from shared.errors import ERROR_HEADER, clipped
+from shared.errors import ERROR_HEADER, clipped, error_body
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def error(status: int, code: str, message: str, **headers: str) -> web.Response:
     """An admin port's error in the form of the API's (`X-ProxyMQ-Error`, JSON body)."""
     return web.json_response(
-        {"error": {"code": code, "message": message}},
+        error_body(code, message),
         status=status,
         headers={ERROR_HEADER: code, **headers},
     )

@@ -41,6 +41,12 @@ def clipped(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
+def error_body(code: str, message: str) -> dict[str, object]:
+    """The JSON error object of every answer ProxyMQ makes itself: both sidecars' API and
+    admin ports, and url-fetcher's."""
+    return {"error": {"code": code, "message": message}}
+
+
 class ProxyMQError(Exception):
     """Base of the errors a caller can receive from ProxyMQ itself."""
 
@@ -56,7 +62,7 @@ class ProxyMQError(Exception):
         self.retry_after = self.default_retry_after if retry_after is None else retry_after
 
     def body(self) -> bytes:
-        return json.dumps({"error": {"code": self.code, "message": self.message}}).encode()
+        return json.dumps(error_body(self.code, self.message)).encode()
 
 
 class BadRequest(ProxyMQError):

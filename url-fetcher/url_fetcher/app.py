@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
+from shared.errors import error_body
 from url_fetcher.batch_endpoint import BatchLimits, batch_handler
 from url_fetcher.budget import CALLER_TIMEOUT, caller_deadline
 from url_fetcher.fetch import (
@@ -95,11 +96,6 @@ async def _announce(app: web.Application) -> None:
         settings.port,
         "allowed" if settings.allow_private else "refused",
     )
-
-
-def error_body(code: str, message: str) -> dict[str, object]:
-    """The error object every non-fetch failure is answered with."""
-    return {"error": {"code": code, "message": message}}
 
 
 @web.middleware

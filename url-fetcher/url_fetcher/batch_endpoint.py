@@ -34,6 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from shared.envelope import HOP_BY_HOP
+from shared.errors import error_body
 from url_fetcher.budget import DEADLINE_HEADER, budget_of
 
 log = logging.getLogger("url_fetcher")
@@ -319,4 +320,4 @@ def _b64(data: bytes) -> str:
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    return web.json_response(error_body(code, message), status=status)

@@ -17,6 +17,7 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import AsyncResolver
 from yarl import URL
 
+from shared.errors import error_body
 from url_fetcher.guard import (
     ALLOWED_SCHEMES,
     ForbiddenTarget,
@@ -65,7 +66,7 @@ class FetchError(Exception):
 
     def to_json(self, url: object) -> dict[str, object]:
         """The error object of the API, echoing the URL as the caller gave it."""
-        return {"url": url, "error": {"code": self.code, "message": self.message}}
+        return {"url": url, **error_body(self.code, self.message)}
 
 
 @dataclass(frozen=True, slots=True)
