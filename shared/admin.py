@@ -33,7 +33,7 @@ def error(status: int, code: str, message: str, **headers: str) -> web.Response:
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """aiohttp's plain-text 404 and 405 as `not_found` and `method_not_allowed`, naming what
-    the port serves."""
+    the port serves, and its plain-text 500 for a defect as the API's `internal_error`."""
     try:
         return await handler(request)
     except web.HTTPException as refused:
@@ -52,6 +52,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             f"{request.method} {clipped(request.path)}: {refused.reason}; "
             f"the admin port serves {serves}",
             **{name: refused.headers[name] for name in ("Allow",) if name in refused.headers},
+        )
+    except Exception:
+        log.exception("%s %s failed", request.method, clipped(request.path))
+        return error(
+            500,
+            "internal_error",
+            f"{request.method} {clipped(request.path)} failed unexpectedly; "
+            "the sidecar's log has the details",
         )
 
 

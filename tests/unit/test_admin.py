@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from unittest import mock
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from prometheus_client import CollectorRegistry
 
 from shared.admin import admin_app, drain_endpoint, from_loopback
@@ -75,3 +76,27 @@ def test_drain_is_the_dequeuers_alone() -> None:
 
     assert posts(admin_app(lambda: {}, CollectorRegistry())) == set()
     assert posts(admin_app(lambda: {}, CollectorRegistry(), lambda: 1.0)) == {"/drain"}
+
+
+async def test_a_crash_in_an_admin_handler_is_a_json_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def readiness() -> dict[str, bool]:
+        raise KeyError("a defect")
+
+    app = admin_app(readiness, CollectorRegistry())
+    with caplog.at_level(logging.ERROR, logger="shared.admin"):
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/readyz")
+            body = await response.json()
+    assert response.status == 500
+    assert response.headers["X-ProxyMQ-Error"] == "internal_error"
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert body == {
+        "error": {
+            "code": "internal_error",
+            "message": "GET /readyz failed unexpectedly; the sidecar's log has the details",
+        }
+    }
+    crashed = [r for r in caplog.records if r.exc_info and r.name == "shared.admin"]
+    assert len(crashed) == 1 and "a defect" in caplog.text
