@@ -21,8 +21,9 @@ from aio_pika.tools import OneShotCallback
 from yarl import URL
 
 from shared.amqp_transport import CoalescingTransportFactory, read_text_leniently
+from shared.connect_failures import redact
 from shared.errors import BrokerUnavailable
-from shared.settings import SidecarSettings, TlsFiles, masked, split_urls
+from shared.settings import SidecarSettings, TlsFiles, split_urls
 
 log = logging.getLogger(__name__)
 read_text_leniently()
@@ -299,42 +300,6 @@ async def _answers_tls(host: str, port: int, timeout: float) -> bool:
         return False
     writer.close()
     return True
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A failed connection's cause in a few words, without the exception's repr."""
-    if isinstance(exc, TimeoutError):
-        return "no answer in time"
-    if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and len(exc.args) == 2:
-        return str(exc.args[1])  # (errno, text), as aiormq rewraps an OSError
-    return str(exc) or type(exc).__name__
-
-
-def refusal(url: str, exc: BaseException) -> tuple[str, str] | None:
-    """What a broker that answered refused, and what to fix, when `exc` is such a refusal: a
-    broker started or tried again as it is would refuse again."""
-    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-        return (
-            f"RabbitMQ at {redact(url)} refused the credentials ({failure_reason(exc)})",
-            "fix the user and password in --amqp-url / PROXYMQ_AMQP_URL",
-        )
-    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
-        # The broker closed the connection when asked for the vhost; aiormq drops its reason.
-        parsed = URL(url)
-        vhost, user = parsed.path[1:] or "/", parsed.user or "guest"
-        return (
-            f"RabbitMQ at {redact(url)} refused vhost {vhost!r}: it does not exist, or user "
-            f"{user!r} has no access to it",
-            "fix the vhost in --amqp-url / PROXYMQ_AMQP_URL, or on the broker: "
-            f"rabbitmqctl add_vhost {vhost}; rabbitmqctl set_permissions -p {vhost} {user} "
-            "'.*' '.*' '.*'",
-        )
-    return None
-
-
-def redact(url: str) -> str:
-    """The broker URL(s) without password, for logs and error messages."""
-    return ",".join(masked(u) for u in split_urls(url))
 
 
 class FailoverConnection(RobustConnection):

@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiormq.exceptions import AMQPConnectionError
 from yarl import URL
 
-from shared.broker import failure_reason, redact, refusal
+from shared.connect_failures import failure_reason, redact, refusal
 
 request_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "proxymq_request_context", default=MappingProxyType({})

@@ -41,12 +41,12 @@ from rich.progress import (
 
 from enqueuer.settings import EnqueuerSettings
 from shared import topology
-from shared.broker import redact
 from shared.cli import bench_batch, bench_partitions, bench_report, bench_stack, ensure_broker
 from shared.cli.bench_cpu import CpuMeter, local_broker
 from shared.cli.bench_load import RequestFailed, Run, Send, drive, measure, summarize
 from shared.cli.bench_rpc import RpcClient
 from shared.cli.common import add_amqp_url, description
+from shared.connect_failures import redact
 from shared.settings import TlsFiles
 
 DEFAULT_BODY = b'{"ping":1}'

@@ -34,10 +34,10 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import envelope, service, topology
-from shared.broker import redact
 from shared.cli import bench_stack
 from shared.cli.bench_report import shown
 from shared.cli.common import add_amqp_url
+from shared.connect_failures import redact
 from shared.envelope import HttpRequest, RequestEnvelope
 from shared.processes import free_port
 from shared.settings import TlsFiles

@@ -33,13 +33,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared import topology
-from shared.broker import redact
 from shared.cli import demo_plan
 from shared.cli.common import add_amqp_url, description
 from shared.cli.ensure_broker import BrokerProblem, connect, quiet_amqp_logs
 from shared.cli.status import UnknownService as NoTopology
 from shared.cli.status import from_amqp
 from shared.cli.topology_cmd import service_name
+from shared.connect_failures import redact
 from shared.processes import Process, free_port
 from shared.settings import TlsFiles
 

@@ -33,7 +33,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from shared import hash_ring, topology
-from shared.broker import redact
 from shared.cli.common import add_amqp_url, add_setting, confirm, description
 from shared.cli.dlq_letters import DeadLetter, Selection, parse_duration
 from shared.cli.dlq_pass import (
@@ -51,6 +50,7 @@ from shared.cli.dlq_pass import Progress as OnProgress  # rich has a Progress of
 from shared.cli.dlq_render import letter_table, render_letter
 from shared.cli.ensure_broker import BrokerProblem, connect
 from shared.cli.topology_cmd import positive, service_name
+from shared.connect_failures import redact
 from shared.settings import TlsFiles
 
 PROG = "proxymq dlq"

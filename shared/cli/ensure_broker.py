@@ -42,8 +42,9 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from shared.broker import TLS_PORT, failure_reason, redact, refusal, scheme_mismatch
+from shared.broker import TLS_PORT, scheme_mismatch
 from shared.cli.common import add_amqp_url, check_tls_files, configured_management_url
+from shared.connect_failures import failure_reason, redact, refusal
 from shared.settings import NO_TLS, TlsFiles, split_urls
 
 PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")

@@ -28,10 +28,10 @@ from rich.table import Table
 from yarl import URL
 
 from shared import topology
-from shared.broker import redact
 from shared.cli.common import add_amqp_url, add_management_url, add_setting, description
 from shared.cli.ensure_broker import BrokerProblem, connect, management_access
 from shared.cli.ensure_broker import management_url as default_management_url
+from shared.connect_failures import redact
 from shared.settings import NO_TLS, TlsFiles
 
 MANAGEMENT_TIMEOUT = 5.0

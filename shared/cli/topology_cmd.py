@@ -23,7 +23,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared import topology
-from shared.broker import redact
 from shared.cli.common import (
     add_amqp_url,
     add_management_url,
@@ -40,6 +39,7 @@ from shared.cli.status import (
     consumers_of,
     passive,
 )
+from shared.connect_failures import redact
 from shared.settings import TlsFiles
 
 PROG = "proxymq topology"

@@ -13,8 +13,9 @@ import pytest
 from dequeuer.readiness import Readiness
 from dequeuer.settings import DequeuerSettings
 from enqueuer.settings import EnqueuerSettings
-from shared.broker import for_sidecar, redact
+from shared.broker import for_sidecar
 from shared.cli.main import build_parser
+from shared.connect_failures import redact
 from shared.settings import DEFAULT_AMQP_URL, CommandSettings, _metavar, load
 from tests.reliability.conftest import Certs, make_certs
 from url_fetcher.settings import UrlFetcherSettings
