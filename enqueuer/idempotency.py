@@ -70,9 +70,9 @@ class IdempotencyStore:
         slot = f"{service}\0{key}".encode(errors="surrogateescape")
         return hashlib.blake2b(slot, digest_size=16).digest()
 
-    def get(self, service: str, key: str, fingerprint: bytes = b"") -> First | None:
+    def get(self, service: str, key: str, digest: bytes) -> First | None:
         """The first request with this key, if it is still kept; `IdempotencyKeyReused` when
-        it was another request than the one of `fingerprint`."""
+        it was another request than the one `digest` (its `fingerprint()`) stands for."""
         self._evict()
         slot = self._slot(service, key)
         first = self._running.get(slot) or self._answered.get(slot)
@@ -83,7 +83,7 @@ class IdempotencyStore:
         ):
             self._drop(slot)
             return None
-        if first.fingerprint != fingerprint:
+        if first.fingerprint != digest:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key came with another request (method, path, query or body) "
                 "within --idempotency-window: a retry must repeat its request, a new request "
@@ -97,11 +97,11 @@ class IdempotencyStore:
         key: str,
         request_id: str,
         future: asyncio.Future[HttpResponse],
-        fingerprint: bytes = b"",
+        digest: bytes,
     ) -> First:
         slot = self._slot(service, key)
         self._drop(slot)
-        first = First(request_id, future, time.monotonic() + self.window, fingerprint)
+        first = First(request_id, future, time.monotonic() + self.window, digest)
         self._running[slot] = first
         future.add_done_callback(partial(self._answered_now, slot, first))
         self._evict()
