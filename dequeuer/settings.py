@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pamqp.constants import DOMAIN_REGEX
 from pydantic import Field, ValidationInfo, field_validator
 
 from shared.settings import (
@@ -20,11 +19,10 @@ from shared.settings import (
     SidecarSettings,
     Url,
     UrlPath,
+    check_queue_name_part,
     check_url,
 )
 from shared.topology import INT64_MAX, check_service_name
-
-QUEUE_NAME = DOMAIN_REGEX["queue-name"]  # what the AMQP client sends as a queue's name
 
 
 class DequeuerSettings(SidecarSettings):
@@ -184,11 +182,7 @@ class DequeuerSettings(SidecarSettings):
         253 is a pod's name's limit; `members_queue` fits any of them in a queue name."""
         if value is None:
             return value
-        if not QUEUE_NAME.fullmatch(value):
-            raise ValueError(
-                f"{value!r} cannot name a queue: use letters, digits and - _ . : @ # , / + "
-                "(a pod's name is one)"
-            )
+        check_queue_name_part(value)
         if len(value.encode()) > 253:
             raise ValueError("at most 253 bytes (a pod's name is at most 253)")
         return value

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pamqp.constants import DOMAIN_REGEX
 from pydantic import Field, field_validator
 
 from enqueuer.guard import read_token
@@ -20,9 +19,8 @@ from shared.settings import (
     Port,
     Seconds,
     SidecarSettings,
+    check_queue_name_part,
 )
-
-QUEUE_NAME = DOMAIN_REGEX["queue-name"]  # what the AMQP client sends as a queue's name
 
 
 class EnqueuerSettings(SidecarSettings):
@@ -193,11 +191,7 @@ class EnqueuerSettings(SidecarSettings):
         exceeded for queue`, `Invalid value for queue`) once it was already listening."""
         if value is None:
             return value
-        if not QUEUE_NAME.fullmatch(value):
-            raise ValueError(
-                f"{value!r} cannot name a queue: use letters, digits and - _ . : @ # , / + "
-                "(a pod's name is one)"
-            )
+        check_queue_name_part(value)
         if len(f"proxymq.replies.{value}.lease") > 255:
             raise ValueError(
                 "at most 233 bytes: it names the queues proxymq.replies.ID and "

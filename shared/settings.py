@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
+from pamqp.constants import DOMAIN_REGEX
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticUndefined
@@ -219,6 +220,20 @@ class SidecarSettings(CommandSettings):
         configuration error like any other, not a traceback as the sidecar starts."""
         TlsFiles.of(self).context_for(self.amqp_url)
         return self
+
+
+QUEUE_NAME = DOMAIN_REGEX["queue-name"]  # what the AMQP client sends as a queue's name
+
+
+def check_queue_name_part(value: str) -> str:
+    """An instance id names queues: a character the AMQP client refuses in a queue name stopped
+    a sidecar with a traceback once it was listening, and one replaced made two ids one."""
+    if not QUEUE_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} cannot name a queue: use letters, digits and - _ . : @ # , / + "
+            "(a pod's name is one)"
+        )
+    return value
 
 
 def split_urls(url: str) -> list[str]:
