@@ -183,8 +183,7 @@ class ReplyWaiter:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await topology.close_plain(channel)
 
     def _lost(self, awaited: list[asyncio.Future[HttpResponse]]) -> None:
         """The reply queue expired while the enqueuer was cut off (`x-expires`: a minute

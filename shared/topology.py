@@ -205,6 +205,14 @@ async def plain_channel(connection: AbstractConnection) -> aiormq.abc.AbstractCh
     return await connection.transport.connection.channel()
 
 
+async def close_plain(channel: aiormq.abc.AbstractChannel) -> None:
+    """Closed to the end even when its caller is cancelled (a timeout, a watch stopped): a
+    close cut short let the next channel take its number while the broker still held it open,
+    and the broker closed the whole connection ("second 'channel.open' seen")."""
+    if not channel.is_closed:
+        await asyncio.shield(channel.close())
+
+
 async def claim(queue: AbstractQueue, linger: float, hint: str) -> None:
     """Wait until no one else consumes `queue`, a queue named after this instance: a second
     process started with the same instance id would share it and take half of what is meant
@@ -245,8 +253,7 @@ async def _exists(connection: AbstractConnection, name: str, *, exchange: bool) 
     except aiormq.exceptions.ChannelNotFoundEntity:
         return False
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await close_plain(channel)
 
 
 async def check_layout(connection: AbstractConnection, topology: Topology) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import subprocess
 from typing import Any
 from urllib.parse import quote
@@ -284,6 +285,8 @@ async def test_the_dequeuers_watch_binds_a_partition_that_lost_its_binding(
                 await asyncio.sleep(0.2)
     finally:
         watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
 
 
 async def test_a_dlq_replay_puts_the_ring_back_before_it_publishes(
