@@ -118,8 +118,7 @@ async def _lock(connection: AbstractConnection, service: str) -> bool:
     except aiormq.exceptions.ChannelLockedResource:
         return False
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await topology.close_plain(channel)
     return True
 
 
@@ -130,8 +129,7 @@ async def _unlock(connection: AbstractConnection, service: str) -> None:
         try:
             await channel.queue_delete(topology.ring_lock(service))
         finally:
-            if not channel.is_closed:
-                await channel.close()
+            await topology.close_plain(channel)
 
 
 async def _settle(
@@ -153,8 +151,7 @@ async def _settle(
         await channel.exchange_declare(marker, exchange_type="fanout", durable=False)
         return True
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await topology.close_plain(channel)
 
 
 async def rebuild(channel: aiormq.abc.AbstractChannel, service: str, queues: Sequence[str]) -> None:
